@@ -1,0 +1,39 @@
+"""Brownout's database layer: breaker, retry, bounded engine, health checks.
+
+Knows nothing of HTTP, queues or caches; those layers use it.
+"""
+
+from app.db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker
+from app.db.database import Database, build_breaker, build_resilience, make_session_factory
+from app.db.errors import (
+    BrownoutDbError,
+    CircuitOpenError,
+    CommitOutcomeUnknown,
+    DeadlineExceeded,
+    ErrorKind,
+    classify,
+)
+from app.db.health_check import HealthMonitor, check_db_health, periodic_health_check
+from app.db.retry import Resilience, RetryPolicy, execute_with_retry
+
+__all__ = [
+    "BreakerListener",
+    "BreakerState",
+    "BrownoutDbError",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CommitOutcomeUnknown",
+    "Database",
+    "DeadlineExceeded",
+    "ErrorKind",
+    "HealthMonitor",
+    "Resilience",
+    "RetryPolicy",
+    "build_breaker",
+    "build_resilience",
+    "check_db_health",
+    "classify",
+    "execute_with_retry",
+    "make_session_factory",
+    "periodic_health_check",
+]

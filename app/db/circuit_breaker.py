@@ -1,0 +1,298 @@
+"""A circuit breaker for the database: CLOSED -> OPEN -> HALF_OPEN -> CLOSED.
+
+Why not pybreaker: it holds its lock for the whole guarded call (one slow
+query blocks every thread), reads the wall clock and counts any exception.
+Here the lock covers only state transitions, time comes from an injected
+monotonic clock, and only transient failures (see `errors.classify`) count:
+a permanent error (bad SQL, a constraint) neither opens nor resets it.
+
+Protocol for a guarded call::
+
+    permit = breaker.before_call()       # raises CircuitOpenError when refused
+    try:
+        result = fn()
+    except Exception as exc:
+        breaker.record_failure(permit, classify(exc))
+        raise
+    except BaseException:                # cancellation is never a failure
+        breaker.release(permit)
+        raise
+    breaker.record_success(permit)
+
+`permit` is 0 for an ordinary call and a positive id for the single HALF_OPEN
+trial; a trial whose holder vanished is replaced after `open_seconds`, and the
+late verdict of a replaced trial is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import TypeVar
+
+from app.db.errors import CircuitOpenError, ErrorKind, classify
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NOT_TRIAL = 0
+# What CircuitOpenError.retry_after says while another caller holds the trial.
+_TRIAL_BUSY_RETRY_AFTER = 1.0
+
+
+class BreakerState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class BreakerListener:
+    """Hooks called after the fact, outside the breaker's lock. Override what you need."""
+
+    def on_transition(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
+        """Called after the state changed."""
+
+    def on_failure(self, breaker: CircuitBreaker, kind: ErrorKind) -> None:
+        """Called for each transient failure recorded."""
+
+    def on_rejected(self, breaker: CircuitBreaker) -> None:
+        """Called when a call is refused without touching the database."""
+
+
+class CircuitBreaker:
+    """Thread-safe breaker; see the module docstring for the call protocol."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "database",
+        failure_threshold: int = 5,
+        open_seconds: float = 60.0,
+        success_threshold: int = 2,
+        open_jitter: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        listeners: Iterable[BreakerListener] = (),
+    ) -> None:
+        if failure_threshold < 1 or success_threshold < 1:
+            raise ValueError("failure_threshold and success_threshold must be >= 1")
+        if open_seconds <= 0 or not 0 <= open_jitter <= 1:
+            raise ValueError("open_seconds must be > 0 and open_jitter within [0, 1]")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.open_seconds = open_seconds
+        self.success_threshold = success_threshold
+        self.open_jitter = open_jitter
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._listeners = list(listeners)
+        self._lock = threading.Lock()
+        # Read without the lock on the hot path: a stale read at worst lets one
+        # more call through or refuses one, exactly as if it had come a moment earlier.
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._successes = 0
+        self._open_until = 0.0
+        self._trial_id = 0
+        self._trial_started = 0.0
+        self._trial_active = False
+        self._forced: BreakerState | None = None
+
+    # -- inspection ---------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    @property
+    def forced(self) -> BreakerState | None:
+        """OPEN or CLOSED while an operator override is in force, else None."""
+        return self._forced
+
+    def retry_after(self) -> float:
+        """Seconds until a call may be let through (0 when CLOSED)."""
+        if self._state is BreakerState.OPEN:
+            if self._forced is BreakerState.OPEN:
+                return self.open_seconds
+            return max(0.0, self._open_until - self._clock())
+        if self._state is BreakerState.HALF_OPEN and self._trial_active:
+            return _TRIAL_BUSY_RETRY_AFTER
+        return 0.0
+
+    def snapshot(self) -> dict[str, object]:
+        """A consistent view for health output and logs."""
+        with self._lock:
+            return {
+                "name": self.name,
+                "state": self._state.value,
+                "forced": self._forced.value if self._forced else None,
+                "consecutive_failures": self._failures,
+                "half_open_successes": self._successes,
+                "retry_after_seconds": round(self.retry_after(), 3),
+            }
+
+    def add_listener(self, listener: BreakerListener) -> None:
+        self._listeners.append(listener)
+
+    # -- the call protocol --------------------------------------------------
+
+    def before_call(self) -> int:
+        """Return a permit (0, or a trial id in HALF_OPEN); raise CircuitOpenError if refused."""
+        if self._state is BreakerState.CLOSED:
+            return NOT_TRIAL
+        return self._before_call_slow()
+
+    def record_success(self, permit: int) -> None:
+        if permit == NOT_TRIAL:
+            if self._failures and self._forced is None:
+                with self._lock:
+                    if self._state is BreakerState.CLOSED:
+                        self._failures = 0
+            return
+        transition = None
+        with self._lock:
+            if permit != self._trial_id or not self._trial_active:
+                return  # a replaced trial's late verdict
+            self._trial_active = False
+            self._successes += 1
+            if self._successes >= self.success_threshold:
+                transition = self._move(BreakerState.CLOSED)
+        self._notify_transition(transition)
+
+    def record_failure(self, permit: int, kind: ErrorKind) -> None:
+        """Count a failure if *kind* is transient; a permanent one only releases the permit."""
+        if not kind.is_transient:
+            self.release(permit)
+            return
+        transition = None
+        with self._lock:
+            if self._forced is None:
+                if permit != NOT_TRIAL:
+                    if permit == self._trial_id and self._trial_active:
+                        self._trial_active = False
+                        transition = self._open()
+                elif self._state is BreakerState.CLOSED:
+                    self._failures += 1
+                    if self._failures >= self.failure_threshold:
+                        transition = self._open()
+        for listener in self._listeners:
+            self._safely(listener.on_failure, self, kind)
+        self._notify_transition(transition)
+
+    def release(self, permit: int) -> None:
+        """End a call with no verdict (permanent error, cancellation): free the trial slot."""
+        if permit == NOT_TRIAL:
+            return
+        with self._lock:
+            if permit == self._trial_id:
+                self._trial_active = False
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run *fn* under the breaker (no retry)."""
+        permit = self.before_call()
+        try:
+            result = fn()
+        except Exception as exc:
+            self.record_failure(permit, classify(exc))
+            raise
+        except BaseException:
+            self.release(permit)
+            raise
+        self.record_success(permit)
+        return result
+
+    # -- operator overrides -------------------------------------------------
+
+    def force_open(self) -> None:
+        """Refuse every call until reset(): for planned maintenance or a known outage."""
+        with self._lock:
+            self._forced = BreakerState.OPEN
+            transition = self._move(BreakerState.OPEN)
+        self._notify_transition(transition)
+
+    def force_closed(self) -> None:
+        """Let every call through and count nothing until reset()."""
+        with self._lock:
+            self._forced = BreakerState.CLOSED
+            transition = self._move(BreakerState.CLOSED)
+        self._notify_transition(transition)
+
+    def reset(self) -> None:
+        """Back to a normal CLOSED breaker with clean counters."""
+        with self._lock:
+            self._forced = None
+            transition = self._move(BreakerState.CLOSED)
+        self._notify_transition(transition)
+
+    # -- internals (the only place transitions happen) ----------------------
+
+    def _before_call_slow(self) -> int:
+        transition = None
+        with self._lock:
+            now = self._clock()
+            state = self._state
+            if state is BreakerState.CLOSED:
+                return NOT_TRIAL
+            if self._forced is None:
+                if state is BreakerState.OPEN and now >= self._open_until:
+                    transition = self._move(BreakerState.HALF_OPEN)
+                    state = BreakerState.HALF_OPEN
+                if state is BreakerState.HALF_OPEN and (
+                    not self._trial_active or now - self._trial_started >= self.open_seconds
+                ):
+                    self._trial_id += 1
+                    self._trial_active = True
+                    self._trial_started = now
+                    permit = self._trial_id
+                    refused = None
+                else:
+                    refused = self._refusal(now)
+            else:
+                refused = self._refusal(now)
+        self._notify_transition(transition)
+        if refused is not None:
+            for listener in self._listeners:
+                self._safely(listener.on_rejected, self)
+            raise refused
+        return permit
+
+    def _refusal(self, now: float) -> CircuitOpenError:
+        if self._state is BreakerState.OPEN and self._forced is None:
+            wait = self._open_until - now
+        elif self._state is BreakerState.OPEN:
+            wait = self.open_seconds
+        else:
+            wait = _TRIAL_BUSY_RETRY_AFTER
+        return CircuitOpenError(self.name, wait, self._state.value)
+
+    def _open(self) -> tuple[BreakerState, BreakerState] | None:
+        stretch = 1.0 + self.open_jitter * self._rng.random()
+        self._open_until = self._clock() + self.open_seconds * stretch
+        return self._move(BreakerState.OPEN)
+
+    def _move(self, new: BreakerState) -> tuple[BreakerState, BreakerState] | None:
+        old = self._state
+        self._failures = 0
+        self._successes = 0
+        self._trial_active = False
+        self._state = new
+        return None if old is new else (old, new)
+
+    def _notify_transition(self, transition: tuple[BreakerState, BreakerState] | None) -> None:
+        if transition is None:
+            return
+        old, new = transition
+        log.warning("circuit breaker %r: %s -> %s", self.name, old.value, new.value)
+        for listener in self._listeners:
+            self._safely(listener.on_transition, self, old, new)
+
+    @staticmethod
+    def _safely(hook: Callable[..., None], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:  # a broken metrics hook must not break database calls
+            log.exception("circuit breaker listener %r failed", hook)

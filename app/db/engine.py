@@ -1,0 +1,164 @@
+"""The engine: the seed's pool, bounded I/O, and SSL-aware pool invalidation.
+
+What SQLAlchemy already does, and is relied on as is:
+- the psycopg2 dialect's `is_disconnect` recognises libpq's disconnect texts
+  ("connection has been closed unexpectedly", "SSL SYSCALL error: ...",
+  "terminating connection", ...); on such an error SQLAlchemy invalidates the
+  connection and, by default, the whole pool (every connection older than the
+  error is replaced at its next checkout);
+- `pool_pre_ping` tests a connection at checkout; `pool_recycle` replaces old ones.
+
+What this module adds, in the `handle_error` event:
+- recognition of what the dialect misses, through `errors.classify` (refused
+  and reset links, 57P01/57P02/57P03 admin shutdowns, pooler messages);
+- a per-error decision on the scope of invalidation:
+  * direct to PostgreSQL (`BROWNOUT_DATABASE_POOLER=none`): a disconnect
+    invalidates the whole pool: a failover or a dropped TLS middlebox kills
+    every connection at once, and the seed wants none of them reused;
+  * behind a transaction-mode pooler (`transaction`): a dead *server*
+    connection is reported by the pooler closing that one client link (seen
+    with PgBouncer 1.18: the client gets "SSL connection has been closed
+    unexpectedly", exactly like a dead pooler), while the client's other links
+    to the pooler are healthy. The two cannot be told apart from the error, so
+    only the failed connection is invalidated, and pre-ping (which there proves
+    the link to the pooler, the thing that can be stale) weeds out the rest
+    at checkout if the pooler itself restarted;
+  * a deadline reached by our own wait callback invalidates only that
+    connection (psycopg2 closed it): a slow query is not a dead database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine.interfaces import ExceptionContext
+from sqlalchemy.pool import QueuePool
+
+from app.db import waiting
+from app.db.deadline import remaining
+from app.db.errors import classify, describe
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# libpq parameters set unless DATABASE_URL already names them. Keepalives find a
+# peer that vanished (no ACKs); they cannot find one that ACKs and never answers,
+# which is what the wait callback is for.
+_LIBPQ_DEFAULTS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15000,  # ms of unacknowledged data before the kernel gives up
+}
+
+
+class DeadlineQueuePool(QueuePool):
+    """A QueuePool whose checkout wait never outlasts the caller's deadline.
+
+    SQLAlchemy's checkout wait is one number for the whole engine (30 s by
+    default); on the request path the wait must end with the request's
+    deadline, so the timeout is read per checkout.
+    """
+
+    @property  # type: ignore[override]
+    def _timeout(self) -> float:
+        left = remaining()
+        if left is None:
+            return self._configured_timeout
+        return max(0.0, min(self._configured_timeout, left))
+
+    @_timeout.setter
+    def _timeout(self, value: float) -> None:
+        self._configured_timeout = value
+
+    def recreate(self) -> QueuePool:
+        pool = super().recreate()
+        pool._timeout = self._configured_timeout
+        return pool
+
+
+def _connect_args(settings: Settings) -> dict[str, Any]:
+    query = make_url(settings.database_url).query
+    args = {key: value for key, value in _LIBPQ_DEFAULTS.items() if key not in query}
+    if "connect_timeout" not in query:
+        # libpq's floor is 2 s; the wait callback enforces the real bound.
+        args["connect_timeout"] = max(2, round(settings.db_connect_timeout_seconds))
+    if "application_name" not in query:
+        args["application_name"] = settings.db_application_name
+    if settings.db_statement_timeout_seconds and settings.database_pooler == "none":
+        ms = int(settings.db_statement_timeout_seconds * 1000)
+        args["options"] = f"-c statement_timeout={ms}"
+    return args
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Build the process's engine; nothing connects until first use."""
+    waiting.install(
+        waiting.WaitBounds(
+            connect_seconds=settings.db_connect_timeout_seconds,
+            io_seconds=settings.db_io_timeout_seconds,
+        )
+    )
+    engine = create_engine(
+        settings.database_url,
+        poolclass=DeadlineQueuePool,
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_max_overflow,
+        pool_recycle=settings.pool_recycle_seconds,
+        pool_pre_ping=settings.pool_pre_ping,
+        pool_timeout=settings.pool_timeout_seconds,
+        connect_args=_connect_args(settings),
+        hide_parameters=True,  # parameters can hold personal data; logs must not
+    )
+    behind_pooler = settings.database_pooler == "transaction"
+    event.listen(engine, "handle_error", _make_error_handler(behind_pooler=behind_pooler))
+    if behind_pooler and settings.db_statement_timeout_seconds:
+        # Poolers refuse start-up options; SET LOCAL lasts one transaction,
+        # which is all a transaction-mode pooler guarantees to be ours.
+        statement = text(f"SET LOCAL statement_timeout = {int(settings.db_statement_timeout_seconds * 1000)}")
+        event.listen(engine, "begin", lambda conn: conn.execute(statement))
+    _dispose_after_fork(engine)
+    return engine
+
+
+def _make_error_handler(*, behind_pooler: bool) -> Any:
+    def on_error(ctx: ExceptionContext) -> None:
+        original = ctx.original_exception
+        if not isinstance(original, Exception):
+            return
+        if isinstance(original, waiting.DatabaseDeadlineReached):
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
+            return
+        kind = classify(original)
+        if kind.is_disconnect and not ctx.is_disconnect:
+            ctx.is_disconnect = True
+        if ctx.is_disconnect:
+            if behind_pooler:
+                ctx.invalidate_pool_on_disconnect = False
+            log.warning(
+                "database disconnect (%s), invalidating %s: %s",
+                kind.value,
+                "the connection" if behind_pooler else "the pool",
+                describe(original),
+            )
+
+    return on_error
+
+
+def _dispose_after_fork(engine: Engine) -> None:
+    """Forked children (gunicorn/dramatiq workers) must not share the parent's sockets."""
+    ref = weakref.ref(engine)
+
+    def after_fork() -> None:
+        child_engine = ref()
+        if child_engine is not None:
+            child_engine.dispose(close=False)
+
+    os.register_at_fork(after_in_child=after_fork)

@@ -1,0 +1,191 @@
+"""`execute_with_retry(db, fn)`: the seed's entry point, with the breaker inside.
+
+Backoff: capped exponential with **Full Jitter** (AWS Architecture Blog,
+"Exponential Backoff And Jitter", 2015): before retry n the wait is drawn
+uniformly from [0, min(cap, base * 2**(n-1))], i.e. up to 0.5, 1, 2, 3 s with
+the seed's settings. Of the schemes that study compared, Full Jitter did the
+least work and finished soonest under contention; here the contention is a
+fleet of processes that all saw the same failover (or the same pool
+invalidation) at the same instant, and spreading their retries over the whole
+window is the point.
+
+SSL errors get no special delay (the seed's "delays adapted for SSL errors").
+The seed lengthened waits because a stale TLS connection would fail again; here
+a disconnect invalidates the pool (see engine.py) and the retry runs on a fresh
+connection, so a longer wait would only add latency, and a shorter, unjittered
+one would line every process up on a database that may be failing over.
+
+Why tenacity is not used: the retry decision needs the breaker's permit, the
+commit-in-flight flag and the deadline together at each attempt, and the hot
+path must stay near a plain function call (see bench/overhead.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from app.db.circuit_breaker import CircuitBreaker
+from app.db.deadline import deadline_scope
+from app.db.errors import (
+    CircuitOpenError,
+    CommitOutcomeUnknown,
+    DeadlineExceeded,
+    ErrorKind,
+    classify,
+    describe,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RESILIENCE_KEY = "brownout.resilience"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How many retries, and the nominal (pre-jitter) delay before each."""
+
+    max_retries: int = 4
+    base_seconds: float = 0.5
+    cap_seconds: float = 3.0
+
+    def nominal_delay(self, retry: int) -> float:
+        """Upper bound of the wait before retry number *retry* (1-based)."""
+        return min(self.cap_seconds, self.base_seconds * 2 ** (retry - 1))
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """Full Jitter: uniform in [0, nominal_delay(retry)]."""
+        return rng.uniform(0.0, self.nominal_delay(retry))
+
+
+@dataclass(slots=True)
+class Resilience:
+    """What `execute_with_retry` needs besides the session; one per process and database."""
+
+    breaker: CircuitBreaker
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.monotonic
+
+
+# -- knowing whether COMMIT was reached ----------------------------------------
+# A connection lost during COMMIT leaves the outcome unknown: the server may
+# have committed and only the reply was lost. Retrying such a call would apply a
+# non-idempotent write twice, so each thread counts the COMMITs it sends and an
+# attempt compares the count before and after (nested calls stay correct).
+_commits = threading.local()
+_commit_listener_lock = threading.Lock()
+_commit_listener_installed = False
+
+
+def _commits_sent() -> int:
+    return getattr(_commits, "count", 0)
+
+
+def _count_commit(conn: object) -> None:
+    _commits.count = getattr(_commits, "count", 0) + 1
+
+
+def _install_commit_listener() -> None:
+    global _commit_listener_installed
+    with _commit_listener_lock:
+        if not _commit_listener_installed:
+            event.listen(Engine, "commit", _count_commit)
+            _commit_listener_installed = True
+
+
+def _rollback_quietly(db: Session) -> None:
+    try:
+        db.rollback()
+    except Exception:  # the connection is already gone; closing releases it
+        log.debug("rollback after a failed attempt failed; closing the session", exc_info=True)
+        try:
+            db.close()
+        except Exception:
+            log.debug("closing the session failed too", exc_info=True)
+
+
+def execute_with_retry(
+    db: Session,
+    fn: Callable[[], T],
+    *,
+    deadline: float | None = None,
+    idempotent: bool = False,
+    resilience: Resilience | None = None,
+) -> T:
+    """Run *fn* (which uses *db*) under the breaker, retrying transient failures.
+
+    *deadline* bounds the whole call, waits included, in seconds; when it is
+    spent, DeadlineExceeded is raised from the last failure. Permanent errors
+    are raised at once, untouched. A transient failure after COMMIT was sent
+    raises CommitOutcomeUnknown unless *idempotent* is true: only the caller
+    knows whether running *fn* twice is harmless (an idempotency key, an
+    upsert). Raises CircuitOpenError when the breaker refuses the call.
+    """
+    res = resilience or db.info.get(RESILIENCE_KEY)
+    if res is None:
+        raise TypeError(
+            "execute_with_retry: this Session has no Resilience; make sessions with "
+            "app.db.make_session_factory(...) or pass resilience="
+        )
+    if not _commit_listener_installed:
+        _install_commit_listener()
+    breaker = res.breaker
+    deadline_at = None if deadline is None else res.clock() + deadline
+    attempt = 0
+    last_error: Exception | None = None
+    while True:
+        attempt += 1
+        try:
+            permit = breaker.before_call()
+        except CircuitOpenError as refused:
+            if attempt > 1:
+                raise refused from last_error
+            raise
+        commits_before = _commits_sent()
+        try:
+            if deadline_at is None:
+                result = fn()
+            else:
+                with deadline_scope(deadline_at):
+                    result = fn()
+        except Exception as exc:
+            commit_sent = _commits_sent() != commits_before
+            kind = classify(exc)
+            breaker.record_failure(permit, kind)
+            if not kind.is_transient:
+                raise
+            _rollback_quietly(db)
+            if commit_sent and not idempotent:
+                raise CommitOutcomeUnknown(
+                    f"connection lost during COMMIT ({kind.value}); the write may or may not have been applied"
+                ) from exc
+            last_error = exc
+            if attempt > res.policy.max_retries:
+                raise
+            wait = res.policy.delay(attempt, res.rng)
+            if deadline_at is not None and res.clock() + wait >= deadline_at:
+                raise DeadlineExceeded(deadline, attempt) from exc
+            _log_retry(kind, exc, attempt, res.policy.max_retries, wait)
+            res.sleep(wait)
+            continue
+        except BaseException:
+            breaker.release(permit)
+            raise
+        breaker.record_success(permit)
+        return result
+
+
+def _log_retry(kind: ErrorKind, exc: Exception, attempt: int, max_retries: int, wait: float) -> None:
+    log.warning("database call failed (%s), retry %d/%d in %.2f s: %s", kind.value, attempt, max_retries, wait, describe(exc))

@@ -1,0 +1,100 @@
+"""Bound every wait on PostgreSQL with psycopg2's wait callback.
+
+Why: libpq's own guards are not enough. `connect_timeout` has a 2 s floor and
+is ignored in the asynchronous mode psycopg2 uses under a wait callback; TCP
+keepalives and `tcp_user_timeout` never fire against a peer that acknowledges
+packets but never answers (a hung pooler, a half-dead load balancer); and
+`statement_timeout` is enforced by the server, which is the thing that is not
+answering. With a wait callback, psycopg2 hands every wait (connect, query,
+commit, pre-ping) to Python, so one `select()` with a timeout bounds it.
+
+The bound is the current call's deadline (`app.db.deadline`) when one is set
+(the HTTP request path), otherwise the process-wide background bounds.
+
+When the bound is reached the callback raises `DatabaseDeadlineReached`;
+psycopg2 then closes the connection (its `closed` becomes 2), so nothing can
+reuse a connection with a query still in flight. The query is not cancelled
+with `PQcancel`: against a silent peer the cancel itself would block with no
+timeout. A server that is merely slow notices the closed socket when it next
+writes, and `statement_timeout` (when configured) stops it sooner.
+
+The callback is process-wide (a psycopg2 limitation): `install()` sets it and
+the bounds for every engine in the process.
+"""
+
+from __future__ import annotations
+
+import selectors
+import time
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from app.db.deadline import current_deadline
+
+
+class DatabaseDeadlineReached(psycopg2.OperationalError):
+    """Raised when a wait on PostgreSQL outlives its deadline; the connection is closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitBounds:
+    """Longest waits when the caller set no deadline (background work)."""
+
+    connect_seconds: float = 5.0
+    io_seconds: float = 30.0
+
+
+_bounds = WaitBounds()
+
+
+def install(bounds: WaitBounds) -> None:
+    """Make every psycopg2 wait in this process bounded (idempotent)."""
+    global _bounds
+    _bounds = bounds
+    if ext.get_wait_callback() is not wait_with_deadline:
+        ext.set_wait_callback(wait_with_deadline)
+
+
+def uninstall() -> None:
+    """Restore psycopg2's blocking behaviour (tests and benchmarks only)."""
+    ext.set_wait_callback(None)
+
+
+def wait_with_deadline(conn: ext.connection) -> None:
+    """psycopg2 wait callback: poll until done or until the deadline, then give up."""
+    now = time.monotonic()
+    connecting = conn.status == ext.STATUS_SETUP
+    limit = now + (_bounds.connect_seconds if connecting else _bounds.io_seconds)
+    deadline = current_deadline()
+    if deadline is not None and deadline < limit:
+        limit = deadline
+    with selectors.DefaultSelector() as selector:
+        registered: int | None = None
+        while True:
+            state = conn.poll()
+            if state == ext.POLL_OK:
+                return
+            if state == ext.POLL_READ:
+                events = selectors.EVENT_READ
+            elif state == ext.POLL_WRITE:
+                events = selectors.EVENT_WRITE
+            else:  # pragma: no cover - psycopg2 documents no other state
+                raise psycopg2.OperationalError(f"unexpected poll state {state}")
+            left = limit - time.monotonic()
+            if left <= 0:
+                raise _reached(connecting, limit - now)
+            fd = conn.fileno()
+            if registered is None:
+                selector.register(fd, events)
+            elif registered != events:
+                selector.modify(fd, events)
+            registered = events
+            if not selector.select(left):
+                raise _reached(connecting, limit - now)
+
+
+def _reached(connecting: bool, budget: float) -> DatabaseDeadlineReached:
+    what = "connecting to" if connecting else "waiting on"
+    return DatabaseDeadlineReached(f"brownout deadline reached {what} the database after {budget:.3f} s")

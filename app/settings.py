@@ -1,0 +1,123 @@
+"""One validated configuration object, built at the entry point and passed down.
+
+Nothing here runs at import time: `load_settings()` reads the environment when an
+entry point (CLI, web, worker, test) asks for it. Every tunable is a
+`BROWNOUT_*` variable with the seed's default (see design.md); connection URLs
+keep their conventional names (`DATABASE_URL`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.redaction import mask_secrets
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class ConfigurationError(Exception):
+    """Raised when the environment does not describe a usable configuration."""
+
+
+class Settings(BaseSettings):
+    """Brownout's settings; field docs are the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROWNOUT_",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    database_url: str = Field(
+        validation_alias=AliasChoices("DATABASE_URL", "BROWNOUT_DATABASE_URL"),
+        description="PostgreSQL URL (postgresql://user:pass@host:port/db?sslmode=require).",
+    )
+    database_pooler: Literal["none", "transaction"] = Field(
+        default="none",
+        description="'transaction' when DATABASE_URL points at a transaction-mode pooler "
+        "(Supabase :6543, PgBouncer): no start-up options, per-transaction timeouts.",
+    )
+
+    breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive transient failures that open the breaker.")
+    breaker_open_seconds: PositiveSeconds = Field(default=60.0, description="Time the breaker stays OPEN before one trial call.")
+    breaker_open_jitter: float = Field(
+        default=0.1, ge=0, le=1, description="Open time is stretched by up to this fraction, at random, so a fleet does not probe in lockstep."
+    )
+    breaker_success_threshold: int = Field(default=2, ge=1, description="Successful trial calls in HALF_OPEN that close the breaker.")
+
+    retry_max_retries: int = Field(default=4, ge=0, le=20, description="Retries after the first try (so up to N+1 calls).")
+    retry_base_seconds: PositiveSeconds = Field(default=0.5, description="Nominal delay before the first retry; doubles each retry.")
+    retry_cap_seconds: PositiveSeconds = Field(default=3.0, description="Largest nominal delay between retries.")
+
+    pool_size: int = Field(default=10, ge=1, description="Connections kept open in each process's pool.")
+    pool_max_overflow: int = Field(default=20, ge=0, description="Extra connections allowed above pool_size under load.")
+    pool_recycle_seconds: PositiveSeconds = Field(default=90.0, description="Connections older than this are replaced at checkout.")
+    pool_pre_ping: bool = Field(default=True, description="Test each connection at checkout (a round trip) and replace dead ones.")
+    pool_timeout_seconds: PositiveSeconds = Field(
+        default=5.0, description="Longest wait for a free pooled connection (never longer than the call's deadline)."
+    )
+
+    db_connect_timeout_seconds: PositiveSeconds = Field(default=5.0, description="Longest a new connection may take when the call has no shorter deadline.")
+    db_io_timeout_seconds: PositiveSeconds = Field(
+        default=30.0, description="Longest any single wait on the database may take when the call has no shorter deadline (cuts a silent peer)."
+    )
+    db_statement_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="Server-side statement_timeout (unset: the server's own). Set per transaction behind a pooler."
+    )
+    db_application_name: str = Field(default="brownout", min_length=1, max_length=63, description="application_name reported to PostgreSQL.")
+
+    health_interval_seconds: PositiveSeconds = Field(default=30.0, description="Interval of the background SELECT 1 health check.")
+    health_timeout_seconds: PositiveSeconds = Field(default=2.0, description="Deadline of one health check (connect included).")
+    request_db_deadline_seconds: PositiveSeconds = Field(
+        default=0.3, description="Total time a call on the HTTP request path may spend on the database, retries included."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str) -> str:
+        value = value.strip()
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise ValueError("must be a URL such as postgresql://user:password@host:5432/dbname")
+        # Hosting providers hand out postgres:// and postgresql://; SQLAlchemy needs the driver named.
+        if scheme in ("postgres", "postgresql"):
+            return f"postgresql+psycopg2://{rest}"
+        if scheme == "postgresql+psycopg2":
+            return value
+        raise ValueError(f"unsupported scheme {scheme!r}: use postgresql:// (driver psycopg2)")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.retry_cap_seconds < self.retry_base_seconds:
+            raise ValueError(
+                f"BROWNOUT_RETRY_CAP_SECONDS ({self.retry_cap_seconds}) must be >= "
+                f"BROWNOUT_RETRY_BASE_SECONDS ({self.retry_base_seconds})"
+            )
+        return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (mask_secrets(value) if name and name.endswith("_url") else value)
+
+
+def _env_name(field: str) -> str:
+    if field.lower() in ("database_url", "brownout_database_url"):
+        return "DATABASE_URL"
+    return f"BROWNOUT_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the environment; raise ConfigurationError with one line per problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            name = _env_name(loc) if loc else "configuration"
+            lines.append(f"  {name}: {err['msg']}")
+        raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None

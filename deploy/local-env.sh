@@ -1,0 +1,3 @@
+# Settings for a local run against deploy/local-services.sh, sourced by deploy/run.sh
+# and deploy/test.sh. A variable already set in the environment wins.
+export DATABASE_URL="${DATABASE_URL:-postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require}"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set everything up, then run the whole test suite against the real services.
+# Extra arguments go to pytest (e.g. deploy/test.sh tests/unit -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/setup.sh
+source deploy/local-env.sh
+exec .venv/bin/python -m pytest "$@"

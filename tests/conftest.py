@@ -1,0 +1,112 @@
+"""Shared fixtures: each test that touches PostgreSQL gets its own database.
+
+The services are the machine's real ones (see deploy/local-services.sh).
+`BROWNOUT_TEST_PG_URL` names the server and an account that may create
+databases; default: the local `brownout` role over TLS.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.db import Database
+from app.settings import Settings
+
+PG_URL = os.environ.get(
+    "BROWNOUT_TEST_PG_URL",
+    "postgresql://brownout:brownout@127.0.0.1:5432/postgres?sslmode=require",
+)
+
+
+def admin_connect(dbname: str = "postgres") -> Any:
+    """An autocommit psycopg2 connection for test set-up and fault injection."""
+    url = make_url(PG_URL).set(database=dbname)
+    conn = psycopg2.connect(url.render_as_string(hide_password=False).replace("postgresql+psycopg2", "postgresql"))
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty database for this test; dropped afterwards (connections forced out)."""
+    name = f"bo_test_{uuid.uuid4().hex[:12]}"
+    with admin_connect() as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    try:
+        yield name
+    finally:
+        conn = admin_connect()
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A unique application_name, so a test finds (and kills) only its own backends."""
+    return f"bo-{uuid.uuid4().hex[:10]}"
+
+
+def database_url(dbname: str, *, host: str = "127.0.0.1", port: int | None = None, sslmode: str = "require") -> str:
+    url = make_url(PG_URL).set(database=dbname, host=host, query={"sslmode": sslmode})
+    if port is not None:
+        url = url.set(port=port)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def make_settings(pg_database: str, app_name: str) -> Callable[..., Settings]:
+    """Settings pointing at this test's database; keyword arguments override fields."""
+
+    def factory(**overrides: Any) -> Settings:
+        fields: dict[str, Any] = {"database_url": database_url(pg_database), "db_application_name": app_name}
+        fields.update(overrides)
+        return Settings(**fields)
+
+    return factory
+
+
+@pytest.fixture
+def make_database(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Database]]:
+    """Build Database objects for this test; all are closed at the end."""
+    built: list[Database] = []
+
+    def factory(**overrides: Any) -> Database:
+        database = Database.from_settings(make_settings(**overrides))
+        built.append(database)
+        return database
+
+    yield factory
+    for database in built:
+        database.close()
+
+
+def backend_pids(dbname: str, app_name: str) -> set[int]:
+    with admin_connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+            (dbname, app_name),
+        )
+        pids = {row[0] for row in cur.fetchall()}
+    conn.close()
+    return pids
+
+
+def terminate_backends(dbname: str, app_name: str) -> set[int]:
+    """pg_terminate_backend over an sslmode=require admin link: the seed's SSL error, for real."""
+    with admin_connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s AND pg_terminate_backend(pid)",
+            (dbname, app_name),
+        )
+        pids = {row[0] for row in cur.fetchall()}
+    conn.close()
+    return pids

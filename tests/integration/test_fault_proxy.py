@@ -1,0 +1,230 @@
+"""FaultProxy against the real PostgreSQL: each mode as a psycopg2 client sees it.
+
+The messages asserted here are the ones the error classifier must recognise;
+the tests pin them so that a libpq upgrade that changes them fails loudly.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+
+from tests.support.tcp_proxy import FaultProxy
+
+SERVER = ("127.0.0.1", 5432)
+CLOSED = "server closed the connection unexpectedly"
+RESET_AT_CONNECT = re.compile(f"Connection reset by peer|{CLOSED}")
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultProxy]:
+    with FaultProxy(upstream_host=SERVER[0], upstream_port=SERVER[1]) as started:
+        yield started
+
+
+def connect(proxy: FaultProxy, **options: Any) -> psycopg2.extensions.connection:
+    """A connection through the proxy that gives up connecting after 2 s."""
+    params: dict[str, Any] = {"connect_timeout": 2, "sslmode": "disable"} | options
+    conn: psycopg2.extensions.connection = psycopg2.connect(
+        host="127.0.0.1", port=proxy.port, user="postgres", dbname="postgres", **params
+    )
+    return conn
+
+
+def select_one(conn: psycopg2.extensions.connection) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        row = cur.fetchone()
+    conn.rollback()
+    assert row is not None
+    return int(row[0])
+
+
+class BlockedQuery:
+    """Runs ``SELECT 1`` in a thread, so a test can see it hang and then fail."""
+
+    def __init__(self, conn: psycopg2.extensions.connection) -> None:
+        self.error: BaseException | None = None
+        self.returned = False
+        self._conn = conn
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            select_one(self._conn)
+            self.returned = True
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            self.error = error
+
+    def finished_within(self, seconds: float) -> bool:
+        self._thread.join(seconds)
+        return not self._thread.is_alive()
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "require"])
+def test_pass_through_relays_queries_and_counts_connections(proxy: FaultProxy, sslmode: str) -> None:
+    with connect(proxy, sslmode=sslmode) as conn:
+        assert select_one(conn) == 1
+        assert conn.info.ssl_in_use is (sslmode == "require")
+        assert proxy.connection_count == 1
+        assert proxy.open_connections == 1
+    conn.close()
+    deadline = time.monotonic() + 5
+    while proxy.open_connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.open_connections == 0
+
+
+def test_refuse_is_connection_refused_then_pass_through_rebinds_the_same_port(proxy: FaultProxy) -> None:
+    port = proxy.port
+    proxy.refuse()
+
+    with pytest.raises(psycopg2.OperationalError) as refused:
+        connect(proxy)
+
+    assert str(refused.value) == (
+        f'connection to server at "127.0.0.1", port {port} failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?\n"
+    )
+    assert proxy.connection_count == 0
+
+    proxy.pass_through()
+    assert proxy.port == port
+    with connect(proxy) as conn:
+        assert select_one(conn) == 1
+    conn.close()
+
+
+def test_refuse_leaves_open_connections_working(proxy: FaultProxy) -> None:
+    conn = connect(proxy)
+    proxy.refuse()
+    try:
+        assert select_one(conn) == 1
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer", "require"])
+def test_reset_fails_the_connect_with_a_reset_or_closed_error(proxy: FaultProxy, sslmode: str) -> None:
+    proxy.reset()
+
+    with pytest.raises(psycopg2.OperationalError) as reset:
+        connect(proxy, sslmode=sslmode)
+
+    # Which of the two depends on whether the RST beats the client's first
+    # packet: both are seen here, so the classifier must know both.
+    message = str(reset.value)
+    assert message.startswith(f'connection to server at "127.0.0.1", port {proxy.port} failed: ')
+    assert RESET_AT_CONNECT.search(message), message
+    assert proxy.connection_count == 1
+    assert proxy.open_connections == 0
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "expected"),
+    [
+        ("disable", CLOSED),
+        # libpq's TLS write meets the RST, defers the error, then reads EOF.
+        ("require", "SSL SYSCALL error: EOF detected"),
+    ],
+)
+def test_reset_existing_breaks_an_idle_connection(proxy: FaultProxy, sslmode: str, expected: str) -> None:
+    conn = connect(proxy, sslmode=sslmode)
+    assert select_one(conn) == 1
+
+    proxy.reset_existing()
+
+    with pytest.raises(psycopg2.OperationalError) as broken:
+        select_one(conn)
+    assert str(broken.value).startswith(expected), str(broken.value)
+    assert conn.closed
+    assert proxy.open_connections == 0
+    with connect(proxy, sslmode=sslmode) as fresh:  # the mode itself is unchanged
+        assert select_one(fresh) == 1
+    fresh.close()
+
+
+def test_silence_makes_a_connect_wait_for_its_own_timeout(proxy: FaultProxy) -> None:
+    proxy.silence()
+    started = time.monotonic()
+
+    with pytest.raises(psycopg2.OperationalError) as silent:
+        connect(proxy, connect_timeout=2)
+
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed <= 15.0
+    assert str(silent.value) == (
+        f'connection to server at "127.0.0.1", port {proxy.port} failed: timeout expired\n'
+    )
+    assert proxy.connection_count == 1  # accepted: the client's timeout did the work
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "ending", "expected"),
+    [
+        ("disable", "reset_existing", CLOSED),
+        ("require", "reset_existing", CLOSED),
+        ("disable", "stop", CLOSED),
+        # A FIN without TLS close_notify: OpenSSL reports a bare EOF.
+        ("require", "stop", "SSL SYSCALL error: EOF detected"),
+    ],
+)
+def test_silence_mid_query_blocks_until_the_connection_is_broken(
+    proxy: FaultProxy, sslmode: str, ending: str, expected: str
+) -> None:
+    conn = connect(proxy, sslmode=sslmode, options="-c statement_timeout=0")
+    try:
+        assert select_one(conn) == 1
+        proxy.silence()
+
+        query = BlockedQuery(conn)
+        assert not query.finished_within(1.0), "a silenced connection answered"
+
+        getattr(proxy, ending)()
+        assert query.finished_within(10.0)
+        assert not query.returned
+        assert isinstance(query.error, psycopg2.OperationalError)
+        assert str(query.error).startswith(expected), str(query.error)
+    finally:
+        conn.close()
+
+
+def test_a_silenced_connection_stays_silent_after_pass_through(proxy: FaultProxy) -> None:
+    old = connect(proxy)
+    try:
+        proxy.silence()
+        proxy.pass_through()
+        query = BlockedQuery(old)
+        assert not query.finished_within(0.5)
+
+        with connect(proxy) as fresh:  # new connections are relayed again
+            assert select_one(fresh) == 1
+        fresh.close()
+
+        proxy.reset_existing()
+        assert query.finished_within(10.0)
+    finally:
+        old.close()
+
+
+def test_stop_is_idempotent_and_frees_the_port() -> None:
+    proxy = FaultProxy(upstream_host=SERVER[0], upstream_port=SERVER[1]).start()
+    conn = connect(proxy)
+    threads_before = threading.active_count()
+
+    proxy.stop()
+    proxy.stop()
+
+    assert threading.active_count() < threads_before
+    with pytest.raises(psycopg2.OperationalError, match="Connection refused"):
+        connect(proxy)
+    with pytest.raises(psycopg2.OperationalError, match=CLOSED):
+        select_one(conn)
+    conn.close()
