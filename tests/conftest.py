@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,25 +29,32 @@ PG_URL = os.environ.get(
 def admin_connect(dbname: str = "postgres") -> Any:
     """An autocommit psycopg2 connection for test set-up and fault injection."""
     url = make_url(PG_URL).set(database=dbname)
-    conn = psycopg2.connect(url.render_as_string(hide_password=False).replace("postgresql+psycopg2", "postgresql"))
+    conn = psycopg2.connect(url.render_as_string(hide_password=False))
     conn.autocommit = True
     return conn
+
+
+@contextmanager
+def admin_cursor(dbname: str = "postgres") -> Iterator[Any]:
+    conn = admin_connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
 
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
     """A fresh, empty database for this test; dropped afterwards (connections forced out)."""
     name = f"bo_test_{uuid.uuid4().hex[:12]}"
-    with admin_connect() as conn, conn.cursor() as cur:
+    with admin_cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
     try:
         yield name
     finally:
-        conn = admin_connect()
-        with conn.cursor() as cur:
+        with admin_cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
 
 
 @pytest.fixture
@@ -90,23 +98,18 @@ def make_database(make_settings: Callable[..., Settings]) -> Iterator[Callable[.
 
 
 def backend_pids(dbname: str, app_name: str) -> set[int]:
-    with admin_connect() as conn, conn.cursor() as cur:
+    with admin_cursor() as cur:
         cur.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
             (dbname, app_name),
         )
-        pids = {row[0] for row in cur.fetchall()}
-    conn.close()
-    return pids
+        return {row[0] for row in cur.fetchall()}
 
 
 def terminate_backends(dbname: str, app_name: str) -> set[int]:
     """pg_terminate_backend over an sslmode=require admin link: the seed's SSL error, for real."""
-    with admin_connect() as conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s AND pg_terminate_backend(pid)",
-            (dbname, app_name),
-        )
-        pids = {row[0] for row in cur.fetchall()}
-    conn.close()
+    pids = backend_pids(dbname, app_name)
+    with admin_cursor() as cur:
+        for pid in pids:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
     return pids

@@ -1,0 +1,60 @@
+"""Injected time and chance for unit tests: nothing here sleeps or reads the wall clock."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterable
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to; pass it where `time.monotonic` goes."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a monotonic clock never goes back")
+        with self._lock:
+            self._now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        """A `sleep` that costs no real time: it only moves this clock."""
+        self.advance(seconds)
+
+
+class ScriptedRandom(random.Random):
+    """`random()` returns the scripted fractions in turn (the last one repeats).
+
+    `uniform(a, b)` is `a + (b - a) * random()`, written out here rather than
+    inherited so the exact maths does not depend on CPython's implementation.
+    1.0 is allowed (a real `random()` stays below it) to hit upper bounds exactly.
+    """
+
+    def __init__(self, fractions: float | Iterable[float]) -> None:
+        super().__init__(0)
+        values = [fractions] if isinstance(fractions, (int, float)) else list(fractions)
+        if not values or any(not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError("fractions must be within [0, 1]")
+        self._values = [float(v) for v in values]
+        self._next = 0
+        self.draws = 0
+
+    def random(self) -> float:
+        value = self._values[min(self._next, len(self._values) - 1)]
+        self._next += 1
+        self.draws += 1
+        return value
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random()
+
+
+UPPER = 1.0
+LOWER = 0.0
