@@ -24,7 +24,9 @@ What this module adds, in the `handle_error` event:
     the link to the pooler, the thing that can be stale) weeds out the rest
     at checkout if the pooler itself restarted;
   * a deadline reached by our own wait callback invalidates only that
-    connection (psycopg2 closed it): a slow query is not a dead database.
+    connection (psycopg2 closed it): a slow query is not a dead database;
+- disconnect epochs (incidents.py): the connections one incident kills count
+  once on the breaker, not once each.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sqlalchemy.pool import QueuePool
 from app.db import waiting
 from app.db.deadline import remaining
 from app.db.errors import classify, describe
+from app.db.incidents import DisconnectEpochs
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,9 @@ def build_engine(settings: Settings) -> Engine:
         hide_parameters=True,  # parameters can hold personal data; logs must not
     )
     behind_pooler = settings.database_pooler == "transaction"
-    event.listen(engine, "handle_error", _make_error_handler(behind_pooler=behind_pooler))
+    epochs = DisconnectEpochs()
+    event.listen(engine, "connect", epochs.on_connect)
+    event.listen(engine, "handle_error", _make_error_handler(behind_pooler=behind_pooler, epochs=epochs))
     if behind_pooler and settings.db_statement_timeout_seconds:
         # Poolers refuse start-up options; SET LOCAL lasts one transaction,
         # which is all a transaction-mode pooler guarantees to be ours.
@@ -127,7 +132,16 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
-def _make_error_handler(*, behind_pooler: bool) -> Any:
+def _connection_info(ctx: ExceptionContext) -> dict[str, Any] | None:
+    if ctx.connection is None:  # a failed connect: there is no connection yet
+        return None
+    try:
+        return ctx.connection.connection.info
+    except Exception:  # already closed or invalidated
+        return None
+
+
+def _make_error_handler(*, behind_pooler: bool, epochs: DisconnectEpochs) -> Any:
     def on_error(ctx: ExceptionContext) -> None:
         original = ctx.original_exception
         if not isinstance(original, Exception):
@@ -139,15 +153,22 @@ def _make_error_handler(*, behind_pooler: bool) -> Any:
         kind = classify(original)
         if kind.is_disconnect and not ctx.is_disconnect:
             ctx.is_disconnect = True
-        if ctx.is_disconnect:
-            if behind_pooler:
-                ctx.invalidate_pool_on_disconnect = False
-            log.warning(
-                "database disconnect (%s), invalidating %s: %s",
-                kind.value,
-                "the connection" if behind_pooler else "the pool",
-                describe(original),
-            )
+        if not ctx.is_disconnect:
+            return
+        casualty = epochs.on_disconnect(None if ctx.is_pre_ping else _connection_info(ctx))
+        if behind_pooler or casualty:
+            # Behind a pooler only this link is known dead. A casualty's pool was
+            # invalidated after it was made; doing it again would discard the
+            # fresh connections other threads just opened.
+            ctx.invalidate_pool_on_disconnect = False
+        if casualty or ctx.is_pre_ping:
+            return  # logged with the incident it belongs to; pre-ping failures are routine
+        log.warning(
+            "database disconnect (%s), invalidating %s: %s",
+            kind.value,
+            "the connection" if behind_pooler else "the pool",
+            describe(original),
+        )
 
     return on_error
 

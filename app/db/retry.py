@@ -34,6 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from app.db import incidents
 from app.db.circuit_breaker import CircuitBreaker
 from app.db.deadline import deadline_scope
 from app.db.errors import (
@@ -154,6 +155,7 @@ def execute_with_retry(
                 raise refused from last_error
             raise
         commits_before = _commits_sent()
+        incidents.clear()
         try:
             if deadline_at is None:
                 result = fn()
@@ -163,7 +165,10 @@ def execute_with_retry(
         except Exception as exc:
             commit_sent = _commits_sent() != commits_before
             kind = classify(exc)
-            breaker.record_failure(permit, kind)
+            if kind.is_disconnect and incidents.take_casualty():
+                breaker.release(permit)  # this incident was counted already
+            else:
+                breaker.record_failure(permit, kind)
             if not kind.is_transient:
                 raise
             _rollback_quietly(db)

@@ -1,0 +1,64 @@
+"""One incident, one failure: disconnect casualties do not each count on the breaker.
+
+When a pooler restarts or a failover drops every connection, each of a
+process's busy connections fails at once. Counted one by one, eight threads
+caught by one blip would be eight consecutive failures and open the breaker
+for a minute although the database answers the very next connect. What the
+breaker must measure is whether the *database* fails, not how many stale
+connections one event killed.
+
+So each connection remembers the disconnect epoch it was born in, and each
+disconnect bumps the epoch. A disconnect on a connection born before the
+latest disconnect is a casualty of an incident already counted: it is still
+retried (on a fresh connection), but not counted. A fresh connection that
+fails, or a connect that fails, always counts, so a real outage still opens
+the breaker after the threshold.
+
+The verdict travels from SQLAlchemy's `handle_error` event (engine.py) to
+`execute_with_retry` (retry.py) in a thread-local: both run in the thread of
+the failing call, one right after the other.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+EPOCH_KEY = "brownout.disconnect_epoch"
+
+_verdict = threading.local()
+
+
+class DisconnectEpochs:
+    """Per-engine epoch counter; hooked to the pool's `connect` event and to `handle_error`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[EPOCH_KEY] = self.value
+
+    def on_disconnect(self, connection_info: dict[str, Any] | None) -> bool:
+        """Record a disconnect; return True when it is a casualty of an earlier one."""
+        with self._lock:
+            born = None if connection_info is None else connection_info.get(EPOCH_KEY)
+            if born is not None and born < self.value:
+                _verdict.casualty = True
+                return True
+            self.value += 1
+            return False
+
+
+def clear() -> None:
+    """Forget any verdict left by a failure the caller never saw."""
+    if getattr(_verdict, "casualty", False):
+        _verdict.casualty = False
+
+
+def take_casualty() -> bool:
+    """True (once) when the failure just raised in this thread was a casualty."""
+    casualty = getattr(_verdict, "casualty", False)
+    if casualty:
+        _verdict.casualty = False
+    return casualty
