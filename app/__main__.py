@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     health = sub.add_parser("health", help="run SELECT 1 against DATABASE_URL and print the health report")
-    health.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: BROWNOUT_HEALTH_TIMEOUT_SECONDS)")
+    health.add_argument(
+        "--timeout", type=float, default=None, help="deadline in seconds (default: BROWNOUT_HEALTH_TIMEOUT_SECONDS)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -22,4 +22,3 @@ def mask_secrets(value: str) -> str:
         return value
     value = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", value)
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m['head']}{MASK}", value)
-

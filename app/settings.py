@@ -45,32 +45,52 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive transient failures that open the breaker.")
     breaker_open_seconds: PositiveSeconds = Field(default=60.0, description="Time the breaker stays OPEN before one trial call.")
     breaker_open_jitter: float = Field(
-        default=0.1, ge=0, le=1, description="Open time is stretched by up to this fraction, at random, so a fleet does not probe in lockstep."
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Open time is stretched by up to this fraction, at random, so a fleet does not probe in lockstep.",
     )
-    breaker_success_threshold: int = Field(default=2, ge=1, description="Successful trial calls in HALF_OPEN that close the breaker.")
+    breaker_success_threshold: int = Field(
+        default=2, ge=1, description="Successful trial calls in HALF_OPEN that close the breaker."
+    )
 
     retry_max_retries: int = Field(default=4, ge=0, le=20, description="Retries after the first try (so up to N+1 calls).")
-    retry_base_seconds: PositiveSeconds = Field(default=0.5, description="Nominal delay before the first retry; doubles each retry.")
+    retry_base_seconds: PositiveSeconds = Field(
+        default=0.5, description="Nominal delay before the first retry; doubles each retry."
+    )
     retry_cap_seconds: PositiveSeconds = Field(default=3.0, description="Largest nominal delay between retries.")
 
     pool_size: int = Field(default=10, ge=1, description="Connections kept open in each process's pool.")
     pool_max_overflow: int = Field(default=20, ge=0, description="Extra connections allowed above pool_size under load.")
-    pool_recycle_seconds: PositiveSeconds = Field(default=90.0, description="Connections older than this are replaced at checkout.")
-    pool_pre_ping: bool = Field(default=True, description="Test each connection at checkout (a round trip) and replace dead ones.")
+    pool_recycle_seconds: PositiveSeconds = Field(
+        default=90.0, description="Connections older than this are replaced at checkout."
+    )
+    pool_pre_ping: bool = Field(
+        default=True, description="Test each connection at checkout (a round trip) and replace dead ones."
+    )
     pool_timeout_seconds: PositiveSeconds = Field(
         default=5.0, description="Longest wait for a free pooled connection (never longer than the call's deadline)."
     )
 
-    db_connect_timeout_seconds: PositiveSeconds = Field(default=5.0, description="Longest a new connection may take when the call has no shorter deadline.")
+    db_connect_timeout_seconds: PositiveSeconds = Field(
+        default=5.0, description="Longest a new connection may take when the call has no shorter deadline."
+    )
     db_io_timeout_seconds: PositiveSeconds = Field(
-        default=30.0, description="Longest any single wait on the database may take when the call has no shorter deadline (cuts a silent peer)."
+        default=30.0,
+        description="Longest any single wait on the database may take without a shorter deadline (cuts a silent peer).",
     )
     db_statement_timeout_seconds: float | None = Field(
-        default=None, gt=0, description="Server-side statement_timeout (unset: the server's own). Set per transaction behind a pooler."
+        default=None,
+        gt=0,
+        description="Server-side statement_timeout (unset: the server's own). Set per transaction behind a pooler.",
     )
-    db_application_name: str = Field(default="brownout", min_length=1, max_length=63, description="application_name reported to PostgreSQL.")
+    db_application_name: str = Field(
+        default="brownout", min_length=1, max_length=63, description="application_name reported to PostgreSQL."
+    )
 
-    health_interval_seconds: PositiveSeconds = Field(default=30.0, description="Interval of the background SELECT 1 health check.")
+    health_interval_seconds: PositiveSeconds = Field(
+        default=30.0, description="Interval of the background SELECT 1 health check."
+    )
     health_timeout_seconds: PositiveSeconds = Field(default=2.0, description="Deadline of one health check (connect included).")
     request_db_deadline_seconds: PositiveSeconds = Field(
         default=0.3, description="Total time a call on the HTTP request path may spend on the database, retries included."

@@ -27,8 +27,7 @@ import tenacity
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.db import Database, execute_with_retry
-from app.db import waiting
+from app.db import Database, execute_with_retry, waiting
 from app.settings import load_settings
 
 LOCAL_URL = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg2

@@ -241,9 +241,7 @@ class CircuitBreaker:
                 if state is BreakerState.OPEN and now >= self._open_until:
                     transition = self._move(BreakerState.HALF_OPEN)
                     state = BreakerState.HALF_OPEN
-                if state is BreakerState.HALF_OPEN and (
-                    not self._trial_active or now - self._trial_started >= self.open_seconds
-                ):
+                if state is BreakerState.HALF_OPEN and (not self._trial_active or now - self._trial_started >= self.open_seconds):
                     self._trial_id += 1
                     self._trial_active = True
                     self._trial_started = now

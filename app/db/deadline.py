@@ -9,7 +9,7 @@ which has no way to pass it along. Times are `time.monotonic()` seconds.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -21,12 +21,12 @@ def current_deadline() -> float | None:
     return _deadline.get()
 
 
-def remaining(clock: object = time.monotonic) -> float | None:
+def remaining(clock: Callable[[], float] = time.monotonic) -> float | None:
     """Seconds left before the current deadline, or None when there is none."""
     at = _deadline.get()
     if at is None:
         return None
-    return at - clock()  # type: ignore[operator]
+    return at - clock()
 
 
 @contextmanager

@@ -69,7 +69,7 @@ class DeadlineQueuePool(QueuePool):
     deadline, so the timeout is read per checkout.
     """
 
-    @property  # type: ignore[override]
+    @property
     def _timeout(self) -> float:
         left = remaining()
         if left is None:

@@ -34,7 +34,12 @@ def pool_figures(engine: Engine) -> dict[str, int]:
     pool = engine.pool
     if not isinstance(pool, QueuePool):
         return {}
-    return {"size": pool.size(), "checked_out": pool.checkedout(), "overflow": max(0, pool.overflow()), "checked_in": pool.checkedin()}
+    return {
+        "size": pool.size(),
+        "checked_out": pool.checkedout(),
+        "overflow": max(0, pool.overflow()),
+        "checked_in": pool.checkedin(),
+    }
 
 
 def check_db_health(db: Session, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:
@@ -60,15 +65,19 @@ def check_db_health(db: Session, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) ->
             db.close()
     latency_ms = round((time.monotonic() - start) * 1000, 2)
     resilience = db.info.get(RESILIENCE_KEY)
-    bind = db.get_bind()
     return {
         "healthy": error is None,
         "latency_ms": latency_ms,
         "error": error,
         "error_kind": kind,
         "breaker": resilience.breaker.snapshot() if resilience is not None else None,
-        "pool": pool_figures(bind) if isinstance(bind, Engine) else {},
+        "pool": pool_figures(engine_of(db)),
     }
+
+
+def engine_of(db: Session) -> Engine:
+    bind = db.get_bind()
+    return bind if isinstance(bind, Engine) else bind.engine
 
 
 def invalidate_pool(engine: Engine) -> None:
@@ -92,7 +101,7 @@ def periodic_health_check(
     Cheap enough to call from anywhere; a failed check invalidates the pool.
     For a check that runs on its own, use HealthMonitor.
     """
-    engine = db.get_bind()
+    engine = engine_of(db)
     now = clock()
     with _last_checks_lock:
         last = _last_checks.get(engine)
@@ -152,7 +161,7 @@ class HealthMonitor:
             result = check_db_health(db, timeout=self.timeout)
             if not result["healthy"]:
                 log.warning("health check failed (%s): %s; invalidating the pool", result["error_kind"], result["error"])
-                invalidate_pool(db.get_bind())
+                invalidate_pool(engine_of(db))
         self.last_result = result
         self.checks += 1
         if self._on_result is not None:

@@ -62,7 +62,7 @@ class RetryPolicy:
 
     def nominal_delay(self, retry: int) -> float:
         """Upper bound of the wait before retry number *retry* (1-based)."""
-        return min(self.cap_seconds, self.base_seconds * 2 ** (retry - 1))
+        return min(self.cap_seconds, self.base_seconds * 2.0 ** (retry - 1))
 
     def delay(self, retry: int, rng: random.Random) -> float:
         """Full Jitter: uniform in [0, nominal_delay(retry)]."""
@@ -180,7 +180,7 @@ def execute_with_retry(
             if attempt > res.policy.max_retries:
                 raise
             wait = res.policy.delay(attempt, res.rng)
-            if deadline_at is not None and res.clock() + wait >= deadline_at:
+            if deadline is not None and deadline_at is not None and res.clock() + wait >= deadline_at:
                 raise DeadlineExceeded(deadline, attempt) from exc
             _log_retry(kind, exc, attempt, res.policy.max_retries, wait)
             res.sleep(wait)

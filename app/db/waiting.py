@@ -34,7 +34,7 @@ import psycopg2.extensions as ext
 from app.db.deadline import current_deadline
 
 
-class DatabaseDeadlineReached(psycopg2.OperationalError):
+class DatabaseDeadlineReached(psycopg2.OperationalError):  # type: ignore[misc]
     """Raised when a wait on PostgreSQL outlives its deadline; the connection is closed."""
 
 

@@ -74,7 +74,10 @@ def test_one_incident_counts_once_on_the_breaker(make_database: Callable[..., Da
         sessions = [stack.enter_context(database.session()) for _ in range(6)]
         old = {s.execute(text("SELECT pg_backend_pid()")).scalar_one() for s in sessions}
         assert terminate_backends(pg_database, app_name) == old
-        new = {execute_with_retry(s, lambda s=s: s.execute(text("SELECT pg_backend_pid()")).scalar_one(), resilience=res) for s in sessions}
+        new = {
+            execute_with_retry(s, lambda s=s: s.execute(text("SELECT pg_backend_pid()")).scalar_one(), resilience=res)
+            for s in sessions
+        }
     assert not (new & old)
     assert failures.kinds == [ErrorKind.SSL], "more than one failure counted for one incident"
     assert database.breaker.state is BreakerState.CLOSED
@@ -102,7 +105,7 @@ def test_kill_all_backends_under_eight_threads(make_database: Callable[..., Data
     killed = 0
     for _ in range(5):
         target = sum(done) + 16
-        assert wait_for(lambda: sum(done) >= target or bool(errors)), "no progress: the workers hung"
+        assert wait_for(lambda target=target: sum(done) >= target or bool(errors)), "no progress: the workers hung"
         killed += len(terminate_backends(pg_database, app_name))
     target = sum(done) + 16
     assert wait_for(lambda: sum(done) >= target or bool(errors)), "no progress after the last kill"

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg2
-import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -59,7 +58,9 @@ def test_admin_shutdown_without_tls_is_57p01_disconnect(pg_database: str, app_na
 
 
 def test_sqlalchemy_wrapped_ssl_kill_is_ssl_and_invalidated(pg_database: str, app_name: str) -> None:
-    engine = create_engine(database_url(pg_database).replace("postgresql://", "postgresql+psycopg2://"), connect_args={"application_name": app_name})
+    engine = create_engine(
+        database_url(pg_database).replace("postgresql://", "postgresql+psycopg2://"), connect_args={"application_name": app_name}
+    )
     try:
         with engine.connect() as conn:
             pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
