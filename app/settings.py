@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     def _normalise_database_url(cls, value: str) -> str:
         value = value.strip()
         scheme, sep, rest = value.partition("://")
+        scheme = scheme.lower()
         if not sep:
             raise ValueError("must be a URL such as postgresql://user:password@host:5432/dbname")
         # Hosting providers hand out postgres:// and postgresql://; SQLAlchemy needs the driver named.

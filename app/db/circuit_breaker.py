@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from enum import Enum
+from enum import StrEnum
 from typing import TypeVar
 
 from app.db.errors import CircuitOpenError, ErrorKind, classify
@@ -44,7 +44,7 @@ NOT_TRIAL = 0
 _TRIAL_BUSY_RETRY_AFTER = 1.0
 
 
-class BreakerState(str, Enum):
+class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 
 import psycopg2
 import sqlalchemy.exc
@@ -59,7 +59,7 @@ class CommitOutcomeUnknown(BrownoutDbError):
     """
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     """How a failure should be treated. Values double as metric labels."""
 
     SSL = "ssl"  # transient disconnect on a TLS link (the seed's error)
@@ -122,7 +122,9 @@ _MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
     ("pgbouncer cannot connect to server", ErrorKind.DISCONNECT),
     ("server login has been failing", ErrorKind.DISCONNECT),
     ("query_wait_timeout", ErrorKind.TRANSIENT),
+    ("brownout deadline reached", ErrorKind.TRANSIENT),  # our own wait callback (waiting.py)
     ("no more connections allowed", ErrorKind.TRANSIENT),
+    ("max client connections reached", ErrorKind.TRANSIENT),  # Supavisor, refusing at connect
     ("sorry, too many clients already", ErrorKind.TRANSIENT),
 )
 
@@ -145,8 +147,22 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             current = current.__cause__ or current.__context__
 
 
+# Supavisor (Supabase's pooler) reports its own failures as XX000 with a code in
+# parentheses; only these exact tokens are read from an XX000 text.
+_SUPAVISOR_CODES = {
+    "(echeckouttimeout)": ErrorKind.TRANSIENT,
+    "(emaxconn)": ErrorKind.TRANSIENT,
+    "(edbhandlerexited)": ErrorKind.DISCONNECT,
+}
+
+
 def _classify_dbapi(exc: psycopg2.Error) -> ErrorKind:
     code = exc.pgcode
+    if code == "XX000":
+        text = str(exc).lower()
+        for token, kind in _SUPAVISOR_CODES.items():
+            if token in text:
+                return kind
     connection_code = code is None or code.startswith("08") or _SQLSTATES.get(code) is ErrorKind.DISCONNECT
     message = str(exc).lower() if connection_code else ""
     if any(fragment in message for fragment in _SSL_MESSAGES):

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.db import incidents
-from app.db.circuit_breaker import CircuitBreaker
+from app.db.circuit_breaker import BreakerState, CircuitBreaker
 from app.db.deadline import deadline_scope
 from app.db.errors import (
     CircuitOpenError,
@@ -179,6 +179,8 @@ def execute_with_retry(
             last_error = exc
             if attempt > res.policy.max_retries:
                 raise
+            if breaker.state is BreakerState.OPEN:  # this failure opened it: do not wait for nothing
+                raise CircuitOpenError(breaker.name, breaker.retry_after(), breaker.state.value) from exc
             wait = res.policy.delay(attempt, res.rng)
             if deadline is not None and deadline_at is not None and res.clock() + wait >= deadline_at:
                 raise DeadlineExceeded(deadline, attempt) from exc

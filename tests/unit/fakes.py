@@ -1,10 +1,16 @@
-"""Injected time and chance for unit tests: nothing here sleeps or reads the wall clock."""
+"""Test doubles for pure-logic tests: injected time and chance, and server errors without a server.
+
+Nothing here sleeps, reads the wall clock or opens a socket.
+"""
 
 from __future__ import annotations
 
 import random
 import threading
 from collections.abc import Iterable
+
+import psycopg2
+import psycopg2.errors
 
 
 class FakeClock:
@@ -58,3 +64,17 @@ class ScriptedRandom(random.Random):
 
 UPPER = 1.0
 LOWER = 0.0
+
+
+def pg_error(pgcode: str | None, message: str, *, base: type[psycopg2.Error] | None = None) -> psycopg2.Error:
+    """A psycopg2 error as the server would raise it, SQLSTATE included, without a server.
+
+    psycopg2 sets `pgcode` only on errors built from a server reply (it is read-only
+    on instances), so this makes a subclass of the matching psycopg2 class
+    (`psycopg2.errors.lookup(pgcode)`, e.g. SerializationFailure for 40001) whose
+    `pgcode` property answers the given code.
+    """
+    if base is None:
+        base = psycopg2.errors.lookup(pgcode) if pgcode else psycopg2.OperationalError
+    cls = type(f"{base.__name__}From{pgcode or 'Client'}", (base,), {"pgcode": property(lambda self: pgcode)})
+    return cls(message)

@@ -86,8 +86,9 @@ def breaker(clock: FakeClock, listener: RecordingListener) -> CircuitBreaker:
 
 def fail(breaker: CircuitBreaker, times: int = 1, exc: Exception | None = None) -> None:
     for _ in range(times):
-        with pytest.raises(Exception):
-            breaker.call(Calls().raising(exc or TransientError("connection reset by peer")))
+        error = exc or TransientError("connection reset by peer")
+        with pytest.raises(type(error)):
+            breaker.call(Calls().raising(error))
 
 
 def succeed(breaker: CircuitBreaker, times: int = 1) -> None:
@@ -170,7 +171,9 @@ def test_open_refuses_without_calling_and_retry_after_counts_down(breaker: Circu
         breaker.before_call()
 
 
-def test_open_until_exactly_open_seconds_then_one_trial(breaker: CircuitBreaker, clock: FakeClock, listener: RecordingListener) -> None:
+def test_open_until_exactly_open_seconds_then_one_trial(
+    breaker: CircuitBreaker, clock: FakeClock, listener: RecordingListener
+) -> None:
     open_breaker(breaker)
     clock.advance(59.999)
     with pytest.raises(CircuitOpenError):
@@ -327,7 +330,9 @@ def test_base_exception_frees_the_trial_and_counts_nothing(
     assert breaker.before_call() > 0  # trial slot was freed, no open period restarted
 
 
-def test_abandoned_trial_is_replaced_after_open_seconds_and_its_verdict_ignored(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_abandoned_trial_is_replaced_after_open_seconds_and_its_verdict_ignored(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
     open_breaker(breaker)
     clock.advance(60)
     lost = breaker.before_call()  # its holder never reports
@@ -372,7 +377,9 @@ def test_stale_trial_permit_after_reset_is_ignored(breaker: CircuitBreaker, cloc
 # -- listeners -----------------------------------------------------------------------
 
 
-def test_listeners_see_transitions_failures_and_rejections(breaker: CircuitBreaker, clock: FakeClock, listener: RecordingListener) -> None:
+def test_listeners_see_transitions_failures_and_rejections(
+    breaker: CircuitBreaker, clock: FakeClock, listener: RecordingListener
+) -> None:
     fail(breaker, 4, TransientError("x"))
     fail(breaker, 1, sqlalchemy.exc.TimeoutError("QueuePool limit reached"))
     with pytest.raises(CircuitOpenError):

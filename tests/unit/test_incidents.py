@@ -1,0 +1,87 @@
+"""Disconnect epochs: the connections one incident kills count once on the breaker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from app.db import incidents
+from app.db.incidents import EPOCH_KEY, DisconnectEpochs
+
+
+@pytest.fixture(autouse=True)
+def no_verdict_left() -> Iterator[None]:
+    incidents.clear()
+    yield
+    incidents.clear()
+
+
+def connect(epochs: DisconnectEpochs) -> dict[str, object]:
+    info: dict[str, object] = {}
+    epochs.on_connect(None, SimpleNamespace(info=info))
+    return info
+
+
+def test_connections_remember_their_epoch() -> None:
+    epochs = DisconnectEpochs()
+    first = connect(epochs)
+    epochs.on_disconnect(connect(epochs))
+    assert first[EPOCH_KEY] == 0
+    assert connect(epochs)[EPOCH_KEY] == 1
+
+
+def test_one_incident_counts_once() -> None:
+    epochs = DisconnectEpochs()
+    busy = [connect(epochs) for _ in range(8)]
+    verdicts = [epochs.on_disconnect(info) for info in busy]
+    assert verdicts == [False] + [True] * 7
+    assert epochs.value == 1
+
+
+def test_casualty_verdict_is_taken_once() -> None:
+    epochs = DisconnectEpochs()
+    old, older = connect(epochs), connect(epochs)
+    assert epochs.on_disconnect(old) is False
+    assert incidents.take_casualty() is False
+    assert epochs.on_disconnect(older) is True
+    assert incidents.take_casualty() is True
+    assert incidents.take_casualty() is False
+
+
+def test_fresh_connection_after_an_incident_counts_again() -> None:
+    epochs = DisconnectEpochs()
+    epochs.on_disconnect(connect(epochs))
+    fresh = connect(epochs)
+    assert epochs.on_disconnect(fresh) is False
+    assert epochs.value == 2
+
+
+def test_failed_connect_always_counts() -> None:
+    epochs = DisconnectEpochs()
+    assert [epochs.on_disconnect(None) for _ in range(3)] == [False] * 3
+    assert epochs.value == 3
+
+
+def test_clear_forgets_a_verdict() -> None:
+    epochs = DisconnectEpochs()
+    old = connect(epochs)
+    epochs.on_disconnect(connect(epochs))
+    epochs.on_disconnect(old)
+    incidents.clear()
+    assert incidents.take_casualty() is False
+
+
+def test_verdict_is_per_thread() -> None:
+    epochs = DisconnectEpochs()
+    old = connect(epochs)
+    epochs.on_disconnect(connect(epochs))
+    epochs.on_disconnect(old)
+    seen: list[bool] = []
+    t = threading.Thread(target=lambda: seen.append(incidents.take_casualty()))
+    t.start()
+    t.join(timeout=10)
+    assert seen == [False]
+    assert incidents.take_casualty() is True
