@@ -160,9 +160,7 @@ def test_silence_makes_a_connect_wait_for_its_own_timeout(proxy: FaultProxy) -> 
 
     elapsed = time.monotonic() - started
     assert 1.0 <= elapsed <= 15.0
-    assert str(silent.value) == (
-        f'connection to server at "127.0.0.1", port {proxy.port} failed: timeout expired\n'
-    )
+    assert str(silent.value) == (f'connection to server at "127.0.0.1", port {proxy.port} failed: timeout expired\n')
     assert proxy.connection_count == 1  # accepted: the client's timeout did the work
 
 

@@ -119,9 +119,7 @@ def _run_as() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(_RUN_AS_WHEN_ROOT)
     except KeyError:
-        raise PgBouncerUnavailable(
-            f"PgBouncer will not run as root and there is no {_RUN_AS_WHEN_ROOT!r} user"
-        ) from None
+        raise PgBouncerUnavailable(f"PgBouncer will not run as root and there is no {_RUN_AS_WHEN_ROOT!r} user") from None
 
 
 class PgBouncer:

@@ -82,9 +82,7 @@ def _abort(sock: socket.socket) -> None:
 class FaultProxy:
     """A TCP proxy to ``upstream_host:upstream_port`` whose failures a test controls."""
 
-    def __init__(
-        self, *, upstream_host: str, upstream_port: int, listen_host: str = "127.0.0.1", listen_port: int = 0
-    ) -> None:
+    def __init__(self, *, upstream_host: str, upstream_port: int, listen_host: str = "127.0.0.1", listen_port: int = 0) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._listen_host = listen_host
         self._port = listen_port
