@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.db import Database
+from app.db import Database, waiting
 from app.settings import Settings
 
 PG_URL = os.environ.get(
@@ -42,6 +42,14 @@ def admin_cursor(dbname: str = "postgres") -> Iterator[Any]:
             yield cur
     finally:
         conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _blocking_psycopg2_between_tests() -> Iterator[None]:
+    """psycopg2's wait callback is process-wide: an engine built by one test must not
+    change how raw psycopg2 behaves in the next. Each engine installs it again."""
+    yield
+    waiting.uninstall()
 
 
 @pytest.fixture

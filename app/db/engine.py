@@ -6,7 +6,7 @@ What SQLAlchemy already does, and is relied on as is:
   "terminating connection", ...); on such an error SQLAlchemy invalidates the
   connection and, by default, the whole pool (every connection older than the
   error is replaced at its next checkout);
-- `pool_pre_ping` tests a connection at checkout; `pool_recycle` replaces old ones.
+- `pool_recycle` replaces old connections at checkout.
 
 What this module adds, in the `handle_error` event:
 - recognition of what the dialect misses, through `errors.classify` (refused
@@ -23,6 +23,8 @@ What this module adds, in the `handle_error` event:
     only the failed connection is invalidated, and pre-ping (which there proves
     the link to the pooler, the thing that can be stale) weeds out the rest
     at checkout if the pooler itself restarted;
+  * pre-ping is ours (pre_ping.py), because SQLAlchemy's always invalidates
+    the whole pool on a failed ping;
   * a deadline reached by our own wait callback invalidates only that
     connection (psycopg2 closed it): a slow query is not a dead database;
 - disconnect epochs (incidents.py): the connections one incident kills count
@@ -45,6 +47,7 @@ from app.db import waiting
 from app.db.deadline import remaining
 from app.db.errors import classify, describe
 from app.db.incidents import DisconnectEpochs
+from app.db.pre_ping import CheckoutPinger
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,7 +117,7 @@ def build_engine(settings: Settings) -> Engine:
         pool_size=settings.pool_size,
         max_overflow=settings.pool_max_overflow,
         pool_recycle=settings.pool_recycle_seconds,
-        pool_pre_ping=settings.pool_pre_ping,
+        pool_pre_ping=False,  # ours below: see pre_ping.py
         pool_timeout=settings.pool_timeout_seconds,
         connect_args=_connect_args(settings),
         hide_parameters=True,  # parameters can hold personal data; logs must not
@@ -122,6 +125,10 @@ def build_engine(settings: Settings) -> Engine:
     behind_pooler = settings.database_pooler == "transaction"
     epochs = DisconnectEpochs()
     event.listen(engine, "connect", epochs.on_connect)
+    if settings.pool_pre_ping:
+        pinger = CheckoutPinger(behind_pooler=behind_pooler, epochs=epochs)
+        event.listen(engine, "connect", pinger.on_connect)
+        event.listen(engine, "checkout", pinger.on_checkout)
     event.listen(engine, "handle_error", _make_error_handler(behind_pooler=behind_pooler, epochs=epochs))
     if behind_pooler and settings.db_statement_timeout_seconds:
         # Poolers refuse start-up options; SET LOCAL lasts one transaction,
@@ -155,14 +162,14 @@ def _make_error_handler(*, behind_pooler: bool, epochs: DisconnectEpochs) -> Any
             ctx.is_disconnect = True
         if not ctx.is_disconnect:
             return
-        casualty = epochs.on_disconnect(None if ctx.is_pre_ping else _connection_info(ctx))
+        casualty = epochs.on_disconnect(_connection_info(ctx))
         if behind_pooler or casualty:
             # Behind a pooler only this link is known dead. A casualty's pool was
             # invalidated after it was made; doing it again would discard the
             # fresh connections other threads just opened.
             ctx.invalidate_pool_on_disconnect = False
-        if casualty or ctx.is_pre_ping:
-            return  # logged with the incident it belongs to; pre-ping failures are routine
+        if casualty:
+            return  # logged with the incident it belongs to
         log.warning(
             "database disconnect (%s), invalidating %s: %s",
             kind.value,

@@ -94,13 +94,26 @@ _SQLSTATES: dict[str, ErrorKind] = {
 # errors without a SQLSTATE (raised by the client library) or with a connection
 # SQLSTATE (class 08, which poolers use for everything): a server error's text
 # can quote user data and must never decide.
+#
+# Under psycopg2's wait callback a pooler's FATAL text arrives together with
+# libpq's "SSL connection has been closed unexpectedly". When the pooler says
+# the database is merely busy (a full pool, a wait timeout), that is the label;
+# when it says a server connection died, the client's TLS link died with it,
+# and it is the seed's SSL error.
+_BUSY_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
+    ("query_wait_timeout", ErrorKind.TRANSIENT),
+    ("no more connections allowed", ErrorKind.TRANSIENT),
+    ("max client connections reached", ErrorKind.TRANSIENT),
+    ("sorry, too many clients already", ErrorKind.TRANSIENT),
+    ("brownout deadline reached", ErrorKind.TRANSIENT),  # our own wait callback (waiting.py)
+)
 _SSL_MESSAGES = (
     "ssl connection has been closed unexpectedly",
     "ssl syscall error",
     "ssl error:",
     "decryption failed or bad record mac",
 )
-_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
+_LINK_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
     ("server closed the connection unexpectedly", ErrorKind.DISCONNECT),
     ("terminating connection", ErrorKind.DISCONNECT),
     ("connection refused", ErrorKind.DISCONNECT),
@@ -121,11 +134,6 @@ _MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
     ("server conn crashed", ErrorKind.DISCONNECT),
     ("pgbouncer cannot connect to server", ErrorKind.DISCONNECT),
     ("server login has been failing", ErrorKind.DISCONNECT),
-    ("query_wait_timeout", ErrorKind.TRANSIENT),
-    ("brownout deadline reached", ErrorKind.TRANSIENT),  # our own wait callback (waiting.py)
-    ("no more connections allowed", ErrorKind.TRANSIENT),
-    ("max client connections reached", ErrorKind.TRANSIENT),  # Supavisor, refusing at connect
-    ("sorry, too many clients already", ErrorKind.TRANSIENT),
 )
 
 _DISCONNECT_ERRNOS = frozenset(
@@ -165,11 +173,14 @@ def _classify_dbapi(exc: psycopg2.Error) -> ErrorKind:
                 return kind
     connection_code = code is None or code.startswith("08") or _SQLSTATES.get(code) is ErrorKind.DISCONNECT
     message = str(exc).lower() if connection_code else ""
+    for fragment, kind in _BUSY_MESSAGES:
+        if fragment in message:
+            return kind
     if any(fragment in message for fragment in _SSL_MESSAGES):
         return ErrorKind.SSL
     if code in _SQLSTATES:
         return _SQLSTATES[code]
-    for fragment, kind in _MESSAGES:
+    for fragment, kind in _LINK_MESSAGES:
         if fragment in message:
             return kind
     if code is not None and code.startswith("08"):

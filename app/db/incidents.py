@@ -9,8 +9,10 @@ connections one event killed.
 
 So each connection remembers the disconnect epoch it was born in, and each
 disconnect bumps the epoch. A disconnect on a connection born before the
-latest disconnect is a casualty of an incident already counted: it is still
-retried (on a fresh connection), but not counted. A fresh connection that
+latest disconnect, and within a short window of it, is a casualty of an
+incident already counted: it is still retried (on a fresh connection), but not
+counted. The window keeps old links that fail later (a pooler's healthy links
+meeting a real outage one by one) counting as they should. A fresh connection that
 fails, or a connect that fails, always counts, so a real outage still opens
 the breaker after the threshold.
 
@@ -22,6 +24,8 @@ the failing call, one right after the other.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 EPOCH_KEY = "brownout.disconnect_epoch"
@@ -32,9 +36,12 @@ _verdict = threading.local()
 class DisconnectEpochs:
     """Per-engine epoch counter; hooked to the pool's `connect` event and to `handle_error`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, window_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
+        self.window_seconds = window_seconds
         self.value = 0
+        self._bumped_at = float("-inf")
 
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         record.info[EPOCH_KEY] = self.value
@@ -42,11 +49,13 @@ class DisconnectEpochs:
     def on_disconnect(self, connection_info: dict[str, Any] | None) -> bool:
         """Record a disconnect; return True when it is a casualty of an earlier one."""
         with self._lock:
+            now = self._clock()
             born = None if connection_info is None else connection_info.get(EPOCH_KEY)
-            if born is not None and born < self.value:
+            if born is not None and born < self.value and now - self._bumped_at <= self.window_seconds:
                 _verdict.casualty = True
                 return True
             self.value += 1
+            self._bumped_at = now
             return False
 
 

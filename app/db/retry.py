@@ -177,6 +177,8 @@ def execute_with_retry(
                     f"connection lost during COMMIT ({kind.value}); the write may or may not have been applied"
                 ) from exc
             last_error = exc
+            if deadline is not None and deadline_at is not None and res.clock() >= deadline_at:
+                raise DeadlineExceeded(deadline, attempt) from exc
             if attempt > res.policy.max_retries:
                 raise
             if breaker.state is BreakerState.OPEN:  # this failure opened it: do not wait for nothing

@@ -97,4 +97,4 @@ def wait_with_deadline(conn: ext.connection) -> None:
 
 def _reached(connecting: bool, budget: float) -> DatabaseDeadlineReached:
     what = "connecting to" if connecting else "waiting on"
-    return DatabaseDeadlineReached(f"brownout deadline reached {what} the database after {budget:.3f} s")
+    return DatabaseDeadlineReached(f"brownout deadline reached {what} the database after {max(0.0, budget):.3f} s")

@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from app.db import Database, DeadlineExceeded, ErrorKind, classify, execute_with_retry
+from app.db.pre_ping import CheckoutPinger
 from app.db.retry import Resilience, RetryPolicy
 
 
@@ -19,7 +20,9 @@ def test_seed_pool_settings(make_database: Callable[..., Database], app_name: st
     assert pool.size() == 10
     assert pool._max_overflow == 20  # noqa: SLF001 - no public accessor
     assert pool._recycle == 90  # noqa: SLF001
-    assert pool._pre_ping is True  # noqa: SLF001
+    assert event.contains(database.engine, "checkout", CheckoutPinger.on_checkout) or any(
+        getattr(fn, "__func__", None) is CheckoutPinger.on_checkout for fn in database.engine.pool.dispatch.checkout
+    )
     with database.session() as s:
         assert s.execute(text("SHOW application_name")).scalar_one() == app_name
         assert s.execute(text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")).scalar_one() is True

@@ -85,3 +85,16 @@ def test_verdict_is_per_thread() -> None:
     t.join(timeout=10)
     assert seen == [False]
     assert incidents.take_casualty() is True
+
+
+def test_an_old_link_failing_after_the_window_counts_again() -> None:
+    now = [100.0]
+    epochs = DisconnectEpochs(window_seconds=2.0, clock=lambda: now[0])
+    old = [connect(epochs) for _ in range(3)]
+    assert epochs.on_disconnect(old[0]) is False
+    now[0] += 1.9
+    assert epochs.on_disconnect(old[1]) is True  # same incident
+    assert incidents.take_casualty() is True
+    now[0] += 0.2  # 2.1 s after the incident: news again (a real outage, met link by link)
+    assert epochs.on_disconnect(old[2]) is False
+    assert incidents.take_casualty() is False

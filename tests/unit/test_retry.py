@@ -473,7 +473,7 @@ def test_retry_log_masks_the_password(h: Harness, caplog: pytest.LogCaptureFixtu
 def report_casualty() -> None:
     """What engine.py's handle_error reports for a connection born before the latest disconnect."""
     epochs = incidents.DisconnectEpochs()
-    epochs.value = 1
+    assert epochs.on_disconnect(None) is False  # the incident itself, counted
     assert epochs.on_disconnect({incidents.EPOCH_KEY: 0}) is True
 
 

@@ -1,0 +1,58 @@
+"""Pre-ping at checkout, deciding per failure what to invalidate.
+
+SQLAlchemy's own pre-ping (`pool_pre_ping=True`) invalidates the whole pool
+whenever a ping fails: it raises `InvalidatePoolError` whatever `handle_error`
+decided (SQLAlchemy 2.1, `pool/base.py`). Two of our cases need less:
+
+- behind a transaction-mode pooler a failed ping proves one link dead, while
+  the others to the pooler are fine;
+- a ping cut short by the caller's deadline (waiting.py) proves the database
+  slow, not the pool dead; throwing away every connection then would add a
+  burst of TLS handshakes to a database that is already struggling.
+
+So the engine turns SQLAlchemy's pre-ping off and pings here, in the pool's
+`checkout` event, raising `DisconnectionError` (this connection) or
+`InvalidatePoolError` (every connection older than now). The pool handles both
+by reconnecting, as it does for its own pre-ping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2
+from sqlalchemy import exc as sa_exc
+
+from app.db.errors import classify, describe
+from app.db.incidents import DisconnectEpochs
+from app.db.waiting import DatabaseDeadlineReached
+
+_FRESH_KEY = "brownout.fresh"
+
+
+class CheckoutPinger:
+    """`connect` and `checkout` pool listeners; a brand-new connection is not pinged."""
+
+    def __init__(self, *, behind_pooler: bool, epochs: DisconnectEpochs) -> None:
+        self.behind_pooler = behind_pooler
+        self.epochs = epochs
+
+    def on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[_FRESH_KEY] = True
+
+    def on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if record.info.pop(_FRESH_KEY, False):
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+        except psycopg2.Error as exc:
+            cut_by_deadline = isinstance(exc, DatabaseDeadlineReached)
+            disconnect = not cut_by_deadline and classify(exc).is_disconnect
+            if disconnect:
+                self.epochs.on_disconnect(None)
+            error = sa_exc.InvalidatePoolError if disconnect and not self.behind_pooler else sa_exc.DisconnectionError
+            raise error(f"pre-ping failed: {describe(exc)}") from exc
