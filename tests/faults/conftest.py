@@ -10,18 +10,8 @@ import pytest
 from app.db import Database
 from app.db.database import build_breaker, build_resilience
 from tests.conftest import database_url
+from tests.support.fakes import FakeClock
 from tests.support.tcp_proxy import FaultProxy
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from sqlalchemy import text
 
 from app.db import HealthMonitor, periodic_health_check
-from tests.faults.conftest import FakeClock
+from tests.support.fakes import FakeClock
+from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
-
-
-def wait_for(condition: Any, timeout: float = 20.0) -> bool:
-    pause = threading.Event()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        pause.wait(0.01)
-    return condition()
 
 
 def test_monitor_runs_and_stops_cleanly(proxied: Any) -> None:
@@ -28,7 +18,7 @@ def test_monitor_runs_and_stops_cleanly(proxied: Any) -> None:
     results: list[dict[str, Any]] = []
     monitor = HealthMonitor(database.sessions, interval=30.0, timeout=1.0, on_result=results.append).start()
     try:
-        assert wait_for(lambda: monitor.checks >= 1)
+        assert wait_until(lambda: monitor.checks >= 1)
         assert monitor.last_result is not None and monitor.last_result["healthy"] is True
         assert results and results[0] is monitor.last_result
     finally:
@@ -42,7 +32,7 @@ def test_monitor_stops_within_its_timeout_while_the_database_is_silent(proxied: 
     database = proxied(pool_pre_ping=False)
     proxy.silence()
     monitor = HealthMonitor(database.sessions, interval=0.05, timeout=0.5).start()
-    assert wait_for(lambda: monitor.checks >= 2)
+    assert wait_until(lambda: monitor.checks >= 2)
     assert monitor.last_result is not None and monitor.last_result["healthy"] is False
     start = time.monotonic()
     monitor.stop()

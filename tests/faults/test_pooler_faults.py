@@ -9,7 +9,6 @@ them. Real-time bounds are wide (the machine is shared).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -39,9 +38,10 @@ from app.db.database import build_breaker, build_resilience
 from app.db.retry import Resilience, RetryPolicy
 from app.settings import Settings
 from tests.conftest import admin_cursor
-from tests.support.pgbouncer import PgBouncer, PgBouncerUnavailable
+from tests.support.fakes import FakeClock
+from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
+from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
-from tests.unit.fakes import FakeClock
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -62,19 +62,9 @@ KILLED_UNDER_A_TRANSACTION = (
 POOLER_OUTAGE_TEXTS = ("server login has been failing", "query_wait_timeout", "pgbouncer cannot connect to server")
 
 
-def start_pgbouncer(**options: Any) -> PgBouncer:
-    """Start a pooler; skip when PgBouncer is missing, except under CI."""
-    try:
-        return PgBouncer(users={USER: PASSWORD}, **options).start()
-    except PgBouncerUnavailable as missing:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(missing))
-
-
 @pytest.fixture
 def bouncer() -> Iterator[PgBouncer]:
-    started = start_pgbouncer()
+    started = start_pgbouncer_or_skip()
     yield started
     started.stop()
 
@@ -141,15 +131,6 @@ def links_at_once(database: Database, count: int) -> list[int]:
         for s in sessions:
             s.execute(text("SELECT 1"))
         return [link_id(s) for s in sessions]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def ssl_kill(bouncer: PgBouncer, rig: Rig, dbname: str) -> tuple[list[int], int, int, list[Exception]]:
@@ -299,7 +280,7 @@ def test_database_outage_behind_the_pooler_opens_and_then_closes_the_breaker(
     PostgreSQL is back, two trial calls close it."""
     with ExitStack() as stack:
         upstream = stack.enter_context(FaultProxy(upstream_host="127.0.0.1", upstream_port=5432))
-        bouncer = start_pgbouncer(server_port=upstream.port, query_wait_timeout=2)
+        bouncer = start_pgbouncer_or_skip(server_port=upstream.port, query_wait_timeout=2)
         stack.callback(bouncer.stop)
         rig = make_rig(
             database_url=bouncer.dsn(pg_database, USER, PASSWORD),
@@ -440,7 +421,7 @@ def test_a_ping_cut_by_the_deadline_keeps_the_healthy_links(make_rig: Callable[.
     """A busy pooler (its only server connection held elsewhere) makes the pre-ping wait;
     the request's deadline cuts it. That proves the database slow, not the pool dead:
     the other pooled links must survive (SQLAlchemy's own pre-ping would drop them all)."""
-    busy = start_pgbouncer(default_pool_size=1, query_wait_timeout=10)
+    busy = start_pgbouncer_or_skip(default_pool_size=1, query_wait_timeout=10)
     try:
         rig = make_rig(database_url=busy.dsn(pg_database, USER, PASSWORD), database_pooler=pooler)
         engine = rig.database.engine

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from app.db import BreakerListener, BreakerState, CircuitBreaker, Database, ErrorKind, execute_with_retry
 from app.db.retry import Resilience, RetryPolicy
 from tests.conftest import admin_cursor, backend_pids, terminate_backends
+from tests.support.polling import wait_until
 
 
 class FailureLog(BreakerListener):
@@ -26,15 +27,6 @@ def pooled_pids(database: Database, count: int) -> set[int]:
     with ExitStack() as stack:
         sessions = [stack.enter_context(database.session()) for _ in range(count)]
         return {s.execute(text("SELECT pg_backend_pid()")).scalar_one() for s in sessions}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    done = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return True
-        done.wait(0.01)
-    return condition()
 
 
 def test_ssl_kill_invalidates_the_whole_pool(make_database: Callable[..., Database], pg_database: str, app_name: str) -> None:
@@ -105,10 +97,10 @@ def test_kill_all_backends_under_eight_threads(make_database: Callable[..., Data
     killed = 0
     for _ in range(5):
         target = sum(done) + 16
-        assert wait_for(lambda target=target: sum(done) >= target or bool(errors)), "no progress: the workers hung"
+        assert wait_until(lambda target=target: sum(done) >= target or bool(errors)), "no progress: the workers hung"
         killed += len(terminate_backends(pg_database, app_name))
     target = sum(done) + 16
-    assert wait_for(lambda: sum(done) >= target or bool(errors)), "no progress after the last kill"
+    assert wait_until(lambda: sum(done) >= target or bool(errors)), "no progress after the last kill"
     stop.set()
     for t in threads:
         t.join(30)

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 
 from tests.support import pgbouncer as pgbouncer_module
-from tests.support.pgbouncer import PgBouncer, PgBouncerError, PgBouncerUnavailable
+from tests.support.pgbouncer import PgBouncer, PgBouncerError, PgBouncerUnavailable, start_pgbouncer_or_skip
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -28,19 +28,11 @@ CLOSED = "server closed the connection unexpectedly"
 SSL_CLOSED = "SSL connection has been closed unexpectedly"
 
 
-def start_or_skip(**options: Any) -> PgBouncer:
-    """Start a pooler; skip when PgBouncer is missing, except under CI."""
-    try:
-        return PgBouncer(users={USER: PASSWORD}, **options).start()
-    except PgBouncerUnavailable as missing:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(missing))
-
-
 @pytest.fixture(scope="module")
 def bouncer() -> Iterator[PgBouncer]:
-    started = start_or_skip()
+    started = start_pgbouncer_or_skip(
+        users={USER: PASSWORD},
+    )
     yield started
     started.stop()
 
@@ -159,7 +151,7 @@ def test_terminating_the_backend_mid_query_closes_the_client(bouncer: PgBouncer,
 
 
 def test_query_wait_timeout_closes_a_client_that_waits_for_a_busy_pool() -> None:
-    small = start_or_skip(default_pool_size=1, query_wait_timeout=1)
+    small = start_pgbouncer_or_skip(users={USER: PASSWORD}, default_pool_size=1, query_wait_timeout=1)
     holder = psycopg2.connect(small.dsn("postgres", USER, PASSWORD), connect_timeout=5)
     waiter = psycopg2.connect(small.dsn("postgres", USER, PASSWORD), connect_timeout=5)
     try:
@@ -180,7 +172,9 @@ def test_query_wait_timeout_closes_a_client_that_waits_for_a_busy_pool() -> None
 
 
 def test_stop_terminates_and_cleans_up() -> None:
-    helper = start_or_skip()
+    helper = start_pgbouncer_or_skip(
+        users={USER: PASSWORD},
+    )
     directory, port = helper.directory, helper.port
     assert directory is not None and (directory / "pgbouncer.ini").exists()
     conn = psycopg2.connect(helper.dsn("postgres", USER, PASSWORD), connect_timeout=5)

@@ -18,7 +18,7 @@ import sqlalchemy.exc
 
 from app.db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker
 from app.db.errors import CircuitOpenError, ErrorKind
-from tests.unit.fakes import FakeClock, ScriptedRandom
+from tests.support.fakes import FakeClock, ScriptedRandom
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

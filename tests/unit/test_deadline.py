@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from app.db.deadline import current_deadline, deadline_scope, remaining
-from tests.unit.fakes import FakeClock
+from tests.support.fakes import FakeClock
 
 
 def test_no_deadline_by_default() -> None:

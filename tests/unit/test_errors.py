@@ -21,7 +21,7 @@ from app.db.errors import (
     classify,
     describe,
 )
-from tests.unit.fakes import pg_error
+from tests.support.fakes import pg_error
 
 SSL, DISCONNECT, TRANSIENT, PERMANENT = ErrorKind.SSL, ErrorKind.DISCONNECT, ErrorKind.TRANSIENT, ErrorKind.PERMANENT
 OpErr, IfaceErr = psycopg2.OperationalError, psycopg2.InterfaceError

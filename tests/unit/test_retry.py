@@ -25,7 +25,7 @@ from app.db.circuit_breaker import BreakerState, CircuitBreaker
 from app.db.deadline import current_deadline
 from app.db.errors import CircuitOpenError, CommitOutcomeUnknown, DeadlineExceeded, classify
 from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy, execute_with_retry
-from tests.unit.fakes import LOWER, UPPER, FakeClock, ScriptedRandom, pg_error
+from tests.support.fakes import LOWER, UPPER, FakeClock, ScriptedRandom, pg_error
 
 SEED_NOMINAL = [0.5, 1.0, 2.0, 3.0]
 
