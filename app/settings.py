@@ -42,6 +42,28 @@ class Settings(BaseSettings):
         "(Supabase :6543, PgBouncer): no start-up options, per-transaction timeouts.",
     )
 
+    rabbitmq_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RABBITMQ_URL", "BROWNOUT_RABBITMQ_URL"),
+        description="AMQP URL of RabbitMQ (amqp://user:pass@host:5672/vhost); required by the write path.",
+    )
+    queue_name: str = Field(
+        default="brownout-commands",
+        pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$",
+        description="Dramatiq queue that carries queued writes.",
+    )
+    queue_max_length: int = Field(
+        default=100_000,
+        ge=1,
+        description="Messages the queue holds before publishes are rejected (then 503, never a blocked publisher).",
+    )
+    publish_timeout_seconds: PositiveSeconds = Field(
+        default=2.0, description="Longest a publish may wait for RabbitMQ's confirm before the write is rejected (503)."
+    )
+    rabbitmq_heartbeat_seconds: int = Field(
+        default=30, ge=1, description="AMQP heartbeat; a dead RabbitMQ link is noticed within about twice this."
+    )
+
     breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive transient failures that open the breaker.")
     breaker_open_seconds: PositiveSeconds = Field(default=60.0, description="Time the breaker stays OPEN before one trial call.")
     breaker_open_jitter: float = Field(
@@ -128,6 +150,8 @@ class Settings(BaseSettings):
 def _env_name(field: str) -> str:
     if field.lower() in ("database_url", "brownout_database_url"):
         return "DATABASE_URL"
+    if field.lower() in ("rabbitmq_url", "brownout_rabbitmq_url"):
+        return "RABBITMQ_URL"
     return f"BROWNOUT_{field.upper()}"
 
 
