@@ -121,17 +121,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
-        value = value.strip()
-        scheme, sep, rest = value.partition("://")
-        scheme = scheme.lower()
-        if not sep:
-            raise ValueError("must be a URL such as postgresql://user:password@host:5432/dbname")
-        # Hosting providers hand out postgres:// and postgresql://; SQLAlchemy needs the driver named.
-        if scheme in ("postgres", "postgresql"):
-            return f"postgresql+psycopg2://{rest}"
-        if scheme == "postgresql+psycopg2":
-            return value
-        raise ValueError(f"unsupported scheme {scheme!r}: use postgresql:// (driver psycopg2)")
+        return normalise_database_url(value)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -145,6 +135,18 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
             yield name, (mask_secrets(value) if name and name.endswith("_url") else value)
+
+
+def normalise_database_url(value: str) -> str:
+    """postgres:// and postgresql:// (as hosting providers hand them out) -> postgresql+psycopg2://."""
+    value = value.strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise ValueError("must be a URL such as postgresql://user:password@host:5432/dbname")
+    scheme = scheme.lower()
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        return f"postgresql+psycopg2://{rest}"
+    raise ValueError(f"unsupported scheme {scheme!r}: use postgresql:// (driver psycopg2)")
 
 
 def _env_name(field: str) -> str:

@@ -1,0 +1,80 @@
+"""The registry of named, versioned write commands.
+
+A command says how to validate its payload (a pydantic model per version),
+which entity it writes (the unit of ordering), which ids it hands out, and
+how to apply itself inside a transaction. Applying must be deterministic
+given the envelope: the same envelope may be applied by the web process or by
+a worker, and `apply.py` makes sure only one of them takes effect.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from app.dispatch.envelope import Envelope
+
+
+class CommandError(Exception):
+    """Raised for a write that cannot be accepted or applied as it is."""
+
+
+class UnknownCommand(CommandError):
+    """Raised when a name or a version is not in this process's registry (yet)."""
+
+
+class DependencyPending(CommandError):
+    """Raised by apply when the write needs an earlier one that is not applied yet
+    (marking read a notification whose creation is still queued): try again later."""
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What applying did: the resulting entity, and whether a later write had already won."""
+
+    result: dict[str, Any]
+    superseded: bool = False
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    versions: Mapping[int, type[BaseModel]]
+    scope: Callable[[BaseModel], str]
+    """Caller scope of an idempotency key (e.g. "user:42"), from the payload."""
+    entity: Callable[[BaseModel, uuid.UUID], uuid.UUID]
+    """The entity written, given the payload and the id derived from the key."""
+    apply: Callable[[Session, Envelope, BaseModel], Effect]
+    entity_kind: str = "entity"
+
+    @property
+    def current_version(self) -> int:
+        return max(self.versions)
+
+    def parse(self, version: int, payload: Mapping[str, Any]) -> BaseModel:
+        model = self.versions.get(version)
+        if model is None:
+            raise UnknownCommand(f"{self.name} v{version} is not known to this release")
+        return model.model_validate(payload)
+
+
+@dataclass
+class Registry:
+    commands: dict[str, Command] = field(default_factory=dict)
+
+    def register(self, command: Command) -> Command:
+        if command.name in self.commands:
+            raise ValueError(f"command {command.name!r} registered twice")
+        self.commands[command.name] = command
+        return command
+
+    def get(self, name: str) -> Command:
+        try:
+            return self.commands[name]
+        except KeyError:
+            raise UnknownCommand(f"unknown command {name!r}") from None

@@ -1,0 +1,181 @@
+"""The dispatcher: apply a write now, or queue it durably, or say 503 — never lose it.
+
+    submit(name, payload, idempotency_key=...) ->
+        Applied   the write is committed (HTTP 201/200)
+        Queued    it is in RabbitMQ: durable queue, persistent message, confirm received (202)
+        Rejected  neither could be made sure of: outcome unknown, retry with the same key (503)
+
+While the breaker lets calls through, the write is applied with the request's
+deadline (BROWNOUT_REQUEST_DB_DEADLINE_SECONDS). When the breaker is open, the
+deadline is spent on transient failures, or the write needs one that is still
+queued (DependencyPending), it is queued instead; the worker applies it with
+the same `apply_envelope`, which makes either path's result count once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import dramatiq
+from pydantic import ValidationError
+
+from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
+from app.db.circuit_breaker import BreakerState
+from app.dispatch.apply import AppliedWrite, apply_envelope
+from app.dispatch.commands import CommandError, DependencyPending, Registry
+from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
+from app.dispatch.hlc import HybridClock, wall_ms_of
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 200
+
+
+class InvalidCommand(CommandError):
+    """Raised when a payload or an idempotency key does not validate (HTTP 422)."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        self.errors = errors or []
+        super().__init__(message)
+
+
+class PublisherProtocol(Protocol):
+    def publish(self, message: dramatiq.Message[Any], *, timeout: float | None = None) -> None:
+        """Return once RabbitMQ confirmed the message; raise PublishRejected otherwise."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    command_id: uuid.UUID
+    id: uuid.UUID
+    result: dict[str, Any]
+    duplicate: bool
+    superseded: bool
+
+
+@dataclass(frozen=True)
+class Queued:
+    command_id: uuid.UUID
+    id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    retry_after: float
+
+
+Outcome = Applied | Queued | Rejected
+
+
+class Dispatcher:
+    """One per process; thread-safe (the publisher and the engine are)."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        publisher: PublisherProtocol | None,
+        registry: Registry,
+        queue_name: str,
+        request_deadline: float,
+        publish_timeout: float = 2.0,
+        clock: HybridClock | None = None,
+    ) -> None:
+        self._database = database
+        self._publisher = publisher
+        self._registry = registry
+        self._queue_name = queue_name
+        self._deadline = request_deadline
+        self._publish_timeout = publish_timeout
+        self.clock = clock or HybridClock()
+
+    def accept(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Envelope:
+        """Validate and stamp a write; raise InvalidCommand (or UnknownCommand)."""
+        command = self._registry.get(name)
+        try:
+            model = command.parse(command.current_version, payload)
+        except ValidationError as exc:
+            errors = [dict(error) for error in exc.errors(include_url=False, include_context=False)]
+            raise InvalidCommand(f"invalid {name} payload", errors) from None
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_KEY_LENGTH and idempotency_key.isprintable()):
+            raise InvalidCommand(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters")
+        scope = command.scope(model)
+        key = idempotency_key or uuid.uuid4().hex
+        data = model.model_dump(mode="json")
+        entity_id = command.entity(model, entity_id_for(name, scope, key))
+        stamp = self.clock.now()
+        return Envelope(
+            command_id=command_id_for(name, scope, key),
+            name=name,
+            version=command.current_version,
+            scope=scope,
+            idempotency_key=key,
+            client_key=idempotency_key is not None,
+            payload=data,
+            payload_hash=payload_hash(data),
+            entity_key=f"{command.entity_kind}:{entity_id}",
+            entity_id=entity_id,
+            accepted_stamp=stamp,
+            accepted_at=datetime.fromtimestamp(wall_ms_of(stamp) / 1000, UTC),
+        )
+
+    def submit(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Outcome:
+        """Apply now, queue, or reject; raise InvalidCommand or KeyConflict for a bad request."""
+        envelope = self.accept(name, payload, idempotency_key=idempotency_key)
+        breaker = self._database.breaker
+        if breaker.state is BreakerState.CLOSED or breaker.retry_after() == 0:
+            applied = self._apply_now(envelope)
+            if applied is not None:
+                return Applied(
+                    command_id=applied.command_id,
+                    id=applied.entity_id,
+                    result=applied.result,
+                    duplicate=applied.duplicate,
+                    superseded=applied.outcome == "superseded",
+                )
+        return self.enqueue(envelope)
+
+    def enqueue(self, envelope: Envelope) -> Queued | Rejected:
+        if self._publisher is None:
+            return Rejected("queue not configured (RABBITMQ_URL)", 5.0)
+        from app.dispatch.publisher import PublishRejected  # the publisher module owns its error
+
+        try:
+            self._publisher.publish(envelope.to_message(self._queue_name), timeout=self._publish_timeout)
+        except PublishRejected as rejected:
+            log.warning("write %s rejected: %s", envelope.command_id, rejected.reason)
+            return Rejected(rejected.reason, rejected.retry_after)
+        return Queued(command_id=envelope.command_id, id=envelope.entity_id)
+
+    def _apply_now(self, envelope: Envelope) -> AppliedWrite | None:
+        """The direct path; None means "queue it instead"."""
+        started = time.monotonic()
+        with self._database.session() as session:
+            try:
+                return execute_with_retry(
+                    session,
+                    lambda: apply_envelope(session, self._registry, envelope, path="direct"),
+                    deadline=self._deadline,
+                    idempotent=True,  # apply_envelope claims the command id first
+                )
+            except (CircuitOpenError, DeadlineExceeded, DependencyPending) as reason:
+                log.info("write %s goes to the queue: %s", envelope.command_id, type(reason).__name__)
+                return None
+            except CommandError:
+                raise
+            except Exception as exc:
+                if not classify(exc).is_transient:
+                    raise
+                log.info(
+                    "write %s goes to the queue after %.0f ms of transient failures",
+                    envelope.command_id,
+                    (time.monotonic() - started) * 1000,
+                )
+                return None

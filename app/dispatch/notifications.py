@@ -1,0 +1,127 @@
+"""The reference domain's writes: create a notification, mark it read, mark it unread.
+
+Read and unread do not commute, so they are the writes whose order shows:
+each carries its acceptance stamp, and an UPDATE only wins over a stamp lower
+than its own (last writer wins, decided by PostgreSQL in the same statement).
+Marking read a notification whose creation is not applied yet raises
+DependencyPending: the write waits instead of failing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.dispatch.commands import Command, DependencyPending, Effect, Registry
+from app.dispatch.envelope import Envelope
+from app.schema import notifications
+
+CREATE = "create_notification"
+MARK_READ = "mark_notification_read"
+MARK_UNREAD = "mark_notification_unread"
+
+
+class CreateNotificationV1(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: int = Field(gt=0, le=2**63 - 1)
+    email: EmailStr
+    subject: str = Field(min_length=1, max_length=200)
+    body: str = Field(default="", max_length=10_000)
+
+
+class SetReadV1(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    notification_id: uuid.UUID
+
+
+def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "user_id": row["user_id"],
+        "email": row["email"],
+        "subject": row["subject"],
+        "body": row["body"],
+        "read": row["read"],
+        "created_at": row["created_at"].isoformat(),
+        "status": "applied",
+    }
+
+
+def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
+    assert isinstance(payload, CreateNotificationV1)
+    values = payload.model_dump(mode="json") | {"id": envelope.entity_id, "created_at": envelope.accepted_at}
+    statement = insert(notifications).values(**values).on_conflict_do_nothing(index_elements=["id"])
+    session.execute(statement)
+    row = session.execute(select(notifications).where(notifications.c.id == envelope.entity_id)).mappings().one()
+    return Effect(row_to_json(row))
+
+
+def _set_read(value: bool) -> Any:
+    def apply(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
+        assert isinstance(payload, SetReadV1)
+        table = notifications
+        updated = (
+            session.execute(
+                table.update()
+                .where(table.c.id == payload.notification_id, table.c.read_stamp < envelope.accepted_stamp)
+                .values(read=value, read_stamp=envelope.accepted_stamp)
+                .returning(*table.c)
+            )
+            .mappings()
+            .one_or_none()
+        )
+        if updated is not None:
+            return Effect(row_to_json(updated))
+        current = session.execute(select(table).where(table.c.id == payload.notification_id)).mappings().one_or_none()
+        if current is None:
+            raise DependencyPending(f"notification {payload.notification_id} is not created yet")
+        return Effect(row_to_json(current), superseded=True)
+
+    return apply
+
+
+def _user_scope(payload: BaseModel) -> str:
+    assert isinstance(payload, CreateNotificationV1)
+    return f"user:{payload.user_id}"
+
+
+def _notification_scope(payload: BaseModel) -> str:
+    assert isinstance(payload, SetReadV1)
+    return f"notification:{payload.notification_id}"
+
+
+def register(registry: Registry) -> Registry:
+    registry.register(
+        Command(
+            name=CREATE,
+            versions={1: CreateNotificationV1},
+            scope=_user_scope,
+            entity=lambda payload, derived: derived,
+            apply=_create,
+            entity_kind="notification",
+        )
+    )
+    for name, value in ((MARK_READ, True), (MARK_UNREAD, False)):
+        registry.register(
+            Command(
+                name=name,
+                versions={1: SetReadV1},
+                scope=_notification_scope,
+                entity=lambda payload, derived: payload.notification_id,  # type: ignore[attr-defined]
+                apply=_set_read(value),
+                entity_kind="notification",
+            )
+        )
+    return registry
+
+
+def build_registry() -> Registry:
+    return register(Registry())

@@ -1,0 +1,93 @@
+"""Tables, as SQLAlchemy Core: the migrations in app/migrations create them.
+
+`notifications` is the reference domain. `applied_commands` records every
+write applied (its key, payload hash, acceptance stamp and apply sequence),
+which is what makes a write take effect once and lets order be audited;
+`command_conflicts` keeps writes refused for reusing a key with another body.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Sequence,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData()
+apply_sequence = Sequence("applied_commands_apply_seq", metadata=metadata)
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("user_id", BigInteger, nullable=False),
+    Column("email", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("read", Boolean, nullable=False, server_default="false"),
+    # Stamp of the write that last set `read` (0: never set): last writer wins.
+    Column("read_stamp", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False),  # acceptance time
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("notifications_user_recent", "user_id", "created_at", "id"),
+)
+
+applied_commands = Table(
+    "applied_commands",
+    metadata,
+    Column("command_id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("idempotency_key", Text, nullable=False),
+    Column("payload_hash", Text, nullable=False),
+    Column("entity_key", Text, nullable=False),
+    Column("accepted_stamp", BigInteger, nullable=False),
+    Column("accepted_at", DateTime(timezone=True), nullable=False),
+    # Drawn after the effect, while the entity's row lock is held: for one
+    # entity, apply_seq order is the order in which writes took effect.
+    Column("apply_seq", BigInteger, nullable=True, unique=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("path", Text, nullable=False),  # "direct" or "queued"
+    Column("outcome", Text, nullable=False),  # "applied" or "superseded" ("pending" inside the transaction)
+    Column("result", JSONB, nullable=False),
+    Index("applied_commands_entity_order", "entity_key", "apply_seq"),
+    Index("applied_commands_applied_at", "applied_at"),
+)
+
+command_conflicts = Table(
+    "command_conflicts",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("command_id", UUID(as_uuid=True), nullable=False, index=True),
+    Column("payload_hash", Text, nullable=False),
+    Column("first_payload_hash", Text, nullable=False),
+    Column("envelope", JSONB, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def upgrade_database(database_url: str, revision: str = "head") -> None:
+    """`alembic upgrade head` against *database_url* (what the Procfile's release line runs)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["database_url"] = database_url
+    command.upgrade(config, revision)

@@ -1,0 +1,173 @@
+"""The shared apply step and the dispatcher's direct path, on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from app.db import Database
+from app.dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
+from app.dispatch.commands import DependencyPending, UnknownCommand
+from app.dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Rejected
+from app.dispatch.envelope import Envelope
+from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
+from app.schema import applied_commands, command_conflicts, notifications, upgrade_database
+from tests.conftest import database_url
+
+NOTE = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
+
+
+@pytest.fixture
+def db(make_database: Callable[..., Database], pg_database: str) -> Database:
+    upgrade_database(database_url(pg_database))
+    return make_database()
+
+
+@pytest.fixture
+def dispatcher(db: Database) -> Dispatcher:
+    return Dispatcher(database=db, publisher=None, registry=build_registry(), queue_name="unused", request_deadline=2.0)
+
+
+def apply(db: Database, dispatcher: Dispatcher, envelope: Envelope) -> AppliedWrite:
+    with db.session() as s:
+        return apply_envelope(s, build_registry(), envelope, path="queued")
+
+
+def count(db: Database, table: Any) -> int:
+    with db.session() as s:
+        return int(s.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def test_migrations_are_idempotent(db: Database, pg_database: str) -> None:
+    upgrade_database(database_url(pg_database))
+    with db.session() as s:
+        assert s.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+
+
+def test_create_applies_once_and_replays_get_the_same_ids(db: Database, dispatcher: Dispatcher) -> None:
+    first = dispatcher.submit(CREATE, NOTE, idempotency_key="k-1")
+    again = dispatcher.submit(CREATE, NOTE, idempotency_key="k-1")
+    assert isinstance(first, Applied) and isinstance(again, Applied)
+    assert (again.id, again.command_id, again.result) == (first.id, first.command_id, first.result)
+    assert first.duplicate is False and again.duplicate is True
+    assert first.result["subject"] == "Welcome" and first.result["read"] is False
+    assert count(db, notifications) == 1 and count(db, applied_commands) == 1
+
+
+def test_same_key_other_body_is_a_recorded_conflict(db: Database, dispatcher: Dispatcher) -> None:
+    first = dispatcher.submit(CREATE, NOTE, idempotency_key="k-2")
+    with pytest.raises(KeyConflict) as conflict:
+        dispatcher.submit(CREATE, NOTE | {"subject": "Other"}, idempotency_key="k-2")
+    assert isinstance(first, Applied) and conflict.value.command_id == first.command_id
+    assert count(db, notifications) == 1
+    assert count(db, command_conflicts) == 1
+
+
+def test_keys_are_scoped_to_the_caller(dispatcher: Dispatcher) -> None:
+    mine = dispatcher.submit(CREATE, NOTE, idempotency_key="shared")
+    theirs = dispatcher.submit(CREATE, NOTE | {"user_id": 43}, idempotency_key="shared")
+    assert isinstance(mine, Applied) and isinstance(theirs, Applied)
+    assert mine.id != theirs.id and mine.command_id != theirs.command_id
+    assert theirs.duplicate is False
+
+
+def test_without_a_key_each_submit_is_a_new_write(db: Database, dispatcher: Dispatcher) -> None:
+    one, two = dispatcher.submit(CREATE, NOTE), dispatcher.submit(CREATE, NOTE)
+    assert isinstance(one, Applied) and isinstance(two, Applied) and one.id != two.id
+    assert count(db, notifications) == 2
+
+
+def test_read_state_is_last_accepted_wins(db: Database, dispatcher: Dispatcher) -> None:
+    created = dispatcher.submit(CREATE, NOTE, idempotency_key="c")
+    assert isinstance(created, Applied)
+    target = {"notification_id": str(created.id)}
+    # accepted in this order: read, unread, read; applied in reverse
+    accepted = [
+        dispatcher.accept(MARK_READ, target, idempotency_key="r1"),
+        dispatcher.accept(MARK_UNREAD, target, idempotency_key="u1"),
+        dispatcher.accept(MARK_READ, target, idempotency_key="r2"),
+    ]
+    outcomes = [apply(db, dispatcher, envelope).outcome for envelope in reversed(accepted)]
+    assert outcomes == ["applied", "superseded", "superseded"]
+    with db.session() as s:
+        assert s.execute(select(notifications.c.read).where(notifications.c.id == created.id)).scalar_one() is True
+        effective = s.execute(
+            select(applied_commands.c.accepted_stamp)
+            .where(applied_commands.c.entity_key == f"notification:{created.id}", applied_commands.c.outcome == "applied")
+            .order_by(applied_commands.c.apply_seq)
+        ).scalars()
+        stamps = list(effective)
+    assert stamps == sorted(stamps), "an earlier-accepted write took effect after a later one"
+
+
+def test_mark_read_waits_for_its_creation(db: Database, dispatcher: Dispatcher) -> None:
+    create = dispatcher.accept(CREATE, NOTE, idempotency_key="late")
+    read = dispatcher.accept(MARK_READ, {"notification_id": str(create.entity_id)}, idempotency_key="early")
+    with pytest.raises(DependencyPending):
+        apply(db, dispatcher, read)
+    assert count(db, applied_commands) == 0, "a write that waits must leave no trace"
+    apply(db, dispatcher, create)
+    assert apply(db, dispatcher, read).outcome == "applied"
+    with db.session() as s:
+        assert s.execute(select(notifications.c.read)).scalar_one() is True
+
+
+def test_direct_mark_read_of_a_queued_creation_goes_to_the_queue(dispatcher: Dispatcher) -> None:
+    pending = dispatcher.accept(CREATE, NOTE, idempotency_key="queued-creation")
+    outcome = dispatcher.submit(MARK_READ, {"notification_id": str(pending.entity_id)}, idempotency_key="r")
+    assert isinstance(outcome, Rejected)  # it tried to queue: no publisher in this test
+    assert "queue" in outcome.reason
+
+
+def test_concurrent_appliers_of_one_write_take_effect_once(db: Database, dispatcher: Dispatcher) -> None:
+    created = dispatcher.submit(CREATE, NOTE, idempotency_key="c")
+    assert isinstance(created, Applied)
+    envelope = dispatcher.accept(MARK_READ, {"notification_id": str(created.id)}, idempotency_key="race")
+    barrier = threading.Barrier(6)
+    results: list[AppliedWrite] = []
+
+    def applier() -> None:
+        barrier.wait()
+        results.append(apply(db, dispatcher, envelope))
+
+    threads = [threading.Thread(target=applier) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 6
+    assert sorted(r.duplicate for r in results) == [False] + [True] * 5
+    assert len({r.apply_seq for r in results}) == 1
+
+
+def test_invalid_payloads_and_keys_are_refused(dispatcher: Dispatcher) -> None:
+    with pytest.raises(InvalidCommand) as bad:
+        dispatcher.submit(CREATE, NOTE | {"email": "not-an-address", "user_id": 0})
+    fields = {error["loc"][0] for error in bad.value.errors}
+    assert fields == {"email", "user_id"}
+    with pytest.raises(InvalidCommand):
+        dispatcher.submit(CREATE, NOTE | {"subject": "x" * 201})
+    with pytest.raises(InvalidCommand):
+        dispatcher.submit(CREATE, NOTE, idempotency_key="k" * 201)
+    with pytest.raises(UnknownCommand):
+        dispatcher.submit("drop_everything", {})
+
+
+def test_unknown_version_is_not_applied(db: Database, dispatcher: Dispatcher) -> None:
+    envelope = dispatcher.accept(CREATE, NOTE).model_copy(update={"version": 99})
+    with pytest.raises(UnknownCommand):
+        apply(db, dispatcher, envelope)
+    assert count(db, applied_commands) == 0
+
+
+def test_breaker_open_and_no_queue_is_rejected_without_touching_the_database(db: Database, dispatcher: Dispatcher) -> None:
+    db.breaker.force_open()
+    outcome = dispatcher.submit(CREATE, NOTE, idempotency_key=str(uuid.uuid4()))
+    assert isinstance(outcome, Rejected) and outcome.retry_after > 0
+    db.breaker.reset()
+    assert count(db, notifications) == 0
