@@ -1,4 +1,4 @@
-"""`python -m app health`: check the configured database once and print the result as JSON."""
+"""Operator commands: `python -m app health | migrate | purge-applied`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import argparse
 import json
 import logging
 import sys
+from datetime import timedelta
 
 from app.db import Database, check_db_health
+from app.dispatch.retention import purge_applied
+from app.schema import upgrade_database
 from app.settings import ConfigurationError, load_settings
 
 
@@ -18,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument(
         "--timeout", type=float, default=None, help="deadline in seconds (default: BROWNOUT_HEALTH_TIMEOUT_SECONDS)"
     )
+    sub.add_parser("migrate", help="alembic upgrade head against DATABASE_URL (the Procfile's release line)")
+    purge = sub.add_parser("purge-applied", help="delete applied idempotency keys older than the retention")
+    purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_APPLIED_RETENTION_DAYS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -26,9 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"brownout: {exc}", file=sys.stderr)
         return 2
+    if args.command == "migrate":
+        upgrade_database(settings.database_url)
+        print("brownout: database schema is at head")
+        return 0
     database = Database.from_settings(settings)
     try:
         with database.session() as db:
+            if args.command == "purge-applied":
+                days = args.older_than_days if args.older_than_days is not None else settings.applied_retention_days
+                removed = purge_applied(db, older_than=timedelta(days=days))
+                print(f"brownout: purged {removed} applied-command records older than {days:g} days")
+                return 0
             report = check_db_health(db, timeout=args.timeout or settings.health_timeout_seconds)
     finally:
         database.close()

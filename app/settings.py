@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         default=30, ge=1, description="AMQP heartbeat; a dead RabbitMQ link is noticed within about twice this."
     )
 
+    applied_retention_days: float = Field(
+        default=30,
+        gt=0,
+        description="Applied idempotency keys older than this are purged (python -m app purge-applied).",
+    )
+
     breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive transient failures that open the breaker.")
     breaker_open_seconds: PositiveSeconds = Field(default=60.0, description="Time the breaker stays OPEN before one trial call.")
     breaker_open_jitter: float = Field(

@@ -171,3 +171,23 @@ def test_breaker_open_and_no_queue_is_rejected_without_touching_the_database(db:
     assert isinstance(outcome, Rejected) and outcome.retry_after > 0
     db.breaker.reset()
     assert count(db, notifications) == 0
+
+
+def test_purge_removes_only_old_keys(db: Database, dispatcher: Dispatcher) -> None:
+    from datetime import timedelta
+
+    from app.dispatch.retention import purge_applied
+
+    dispatcher.submit(CREATE, NOTE, idempotency_key="old")
+    dispatcher.submit(CREATE, NOTE, idempotency_key="new")
+    with db.session() as s:
+        s.execute(
+            applied_commands.update()
+            .where(applied_commands.c.idempotency_key == "old")
+            .values(applied_at=func.now() - timedelta(days=31))
+        )
+        s.commit()
+        assert purge_applied(s, older_than=timedelta(days=30)) == 1
+        keys = s.execute(select(applied_commands.c.idempotency_key)).scalars().all()
+    assert keys == ["new"]
+    assert count(db, notifications) == 2, "purging keys never touches the data"
