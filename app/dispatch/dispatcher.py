@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import dramatiq
@@ -30,7 +29,7 @@ from app.db.circuit_breaker import BreakerState
 from app.dispatch.apply import AppliedWrite, apply_envelope
 from app.dispatch.commands import CommandError, DependencyPending, Registry
 from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
-from app.dispatch.hlc import HybridClock, wall_ms_of
+from app.dispatch.hlc import HybridClock, datetime_of
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class Dispatcher:
             entity_key=f"{command.entity_kind}:{entity_id}",
             entity_id=entity_id,
             accepted_stamp=stamp,
-            accepted_at=datetime.fromtimestamp(wall_ms_of(stamp) / 1000, UTC),
+            accepted_at=datetime_of(stamp),
         )
 
     def submit(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Outcome:

@@ -4,69 +4,66 @@ Per-entity order (design.md, invariant 3) is last-writer-wins on the stamp a
 write receives when it is accepted, compared inside the database at apply
 time. Nothing in Redis or in process memory has to survive for order to hold:
 the stamp travels with the write (in the queue message or the direct call)
-and the entity's row keeps the stamp of the write that last set it.
+and the entity's row keeps the stamp of the write that last set it. A write
+that was accepted and then rejected (a 503) leaves no gap to wait for.
 
 A stamp is one signed 64-bit integer, so PostgreSQL compares it natively:
 
-    wall-clock milliseconds (41 bits) | logical counter (12 bits) | node (10 bits)
+    microseconds since 2020-01-01 UTC (51 bits, until 2091) | logical counter (12 bits)
 
 Within a process stamps strictly increase even if the wall clock steps back
 (the logical counter carries on, as in Kulkarni et al.'s HLC). Across
-processes they follow the wall clocks: two writes accepted further apart
-than the fleet's clock skew (NTP keeps it to milliseconds) are ordered as
-they were accepted; writes closer than that were concurrent and get one
-agreed order. `observe()` folds in stamps read from the database, so a
-process never stamps a write below one it has already seen applied. The node
-bits break ties between processes that stamp in the same millisecond.
+processes they follow the wall clocks: two writes accepted further apart than
+the fleet's clock skew (NTP keeps it to milliseconds; zero between processes
+of one machine) are ordered as they were accepted; writes closer than that
+were concurrent, and every applier agrees on one order for them.
+`observe()` folds in stamps read from shared state, so a process never stamps
+a write below one it has already seen.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
-NODE_BITS = 10
 LOGICAL_BITS = 12
 _LOGICAL_MAX = (1 << LOGICAL_BITS) - 1
+EPOCH = datetime(2020, 1, 1, tzinfo=UTC)
+_EPOCH_US = int(EPOCH.timestamp()) * 1_000_000
 
 
-def compose(wall_ms: int, logical: int, node: int) -> int:
-    return (wall_ms << (LOGICAL_BITS + NODE_BITS)) | (logical << NODE_BITS) | node
+def compose(wall_us: int, logical: int) -> int:
+    """A stamp from microseconds since the Unix epoch and a logical counter."""
+    return ((wall_us - _EPOCH_US) << LOGICAL_BITS) | logical
 
 
-def wall_ms_of(stamp: int) -> int:
-    return stamp >> (LOGICAL_BITS + NODE_BITS)
+def wall_us_of(stamp: int) -> int:
+    return (stamp >> LOGICAL_BITS) + _EPOCH_US
+
+
+def datetime_of(stamp: int) -> datetime:
+    return EPOCH + timedelta(microseconds=stamp >> LOGICAL_BITS)
 
 
 class HybridClock:
     """Thread-safe source of strictly increasing acceptance stamps."""
 
-    def __init__(self, *, wall: Callable[[], float] = time.time, node: int | None = None) -> None:
+    def __init__(self, *, wall: Callable[[], float] = time.time) -> None:
         self._wall = wall
-        self.node = random.randrange(1 << NODE_BITS) if node is None else node
-        if not 0 <= self.node < 1 << NODE_BITS:
-            raise ValueError(f"node must be within [0, {1 << NODE_BITS})")
         self._lock = threading.Lock()
-        self._last_ms = 0
-        self._logical = 0
+        self._last = 0
 
     def now(self) -> int:
-        wall_ms = int(self._wall() * 1000)
+        physical = compose(int(self._wall() * 1_000_000), 0)
         with self._lock:
-            if wall_ms > self._last_ms:
-                self._last_ms, self._logical = wall_ms, 0
-            elif self._logical < _LOGICAL_MAX:
-                self._logical += 1
-            else:  # 4096 stamps in one millisecond: borrow the next one
-                self._last_ms, self._logical = self._last_ms + 1, 0
-            return compose(self._last_ms, self._logical, self.node)
+            # Either the wall clock moved on, or count on from the last stamp
+            # (past 4095 in one microsecond this borrows the next microsecond).
+            self._last = max(physical, self._last + 1)
+            return self._last
 
     def observe(self, stamp: int) -> None:
-        """Never stamp below *stamp* from now on (it was read from shared state)."""
-        seen_ms = wall_ms_of(stamp)
-        seen_logical = (stamp >> NODE_BITS) & _LOGICAL_MAX
+        """Never stamp at or below *stamp* from now on (it was read from shared state)."""
         with self._lock:
-            if (seen_ms, seen_logical) > (self._last_ms, self._logical):
-                self._last_ms, self._logical = seen_ms, seen_logical
+            self._last = max(self._last, stamp)
