@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -52,44 +52,47 @@ class AppliedWrite:
     apply_seq: int | None
 
 
+# Built once: constructing statements per call costs more than a round trip here.
+_CLAIM_COLUMNS = (
+    "command_id",
+    "name",
+    "version",
+    "scope",
+    "idempotency_key",
+    "payload_hash",
+    "entity_key",
+    "accepted_stamp",
+    "accepted_at",
+    "path",
+)
+_CLAIM = (
+    insert(applied_commands)
+    .values({name: bindparam(name) for name in _CLAIM_COLUMNS} | {"outcome": "pending", "result": {}})
+    .on_conflict_do_nothing(index_elements=["command_id"])
+    .returning(applied_commands.c.command_id)
+)
+_RECORD = (
+    applied_commands.update()
+    .where(applied_commands.c.command_id == bindparam("claimed_id"))
+    .values(
+        apply_seq=apply_sequence.next_value(), outcome=bindparam("outcome"), result=bindparam("result"), applied_at=func.now()
+    )
+    .returning(applied_commands.c.apply_seq)
+)
+
+
 def apply_envelope(session: Session, registry: Registry, envelope: Envelope, *, path: Path) -> AppliedWrite:
     """Apply *envelope* once and commit; raise KeyConflict, DependencyPending or UnknownCommand."""
     command = registry.get(envelope.name)
     payload = command.parse(envelope.version, envelope.payload)
-    table = applied_commands
-    claimed = session.execute(
-        insert(table)
-        .values(
-            command_id=envelope.command_id,
-            name=envelope.name,
-            version=envelope.version,
-            scope=envelope.scope,
-            idempotency_key=envelope.idempotency_key,
-            payload_hash=envelope.payload_hash,
-            entity_key=envelope.entity_key,
-            accepted_stamp=envelope.accepted_stamp,
-            accepted_at=envelope.accepted_at,
-            path=path,
-            outcome="pending",
-            result={},
-        )
-        .on_conflict_do_nothing(index_elements=["command_id"])
-        .returning(table.c.command_id)
-    ).first()
-    if claimed is None:
+    params = {name: getattr(envelope, name) for name in _CLAIM_COLUMNS if name != "path"} | {"path": path}
+    if session.execute(_CLAIM, params).first() is None:
         return _already_claimed(session, envelope)
     try:
         effect = command.apply(session, envelope, payload)
+        outcome = "superseded" if effect.superseded else "applied"
         seq = session.execute(
-            table.update()
-            .where(table.c.command_id == envelope.command_id)
-            .values(
-                apply_seq=apply_sequence.next_value(),
-                outcome="superseded" if effect.superseded else "applied",
-                result=effect.result,
-                applied_at=func.now(),
-            )
-            .returning(table.c.apply_seq)
+            _RECORD, {"claimed_id": envelope.command_id, "outcome": outcome, "result": effect.result}
         ).scalar_one()
         session.commit()
     except BaseException:
@@ -99,7 +102,7 @@ def apply_envelope(session: Session, registry: Registry, envelope: Envelope, *, 
         command_id=envelope.command_id,
         entity_id=envelope.entity_id,
         result=effect.result,
-        outcome="superseded" if effect.superseded else "applied",
+        outcome=outcome,
         duplicate=False,
         apply_seq=seq,
     )

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -55,32 +55,38 @@ def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
+_INSERT = (
+    insert(notifications)
+    .values({name: bindparam(name) for name in ("id", "user_id", "email", "subject", "body", "created_at")})
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(*notifications.c)
+)
+_SELECT = select(notifications).where(notifications.c.id == bindparam("id"))
+_SET_READ = (
+    notifications.update()
+    .where(notifications.c.id == bindparam("target"), notifications.c.read_stamp < bindparam("stamp"))
+    .values(read=bindparam("value"), read_stamp=bindparam("stamp"))
+    .returning(*notifications.c)
+)
+
+
 def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
     assert isinstance(payload, CreateNotificationV1)
     values = payload.model_dump(mode="json") | {"id": envelope.entity_id, "created_at": envelope.accepted_at}
-    statement = insert(notifications).values(**values).on_conflict_do_nothing(index_elements=["id"])
-    session.execute(statement)
-    row = session.execute(select(notifications).where(notifications.c.id == envelope.entity_id)).mappings().one()
+    row = session.execute(_INSERT, values).mappings().one_or_none()
+    if row is None:  # already there: only a replay of this very command can have made it
+        row = session.execute(_SELECT, {"id": envelope.entity_id}).mappings().one()
     return Effect(row_to_json(row))
 
 
 def _set_read(value: bool) -> Any:
     def apply(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
         assert isinstance(payload, SetReadV1)
-        table = notifications
-        updated = (
-            session.execute(
-                table.update()
-                .where(table.c.id == payload.notification_id, table.c.read_stamp < envelope.accepted_stamp)
-                .values(read=value, read_stamp=envelope.accepted_stamp)
-                .returning(*table.c)
-            )
-            .mappings()
-            .one_or_none()
-        )
+        params = {"target": payload.notification_id, "stamp": envelope.accepted_stamp, "value": value}
+        updated = session.execute(_SET_READ, params).mappings().one_or_none()
         if updated is not None:
             return Effect(row_to_json(updated))
-        current = session.execute(select(table).where(table.c.id == payload.notification_id)).mappings().one_or_none()
+        current = session.execute(_SELECT, {"id": payload.notification_id}).mappings().one_or_none()
         if current is None:
             raise DependencyPending(f"notification {payload.notification_id} is not created yet")
         return Effect(row_to_json(current), superseded=True)

@@ -1,0 +1,146 @@
+"""What a write costs: `python bench/write_path.py` (see README).
+
+Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
+- `submit` latency p50/p99 with the breaker open: validate, stamp, publish to
+  RabbitMQ and wait for the confirm (target p99 <= 2 ms);
+- applied writes/s on the direct path (breaker closed: claim the key, insert,
+  record, commit), beside PostgreSQL's own single-row INSERT + COMMIT rate
+  through psycopg2 in the same run.
+
+It works in a throwaway database and a throwaway queue, both removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import uuid
+from typing import Any
+
+import pika
+import psycopg2
+from sqlalchemy.engine import make_url
+
+from app.db import Database
+from app.dispatch.dispatcher import Applied, Dispatcher, Queued
+from app.dispatch.notifications import CREATE, build_registry
+from app.dispatch.publisher import Publisher
+from app.dispatch.queues import queue_declarations
+from app.schema import upgrade_database
+from app.settings import load_settings
+
+LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
+LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
+NOTE = {"user_id": 1, "email": "bench@example.com", "subject": "bench", "body": "x" * 200}
+
+
+def plain_url(url: str, dbname: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if dbname is not None:
+        parsed = parsed.set(database=dbname)
+    return parsed.render_as_string(hide_password=False)
+
+
+def admin(url: str, statement: str) -> None:
+    conn = psycopg2.connect(plain_url(url, "postgres"))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(statement)
+    conn.close()
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def raw_insert_rate(url: str, count: int) -> float:
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, body text)")
+    conn.commit()
+    start = time.perf_counter()
+    with conn.cursor() as cur:
+        for _ in range(count):
+            cur.execute("INSERT INTO bench_raw VALUES (%s, %s)", (str(uuid.uuid4()), NOTE["body"]))
+            conn.commit()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queued", type=int, default=2000, help="submits with the breaker open")
+    parser.add_argument("--direct", type=int, default=1000, help="submits applied directly")
+    args = parser.parse_args()
+
+    os.environ.setdefault("DATABASE_URL", LOCAL_DB)
+    os.environ.setdefault("RABBITMQ_URL", LOCAL_RABBIT)
+    base = load_settings()
+    dbname = f"bo_bench_{uuid.uuid4().hex[:8]}"
+    queue = f"bo-bench-{uuid.uuid4().hex[:8]}"
+    admin(base.database_url, f'CREATE DATABASE "{dbname}"')
+    settings = load_settings(
+        database_url=make_url(base.database_url).set(database=dbname).render_as_string(hide_password=False),
+        queue_name=queue,
+        queue_max_length=max(10_000, args.queued * 2),
+    )
+    assert settings.rabbitmq_url is not None
+    database: Database | None = None
+    publisher: Publisher | None = None
+    try:
+        upgrade_database(settings.database_url)
+        database = Database.from_settings(settings)
+        publisher = Publisher(url=settings.rabbitmq_url, queue_name=queue, max_length=settings.queue_max_length)
+        publisher.start()
+        dispatcher = Dispatcher(
+            database=database,
+            publisher=publisher,
+            registry=build_registry(),
+            queue_name=queue,
+            request_deadline=settings.request_db_deadline_seconds,
+            publish_timeout=settings.publish_timeout_seconds,
+        )
+        results: dict[str, Any] = {}
+
+        database.breaker.force_open()
+        latencies = []
+        for _ in range(args.queued):
+            start = time.perf_counter()
+            outcome = dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex)
+            latencies.append((time.perf_counter() - start) * 1000)
+            assert isinstance(outcome, Queued), outcome
+        database.breaker.reset()
+        results["p50"], results["p99"] = statistics.median(latencies), percentile(latencies, 0.99)
+
+        for _ in range(50):  # warm the pool
+            dispatcher.submit(CREATE, NOTE)
+        start = time.perf_counter()
+        for _ in range(args.direct):
+            assert isinstance(dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex), Applied)
+        results["direct"] = args.direct / (time.perf_counter() - start)
+        results["raw"] = raw_insert_rate(plain_url(settings.database_url), args.direct)
+
+        print(f"submit, breaker open (queued, confirm included): p50 {results['p50']:.2f} ms, p99 {results['p99']:.2f} ms")
+        print(f"  over {args.queued} sequential submits")
+        print(f"direct path, applied writes/s:                   {results['direct']:8.0f}")
+        print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {results['raw']:8.0f}")
+        print(f"ratio direct/raw: {results['direct'] / results['raw']:.2f}")
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if database is not None:
+            database.close()
+        admin(base.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        connection = pika.BlockingConnection(pika.URLParameters(base.rabbitmq_url or LOCAL_RABBIT))
+        channel = connection.channel()
+        for declaration in queue_declarations(queue, max_length=1):
+            channel.queue_delete(declaration.name)
+        connection.close()
+
+
+if __name__ == "__main__":
+    main()

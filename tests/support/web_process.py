@@ -1,0 +1,64 @@
+"""A web-like process for fleet tests: its own engine, breaker, publisher and clock.
+
+Runs in a separate OS process (multiprocessing "spawn"), driven by the test
+through a command queue, so nothing is shared with the test or with another
+web process but PostgreSQL and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from typing import Any
+
+
+def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
+    from app.db import Database
+    from app.dispatch.dispatcher import Dispatcher
+    from app.dispatch.notifications import build_registry
+    from app.dispatch.publisher import Publisher
+    from app.settings import Settings
+
+    settings = Settings(**settings_fields)
+    database = Database.from_settings(settings)
+    assert settings.rabbitmq_url is not None
+    publisher = Publisher(
+        url=settings.rabbitmq_url,
+        queue_name=settings.queue_name,
+        max_length=settings.queue_max_length,
+        confirm_timeout=settings.publish_timeout_seconds,
+    )
+    publisher.start()
+    dispatcher = Dispatcher(
+        database=database,
+        publisher=publisher,
+        registry=build_registry(),
+        queue_name=settings.queue_name,
+        request_deadline=settings.request_db_deadline_seconds,
+        publish_timeout=settings.publish_timeout_seconds,
+    )
+    try:
+        while True:
+            command = commands.get()
+            if command is None:
+                break
+            op, args = command
+            try:
+                if op == "open":
+                    database.breaker.force_open()
+                    results.put(("ok", None))
+                elif op == "close":
+                    database.breaker.reset()
+                    results.put(("ok", None))
+                elif op == "submit":
+                    name, payload, key = args
+                    outcome = dispatcher.submit(name, payload, idempotency_key=key)
+                    fields = {k: str(v) if k in ("id", "command_id") else v for k, v in vars(outcome).items()}
+                    results.put((type(outcome).__name__, fields))
+                else:
+                    results.put(("error", f"unknown op {op}"))
+            except Exception:
+                results.put(("error", traceback.format_exc()))
+    finally:
+        publisher.close()
+        database.close()
