@@ -25,8 +25,7 @@ from sqlalchemy.engine import make_url
 
 from app.db import Database
 from app.dispatch.dispatcher import Applied, Dispatcher, Queued
-from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.publisher import Publisher
+from app.dispatch.notifications import CREATE
 from app.dispatch.queues import queue_declarations
 from app.schema import upgrade_database
 from app.settings import load_settings
@@ -90,20 +89,11 @@ def main() -> None:
     )
     assert settings.rabbitmq_url is not None
     database: Database | None = None
-    publisher: Publisher | None = None
+    dispatcher: Dispatcher | None = None
     try:
         upgrade_database(settings.database_url)
         database = Database.from_settings(settings)
-        publisher = Publisher(url=settings.rabbitmq_url, queue_name=queue, max_length=settings.queue_max_length)
-        publisher.start()
-        dispatcher = Dispatcher(
-            database=database,
-            publisher=publisher,
-            registry=build_registry(),
-            queue_name=queue,
-            request_deadline=settings.request_db_deadline_seconds,
-            publish_timeout=settings.publish_timeout_seconds,
-        )
+        dispatcher = Dispatcher.from_settings(settings, database)
         results: dict[str, Any] = {}
 
         database.breaker.force_open()
@@ -130,8 +120,8 @@ def main() -> None:
         print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {results['raw']:8.0f}")
         print(f"ratio direct/raw: {results['direct'] / results['raw']:.2f}")
     finally:
-        if publisher is not None:
-            publisher.close()
+        if dispatcher is not None:
+            dispatcher.close()
         if database is not None:
             database.close()
         admin(base.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')

@@ -15,10 +15,13 @@ from typing import Any
 
 import psycopg2
 import pytest
+from dramatiq.common import dq_name, xq_name
 from sqlalchemy.engine import make_url
 
 from app.db import Database, waiting
+from app.dispatch.publisher import Publisher
 from app.settings import Settings
+from tests.support.rabbit import RABBITMQ_URL, admin_connection
 
 PG_URL = os.environ.get(
     "BROWNOUT_TEST_PG_URL",
@@ -121,3 +124,34 @@ def terminate_backends(dbname: str, app_name: str) -> set[int]:
         for pid in pids:
             cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
     return pids
+
+
+@pytest.fixture
+def queue_name() -> Iterator[str]:
+    """A queue (with its .DQ and .XQ) of this test's own; deleted afterwards."""
+    name = f"bo-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    connection = admin_connection()
+    try:
+        channel = connection.channel()
+        for queue in (name, dq_name(name), xq_name(name)):
+            channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def make_publisher(queue_name: str) -> Iterator[Callable[..., Publisher]]:
+    """Started publishers on this test's queue; all are closed at the end."""
+    built: list[Publisher] = []
+
+    def factory(**overrides: Any) -> Publisher:
+        options: dict[str, Any] = {"url": RABBITMQ_URL, "queue_name": queue_name, "max_length": 1000}
+        options.update(overrides)
+        publisher = Publisher(**options).start()
+        built.append(publisher)
+        return publisher
+
+    yield factory
+    for publisher in built:
+        publisher.close()

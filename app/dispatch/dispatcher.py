@@ -30,6 +30,7 @@ from app.dispatch.apply import AppliedWrite, apply_envelope
 from app.dispatch.commands import CommandError, DependencyPending, Registry
 from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
 from app.dispatch.hlc import HybridClock, datetime_of
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,37 @@ class Dispatcher:
         self._deadline = request_deadline
         self._publish_timeout = publish_timeout
         self.clock = clock or HybridClock()
+        self._owned_publisher: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, database: Database, *, registry: Registry | None = None) -> Dispatcher:
+        """The process's dispatcher with its own started publisher (closed by `close()`)."""
+        from app.dispatch.notifications import build_registry
+        from app.dispatch.publisher import Publisher
+
+        publisher = None
+        if settings.rabbitmq_url:
+            publisher = Publisher(
+                url=settings.rabbitmq_url,
+                queue_name=settings.queue_name,
+                max_length=settings.queue_max_length,
+                confirm_timeout=settings.publish_timeout_seconds,
+                heartbeat=settings.rabbitmq_heartbeat_seconds,
+            ).start()
+        dispatcher = cls(
+            database=database,
+            publisher=publisher,
+            registry=registry or build_registry(),
+            queue_name=settings.queue_name,
+            request_deadline=settings.request_db_deadline_seconds,
+            publish_timeout=settings.publish_timeout_seconds,
+        )
+        dispatcher._owned_publisher = publisher
+        return dispatcher
+
+    def close(self) -> None:
+        if self._owned_publisher is not None:
+            self._owned_publisher.close()
 
     def accept(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Envelope:
         """Validate and stamp a write; raise InvalidCommand (or UnknownCommand)."""

@@ -7,82 +7,24 @@ Each test owns its queue (``bo-test-<hex>``, with ``.DQ`` and ``.XQ``) and delet
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import dramatiq
 import pika
 import pika.exceptions
 import pytest
-from dramatiq.common import dq_name, xq_name
 
 from app.dispatch.publisher import Publisher, PublisherState, PublishRejected
 from app.dispatch.queues import BrownoutRabbitmqBroker, queue_arguments, queue_declarations
 from tests.support.polling import wait_until
+from tests.support.rabbit import RABBITMQ_URL, admin_connection, take_all
 from tests.support.tcp_proxy import FaultProxy
-
-RABBITMQ_URL = os.environ.get("BROWNOUT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-
-
-def admin_connection() -> pika.BlockingConnection:
-    """A plain connection for the test's own checks, with short deadlines."""
-    parameters = pika.URLParameters(RABBITMQ_URL)
-    parameters.socket_timeout = parameters.stack_timeout = 5.0
-    parameters.blocked_connection_timeout = 5.0
-    return pika.BlockingConnection(parameters)
 
 
 def message(queue_name: str, *args: Any, actor_name: str = "apply_write") -> dramatiq.Message[Any]:
     return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options={})
-
-
-@pytest.fixture
-def queue_name() -> Iterator[str]:
-    name = f"bo-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    connection = admin_connection()
-    try:
-        channel = connection.channel()
-        for queue in (name, dq_name(name), xq_name(name)):
-            channel.queue_delete(queue)
-    finally:
-        connection.close()
-
-
-@pytest.fixture
-def make_publisher(queue_name: str) -> Iterator[Callable[..., Publisher]]:
-    """Started publishers on this test's queue; all are closed at the end."""
-    built: list[Publisher] = []
-
-    def factory(**overrides: Any) -> Publisher:
-        options: dict[str, Any] = {"url": RABBITMQ_URL, "queue_name": queue_name, "max_length": 1000}
-        options.update(overrides)
-        publisher = Publisher(**options).start()
-        built.append(publisher)
-        return publisher
-
-    yield factory
-    for publisher in built:
-        publisher.close()
-
-
-def drain(queue_name: str) -> list[tuple[Any, bytes]]:
-    """Every message now in the queue, as (properties, body), acknowledged."""
-    connection = admin_connection()
-    try:
-        channel = connection.channel()
-        found: list[tuple[Any, bytes]] = []
-        while True:
-            method, properties, body = channel.basic_get(queue_name, auto_ack=True)
-            if method is None:
-                return found
-            found.append((properties, body))
-    finally:
-        connection.close()
 
 
 def test_a_confirmed_message_is_persistent_in_a_durable_bounded_queue(make_publisher: Any, queue_name: str) -> None:
@@ -91,7 +33,7 @@ def test_a_confirmed_message_is_persistent_in_a_durable_bounded_queue(make_publi
 
     publisher.publish(sent)
 
-    [(properties, body)] = drain(queue_name)
+    [(properties, body)] = take_all(queue_name)
     assert properties.delivery_mode == 2
     received = dramatiq.Message.decode(body)
     assert (received.message_id, received.actor_name, received.args) == (sent.message_id, "apply_write", (42, "ada@example.com"))
@@ -178,7 +120,7 @@ def test_fifty_threads_publishing_at_once_all_get_confirms(make_publisher: Any, 
         thread.join(10)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
-    bodies = [dramatiq.Message.decode(body).args[0] for _, body in drain(queue_name)]
+    bodies = [dramatiq.Message.decode(body).args[0] for _, body in take_all(queue_name)]
     assert sorted(bodies) == list(range(50))
 
 
@@ -204,7 +146,7 @@ def test_a_full_queue_rejects_fast_and_blocks_nobody(make_publisher: Any, queue_
     assert not any(thread.is_alive() for thread in threads)
     assert [reason for reason, _ in results] == ["queue full"] * 5
     assert max(elapsed for _, elapsed in results) < 2.0
-    assert len(drain(queue_name)) == 3
+    assert len(take_all(queue_name)) == 3
     publisher.publish(message(queue_name, "room again"))  # drained: accepted again, same connection
 
 
@@ -222,7 +164,7 @@ def test_a_deleted_queue_is_returned_as_unroutable_then_declared_again(make_publ
     assert rejected.value.reason == "unroutable"
 
     publisher.publish(message(queue_name, 3))
-    assert [dramatiq.Message.decode(body).args for _, body in drain(queue_name)] == [(3,)]
+    assert [dramatiq.Message.decode(body).args for _, body in take_all(queue_name)] == [(3,)]
 
 
 def test_a_publisher_idle_past_its_heartbeat_keeps_its_connection(queue_name: str) -> None:
@@ -235,7 +177,7 @@ def test_a_publisher_idle_past_its_heartbeat_keeps_its_connection(queue_name: st
             threading.Event().wait(6.0)  # the inherent wait: idle past the heartbeat interval
             publisher.publish(message(queue_name, "after"))
             assert proxy.connection_count == 1, "the publisher had to reconnect: heartbeats were not serviced"
-    assert len(drain(queue_name)) == 2
+    assert len(take_all(queue_name)) == 2
 
 
 def test_close_is_prompt_and_later_publishes_are_rejected_as_closed(make_publisher: Any, queue_name: str) -> None:

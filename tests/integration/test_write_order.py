@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pika
-import pytest
 from sqlalchemy import select
 
 from app.db import Database
-from app.dispatch.apply import apply_envelope
-from app.dispatch.commands import DependencyPending
-from app.dispatch.envelope import Envelope
-from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
-from app.dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
+from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD
 from app.schema import applied_commands, notifications, upgrade_database
 from app.settings import Settings
 from tests.conftest import database_url
 from tests.support import web_process
+from tests.support.rabbit import apply_backlog
 from tests.support.tcp_proxy import FaultProxy
 
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -56,41 +51,6 @@ class Web:
         self.process.join(30)
         if self.process.is_alive():
             self.process.kill()
-
-
-@pytest.fixture
-def queue_name() -> Iterator[str]:
-    name = f"bo-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    connection = pika.BlockingConnection(pika.URLParameters(RABBIT))
-    channel = connection.channel()
-    for declaration in queue_declarations(name, max_length=1):
-        channel.queue_delete(declaration.name)
-    connection.close()
-
-
-def drain(queue_name: str, database: Database) -> list[str]:
-    """Apply everything queued, as a Dramatiq consumer of the real queue would (FIFO)."""
-    broker = BrownoutRabbitmqBroker(url=RABBIT, max_length=1000)
-    broker.declare_queue(queue_name)
-    consumer = broker.consume(queue_name, prefetch=1, timeout=1000)
-    registry = build_registry()
-    outcomes: list[str] = []
-    try:
-        for proxy in consumer:
-            if proxy is None:
-                break
-            envelope = Envelope.from_message(proxy)
-            with database.session() as s:
-                try:
-                    outcomes.append(apply_envelope(s, registry, envelope, path="queued").outcome)
-                except DependencyPending:
-                    outcomes.append("pending")
-            consumer.ack(proxy)
-    finally:
-        consumer.close()
-        broker.close()
-    return outcomes
 
 
 def test_two_web_processes_keep_per_entity_order(
@@ -142,7 +102,7 @@ def test_two_web_processes_keep_per_entity_order(
             a.stop()
             b.stop()
 
-    outcomes = drain(queue_name, database)
+    outcomes = apply_backlog(queue_name, database)
     assert "pending" not in outcomes, "FIFO drain: the creation comes before the write that needs it"
 
     with database.session() as s:

@@ -15,28 +15,11 @@ from typing import Any
 def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
     from app.db import Database
     from app.dispatch.dispatcher import Dispatcher
-    from app.dispatch.notifications import build_registry
-    from app.dispatch.publisher import Publisher
     from app.settings import Settings
 
     settings = Settings(**settings_fields)
     database = Database.from_settings(settings)
-    assert settings.rabbitmq_url is not None
-    publisher = Publisher(
-        url=settings.rabbitmq_url,
-        queue_name=settings.queue_name,
-        max_length=settings.queue_max_length,
-        confirm_timeout=settings.publish_timeout_seconds,
-    )
-    publisher.start()
-    dispatcher = Dispatcher(
-        database=database,
-        publisher=publisher,
-        registry=build_registry(),
-        queue_name=settings.queue_name,
-        request_deadline=settings.request_db_deadline_seconds,
-        publish_timeout=settings.publish_timeout_seconds,
-    )
+    dispatcher = Dispatcher.from_settings(settings, database)
     try:
         while True:
             command = commands.get()
@@ -60,5 +43,5 @@ def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue
             except Exception:
                 results.put(("error", traceback.format_exc()))
     finally:
-        publisher.close()
+        dispatcher.close()
         database.close()

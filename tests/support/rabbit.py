@@ -1,0 +1,74 @@
+"""RabbitMQ helpers for tests: an admin connection, reading a queue, applying a backlog."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pika
+
+from app.db import Database
+from app.dispatch.apply import apply_envelope
+from app.dispatch.commands import DependencyPending
+from app.dispatch.envelope import Envelope
+from app.dispatch.notifications import build_registry
+from app.dispatch.queues import BrownoutRabbitmqBroker
+
+RABBITMQ_URL = os.environ.get("BROWNOUT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def admin_connection() -> pika.BlockingConnection:
+    """A plain connection for the test's own checks, with short deadlines."""
+    parameters = pika.URLParameters(RABBITMQ_URL)
+    parameters.socket_timeout = parameters.stack_timeout = 5.0
+    parameters.blocked_connection_timeout = 5.0
+    return pika.BlockingConnection(parameters)
+
+
+def take_all(queue_name: str) -> list[tuple[Any, bytes]]:
+    """Every message now in the queue, as (properties, body), acknowledged."""
+    connection = admin_connection()
+    try:
+        channel = connection.channel()
+        found: list[tuple[Any, bytes]] = []
+        while True:
+            method, properties, body = channel.basic_get(queue_name, auto_ack=True)
+            if method is None:
+                return found
+            found.append((properties, body))
+    finally:
+        connection.close()
+
+
+def apply_backlog(queue_name: str, database: Database, *, max_length: int = 1000) -> list[str]:
+    """Apply everything queued, in queue order, as a Dramatiq consumer of the real queue.
+
+    Returns each write's outcome ("applied", "superseded", "duplicate",
+    "conflict" or "pending"). The worker proper (health gate, dead letters)
+    is worker/; this is only the shared apply step behind a real consumer.
+    """
+    from app.dispatch.apply import KeyConflict
+
+    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=max_length)
+    broker.declare_queue(queue_name)
+    consumer = broker.consume(queue_name, prefetch=1, timeout=1000)
+    registry = build_registry()
+    outcomes: list[str] = []
+    try:
+        for proxy in consumer:
+            if proxy is None:
+                break
+            envelope = Envelope.from_message(proxy)
+            with database.session() as s:
+                try:
+                    written = apply_envelope(s, registry, envelope, path="queued")
+                    outcomes.append("duplicate" if written.duplicate else written.outcome)
+                except DependencyPending:
+                    outcomes.append("pending")
+                except KeyConflict:
+                    outcomes.append("conflict")
+            consumer.ack(proxy)
+    finally:
+        consumer.close()
+        broker.close()
+    return outcomes
