@@ -59,10 +59,10 @@ applied_commands = Table(
     Column("accepted_at", DateTime(timezone=True), nullable=False),
     # Drawn after the effect, while the entity's row lock is held: for one
     # entity, apply_seq order is the order in which writes took effect.
-    Column("apply_seq", BigInteger, nullable=True, unique=True),
+    Column("apply_seq", BigInteger, nullable=False, unique=True),
     Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("path", Text, nullable=False),  # "direct" or "queued"
-    Column("outcome", Text, nullable=False),  # "applied" or "superseded" ("pending" inside the transaction)
+    Column("outcome", Text, nullable=False),  # "applied" or "superseded"
     Column("result", JSONB, nullable=False),
     Index("applied_commands_entity_order", "entity_key", "apply_seq"),
     Index("applied_commands_applied_at", "applied_at"),

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     pool_pre_ping: bool = Field(
         default=True, description="Test each connection at checkout (a round trip) and replace dead ones."
     )
+    pool_pre_ping_idle_seconds: float = Field(
+        default=1.0, ge=0, description="Pre-ping only connections idle at least this long (0: ping at every checkout)."
+    )
     pool_timeout_seconds: PositiveSeconds = Field(
         default=5.0, description="Longest wait for a free pooled connection (never longer than the call's deadline)."
     )

@@ -126,8 +126,9 @@ def build_engine(settings: Settings) -> Engine:
     epochs = DisconnectEpochs()
     event.listen(engine, "connect", epochs.on_connect)
     if settings.pool_pre_ping:
-        pinger = CheckoutPinger(behind_pooler=behind_pooler, epochs=epochs)
+        pinger = CheckoutPinger(behind_pooler=behind_pooler, epochs=epochs, idle_seconds=settings.pool_pre_ping_idle_seconds)
         event.listen(engine, "connect", pinger.on_connect)
+        event.listen(engine, "checkin", pinger.on_checkin)
         event.listen(engine, "checkout", pinger.on_checkout)
     event.listen(engine, "handle_error", _make_error_handler(behind_pooler=behind_pooler, epochs=epochs))
     if behind_pooler and settings.db_statement_timeout_seconds:

@@ -14,10 +14,19 @@ So the engine turns SQLAlchemy's pre-ping off and pings here, in the pool's
 `checkout` event, raising `DisconnectionError` (this connection) or
 `InvalidatePoolError` (every connection older than now). The pool handles both
 by reconnecting, as it does for its own pre-ping.
+
+A connection returned to the pool less than `idle_seconds` ago (default 1 s)
+is not pinged: it just answered, and a ping costs a round trip on every
+request under load, when connections are busiest and pings least useful. A
+connection that died in that second fails its query instead, which
+`execute_with_retry` retries on a fresh one. Idle connections, the ones a
+pooler or a TLS middlebox silently drops, are always pinged.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -28,20 +37,36 @@ from app.db.incidents import DisconnectEpochs
 from app.db.waiting import DatabaseDeadlineReached
 
 _FRESH_KEY = "brownout.fresh"
+_RETURNED_AT_KEY = "brownout.returned_at"
 
 
 class CheckoutPinger:
     """`connect` and `checkout` pool listeners; a brand-new connection is not pinged."""
 
-    def __init__(self, *, behind_pooler: bool, epochs: DisconnectEpochs) -> None:
+    def __init__(
+        self,
+        *,
+        behind_pooler: bool,
+        epochs: DisconnectEpochs,
+        idle_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.behind_pooler = behind_pooler
         self.epochs = epochs
+        self.idle_seconds = idle_seconds
+        self._clock = clock
 
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         record.info[_FRESH_KEY] = True
 
+    def on_checkin(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT_KEY] = self._clock()
+
     def on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if record.info.pop(_FRESH_KEY, False):
+            return
+        returned_at = record.info.get(_RETURNED_AT_KEY)
+        if returned_at is not None and self._clock() - returned_at < self.idle_seconds:
             return
         try:
             cursor = dbapi_connection.cursor()

@@ -1,20 +1,24 @@
 """The apply step both paths share: a write takes effect once, in order.
 
 In one transaction:
-1. claim the command id in `applied_commands` (INSERT ... ON CONFLICT DO
-   NOTHING). A concurrent applier of the same command blocks on the unique
-   key until the first commits (then finds it taken) or rolls back (then
-   proceeds), so the effect can never happen twice, whichever path, process
-   or thread gets there first;
-2. if the id was taken: the same payload hash is a duplicate and returns the
-   first result; another hash is a conflict, recorded in `command_conflicts`
-   and never applied;
-3. apply the command (last-writer-wins on the acceptance stamp, see
-   notifications.py), then draw `apply_seq` and store the result.
+1. apply the command's effect (last-writer-wins on the acceptance stamp, see
+   notifications.py), which locks the entity's row;
+2. record it in `applied_commands` (INSERT ... ON CONFLICT DO NOTHING), drawing
+   `apply_seq` while the row lock is held, so for one entity apply_seq order is
+   the order in which writes took effect;
+3. if the command id was already recorded, roll the effect back: the same
+   payload hash is a duplicate and returns the first result; another hash is a
+   conflict, recorded in `command_conflicts` and never applied.
 
-The caller commits nothing itself: `apply_envelope` commits, so it can run
-inside `execute_with_retry(..., idempotent=True)`: a COMMIT whose outcome is
-unknown is safe to retry because step 1 makes the retry a duplicate.
+A concurrent applier of the same command blocks on the unique key in step 2
+until the first commits (then it finds the id taken and rolls back) or rolls
+back (then it proceeds), so the effect can never be committed twice, whichever
+path, process or thread gets there first. Recording after the effect costs a
+duplicate some wasted work but saves every write a round trip.
+
+`apply_envelope` commits, so it can run inside `execute_with_retry(...,
+idempotent=True)`: a COMMIT whose outcome is unknown is safe to retry because
+the retry is then a duplicate.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -53,7 +57,7 @@ class AppliedWrite:
 
 
 # Built once: constructing statements per call costs more than a round trip here.
-_CLAIM_COLUMNS = (
+_RECORD_COLUMNS = (
     "command_id",
     "name",
     "version",
@@ -63,20 +67,14 @@ _CLAIM_COLUMNS = (
     "entity_key",
     "accepted_stamp",
     "accepted_at",
-    "path",
-)
-_CLAIM = (
-    insert(applied_commands)
-    .values({name: bindparam(name) for name in _CLAIM_COLUMNS} | {"outcome": "pending", "result": {}})
-    .on_conflict_do_nothing(index_elements=["command_id"])
-    .returning(applied_commands.c.command_id)
 )
 _RECORD = (
-    applied_commands.update()
-    .where(applied_commands.c.command_id == bindparam("claimed_id"))
+    insert(applied_commands)
     .values(
-        apply_seq=apply_sequence.next_value(), outcome=bindparam("outcome"), result=bindparam("result"), applied_at=func.now()
+        {name: bindparam(name) for name in (*_RECORD_COLUMNS, "path", "outcome", "result")}
+        | {"apply_seq": apply_sequence.next_value()}
     )
+    .on_conflict_do_nothing(index_elements=["command_id"])
     .returning(applied_commands.c.apply_seq)
 )
 
@@ -85,15 +83,15 @@ def apply_envelope(session: Session, registry: Registry, envelope: Envelope, *, 
     """Apply *envelope* once and commit; raise KeyConflict, DependencyPending or UnknownCommand."""
     command = registry.get(envelope.name)
     payload = command.parse(envelope.version, envelope.payload)
-    params = {name: getattr(envelope, name) for name in _CLAIM_COLUMNS if name != "path"} | {"path": path}
-    if session.execute(_CLAIM, params).first() is None:
-        return _already_claimed(session, envelope)
     try:
         effect = command.apply(session, envelope, payload)
         outcome = "superseded" if effect.superseded else "applied"
-        seq = session.execute(
-            _RECORD, {"claimed_id": envelope.command_id, "outcome": outcome, "result": effect.result}
-        ).scalar_one()
+        params = {name: getattr(envelope, name) for name in _RECORD_COLUMNS}
+        params |= {"path": path, "outcome": outcome, "result": effect.result}
+        seq = session.execute(_RECORD, params).scalar_one_or_none()
+        if seq is None:
+            session.rollback()
+            return _already_claimed(session, envelope)
         session.commit()
     except BaseException:
         session.rollback()

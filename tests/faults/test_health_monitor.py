@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.db import HealthMonitor, periodic_health_check
+from app.db import ErrorKind, HealthMonitor, periodic_health_check
 from tests.support.fakes import FakeClock
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
@@ -50,7 +50,7 @@ def test_failed_check_invalidates_the_pool(proxied: Any, proxy: FaultProxy) -> N
     proxy.refuse()
     proxy.reset_existing()
     result = monitor.check_now()
-    assert result["healthy"] is False and result["error_kind"] == "disconnect"
+    assert result["healthy"] is False and ErrorKind(result["error_kind"]).is_disconnect
     assert database.engine.pool.checkedin() == 0, "idle connections must be dropped after a failed check"
     proxy.pass_through()
     assert monitor.check_now()["healthy"] is True

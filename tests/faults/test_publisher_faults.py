@@ -21,11 +21,11 @@ from typing import Any
 import dramatiq
 import pika
 import pytest
-from dramatiq.common import dq_name, xq_name
 
 from app.dispatch.publisher import Publisher, PublisherState, PublishRejected
-from tests.integration.test_publisher import RABBITMQ_URL, admin_connection, drain, message
+from tests.integration.test_publisher import message
 from tests.support.polling import wait_until
+from tests.support.rabbit import RABBITMQ_URL, take_all
 from tests.support.tcp_proxy import FaultProxy
 
 
@@ -33,19 +33,6 @@ from tests.support.tcp_proxy import FaultProxy
 def rabbit_proxy() -> Iterator[FaultProxy]:
     with FaultProxy(upstream_host="127.0.0.1", upstream_port=pika.URLParameters(RABBITMQ_URL).port) as proxy:
         yield proxy
-
-
-@pytest.fixture
-def queue_name() -> Iterator[str]:
-    name = f"bo-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    connection = admin_connection()
-    try:
-        channel = connection.channel()
-        for queue in (name, dq_name(name), xq_name(name)):
-            channel.queue_delete(queue)
-    finally:
-        connection.close()
 
 
 @pytest.fixture
@@ -153,7 +140,7 @@ def test_the_first_publish_after_a_restart_succeeds(make_publisher: Any, rabbit_
 
     reason, elapsed = timed_publish(publisher, queue_name)
     assert reason == "queued" and elapsed < 2.0
-    assert [dramatiq.Message.decode(body).args for _, body in drain(queue_name)] == [("x",), ("x",)]
+    assert [dramatiq.Message.decode(body).args for _, body in take_all(queue_name)] == [("x",), ("x",)]
 
 
 def test_twenty_threads_all_return_within_their_deadline_when_rabbitmq_goes_silent(

@@ -17,6 +17,7 @@ from app.db import (
     CircuitOpenError,
     Database,
     DeadlineExceeded,
+    ErrorKind,
     check_db_health,
     execute_with_retry,
 )
@@ -124,7 +125,7 @@ def test_health_check_up_down_and_silent(proxied: Any, proxy: FaultProxy) -> Non
     proxy.reset_existing()
     with database.session() as s:
         down = check_db_health(s, timeout=2.0)
-    assert down["healthy"] is False and down["error_kind"] == "disconnect"
+    assert down["healthy"] is False and ErrorKind(down["error_kind"]).is_disconnect
     assert "brownout@" not in down["error"] and ":brownout" not in str(down)
 
     proxy.silence()
