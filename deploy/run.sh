@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set everything up, then run the service against the local backing services.
-# For now the service is the database layer: this prints its health report.
-# (The web and worker processes arrive with their issues and will start here.)
+# Set everything up, then run the service against the local backing services:
+# migrate the database, print its health report, and run the worker in the
+# foreground (Ctrl-C stops it cleanly). The web process arrives with the HTTP API.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 source deploy/local-env.sh
-exec .venv/bin/python -m app health
+.venv/bin/python -m app migrate
+.venv/bin/python -m app health
+exec .venv/bin/dramatiq worker.main --processes 1 --threads 8 --queues "${BROWNOUT_QUEUE_NAME:-brownout-commands}"

@@ -7,5 +7,5 @@ bash deploy/setup.sh
 source deploy/local-env.sh
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
-.venv/bin/mypy app
+.venv/bin/mypy app worker
 exec .venv/bin/python -m pytest "$@"

@@ -25,155 +25,62 @@ thread inside it; here the loop never blocks, and its timers drive the
 heartbeats while idle, the connect watchdog, the reconnect backoff and the
 liveness probe.
 
-Connection life (state `PublisherState`, changed and logged in `_set_state`):
-CONNECTING (TCP, AMQP, channel, ``confirm.select``, the three queue
-declarations, all within ``connect_timeout``) -> READY <-> BLOCKED (RabbitMQ's
-``connection.blocked``: publishes fail fast) -> DISCONNECTED on any loss. A
-message sent on a lost connection and not confirmed is sent again on the next
-one while its caller still waits (at least once: the worker applies a command
-once, by its id); else its caller gets "unreachable" or "timeout", the outcome
-unknown either way, and a retry with the same idempotency key is safe.
-Reconnects run in the background
-with capped, jittered backoff; meanwhile callers are rejected at once, except
-after a failure that cost RabbitMQ nothing (a lost connection, a refused or
-reset connect): then a publish asks for an attempt on demand, at most one per
-`ON_DEMAND_SPACING`, and waits for it within its own deadline, so the first
-publish after a RabbitMQ restart succeeds. A publish that times out after it
-was sent makes the I/O thread open a probe channel; no answer within
-``confirm_timeout`` drops the connection (a silent link would otherwise live
-until the heartbeat check, up to 2 x (heartbeat + 5) s).
+
+The connection's life (states, reconnects, the liveness probe) is told in
+``app.dispatch.publisher_link``, which runs it; what a publish can end in is
+defined in ``app.dispatch.publish_outcomes``. Both are re-exported here: import
+the public names from this module.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import enum
-import functools
 import logging
 import random
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import dramatiq
 import pika
-import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
+from app.dispatch.publish_outcomes import BrownoutDispatchError, PublishRejected, PublishRequest, RejectReason
+from app.dispatch.publisher_link import (
+    CLOSE_GRACE_SECONDS,
+    ON_DEMAND_SPACING,
+    RECONNECT_BASE_SECONDS,
+    RECONNECT_CAP_SECONDS,
+    PublisherLink,
+    PublisherState,
+    reconnect_delay,
+)
 from app.dispatch.queues import queue_declarations
 from app.redaction import mask_secrets
+
+__all__ = [
+    "BLOCKED_CONNECTION_SECONDS",
+    "CLOSE_GRACE_SECONDS",
+    "DEFAULT_CONFIRM_TIMEOUT",
+    "DEFAULT_HEARTBEAT",
+    "ON_DEMAND_SPACING",
+    "RECONNECT_BASE_SECONDS",
+    "RECONNECT_CAP_SECONDS",
+    "BrownoutDispatchError",
+    "PublishRejected",
+    "Publisher",
+    "PublisherState",
+    "RejectReason",
+    "reconnect_delay",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIRM_TIMEOUT = 2.0
 DEFAULT_HEARTBEAT = 30
-RECONNECT_BASE_SECONDS = 0.5
-RECONNECT_CAP_SECONDS = 5.0
-ON_DEMAND_SPACING = 0.2  # at most 5 on-demand connects a second while RabbitMQ refuses
-CLOSE_GRACE_SECONDS = 1.0  # close(): confirms still due and AMQP close-ok, then the socket is cut
 # A connection blocked this long by a RabbitMQ alarm is rebuilt: "blocked" cannot outlive
 # the alarm by more than this even if connection.unblocked is lost, and messages stuck
 # unconfirmed on it are failed instead of lingering.
 BLOCKED_CONNECTION_SECONDS = 30.0
-
-
-class BrownoutDispatchError(Exception):
-    """Raised when the write path cannot take a write; base of the dispatch errors."""
-
-
-class RejectReason(enum.StrEnum):
-    """Why a publish was not confirmed."""
-
-    UNREACHABLE = "unreachable"  # refused, reset, DNS, auth, connection lost: not queued, or unknown if lost in flight
-    TIMEOUT = "timeout"  # no confirm within the deadline: outcome unknown
-    QUEUE_FULL = "queue full"  # nack: x-max-length with reject-publish
-    UNROUTABLE = "unroutable"  # returned (mandatory): the queue is missing; it is declared again
-    BLOCKED = "blocked"  # RabbitMQ's memory or disk alarm blocks publishers
-    CLOSED = "closed"  # the publisher is closed
-
-
-_RETRY_AFTER = {
-    RejectReason.TIMEOUT: 2.0,
-    RejectReason.QUEUE_FULL: 5.0,
-    RejectReason.UNROUTABLE: 1.0,
-    RejectReason.BLOCKED: 5.0,
-    RejectReason.CLOSED: 1.0,
-}
-
-
-class PublishRejected(BrownoutDispatchError):
-    """Raised when RabbitMQ did not confirm a message: not queued, or (reason "timeout") not known to be."""
-
-    def __init__(self, reason: str, retry_after: float, detail: str = "") -> None:
-        super().__init__(f"publish rejected: {reason}" + (f" ({mask_secrets(detail)})" if detail else ""))
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class PublisherState(enum.Enum):
-    """Where the publisher's connection is; see the module docstring."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    READY = "ready"
-    BLOCKED = "blocked"
-    DISCONNECTED = "disconnected"
-    CLOSED = "closed"
-
-
-def reconnect_delay(
-    failures: int, *, rng: random.Random, base: float = RECONNECT_BASE_SECONDS, cap: float = RECONNECT_CAP_SECONDS
-) -> float:
-    """Seconds before the next connect after *failures* failed attempts in a row (0: the
-    connection was just lost): doubling from *base* up to *cap*, jittered into its upper half
-    so a fleet that lost RabbitMQ together does not come back in lockstep."""
-    ceiling = min(cap, base * 2 ** min(failures, 32))
-    return rng.uniform(ceiling / 2, ceiling)
-
-
-def _cheap_failure(exc: BaseException, elapsed: float, connect_timeout: float) -> bool:
-    """A connect that failed fast at the transport (refused, reset): trying again on demand costs
-    RabbitMQ nothing. Timeouts, authentication and broker refusals wait for the backoff."""
-    refusals = (
-        pika.exceptions.AuthenticationError,
-        pika.exceptions.ProbableAuthenticationError,
-        pika.exceptions.ProbableAccessDeniedError,
-        pika.exceptions.ConnectionClosedByBroker,
-    )
-    return (
-        isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(exc, refusals) and elapsed < connect_timeout / 2
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for logs and errors, password masked. pika's repr carries the cause chain
-    (``AMQPConnectionError: (... ConnectionRefusedError(111, ...))``); its str is often empty."""
-    if isinstance(exc, pika.exceptions.AMQPError):
-        return mask_secrets(repr(exc))
-    return mask_secrets(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-
-
-@dataclasses.dataclass(eq=False)
-class _Request:
-    body: bytes
-    properties: pika.BasicProperties
-    deadline: float  # time.monotonic() when its caller stops waiting
-    future: Future[None] = dataclasses.field(default_factory=Future)
-    sent: bool = False
-    returned: bool = False
-
-
-def _resolve(request: _Request, error: PublishRejected | None = None) -> None:
-    """Settle a request's future unless its caller already gave up on it."""
-    try:
-        if error is None:
-            request.future.set_result(None)
-        else:
-            request.future.set_exception(error)
-    except InvalidStateError:
-        pass  # cancelled by its caller, or settled already
 
 
 class Publisher:
@@ -200,66 +107,53 @@ class Publisher:
         if heartbeat < 1:
             raise ValueError("heartbeat must be at least 1 s: without heartbeats a dead link is never noticed")
         self._queue_name = queue_name
-        self._declarations = queue_declarations(queue_name, max_length=max_length)
         self._confirm_timeout = confirm_timeout
-        self._connect_timeout = confirm_timeout if connect_timeout is None else connect_timeout
-        self._reconnect_base = reconnect_base
-        self._reconnect_cap = reconnect_cap
-        self._rng = rng or random.Random()
-        self._where = mask_secrets(url)
-        self._parameters = pika.URLParameters(url)
+        connect_timeout = confirm_timeout if connect_timeout is None else connect_timeout
+        parameters = pika.URLParameters(url)
         # Our own heartbeat, not the server's proposal (60 s): the I/O loop sends one every
         # heartbeat/2 s while idle, and pika drops a link that sent nothing for heartbeat + 5 s.
-        self._parameters.heartbeat = heartbeat
+        parameters.heartbeat = heartbeat
         # TCP connect (pika: 10 s) and the whole TCP+AMQP bring-up (pika: 15 s) each fail
         # within connect_timeout: a black-holed SYN and a peer that accepts and never answers.
-        self._parameters.socket_timeout = self._connect_timeout
-        self._parameters.stack_timeout = self._connect_timeout
+        parameters.socket_timeout = connect_timeout
+        parameters.stack_timeout = connect_timeout
         # One try per attempt: pika's own retries would sleep retry_delay (2 s) past every
         # caller's deadline; reconnecting is ours, jittered.
-        self._parameters.connection_attempts = 1
-        self._parameters.blocked_connection_timeout = BLOCKED_CONNECTION_SECONDS
-        self._parameters.client_properties = {"connection_name": f"brownout-publisher {queue_name}"}
+        parameters.connection_attempts = 1
+        parameters.blocked_connection_timeout = BLOCKED_CONNECTION_SECONDS
+        parameters.client_properties = {"connection_name": f"brownout-publisher {queue_name}"}
 
-        # Shared with callers, under _lock.
+        # Shared with callers, under _lock (with the link's incoming and ioloop).
         self._lock = threading.Lock()
-        self._incoming: collections.deque[_Request] = collections.deque()
         self._closing = False
-        self._ioloop: IOLoop | None = None
         self._thread: threading.Thread | None = None
-        # Everything below belongs to the I/O thread (callers only read _state).
-        self._state = PublisherState.NEW
-        self._stopped = False
-        self._generation = 0  # bumped whenever a connection is given up: its late callbacks are ignored
-        self._connection: Any = None
-        self._channel: Any = None
-        self._waiting: collections.deque[_Request] = collections.deque()  # for the connection in progress
-        self._unconfirmed: collections.OrderedDict[int, _Request] = collections.OrderedDict()
-        self._next_tag = 1
-        self._failures = 0
-        self._on_demand = True
-        self._attempt_started = 0.0
-        self._attempt_ended = 0.0
-        self._next_attempt_at = 0.0
-        self._reconnect_timer: Any = None
-        self._watchdog: Any = None
-        self._probe_timer: Any = None
-        self._outage_logged = False
+        # The I/O thread's side; callers only read its state.
+        self._link = PublisherLink(
+            parameters=parameters,
+            queue_name=queue_name,
+            declarations=queue_declarations(queue_name, max_length=max_length),
+            confirm_timeout=confirm_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_base=reconnect_base,
+            reconnect_cap=reconnect_cap,
+            rng=rng or random.Random(),
+            where=mask_secrets(url),
+        )
 
     # Caller side ---------------------------------------------------------
 
     @property
     def state(self) -> PublisherState:
         """The connection's state, for readiness reporting."""
-        return self._state
+        return self._link.state
 
     def start(self) -> Publisher:
         """Start the I/O thread, which connects in the background; returns self at once."""
         with self._lock:
             if self._thread is not None or self._closing:
                 raise RuntimeError("a Publisher is started once, before close()")
-            self._ioloop = IOLoop()
-            self._thread = threading.Thread(target=self._run, name=f"brownout-publisher-{self._queue_name}", daemon=True)
+            self._link.ioloop = IOLoop()
+            self._thread = threading.Thread(target=self._link.run, name=f"brownout-publisher-{self._queue_name}", daemon=True)
             self._thread.start()
         return self
 
@@ -268,12 +162,12 @@ class Publisher:
         with self._lock:
             first = not self._closing
             self._closing = True
-            thread, ioloop = self._thread, self._ioloop
+            thread, ioloop = self._thread, self._link.ioloop
         if thread is None or ioloop is None:
-            self._state = PublisherState.CLOSED
+            self._link.state = PublisherState.CLOSED
             return
         if first:
-            ioloop.add_callback_threadsafe(self._shutdown)
+            ioloop.add_callback_threadsafe(self._link.shutdown)
         thread.join(CLOSE_GRACE_SECONDS + 1.0)
         if thread.is_alive():
             log.warning("RabbitMQ publisher thread still running %.1fs after close()", CLOSE_GRACE_SECONDS + 1.0)
@@ -294,12 +188,12 @@ class Publisher:
             raise ValueError(f"message for queue {message.queue_name!r} given to the publisher of {self._queue_name!r}")
         timeout = self._confirm_timeout if timeout is None else timeout
         properties = pika.BasicProperties(delivery_mode=2, priority=message.options.get("broker_priority"))
-        request = _Request(body=message.encode(), properties=properties, deadline=time.monotonic() + timeout)
+        request = PublishRequest(body=message.encode(), properties=properties, deadline=time.monotonic() + timeout)
         with self._lock:
-            if self._closing or self._ioloop is None:
-                raise self._rejection(RejectReason.CLOSED)
-            self._incoming.append(request)
-            self._ioloop.add_callback_threadsafe(self._take_incoming)
+            if self._closing or self._link.ioloop is None:
+                raise self._link.rejection(RejectReason.CLOSED)
+            self._link.incoming.append(request)
+            self._link.ioloop.add_callback_threadsafe(self._link.take_incoming)
         try:
             request.future.result(timeout=max(timeout, 0.0))
             return
@@ -307,398 +201,13 @@ class Publisher:
             pass
         if request.future.cancel():  # never handed to RabbitMQ
             if self._closing:
-                raise self._rejection(RejectReason.CLOSED)
-            connected = self._state in (PublisherState.READY, PublisherState.BLOCKED)
-            raise self._rejection(RejectReason.TIMEOUT if connected else RejectReason.UNREACHABLE, "no connection in time")
+                raise self._link.rejection(RejectReason.CLOSED)
+            connected = self._link.state in (PublisherState.READY, PublisherState.BLOCKED)
+            raise self._link.rejection(RejectReason.TIMEOUT if connected else RejectReason.UNREACHABLE, "no connection in time")
         if request.future.done():  # settled as the deadline passed
             request.future.result()
             return
         with self._lock:  # sent, not confirmed: is RabbitMQ still answering at all?
-            if not self._closing and self._ioloop is not None:
-                self._ioloop.add_callback_threadsafe(self._on_confirm_overdue)
-        raise self._rejection(RejectReason.TIMEOUT, f"no confirm within {timeout:.1f}s")
-
-    def _rejection(self, reason: RejectReason, detail: str = "") -> PublishRejected:
-        if reason is RejectReason.UNREACHABLE:
-            retry_after = min(self._reconnect_cap, max(1.0, self._next_attempt_at - time.monotonic()))
-        else:
-            retry_after = _RETRY_AFTER[reason]
-        return PublishRejected(reason, retry_after, detail)
-
-    # I/O thread: requests ---------------------------------------------------
-
-    def _run(self) -> None:
-        assert self._ioloop is not None
-        self._connect()
-        while not self._stopped:
-            try:
-                self._ioloop.start()
-            except Exception:  # a bug here or in pika: never let the thread die with callers waiting
-                log.exception("RabbitMQ publisher I/O loop failed; dropping the connection")
-                self._recover()
-        closed = self._rejection(RejectReason.CLOSED)
-        for request in [*self._waiting, *self._unconfirmed.values(), *self._incoming]:
-            _resolve(request, closed)
-        self._ioloop.close()
-
-    def _recover(self) -> None:
-        try:
-            if self._state is PublisherState.CLOSED:
-                self._finish_shutdown()
-            else:
-                self._lost(RuntimeError("I/O loop error"), abort=True)
-        except Exception:
-            log.exception("RabbitMQ publisher could not recover; closing it")
-            self._stopped = True
-            self._set_state(PublisherState.CLOSED)
-
-    def _take_incoming(self) -> None:
-        while self._incoming:
-            request = self._incoming.popleft()
-            if request.future.cancelled():
-                continue
-            state = self._state
-            if state is PublisherState.READY:
-                self._publish(request)
-            elif state is PublisherState.CONNECTING:
-                self._waiting.append(request)
-            elif state is PublisherState.DISCONNECTED and self._on_demand:
-                self._waiting.append(request)
-                self._connect_soon()
-            elif state is PublisherState.DISCONNECTED:
-                _resolve(request, self._rejection(RejectReason.UNREACHABLE, "reconnecting"))
-            elif state is PublisherState.BLOCKED:
-                _resolve(request, self._rejection(RejectReason.BLOCKED))
-            else:
-                _resolve(request, self._rejection(RejectReason.CLOSED))
-
-    def _publish(self, request: _Request) -> None:
-        if not request.sent and not request.future.set_running_or_notify_cancel():
-            return  # its caller gave up before it was sent: never sent
-        request.sent = True
-        request.returned = False
-        try:
-            self._channel.basic_publish(
-                exchange="",
-                routing_key=self._queue_name,
-                body=request.body,
-                properties=request.properties,
-                mandatory=True,
-            )
-        except Exception as exc:  # channel or connection closing: its close callback follows
-            _resolve(request, self._rejection(RejectReason.UNREACHABLE, _describe(exc)))
-            return
-        self._unconfirmed[self._next_tag] = request
-        self._next_tag += 1
-
-    def _on_confirm(self, generation: int, frame: Any) -> None:
-        if generation != self._generation:
-            return
-        method = frame.method
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        settled: list[_Request] = []
-        if not method.multiple:
-            request = self._unconfirmed.pop(method.delivery_tag, None)
-            settled = [] if request is None else [request]
-        while method.multiple and self._unconfirmed and next(iter(self._unconfirmed)) <= method.delivery_tag:
-            settled.append(self._unconfirmed.popitem(last=False)[1])
-        for request in settled:
-            if not acked:
-                _resolve(
-                    request, self._rejection(RejectReason.QUEUE_FULL, f"nack from RabbitMQ (x-max-length {self._max_length})")
-                )
-            elif request.returned:
-                _resolve(request, self._rejection(RejectReason.UNROUTABLE, f"queue {self._queue_name!r} missing"))
-            else:
-                _resolve(request)
-
-    def _on_return(self, generation: int, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        """Basic.Return precedes the ack of the same message; the body (a unique message id) pairs them."""
-        if generation != self._generation:
-            return
-        for request in self._unconfirmed.values():
-            if not request.returned and request.body == body:
-                request.returned = True
-                break
-        log.warning("RabbitMQ returned a message (%s): declaring queue %r again", method.reply_text, self._queue_name)
-        for declaration in self._declarations:
-            channel.queue_declare(queue=declaration.name, durable=declaration.durable, arguments=declaration.arguments)
-
-    @property
-    def _max_length(self) -> Any:
-        return self._declarations[0].arguments["x-max-length"]
-
-    # I/O thread: connection ----------------------------------------------------
-
-    def _connect_soon(self) -> None:
-        """Bring the next attempt forward to now (or ON_DEMAND_SPACING after the last one)."""
-        at = max(time.monotonic(), self._attempt_ended + ON_DEMAND_SPACING)
-        if self._reconnect_timer is not None and self._next_attempt_at <= at:
-            return
-        self._schedule_connect(at - time.monotonic())
-
-    def _schedule_connect(self, delay: float) -> None:
-        assert self._ioloop is not None
-        if self._reconnect_timer is not None:
-            self._ioloop.remove_timeout(self._reconnect_timer)
-        self._next_attempt_at = time.monotonic() + delay
-        self._reconnect_timer = self._ioloop.call_later(max(delay, 0.0), self._on_reconnect_timer)
-
-    def _on_reconnect_timer(self) -> None:
-        self._reconnect_timer = None
-        self._connect()
-
-    def _connect(self) -> None:
-        assert self._ioloop is not None
-        if self._reconnect_timer is not None:  # brought forward: the scheduled attempt is moot
-            self._ioloop.remove_timeout(self._reconnect_timer)
-            self._reconnect_timer = None
-        if self._stopped or self._state not in (PublisherState.NEW, PublisherState.DISCONNECTED):
-            return
-        self._generation += 1
-        generation = self._generation
-        self._set_state(PublisherState.CONNECTING)
-        self._attempt_started = time.monotonic()
-        # pika bounds TCP and AMQP; this also bounds DNS (pika's getaddrinfo has no timeout),
-        # the channel, confirm.select and the declarations.
-        self._watchdog = self._ioloop.call_later(self._connect_timeout, functools.partial(self._on_watchdog, generation))
-        try:
-            self._connection = pika.SelectConnection(
-                parameters=self._parameters,
-                on_open_callback=functools.partial(self._on_connection_open, generation),
-                on_open_error_callback=functools.partial(self._on_open_error, generation),
-                on_close_callback=functools.partial(self._on_connection_closed, generation),
-                custom_ioloop=self._ioloop,
-            )
-        except Exception as exc:
-            self._attempt_failed(exc)
-
-    def _on_connection_open(self, generation: int, connection: Any) -> None:
-        if generation != self._generation or self._state is PublisherState.CLOSED:
-            connection.close()  # an attempt given up (watchdog, close()) that opened late
-            return
-        connection.add_on_connection_blocked_callback(functools.partial(self._on_blocked, generation))
-        connection.add_on_connection_unblocked_callback(functools.partial(self._on_unblocked, generation))
-        connection.channel(on_open_callback=functools.partial(self._on_channel_open, generation))
-
-    def _on_channel_open(self, generation: int, channel: Any) -> None:
-        if generation != self._generation:
-            return
-        self._channel = channel
-        channel.add_on_close_callback(functools.partial(self._on_channel_closed, generation))
-        channel.add_on_return_callback(functools.partial(self._on_return, generation))
-        channel.confirm_delivery(ack_nack_callback=functools.partial(self._on_confirm, generation))
-        # Sent in order on the channel; pika sends each after the previous reply.
-        last = len(self._declarations) - 1
-        for index, declaration in enumerate(self._declarations):
-            done = functools.partial(self._on_ready, generation) if index == last else (lambda _frame: None)
-            channel.queue_declare(
-                queue=declaration.name, durable=declaration.durable, arguments=declaration.arguments, callback=done
-            )
-
-    def _on_ready(self, generation: int, _frame: Any) -> None:
-        if generation != self._generation:
-            return
-        self._cancel_watchdog()
-        self._next_tag = 1  # delivery tags count per channel
-        self._failures = 0
-        self._on_demand = True
-        self._attempt_ended = time.monotonic()
-        self._outage_logged = False
-        self._set_state(PublisherState.READY)
-        while self._waiting:
-            self._publish(self._waiting.popleft())
-
-    def _on_watchdog(self, generation: int) -> None:
-        if generation != self._generation or self._state is not PublisherState.CONNECTING:
-            return
-        self._watchdog = None
-        self._abort()
-        self._attempt_failed(TimeoutError(f"no connection within {self._connect_timeout:.1f}s"))
-
-    def _on_open_error(self, generation: int, connection: Any, exc: BaseException) -> None:
-        if self._state is PublisherState.CLOSED and connection is self._connection:
-            self._finish_shutdown()
-        elif generation == self._generation:
-            self._attempt_failed(exc)
-
-    def _on_connection_closed(self, generation: int, _connection: Any, exc: BaseException) -> None:
-        if self._state is PublisherState.CLOSED and _connection is self._connection:
-            self._finish_shutdown()
-        elif generation != self._generation:
-            return
-        elif self._state is PublisherState.CONNECTING:  # closed by RabbitMQ while declaring
-            self._attempt_failed(exc)
-        else:
-            self._lost(exc, abort=False)
-
-    def _on_channel_closed(self, generation: int, _channel: Any, exc: BaseException) -> None:
-        if generation != self._generation or self._state is PublisherState.CLOSED:
-            return
-        if self._state is PublisherState.CONNECTING:  # e.g. PRECONDITION_FAILED on a declaration
-            self._abort()
-            self._attempt_failed(exc)
-        else:
-            self._lost(exc, abort=True)
-
-    def _on_blocked(self, generation: int, _connection: Any, frame: Any) -> None:
-        if generation == self._generation and self._state is PublisherState.READY:
-            log.warning("RabbitMQ blocked publishing (%s): publishes fail fast until it unblocks", frame.method.reason)
-            self._set_state(PublisherState.BLOCKED)
-
-    def _on_unblocked(self, generation: int, _connection: Any, _frame: Any) -> None:
-        if generation == self._generation and self._state is PublisherState.BLOCKED:
-            self._set_state(PublisherState.READY)
-
-    def _attempt_failed(self, exc: BaseException) -> None:
-        self._generation += 1
-        self._cancel_watchdog()
-        self._connection = self._channel = None
-        now = time.monotonic()
-        self._attempt_ended = now
-        self._on_demand = _cheap_failure(exc, now - self._attempt_started, self._connect_timeout)
-        delay = reconnect_delay(self._failures, rng=self._rng, base=self._reconnect_base, cap=self._reconnect_cap)
-        self._failures += 1
-        self._schedule_connect(delay)
-        self._set_state(PublisherState.DISCONNECTED)
-        rejected = self._rejection(RejectReason.UNREACHABLE, _describe(exc))
-        self._fail_pending(rejected)
-        if not self._outage_logged:
-            self._outage_logged = True
-            log.warning(
-                "RabbitMQ at %s unreachable (%s); reconnecting with backoff up to %.0fs",
-                self._where,
-                _describe(exc),
-                self._reconnect_cap,
-            )
-        else:
-            log.debug("RabbitMQ connect attempt %d failed (%s); next in %.2fs", self._failures, _describe(exc), delay)
-
-    def _lost(self, exc: BaseException, *, abort: bool) -> None:
-        """An established connection is gone (or given up): reconnect, and send again what it
-        carried unconfirmed while its callers still wait (at least once: the consumer applies a
-        command once, by its id); fail the rest."""
-        if abort:
-            self._abort()
-        self._generation += 1
-        self._cancel_watchdog()
-        self._cancel_probe()
-        self._connection = self._channel = None
-        self._failures = 0
-        self._on_demand = True
-        log.warning("RabbitMQ connection lost (%s); reconnecting", _describe(exc))
-        self._schedule_connect(reconnect_delay(0, rng=self._rng, base=self._reconnect_base, cap=self._reconnect_cap))
-        self._set_state(PublisherState.DISCONNECTED)
-        now = time.monotonic()
-        unconfirmed = list(self._unconfirmed.values())
-        self._unconfirmed.clear()
-        error = self._rejection(RejectReason.UNREACHABLE, _describe(exc))
-        for request in unconfirmed:
-            if request.deadline <= now:
-                _resolve(request, error)
-        self._waiting.extendleft(reversed([request for request in unconfirmed if request.deadline > now]))
-        if self._waiting:
-            self._connect_soon()
-
-    def _fail_pending(self, error: PublishRejected) -> None:
-        pending = [*self._waiting, *self._unconfirmed.values()]
-        self._waiting.clear()
-        self._unconfirmed.clear()
-        for request in pending:
-            _resolve(request, error)
-
-    def _abort(self) -> None:
-        """Cut the current connection's socket now, without the AMQP close handshake that a
-        silent peer never answers. pika has no public abort; `_terminate_stream` is what its own
-        heartbeat checker calls (pika is pinned).
-
-        A connection still opening is left alone: pika 1.4.4's ``close()`` during its connection
-        workflow fails an assertion inside the I/O loop, and its own socket_timeout and
-        stack_timeout (both connect_timeout) end the attempt anyway; its late callbacks are
-        ignored (generation), and a late open is closed in `_on_connection_open`."""
-        connection = self._connection
-        if connection is None or connection.is_closed or not (connection.is_open or connection.is_closing):
-            return
-        try:
-            connection._terminate_stream(pika.exceptions.ConnectionClosedByClient(320, "abandoned by publisher"))
-        except Exception:
-            log.debug("aborting a RabbitMQ connection failed", exc_info=True)
-
-    def _cancel_watchdog(self) -> None:
-        if self._watchdog is not None and self._ioloop is not None:
-            self._ioloop.remove_timeout(self._watchdog)
-        self._watchdog = None
-
-    # I/O thread: liveness probe -----------------------------------------------
-
-    def _on_confirm_overdue(self) -> None:
-        """A caller timed out on a sent message: open a channel; no answer means a dead link."""
-        if self._state is not PublisherState.READY or self._probe_timer is not None or self._ioloop is None:
-            return
-        generation = self._generation
-        self._probe_timer = self._ioloop.call_later(self._confirm_timeout, functools.partial(self._on_probe_timeout, generation))
-        try:
-            self._connection.channel(on_open_callback=functools.partial(self._on_probe_answer, generation))
-        except Exception:
-            self._cancel_probe()
-
-    def _on_probe_answer(self, generation: int, channel: Any) -> None:
-        if generation == self._generation:
-            self._cancel_probe()
-        if channel.is_open:
-            channel.close()
-
-    def _on_probe_timeout(self, generation: int) -> None:
-        self._probe_timer = None
-        if generation == self._generation and self._state is PublisherState.READY:
-            self._lost(TimeoutError(f"no answer from RabbitMQ within {self._confirm_timeout:.1f}s"), abort=True)
-
-    def _cancel_probe(self) -> None:
-        if self._probe_timer is not None and self._ioloop is not None:
-            self._ioloop.remove_timeout(self._probe_timer)
-        self._probe_timer = None
-
-    # I/O thread: state and shutdown ----------------------------------------------
-
-    def _set_state(self, state: PublisherState) -> None:
-        if state is self._state:
-            return
-        previous, self._state = self._state, state
-        if state is PublisherState.READY and previous is PublisherState.CONNECTING:
-            log.info("RabbitMQ publisher connected to %s (queue %r)", self._where, self._queue_name)
-        elif state is PublisherState.READY:
-            log.info("RabbitMQ unblocked publishing")
-        elif state is PublisherState.CONNECTING and previous is PublisherState.DISCONNECTED:
-            log.debug("RabbitMQ publisher reconnecting to %s", self._where)
-
-    def _shutdown(self) -> None:
-        assert self._ioloop is not None
-        if self._reconnect_timer is not None:
-            self._ioloop.remove_timeout(self._reconnect_timer)
-            self._reconnect_timer = None
-        self._cancel_watchdog()
-        self._cancel_probe()
-        self._set_state(PublisherState.CLOSED)
-        closed = self._rejection(RejectReason.CLOSED)
-        while self._waiting:
-            _resolve(self._waiting.popleft(), closed)
-        connection = self._connection
-        if connection is None or connection.is_closed:
-            self._finish_shutdown()
-            return
-        if connection.is_open:
-            connection.close()  # graceful: confirms already due arrive before close-ok
-        # Still opening or closing: pika reports either end (_on_open_error, _on_connection_closed).
-        self._ioloop.call_later(CLOSE_GRACE_SECONDS, self._finish_shutdown)
-
-    def _finish_shutdown(self) -> None:
-        if self._stopped or self._ioloop is None:
-            return
-        self._abort()
-        self._generation += 1
-        self._fail_pending(self._rejection(RejectReason.CLOSED))
-        self._connection = self._channel = None
-        self._stopped = True
-        # Callbacks added now run next iteration, after the transport's own (which closes the socket).
-        self._ioloop.add_callback_threadsafe(self._ioloop.stop)
-        log.info("RabbitMQ publisher closed")
+            if not self._closing and self._link.ioloop is not None:
+                self._link.ioloop.add_callback_threadsafe(self._link.on_confirm_overdue)
+        raise self._link.rejection(RejectReason.TIMEOUT, f"no confirm within {timeout:.1f}s")

@@ -1,0 +1,133 @@
+"""The worker's apply actor, run by a real Dramatiq Worker on a real queue and database."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.common import xq_name
+from dramatiq.middleware import CurrentMessage
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.dispatch.dispatcher import Dispatcher, Queued
+from app.dispatch.envelope import Envelope
+from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, build_registry
+from app.dispatch.publisher import Publisher
+from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.schema import applied_commands, notifications, upgrade_database
+from tests.conftest import database_url
+from tests.support.polling import wait_until
+from tests.support.rabbit import RABBITMQ_URL, take_all
+from worker.actors import ApplyRuntime, declare_apply_actor
+
+NOTE = {"user_id": 9, "email": "lin@example.com", "subject": "Queued", "body": "later"}
+
+
+@pytest.fixture
+def db(make_database: Callable[..., Database], pg_database: str) -> Database:
+    upgrade_database(database_url(pg_database))
+    return make_database()
+
+
+@pytest.fixture
+def runtime(db: Database, make_database: Callable[..., Database]) -> ApplyRuntime:
+    """The worker's own Database (its own breaker), as in its own dyno."""
+    return ApplyRuntime(database=make_database(), registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2)
+
+
+@pytest.fixture
+def run_worker(runtime: ApplyRuntime, queue_name: str) -> Iterator[Callable[[], None]]:
+    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
+    broker.add_middleware(CurrentMessage())
+    declare_apply_actor(broker, runtime, queue_name=queue_name)
+    workers: list[dramatiq.Worker] = []
+
+    def start() -> None:
+        worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=2, worker_timeout=100)
+        worker.start()
+        workers.append(worker)
+
+    yield start
+    for worker in workers:
+        worker.stop(timeout=10_000)
+    broker.close()
+
+
+def queued(db: Database, publisher: Publisher, queue_name: str) -> Dispatcher:
+    dispatcher = Dispatcher(
+        database=db, publisher=publisher, registry=build_registry(), queue_name=queue_name, request_deadline=0.3
+    )
+    db.breaker.force_open()
+    return dispatcher
+
+
+def count(db: Database, table: Any) -> int:
+    with db.session() as s:
+        return int(s.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def read_of(db: Database, notification_id: Any) -> bool | None:
+    with db.session() as s:
+        return s.execute(select(notifications.c.read).where(notifications.c.id == notification_id)).scalar_one_or_none()
+
+
+def test_the_worker_applies_queued_writes(
+    db: Database, make_publisher: Callable[..., Publisher], queue_name: str, run_worker: Callable[[], None]
+) -> None:
+    dispatcher = queued(db, make_publisher(), queue_name)
+    created = dispatcher.submit(CREATE, NOTE, idempotency_key="c")
+    read = dispatcher.submit(MARK_READ, {"notification_id": str(created.id)}, idempotency_key="r")  # type: ignore[union-attr]
+    assert isinstance(created, Queued) and isinstance(read, Queued)
+    run_worker()
+    assert wait_until(lambda: read_of(db, created.id) is True)
+    assert count(db, applied_commands) == 2
+
+
+def test_a_message_delivered_twice_applies_once(
+    db: Database, make_publisher: Callable[..., Publisher], queue_name: str, run_worker: Callable[[], None]
+) -> None:
+    publisher = make_publisher()
+    envelope = queued(db, publisher, queue_name).accept(CREATE, NOTE, idempotency_key="twice")
+    for _ in range(2):
+        publisher.publish(envelope.to_message(queue_name))
+    run_worker()
+    assert wait_until(lambda: count(db, applied_commands) == 1 and not take_all(queue_name), timeout=20)
+    assert count(db, notifications) == 1
+
+
+def test_a_write_waits_for_the_one_it_needs(
+    db: Database, make_publisher: Callable[..., Publisher], queue_name: str, run_worker: Callable[[], None]
+) -> None:
+    publisher = make_publisher()
+    dispatcher = queued(db, publisher, queue_name)
+    creation = dispatcher.accept(CREATE, NOTE, idempotency_key="c")
+    mark = dispatcher.accept(MARK_READ, {"notification_id": str(creation.entity_id)}, idempotency_key="r")
+    publisher.publish(mark.to_message(queue_name))  # the mark-read arrives first
+    run_worker()
+    assert wait_until(lambda: count(db, notifications) == 0, timeout=2)
+    publisher.publish(creation.to_message(queue_name))
+    assert wait_until(lambda: read_of(db, creation.entity_id) is True)
+    assert not take_all(xq_name(queue_name)), "waiting must not dead-letter"
+
+
+def test_an_unknown_version_is_deferred_until_a_release_knows_it(
+    db: Database,
+    make_publisher: Callable[..., Publisher],
+    queue_name: str,
+    runtime: ApplyRuntime,
+    run_worker: Callable[[], None],
+) -> None:
+    publisher = make_publisher()
+    newer: Envelope = queued(db, publisher, queue_name).accept(CREATE, NOTE).model_copy(update={"version": 2})
+    publisher.publish(newer.to_message(queue_name))
+    run_worker()
+    assert not wait_until(lambda: count(db, notifications) > 0, timeout=1.5)
+    assert not take_all(xq_name(queue_name)), "a version from the future must not be dead-lettered"
+    # the deploy arrives: this worker now knows version 2
+    command = runtime.registry.commands[CREATE]
+    runtime.registry.commands[CREATE] = dataclasses.replace(command, versions={1: CreateNotificationV1, 2: CreateNotificationV1})
+    assert wait_until(lambda: count(db, notifications) == 1)

@@ -1,0 +1,41 @@
+"""Entry point of the worker dyno: `dramatiq worker.main --processes 1 --threads 8`.
+
+The Dramatiq CLI imports this module in each worker process, so this is the
+one place that reads the environment, builds the broker (confirm_delivery on,
+bounded queues identical to the publisher's) and sets it before the actor is
+declared. Nothing else in worker/ or app/ touches Dramatiq's global broker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from app.db import Database
+from app.dispatch.notifications import build_registry
+from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.settings import Settings, load_settings
+from worker.actors import ApplyRuntime, declare_apply_actor
+
+
+def build_broker(settings: Settings) -> BrownoutRabbitmqBroker:
+    if not settings.rabbitmq_url:
+        raise SystemExit("brownout worker: RABBITMQ_URL is required")
+    broker = BrownoutRabbitmqBroker(url=settings.rabbitmq_url, max_length=settings.queue_max_length)
+    broker.add_middleware(CurrentMessage())
+    return broker
+
+
+def _start() -> tuple[BrownoutRabbitmqBroker, Database]:
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    settings = load_settings()
+    broker = build_broker(settings)
+    dramatiq.set_broker(broker)
+    database = Database.from_settings(settings)
+    declare_apply_actor(broker, ApplyRuntime(database=database, registry=build_registry()), queue_name=settings.queue_name)
+    return broker, database
+
+
+broker, database = _start()
