@@ -1,4 +1,4 @@
-"""Operator commands: `python -m app health | migrate | purge-applied`."""
+"""Operator commands: `python -m app health | migrate | purge-applied | dead-letters ...`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 from datetime import timedelta
 
+from app import dead_letters_cli
 from app.db import Database, check_db_health
 from app.dispatch.retention import purge_applied
 from app.schema import upgrade_database
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="alembic upgrade head against DATABASE_URL (the Procfile's release line)")
     purge = sub.add_parser("purge-applied", help="delete applied idempotency keys older than the retention")
     purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_APPLIED_RETENTION_DAYS")
+    dead_letters_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     database = Database.from_settings(settings)
     try:
         with database.session() as db:
+            if args.command == "dead-letters":
+                return dead_letters_cli.run(args, settings, database)
             if args.command == "purge-applied":
                 days = args.older_than_days if args.older_than_days is not None else settings.applied_retention_days
                 removed = purge_applied(db, older_than=timedelta(days=days))

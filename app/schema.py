@@ -79,6 +79,19 @@ command_conflicts = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("message_id", Text, nullable=False, index=True),
+    Column("queue_name", Text, nullable=False),
+    Column("actor_name", Text, nullable=False),
+    Column("message", JSONB, nullable=False),  # the whole Dramatiq message, replayable as is
+    Column("reason", Text, nullable=False),
+    Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("replayed_at", DateTime(timezone=True), nullable=True),
+)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 

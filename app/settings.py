@@ -70,6 +70,8 @@ class Settings(BaseSettings):
         description="Applied idempotency keys older than this are purged (python -m app purge-applied).",
     )
 
+    dead_letter_retention_days: float = Field(default=90, gt=0, description="Dead letters older than this are purged.")
+
     breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive transient failures that open the breaker.")
     breaker_open_seconds: PositiveSeconds = Field(default=60.0, description="Time the breaker stays OPEN before one trial call.")
     breaker_open_jitter: float = Field(
@@ -125,6 +127,13 @@ class Settings(BaseSettings):
     health_timeout_seconds: PositiveSeconds = Field(default=2.0, description="Deadline of one health check (connect included).")
     request_db_deadline_seconds: PositiveSeconds = Field(
         default=0.3, description="Total time a call on the HTTP request path may spend on the database, retries included."
+    )
+    worker_gate_base_seconds: PositiveSeconds = Field(
+        default=1.0,
+        description="Worker health gate: check interval while healthy, and the first (pre-jitter) wait while paused.",
+    )
+    worker_gate_cap_seconds: PositiveSeconds = Field(
+        default=60.0, description="Worker health gate: longest (pre-jitter) wait between checks while the database is down."
     )
 
     @field_validator("database_url")

@@ -1,15 +1,18 @@
 """The `apply_command` actor: apply a queued write once, or defer it, never half-apply it.
 
 - Applied, superseded or duplicate: acknowledged (a redelivery is a duplicate).
-- KeyConflict: recorded in command_conflicts by the apply step; acknowledged.
+- A failure of the write's own (payload or envelope that does not validate,
+  KeyConflict — also recorded in command_conflicts —, a permanent database
+  error such as a constraint, deferrals exhausted): kept as a dead letter in
+  PostgreSQL with its reason (app/dispatch/dead_letters.py) and acknowledged,
+  so the messages around it go on.
 - UnknownCommand (a version newer than this release, queued by a newer web
   process during a deploy) and DependencyPending (marking read a notification
   whose creation is not applied yet): deferred. The message is enqueued again
   with a delay and this delivery acknowledged, so Dramatiq's retry budget is
   not spent on waiting. Order does not suffer from the re-enqueue: it is
   decided by acceptance stamps, not queue position (app/dispatch/hlc.py).
-  After `max_deferrals` the message fails for good (Dramatiq's dead-letter
-  queue).
+  After `max_deferrals` it becomes a dead letter.
 - A transient database failure that outlasts the retry schedule raises, and
   Dramatiq's Retries middleware tries again later.
 """
@@ -23,8 +26,10 @@ from typing import Any
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
+from pydantic import ValidationError
 
-from app.db import Database, execute_with_retry
+from app.db import Database, classify, describe, execute_with_retry
+from app.dispatch import dead_letters
 from app.dispatch.apply import KeyConflict, apply_envelope
 from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
 from app.dispatch.envelope import APPLY_ACTOR, Envelope
@@ -56,7 +61,11 @@ class ApplyRuntime:
 
 def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue_name: str) -> dramatiq.Actor[Any, Any]:
     def apply_command(data: dict[str, Any]) -> None:
-        envelope = Envelope.model_validate(data)
+        try:
+            envelope = Envelope.model_validate(data)
+        except ValidationError as invalid:
+            _dead_letter(runtime, f"invalid envelope: {invalid}")
+            return
         try:
             with runtime.database.session() as session:
                 written = execute_with_retry(
@@ -65,10 +74,19 @@ def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue
                     idempotent=True,  # the apply step dedups by command id
                 )
             log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
-        except KeyConflict:
-            log.warning("write %s reuses its key with another body: recorded, not applied", envelope.command_id)
         except (UnknownCommand, DependencyPending) as reason:
-            _defer(broker, runtime, envelope, reason)
+            try:
+                _defer(broker, runtime, envelope, reason)
+            except DeferralsExhausted as exhausted:
+                _dead_letter(runtime, str(exhausted))
+        except KeyConflict as conflict:
+            _dead_letter(runtime, str(conflict))
+        except ValidationError as invalid:
+            _dead_letter(runtime, f"invalid {envelope.name} v{envelope.version} payload: {invalid}")
+        except Exception as exc:
+            if classify(exc).is_transient:
+                raise  # the database's fault, not the write's: try again later
+            _dead_letter(runtime, f"permanent database error: {describe(exc)}")
 
     decorate = dramatiq.actor(
         broker=broker,
@@ -80,6 +98,16 @@ def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue
     )
     actor: dramatiq.Actor[Any, Any] = decorate(apply_command)
     return actor
+
+
+def _dead_letter(runtime: ApplyRuntime, reason: str) -> None:
+    """Keep the current message with *reason*; raises if the database cannot take it (then it is retried)."""
+    current = CurrentMessage.get_current_message()
+    if current is None:  # pragma: no cover - only without the CurrentMessage middleware
+        raise RuntimeError("the worker's broker needs dramatiq's CurrentMessage middleware")
+    with runtime.database.session() as session:
+        dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, current, reason), idempotent=False)
+    log.error("message %s dead-lettered as #%d: %s", current.message_id, dead_letter_id, reason)
 
 
 def _defer(broker: dramatiq.Broker, runtime: ApplyRuntime, envelope: Envelope, reason: Exception) -> None:

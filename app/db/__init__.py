@@ -12,6 +12,7 @@ from app.db.errors import (
     DeadlineExceeded,
     ErrorKind,
     classify,
+    describe,
 )
 from app.db.health_check import HealthMonitor, check_db_health, periodic_health_check
 from app.db.retry import Resilience, RetryPolicy, execute_with_retry
@@ -33,6 +34,7 @@ __all__ = [
     "build_resilience",
     "check_db_health",
     "classify",
+    "describe",
     "execute_with_retry",
     "make_session_factory",
     "periodic_health_check",

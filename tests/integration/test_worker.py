@@ -10,6 +10,7 @@ import dramatiq
 import pytest
 from dramatiq.common import xq_name
 from dramatiq.middleware import CurrentMessage
+from pydantic import Field
 from sqlalchemy import func, select
 
 from app.db import Database
@@ -18,10 +19,10 @@ from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.queues import BrownoutRabbitmqBroker
-from app.schema import applied_commands, notifications, upgrade_database
+from app.schema import applied_commands, dead_letters, notifications, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL, take_all
+from tests.support.rabbit import RABBITMQ_URL, ready_count
 from worker.actors import ApplyRuntime, declare_apply_actor
 
 NOTE = {"user_id": 9, "email": "lin@example.com", "subject": "Queued", "body": "later"}
@@ -95,7 +96,7 @@ def test_a_message_delivered_twice_applies_once(
     for _ in range(2):
         publisher.publish(envelope.to_message(queue_name))
     run_worker()
-    assert wait_until(lambda: count(db, applied_commands) == 1 and not take_all(queue_name), timeout=20)
+    assert wait_until(lambda: count(db, applied_commands) == 1 and ready_count(queue_name) == 0, timeout=20)
     assert count(db, notifications) == 1
 
 
@@ -111,7 +112,7 @@ def test_a_write_waits_for_the_one_it_needs(
     assert wait_until(lambda: count(db, notifications) == 0, timeout=2)
     publisher.publish(creation.to_message(queue_name))
     assert wait_until(lambda: read_of(db, creation.entity_id) is True)
-    assert not take_all(xq_name(queue_name)), "waiting must not dead-letter"
+    assert ready_count(xq_name(queue_name)) == 0, "waiting must not dead-letter"
 
 
 def test_an_unknown_version_is_deferred_until_a_release_knows_it(
@@ -126,8 +127,61 @@ def test_an_unknown_version_is_deferred_until_a_release_knows_it(
     publisher.publish(newer.to_message(queue_name))
     run_worker()
     assert not wait_until(lambda: count(db, notifications) > 0, timeout=1.5)
-    assert not take_all(xq_name(queue_name)), "a version from the future must not be dead-lettered"
+    assert ready_count(xq_name(queue_name)) == 0, "a version from the future must not be dead-lettered"
     # the deploy arrives: this worker now knows version 2
     command = runtime.registry.commands[CREATE]
     runtime.registry.commands[CREATE] = dataclasses.replace(command, versions={1: CreateNotificationV1, 2: CreateNotificationV1})
     assert wait_until(lambda: count(db, notifications) == 1)
+
+
+def test_a_poison_write_is_kept_as_a_dead_letter_and_replayed_once_fixed(
+    db: Database,
+    make_publisher: Callable[..., Publisher],
+    queue_name: str,
+    runtime: ApplyRuntime,
+    run_worker: Callable[[], None],
+    make_settings: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    publisher = make_publisher()
+    dispatcher = queued(db, publisher, queue_name)
+    before = dispatcher.accept(CREATE, NOTE, idempotency_key="before")
+    poison = dispatcher.accept(CREATE, NOTE, idempotency_key="poison").model_copy(
+        update={"payload": NOTE | {"subject": "x" * 500}}  # too long for v1: this release refuses it
+    )
+    after = dispatcher.accept(CREATE, NOTE, idempotency_key="after")
+    for envelope in (before, poison, after):
+        publisher.publish(envelope.to_message(queue_name))
+    run_worker()
+    assert wait_until(lambda: count(db, dead_letters) == 1 and count(db, notifications) == 2)
+    assert ready_count(xq_name(queue_name)) == 0
+    with db.session() as s:
+        reason, message = s.execute(select(dead_letters.c.reason, dead_letters.c.message)).one()
+    assert "subject" in reason and "invalid create_notification v1 payload" in reason
+    assert message["message_id"] == str(poison.command_id)
+
+    # the fix ships (v1 accepts longer subjects), then the operator replays it
+    class LongerSubjects(CreateNotificationV1):
+        subject: str = Field(min_length=1, max_length=1000)
+
+    command = runtime.registry.commands[CREATE]
+    runtime.registry.commands[CREATE] = dataclasses.replace(command, versions={1: LongerSubjects})
+    settings = make_settings(rabbitmq_url=RABBITMQ_URL, queue_name=queue_name, queue_max_length=1000)
+    with db.session() as s:
+        dead_letter_id = s.execute(select(dead_letters.c.id)).scalar_one()
+    assert dead_letters_cli_run(settings, db, ["dead-letters", "list"]) == 0
+    assert f"#{dead_letter_id}" in capsys.readouterr().out
+    assert dead_letters_cli_run(settings, db, ["dead-letters", "replay", str(dead_letter_id)]) == 0
+    assert wait_until(lambda: count(db, notifications) == 3)
+    with db.session() as s:
+        assert s.execute(select(dead_letters.c.replayed_at)).scalar_one() is not None
+
+
+def dead_letters_cli_run(settings: Any, db: Database, argv: list[str]) -> int:
+    import argparse
+
+    from app import dead_letters_cli
+
+    parser = argparse.ArgumentParser()
+    dead_letters_cli.add_parser(parser.add_subparsers(dest="command"))
+    return dead_letters_cli.run(parser.parse_args(argv), settings, db)

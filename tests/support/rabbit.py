@@ -72,3 +72,12 @@ def apply_backlog(queue_name: str, database: Database, *, max_length: int = 1000
         consumer.close()
         broker.close()
     return outcomes
+
+
+def ready_count(queue_name: str) -> int:
+    """Messages ready in the queue (not delivered), read without consuming anything."""
+    connection = admin_connection()
+    try:
+        return int(connection.channel().queue_declare(queue_name, passive=True).method.message_count)
+    finally:
+        connection.close()

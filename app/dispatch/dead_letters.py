@@ -1,0 +1,77 @@
+"""Dead letters: writes that failed for their own reason, kept until someone looks.
+
+A message is dead-lettered when retrying cannot help: its payload does not
+validate, it reuses a key with another body, it waited for a prerequisite or a
+release too long, or the database refused it permanently. Dramatiq's own
+dead-letter queue expires messages after 7 days, so they are kept in
+PostgreSQL instead, whole (the Dramatiq message as JSON), with the reason, for
+`BROWNOUT_DEAD_LETTER_RETENTION_DAYS` (90). `python -m app dead-letters`
+lists, shows, replays (publishes the message again, unchanged, once the cause
+is fixed: the apply step's idempotency makes a double replay harmless) and
+purges them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from app.schema import dead_letters
+
+MAX_REASON = 2000
+
+
+def store(session: Session, message: dramatiq.Message[Any], reason: str) -> int:
+    """Keep *message* with *reason*; commit; return the dead letter's id."""
+    row_id = session.execute(
+        dead_letters.insert()
+        .values(
+            message_id=message.message_id,
+            queue_name=message.queue_name,
+            actor_name=message.actor_name,
+            message=message.asdict(),
+            reason=reason[:MAX_REASON],
+        )
+        .returning(dead_letters.c.id)
+    ).scalar_one()
+    session.commit()
+    return int(row_id)
+
+
+def listing(session: Session, *, limit: int = 50) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(
+            dead_letters.c.id,
+            dead_letters.c.message_id,
+            dead_letters.c.reason,
+            dead_letters.c.failed_at,
+            dead_letters.c.replayed_at,
+        )
+        .order_by(dead_letters.c.id.desc())
+        .limit(limit)
+    ).mappings()
+    return [dict(row) for row in rows]
+
+
+def fetch(session: Session, dead_letter_id: int) -> dict[str, Any] | None:
+    row = session.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id)).mappings().one_or_none()
+    return None if row is None else dict(row)
+
+
+def as_message(row: dict[str, Any]) -> dramatiq.Message[Any]:
+    return dramatiq.Message(**row["message"])
+
+
+def mark_replayed(session: Session, dead_letter_id: int) -> None:
+    session.execute(dead_letters.update().where(dead_letters.c.id == dead_letter_id).values(replayed_at=func.now()))
+    session.commit()
+
+
+def purge(session: Session, *, older_than: timedelta) -> int:
+    deleted = session.execute(delete(dead_letters).where(dead_letters.c.failed_at < func.now() - older_than)).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    return int(deleted)
