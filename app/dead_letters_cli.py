@@ -36,14 +36,14 @@ def run(args: argparse.Namespace, settings: Settings, database: Database) -> int
             days = args.older_than_days if args.older_than_days is not None else settings.dead_letter_retention_days
             print(f"brownout: purged {dead_letters.purge(session, older_than=timedelta(days=days))} dead letters")
             return 0
-        row = dead_letters.fetch(session, args.id)
-        if row is None:
+        found = dead_letters.fetch(session, args.id)
+        if found is None:
             print(f"brownout: no dead letter #{args.id}")
             return 1
         if args.action == "show":
-            print(json.dumps(row, indent=2, default=str))
+            print(json.dumps(found, indent=2, default=str))
             return 0
-        return _replay(settings, session, row)
+        return _replay(settings, session, found)
 
 
 def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
