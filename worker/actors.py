@@ -13,8 +13,11 @@
   not spent on waiting. Order does not suffer from the re-enqueue: it is
   decided by acceptance stamps, not queue position (app/dispatch/hlc.py).
   After `max_deferrals` it becomes a dead letter.
-- A transient database failure that outlasts the retry schedule raises, and
-  Dramatiq's Retries middleware tries again later.
+- The database unreachable (breaker open, deadline spent, a transient failure
+  that outlasts the retry schedule): raised as DatabaseUnavailable, which the
+  health gate (worker/health_gate.py) holds: the message goes back to
+  RabbitMQ in its place, the worker pauses until `SELECT 1` passes, and no
+  retry is spent.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
-from app.db import Database, classify, describe, execute_with_retry
+from app.db import Database, describe, execute_with_retry
 from app.dispatch import dead_letters
 from app.dispatch.apply import KeyConflict, apply_envelope
 from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
 from app.dispatch.envelope import APPLY_ACTOR, Envelope
+from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
 
 log = logging.getLogger(__name__)
 
@@ -61,43 +65,49 @@ class ApplyRuntime:
 
 def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue_name: str) -> dramatiq.Actor[Any, Any]:
     def apply_command(data: dict[str, Any]) -> None:
-        try:
-            envelope = Envelope.model_validate(data)
-        except ValidationError as invalid:
-            _dead_letter(runtime, f"invalid envelope: {invalid}")
-            return
-        try:
-            with runtime.database.session() as session:
-                written = execute_with_retry(
-                    session,
-                    lambda: apply_envelope(session, runtime.registry, envelope, path="queued"),
-                    idempotent=True,  # the apply step dedups by command id
-                )
-            log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
-        except (UnknownCommand, DependencyPending) as reason:
-            try:
-                _defer(broker, runtime, envelope, reason)
-            except DeferralsExhausted as exhausted:
-                _dead_letter(runtime, str(exhausted))
-        except KeyConflict as conflict:
-            _dead_letter(runtime, str(conflict))
-        except ValidationError as invalid:
-            _dead_letter(runtime, f"invalid {envelope.name} v{envelope.version} payload: {invalid}")
-        except Exception as exc:
-            if classify(exc).is_transient:
-                raise  # the database's fault, not the write's: try again later
-            _dead_letter(runtime, f"permanent database error: {describe(exc)}")
+        with unavailable_as_hold():  # the database's fault: the health gate holds the message
+            _apply(broker, runtime, data)
 
     decorate = dramatiq.actor(
         broker=broker,
         actor_name=APPLY_ACTOR,
         queue_name=queue_name,
+        throws=(DatabaseUnavailable,),  # held by the gate: no retry spent, no delay queue
         max_retries=20,
         min_backoff=1_000,
         max_backoff=60_000,
     )
     actor: dramatiq.Actor[Any, Any] = decorate(apply_command)
     return actor
+
+
+def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any]) -> None:
+    try:
+        envelope = Envelope.model_validate(data)
+    except ValidationError as invalid:
+        _dead_letter(runtime, f"invalid envelope: {invalid}")
+        return
+    try:
+        with runtime.database.session() as session:
+            written = execute_with_retry(
+                session,
+                lambda: apply_envelope(session, runtime.registry, envelope, path="queued"),
+                idempotent=True,  # the apply step dedups by command id
+            )
+        log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
+    except (UnknownCommand, DependencyPending) as reason:
+        try:
+            _defer(broker, runtime, envelope, reason)
+        except DeferralsExhausted as exhausted:
+            _dead_letter(runtime, str(exhausted))
+    except KeyConflict as conflict:
+        _dead_letter(runtime, str(conflict))
+    except ValidationError as invalid:
+        _dead_letter(runtime, f"invalid {envelope.name} v{envelope.version} payload: {invalid}")
+    except Exception as exc:
+        if is_unavailability(exc):
+            raise  # the database's fault, not the write's
+        _dead_letter(runtime, f"permanent database error: {describe(exc)}")
 
 
 def _dead_letter(runtime: ApplyRuntime, reason: str) -> None:

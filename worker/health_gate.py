@@ -62,6 +62,7 @@ instead of pausing and resuming in a tight loop.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -69,7 +70,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import dramatiq
-from dramatiq.common import iter_queue
 from dramatiq.middleware import Middleware
 
 from app.db import CircuitBreaker, CircuitOpenError, Database, DeadlineExceeded, check_db_health, classify, describe
@@ -156,6 +156,7 @@ class HealthGate(Middleware):
         self.paused = False
         self.strikes = 0
         self.pauses = 0
+        self.held = 0
 
     @classmethod
     def for_database(
@@ -174,6 +175,11 @@ class HealthGate(Middleware):
             cap_seconds=cap_seconds,
             rng=rng,
         )
+
+    @property
+    def running(self) -> bool:
+        """True while the gate thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def wait_before_check(self, strike: int) -> float:
         """Seconds to wait before the check that follows strike number *strike* (1-based)."""
@@ -211,7 +217,11 @@ class HealthGate(Middleware):
     ) -> None:
         """Hold a message that met DatabaseUnavailable and trip the gate; a success clears the strikes."""
         if isinstance(exception, DatabaseUnavailable):
+            throws = message.options.get("throws") or broker.get_actor(message.actor_name).options.get("throws")
+            if not (isinstance(throws, (type, tuple)) and issubclass(DatabaseUnavailable, throws)):
+                log.error("actor %s must declare throws=(DatabaseUnavailable,): Retries spends a retry", message.actor_name)
             self._held.message = message
+            self.held += 1
             log.info("message %s held: the database is unavailable (%s)", message.message_id, exception)
             self.trip()
         elif exception is None:
@@ -283,7 +293,11 @@ class HealthGate(Middleware):
                 if not child.is_alive():
                     break
         dropped = 0
-        for _ in iter_queue(worker.work_queue):
+        while True:  # as Worker.stop() does; the closed channels returned these to RabbitMQ
+            try:
+                worker.work_queue.get_nowait()
+            except queue.Empty:
+                break
             worker.work_queue.task_done()
             dropped += 1
         self.pauses += 1

@@ -18,6 +18,7 @@ from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.settings import Settings, load_settings
 from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.health_gate import HealthGate
 
 
 def build_broker(settings: Settings) -> BrownoutRabbitmqBroker:
@@ -34,6 +35,14 @@ def _start() -> tuple[BrownoutRabbitmqBroker, Database]:
     broker = build_broker(settings)
     dramatiq.set_broker(broker)
     database = Database.from_settings(settings)
+    broker.add_middleware(
+        HealthGate.for_database(
+            database,
+            base_seconds=settings.worker_gate_base_seconds,
+            cap_seconds=settings.worker_gate_cap_seconds,
+            timeout=settings.health_timeout_seconds,
+        )
+    )
     declare_apply_actor(broker, ApplyRuntime(database=database, registry=build_registry()), queue_name=settings.queue_name)
     return broker, database
 
