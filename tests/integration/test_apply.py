@@ -46,7 +46,7 @@ def count(db: Database, table: Any) -> int:
 def test_migrations_are_idempotent(db: Database, pg_database: str) -> None:
     upgrade_database(database_url(pg_database))
     with db.session() as s:
-        assert s.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert s.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
 
 
 def test_create_applies_once_and_replays_get_the_same_ids(db: Database, dispatcher: Dispatcher) -> None:
