@@ -4,6 +4,9 @@
 write applied (its key, payload hash, acceptance stamp and apply sequence),
 which is what makes a write take effect once and lets order be audited;
 `command_conflicts` keeps writes refused for reusing a key with another body.
+`outbox` holds side effects (notification emails) written in the same
+transaction as the notification, for the worker's relay to publish;
+`email_sends` records each email handed to the SMTP server (see worker/email.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
@@ -90,6 +94,30 @@ dead_letters = Table(
     Column("reason", Text, nullable=False),
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("replayed_at", DateTime(timezone=True), nullable=True),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    # uuid5 of the kind and the notification id (app/dispatch/outbox.py): a replayed
+    # creation finds the row already there, and the relay's job carries it as message id.
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("notification_id", UUID(as_uuid=True), nullable=False),
+    Column("kind", Text, nullable=False),  # "email"
+    Column("payload", JSONB, nullable=False),  # email: notification_id, to, subject, body
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("published_at", DateTime(timezone=True), nullable=True),  # NULL: not yet handed to RabbitMQ
+    Index("outbox_unpublished", "created_at", postgresql_where=text("published_at IS NULL")),
+)
+
+email_sends = Table(
+    "email_sends",
+    metadata,
+    Column("message_id", Text, primary_key=True),  # the email's Message-ID header: one send per message
+    Column("outbox_id", UUID(as_uuid=True), nullable=False),
+    Column("notification_id", UUID(as_uuid=True), nullable=False),
+    Column("recipient", Text, nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -135,6 +135,34 @@ class Settings(BaseSettings):
     worker_gate_cap_seconds: PositiveSeconds = Field(
         default=60.0, description="Worker health gate: longest (pre-jitter) wait between checks while the database is down."
     )
+    worker_min_concurrency: int = Field(
+        default=1, ge=1, description="Adaptive drain: messages processed at once after boot or a pause (slow start)."
+    )
+    worker_max_concurrency: int = Field(
+        default=8, ge=1, description="Adaptive drain: most messages processed at once (above --threads it has no effect)."
+    )
+    worker_latency_target_seconds: PositiveSeconds = Field(
+        default=0.1, description="Adaptive drain: p90 apply time above which the worker halves its concurrency."
+    )
+
+    smtp_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SMTP_URL", "BROWNOUT_SMTP_URL"),
+        description="SMTP server for notification emails: smtp://[user:pass@]host:25, smtp+starttls://...:587 "
+        "or smtps://...:465; unset: emails wait in the outbox.",
+    )
+    smtp_timeout_seconds: PositiveSeconds = Field(
+        default=10.0, description="Deadline of each SMTP step (connect, TLS, login, each command)."
+    )
+    email_from: str = Field(default="Brownout <noreply@localhost>", min_length=3, description="From header of emails.")
+    outbox_relay_interval_seconds: PositiveSeconds = Field(
+        default=1.0, description="How often the worker's relay publishes unpublished outbox rows."
+    )
+    email_queue_name: str = Field(
+        default="brownout-email",
+        pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$",
+        description="Dramatiq queue that carries send_email jobs.",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -172,6 +200,8 @@ def _env_name(field: str) -> str:
         return "DATABASE_URL"
     if field.lower() in ("rabbitmq_url", "brownout_rabbitmq_url"):
         return "RABBITMQ_URL"
+    if field.lower() in ("smtp_url", "brownout_smtp_url"):
+        return "SMTP_URL"
     return f"BROWNOUT_{field.upper()}"
 
 

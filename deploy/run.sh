@@ -8,4 +8,4 @@ bash deploy/setup.sh
 source deploy/local-env.sh
 .venv/bin/python -m app migrate
 .venv/bin/python -m app health
-exec .venv/bin/dramatiq worker.main --processes 1 --threads 8 --worker-shutdown-timeout 10000 --queues "${BROWNOUT_QUEUE_NAME:-brownout-commands}"
+exec .venv/bin/dramatiq worker.main --processes 1 --threads 8 --worker-shutdown-timeout 10000 --queues "${BROWNOUT_QUEUE_NAME:-brownout-commands}" "${BROWNOUT_EMAIL_QUEUE_NAME:-brownout-email}"

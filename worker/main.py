@@ -18,7 +18,9 @@ from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.settings import Settings, load_settings
 from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.email import EmailRuntime, declare_email_actor
 from worker.health_gate import HealthGate
+from worker.outbox import OutboxRelayMiddleware
 
 
 def build_broker(settings: Settings) -> BrownoutRabbitmqBroker:
@@ -44,6 +46,11 @@ def _start() -> tuple[BrownoutRabbitmqBroker, Database]:
         )
     )
     declare_apply_actor(broker, ApplyRuntime(database=database, registry=build_registry()), queue_name=settings.queue_name)
+    if settings.smtp_url:
+        if settings.email_queue_name == settings.queue_name:
+            raise SystemExit("brownout worker: BROWNOUT_EMAIL_QUEUE_NAME must differ from BROWNOUT_QUEUE_NAME")
+        declare_email_actor(broker, EmailRuntime.from_settings(settings, database), queue_name=settings.email_queue_name)
+        broker.add_middleware(OutboxRelayMiddleware.from_settings(settings, database))
     return broker, database
 
 

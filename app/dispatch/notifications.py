@@ -5,6 +5,9 @@ each carries its acceptance stamp, and an UPDATE only wins over a stamp lower
 than its own (last writer wins, decided by PostgreSQL in the same statement).
 Marking read a notification whose creation is not applied yet raises
 DependencyPending: the write waits instead of failing.
+
+Creating a notification also adds its email to the outbox in the same
+transaction (app/dispatch/outbox.py): committed together or not at all.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.dispatch.commands import Command, DependencyPending, Effect, Registry
 from app.dispatch.envelope import Envelope
+from app.dispatch.outbox import add_email
 from app.schema import notifications
 
 CREATE = "create_notification"
@@ -74,8 +78,10 @@ def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
     assert isinstance(payload, CreateNotificationV1)
     values = payload.model_dump(mode="json") | {"id": envelope.entity_id, "created_at": envelope.accepted_at}
     row = session.execute(_INSERT, values).mappings().one_or_none()
-    if row is None:  # already there: only a replay of this very command can have made it
+    if row is None:  # already there: only a replay of this very command can have made it (and its email)
         row = session.execute(_SELECT, {"id": envelope.entity_id}).mappings().one()
+    else:
+        add_email(session, notification_id=row["id"], to=row["email"], subject=row["subject"], body=row["body"])
     return Effect(row_to_json(row))
 
 

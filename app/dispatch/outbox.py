@@ -1,0 +1,91 @@
+"""The outbox: side effects of a write, committed with it, published later by the worker.
+
+Committing a notification and then publishing its email job loses the email
+when the process dies in between. So `add_email` writes an outbox row in the
+notification's own transaction (app/dispatch/notifications.py), and the
+worker's relay (worker/outbox.py) publishes every row whose ``published_at``
+is NULL as a `send_email` job, then marks it. The row's id is derived from the
+notification id, so a replayed creation never makes a second row (ON CONFLICT
+DO NOTHING) and a re-published job carries the same Dramatiq message id.
+
+Nothing here connects, publishes or commits: callers own the transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import dramatiq
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import bindparam
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.schema import outbox
+
+SEND_EMAIL_ACTOR = "send_email"
+EMAIL = "email"
+
+# Fixed forever: the outbox id of a notification must be the same in every release.
+OUTBOX_NAMESPACE = uuid.UUID("3c2b1a09-8f7e-4d6c-9b5a-4e3d2c1b0a9f")
+
+
+class EmailJob(BaseModel):
+    """What a `send_email` job carries (the outbox row's payload plus its id)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    outbox_id: uuid.UUID
+    notification_id: uuid.UUID
+    to: str
+    subject: str
+    body: str
+
+    @property
+    def message_id(self) -> str:
+        return message_id_for(self.notification_id)
+
+
+def outbox_id_for(kind: str, notification_id: uuid.UUID) -> uuid.UUID:
+    """The outbox row of *kind* for a notification: one per notification and kind."""
+    return uuid.uuid5(OUTBOX_NAMESPACE, f"{kind}\n{notification_id}")
+
+
+def message_id_for(notification_id: uuid.UUID) -> str:
+    """The email's ``Message-ID`` header: stable, so every resend of one notification carries the same."""
+    return f"<{notification_id}@brownout>"
+
+
+_ADD = (
+    insert(outbox)
+    .values(
+        id=bindparam("id"),
+        notification_id=bindparam("notification_id"),
+        kind=bindparam("kind"),
+        payload=bindparam("payload"),
+    )
+    .on_conflict_do_nothing(index_elements=["id"])
+)
+
+
+def add_email(session: Session, *, notification_id: uuid.UUID, to: str, subject: str, body: str) -> uuid.UUID:
+    """Add the notification's email to the outbox in *session*'s transaction (no commit); return the row id."""
+    row_id = outbox_id_for(EMAIL, notification_id)
+    payload = {"notification_id": str(notification_id), "to": to, "subject": subject, "body": body}
+    session.execute(_ADD, {"id": row_id, "notification_id": notification_id, "kind": EMAIL, "payload": payload})
+    return row_id
+
+
+def email_message(row: Mapping[Any, Any], queue_name: str) -> dramatiq.Message[Any]:
+    """The `send_email` job for an outbox row (``id``, ``payload``); its message id is the row id."""
+    job = EmailJob.model_validate({**row["payload"], "outbox_id": row["id"]})
+    return dramatiq.Message(
+        queue_name=queue_name,
+        actor_name=SEND_EMAIL_ACTOR,
+        args=(job.model_dump(mode="json"),),
+        kwargs={},
+        options={},
+        message_id=str(job.outbox_id),
+    )

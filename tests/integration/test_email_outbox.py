@@ -1,0 +1,291 @@
+"""Notification emails through the outbox: real PostgreSQL, RabbitMQ, Dramatiq worker and SMTP server (aiosmtpd)."""
+
+from __future__ import annotations
+
+import email
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from aiosmtpd.controller import Controller
+from dramatiq.common import dq_name, xq_name
+from dramatiq.middleware import CurrentMessage, Middleware
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.dispatch.dispatcher import Applied, Dispatcher, Queued
+from app.dispatch.notifications import CREATE, build_registry
+from app.dispatch.outbox import SEND_EMAIL_ACTOR, email_message
+from app.dispatch.publisher import Publisher
+from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.schema import email_sends, notifications, outbox, upgrade_database
+from tests.conftest import database_url
+from tests.support.polling import wait_until
+from tests.support.rabbit import RABBITMQ_URL, admin_connection
+from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.email import EmailRuntime, SmtpTarget, declare_email_actor
+from worker.outbox import OutboxRelay, OutboxRelayMiddleware
+
+NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
+
+
+class Recorder:
+    """aiosmtpd handler: keeps (Message-ID, To, Subject) of every message taken."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        parsed = email.message_from_bytes(envelope.content)
+        with self._lock:
+            self.messages.append({"Message-ID": parsed["Message-ID"], "To": parsed["To"], "Subject": parsed["Subject"]})
+        return "250 Message accepted for delivery"
+
+    def message_ids(self) -> list[str]:
+        with self._lock:
+            return [m["Message-ID"] for m in self.messages]
+
+
+class SmtpServer:
+    """A real SMTP server on 127.0.0.1 that can be down (the port refuses) and up again on the same port."""
+
+    def __init__(self) -> None:
+        self.recorder = Recorder()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._controller: Controller | None = None
+        self._refuser: socket.socket | None = None
+
+    def up(self) -> None:
+        self._release()
+        self._controller = Controller(self.recorder, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+
+    def down(self) -> None:
+        """Bound but not listening: every connect is refused."""
+        self._release()
+        refuser = socket.socket()
+        refuser.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        refuser.bind(("127.0.0.1", self.port))
+        self._refuser = refuser
+
+    def _release(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+        if self._refuser is not None:
+            self._refuser.close()
+            self._refuser = None
+
+
+class Processed(Middleware):
+    """Counts send_email and apply_command messages processed (ok / failed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ok: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            counts = self.ok if exception is None else self.failed
+            counts[message.actor_name] = counts.get(message.actor_name, 0) + 1
+
+    def sent_ok(self) -> int:
+        with self._lock:
+            return self.ok.get(SEND_EMAIL_ACTOR, 0)
+
+
+@pytest.fixture
+def db(make_database: Callable[..., Database], pg_database: str) -> Database:
+    upgrade_database(database_url(pg_database))
+    return make_database()
+
+
+@pytest.fixture
+def email_queue(queue_name: str) -> Iterator[str]:
+    name = f"{queue_name}-email"
+    yield name
+    connection = admin_connection()
+    try:
+        channel = connection.channel()
+        for queue in (name, dq_name(name), xq_name(name)):
+            channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer()
+    server.up()
+    yield server
+    server._release()
+
+
+@pytest.fixture
+def processed() -> Processed:
+    return Processed()
+
+
+@pytest.fixture
+def run_worker(
+    make_database: Callable[..., Database], queue_name: str, email_queue: str, smtp: SmtpServer, processed: Processed
+) -> Iterator[Callable[[], None]]:
+    """A real Dramatiq worker on both queues, with the outbox relay running (as worker.main wires it)."""
+    worker_db = make_database()  # the worker's own Database and breaker, as in its own dyno
+    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
+    broker.add_middleware(CurrentMessage())
+    broker.add_middleware(processed)
+    declare_apply_actor(broker, ApplyRuntime(database=worker_db, registry=build_registry()), queue_name=queue_name)
+    target = SmtpTarget("127.0.0.1", smtp.port, "plain")
+    runtime = EmailRuntime(database=worker_db, smtp=target, sender="Brownout <noreply@localhost>", smtp_timeout=2)
+    declare_email_actor(broker, runtime, queue_name=email_queue, max_retries=100, min_backoff_ms=100, max_backoff_ms=400)
+
+    def relay() -> tuple[Publisher, OutboxRelay]:
+        publisher = Publisher(url=RABBITMQ_URL, queue_name=email_queue, max_length=1000)
+        return publisher, OutboxRelay(database=worker_db, publisher=publisher, queue_name=email_queue, interval=0.2)
+
+    broker.add_middleware(OutboxRelayMiddleware(relay))
+    workers: list[dramatiq.Worker] = []
+
+    def start() -> None:
+        worker = dramatiq.Worker(broker, queues={queue_name, email_queue}, worker_threads=4, worker_timeout=100)
+        worker.start()
+        workers.append(worker)
+
+    yield start
+    for worker in workers:
+        worker.stop(timeout=10_000)
+    broker.close()
+
+
+def direct(db: Database) -> Dispatcher:
+    return Dispatcher(database=db, publisher=None, registry=build_registry(), queue_name="unused", request_deadline=2.0)
+
+
+def count(db: Database, table: Any) -> int:
+    with db.session() as s:
+        return int(s.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def outbox_rows(db: Database) -> list[Any]:
+    with db.session() as s:
+        return list(s.execute(select(outbox).order_by(outbox.c.created_at)).mappings().all())
+
+
+def message_id(notification_id: uuid.UUID) -> str:
+    return f"<{notification_id}@brownout>"
+
+
+def test_a_creation_writes_one_outbox_row_in_its_own_transaction(db: Database) -> None:
+    dispatcher = direct(db)
+    first = dispatcher.submit(CREATE, NOTE, idempotency_key="k")
+    again = dispatcher.submit(CREATE, NOTE, idempotency_key="k")
+    assert isinstance(first, Applied) and isinstance(again, Applied) and again.duplicate
+    (row,) = outbox_rows(db)
+    assert row["notification_id"] == first.id and row["kind"] == "email" and row["published_at"] is None
+    assert row["payload"] == {"notification_id": str(first.id), "to": NOTE["email"], "subject": "Welcome", "body": "Hello"}
+    with db.session() as s:
+        applied_at = s.execute(select(notifications.c.applied_at)).scalar_one()
+    assert row["created_at"] == applied_at, "now() is the transaction's start: same value, same transaction"
+
+
+def test_the_queued_path_writes_one_row_and_the_email_goes_once(
+    db: Database,
+    make_publisher: Callable[..., Publisher],
+    queue_name: str,
+    smtp: SmtpServer,
+    processed: Processed,
+    run_worker: Callable[[], None],
+) -> None:
+    publisher = make_publisher()
+    dispatcher = Dispatcher(
+        database=db, publisher=publisher, registry=build_registry(), queue_name=queue_name, request_deadline=0.3
+    )
+    db.breaker.force_open()
+    envelope = dispatcher.accept(CREATE, NOTE, idempotency_key="q")
+    assert isinstance(dispatcher.enqueue(envelope), Queued)
+    publisher.publish(envelope.to_message(queue_name))  # the same write delivered twice
+    run_worker()
+    assert wait_until(lambda: smtp.recorder.message_ids() == [message_id(envelope.entity_id)], timeout=20)
+    assert wait_until(lambda: processed.ok.get("apply_command", 0) == 2, timeout=10)
+    assert count(db, outbox) == 1 and count(db, email_sends) == 1
+    assert not wait_until(lambda: len(smtp.recorder.messages) > 1, timeout=1.0)
+
+
+def test_each_email_is_sent_once_even_when_its_job_is_delivered_again(
+    db: Database,
+    make_publisher: Callable[..., Publisher],
+    email_queue: str,
+    smtp: SmtpServer,
+    processed: Processed,
+    run_worker: Callable[[], None],
+) -> None:
+    dispatcher = direct(db)
+    created = [dispatcher.submit(CREATE, NOTE | {"email": f"u{i}@example.com"}, idempotency_key=f"k{i}") for i in range(3)]
+    ids = {message_id(c.id) for c in created if isinstance(c, Applied)}
+    run_worker()
+    assert wait_until(lambda: set(smtp.recorder.message_ids()) == ids, timeout=20)
+    assert {m["To"] for m in smtp.recorder.messages} == {f"u{i}@example.com" for i in range(3)}
+    assert {m["Subject"] for m in smtp.recorder.messages} == {"Welcome"}
+    assert wait_until(lambda: all(r["published_at"] is not None for r in outbox_rows(db)), timeout=5)
+
+    # redelivery: every job published twice more, at once, to a worker with 4 threads
+    before = processed.sent_ok()
+    again = make_publisher(queue_name=email_queue)
+    for row in outbox_rows(db) * 2:
+        again.publish(email_message(row, email_queue))
+    assert wait_until(lambda: processed.sent_ok() >= before + 6, timeout=20)
+    assert sorted(smtp.recorder.message_ids()) == sorted(ids)
+    assert count(db, email_sends) == 3
+
+
+def test_smtp_down_then_up_sends_later_once(
+    db: Database, smtp: SmtpServer, processed: Processed, run_worker: Callable[[], None]
+) -> None:
+    smtp.down()
+    created = direct(db).submit(CREATE, NOTE, idempotency_key="down")
+    assert isinstance(created, Applied)
+    run_worker()
+    assert wait_until(lambda: processed.failed.get(SEND_EMAIL_ACTOR, 0) >= 2, timeout=20), "attempts refused, retried"
+    assert smtp.recorder.messages == [] and count(db, email_sends) == 0
+    smtp.up()
+    assert wait_until(lambda: smtp.recorder.message_ids() == [message_id(created.id)], timeout=20)
+    assert not wait_until(lambda: len(smtp.recorder.messages) > 1, timeout=1.5)
+    assert count(db, email_sends) == 1
+
+
+def test_rows_left_unpublished_by_a_dead_process_are_relayed_and_sent_once(
+    db: Database,
+    make_publisher: Callable[..., Publisher],
+    email_queue: str,
+    smtp: SmtpServer,
+    processed: Processed,
+    run_worker: Callable[[], None],
+) -> None:
+    dispatcher = direct(db)
+    # The web process committed and died: nothing was published, the row is all there is.
+    lost = dispatcher.submit(CREATE, NOTE, idempotency_key="lost")
+    # A relay published this one and died before marking it: it will be published again.
+    half = dispatcher.submit(CREATE, NOTE | {"email": "bo@example.com"}, idempotency_key="half")
+    assert isinstance(lost, Applied) and isinstance(half, Applied)
+    rows = {r["notification_id"]: r for r in outbox_rows(db)}
+    assert all(r["published_at"] is None for r in rows.values())
+    make_publisher(queue_name=email_queue).publish(email_message(rows[half.id], email_queue))
+
+    run_worker()
+    expected = sorted([message_id(lost.id), message_id(half.id)])
+    assert wait_until(lambda: sorted(smtp.recorder.message_ids()) == expected, timeout=20)
+    assert wait_until(lambda: processed.sent_ok() >= 3, timeout=20), "the duplicate job was handled too"
+    assert sorted(smtp.recorder.message_ids()) == expected
+    assert all(r["published_at"] is not None for r in outbox_rows(db))
+    assert count(db, email_sends) == 2

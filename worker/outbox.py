@@ -1,0 +1,185 @@
+"""The outbox relay: publish committed outbox rows as `send_email` jobs, then mark them.
+
+One pass, every ``interval`` seconds, in one transaction::
+
+    SELECT ... FROM outbox WHERE published_at IS NULL
+      ORDER BY created_at LIMIT batch FOR UPDATE SKIP LOCKED
+    publish each (durable queue, persistent, confirm awaited; message id = outbox id)
+    UPDATE outbox SET published_at = now() WHERE id IN (the confirmed ones); COMMIT
+
+SKIP LOCKED lets every worker process relay at once without two of them
+publishing the same row in one pass. Publish-then-mark: a crash (or a lost
+COMMIT) between the confirm and the mark leaves the row unpublished, so the
+next pass publishes it again; the duplicate job is recognisable by its message
+id and made harmless by the send record (worker/email.py). The other order
+would lose the email on that crash.
+
+Never crashes its thread: a database that is down or slow (the breaker open,
+the deadline spent) or a RabbitMQ that refuses skips the pass; rows wait in
+the outbox. Every call has a deadline (``db_deadline``, ``publish_timeout``).
+`OutboxRelayMiddleware` runs it for the life of a Dramatiq worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+import dramatiq
+from dramatiq.middleware import Middleware
+from sqlalchemy import bindparam, func, select
+
+from app.db import Database, describe, execute_with_retry
+from app.dispatch.outbox import EMAIL, email_message
+from app.dispatch.publisher import Publisher, PublishRejected
+from app.schema import outbox
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_PENDING = (
+    select(outbox.c.id, outbox.c.payload)
+    .where(outbox.c.published_at.is_(None), outbox.c.kind == EMAIL)
+    .order_by(outbox.c.created_at)
+    .limit(bindparam("batch"))
+    .with_for_update(skip_locked=True)
+)
+_MARK = outbox.update().where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(published_at=func.now())
+
+
+class OutboxRelay:
+    """Publishes unpublished outbox rows; `relay_once` is one pass, `start`/`stop` run passes on a thread."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        publisher: Publisher,
+        queue_name: str,
+        interval: float = 1.0,
+        batch_size: int = 100,
+        db_deadline: float = 5.0,
+        publish_timeout: float = 2.0,
+    ) -> None:
+        if interval <= 0 or db_deadline <= 0 or publish_timeout <= 0 or batch_size < 1:
+            raise ValueError("interval, deadlines and batch_size must be positive")
+        self._database = database
+        self._publisher = publisher
+        self._queue_name = queue_name
+        self.interval = interval
+        self._batch = batch_size
+        self._db_deadline = db_deadline
+        self._publish_timeout = publish_timeout
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0  # jobs confirmed by RabbitMQ since start
+
+    def relay_once(self) -> int:
+        """One pass: publish up to batch_size rows and mark them; return how many were marked.
+
+        Raises what the database raises (the caller of a pass decides); a refused
+        publish ends the pass early, marking only what was confirmed.
+        """
+        with self._database.session() as session:
+            rows = execute_with_retry(
+                session, lambda: session.execute(_PENDING, {"batch": self._batch}).mappings().all(), deadline=self._db_deadline
+            )
+            confirmed: list[uuid.UUID] = []
+            for row in rows:
+                try:
+                    self._publisher.publish(email_message(row, self._queue_name), timeout=self._publish_timeout)
+                except PublishRejected as rejected:
+                    log.warning("outbox relay: publish refused (%s); %d row(s) wait", rejected.reason, len(rows) - len(confirmed))
+                    break
+                confirmed.append(row["id"])
+                self.published += 1
+            if not confirmed:
+                session.rollback()
+                return 0
+
+            def mark() -> None:
+                session.execute(_MARK, {"ids": confirmed})
+                session.commit()
+
+            # Idempotent: marking twice is harmless. A failure here re-publishes next pass (deduplicated).
+            execute_with_retry(session, mark, deadline=self._db_deadline, idempotent=True)
+        return len(confirmed)
+
+    def start(self) -> None:
+        """Start the relay thread (first pass at once)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the outbox relay is already running")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="brownout-outbox-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the pass in progress; waits at most *timeout* (default: one pass's deadlines)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout if timeout is not None else 2 * self._db_deadline + self._publish_timeout + 1)
+            if self._thread.is_alive():
+                log.warning("outbox relay thread still running after stop()")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                while self.relay_once() == self._batch and not self._stopping.is_set():
+                    pass  # a full batch: more may be waiting
+            except Exception as exc:  # the database is down or slow: the rows wait for the next pass
+                log.warning("outbox relay: pass skipped: %s", describe(exc))
+            self._stopping.wait(self.interval)
+
+
+class OutboxRelayMiddleware(Middleware):
+    """Runs an OutboxRelay (and its own Publisher on the email queue) while the Dramatiq worker runs."""
+
+    def __init__(self, relay_factory: Callable[[], tuple[Publisher, OutboxRelay]]) -> None:
+        self._factory = relay_factory
+        self.relay: OutboxRelay | None = None
+        self._publisher: Publisher | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, database: Database) -> OutboxRelayMiddleware:
+        if not settings.rabbitmq_url:
+            raise ValueError("the outbox relay needs RABBITMQ_URL")
+        url = settings.rabbitmq_url
+
+        def build() -> tuple[Publisher, OutboxRelay]:
+            publisher = Publisher(
+                url=url,
+                queue_name=settings.email_queue_name,
+                max_length=settings.queue_max_length,
+                confirm_timeout=settings.publish_timeout_seconds,
+                heartbeat=settings.rabbitmq_heartbeat_seconds,
+            )
+            relay = OutboxRelay(
+                database=database,
+                publisher=publisher,
+                queue_name=settings.email_queue_name,
+                interval=settings.outbox_relay_interval_seconds,
+                publish_timeout=settings.publish_timeout_seconds,
+            )
+            return publisher, relay
+
+        return cls(build)
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Start the publisher (it connects in the background) and the relay thread."""
+        publisher, relay = self._factory()
+        self._publisher = publisher.start()
+        self.relay = relay
+        relay.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Stop the relay after its pass in progress, then close the publisher."""
+        if self.relay is not None:
+            self.relay.stop()
+        if self._publisher is not None:
+            self._publisher.close()
