@@ -14,10 +14,12 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from app.db import Database
+from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.settings import Settings, load_settings
 from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.drain import AdaptiveDrain
 from worker.email import EmailRuntime, declare_email_actor
 from worker.health_gate import HealthGate
 from worker.outbox import OutboxRelayMiddleware
@@ -43,6 +45,15 @@ def _start() -> tuple[BrownoutRabbitmqBroker, Database]:
             base_seconds=settings.worker_gate_base_seconds,
             cap_seconds=settings.worker_gate_cap_seconds,
             timeout=settings.health_timeout_seconds,
+        )
+    )
+    broker.add_middleware(
+        AdaptiveDrain.for_database(
+            database,
+            min_concurrency=settings.worker_min_concurrency,
+            max_concurrency=settings.worker_max_concurrency,
+            latency_target=settings.worker_latency_target_seconds,
+            actor_names={APPLY_ACTOR},
         )
     )
     declare_apply_actor(broker, ApplyRuntime(database=database, registry=build_registry()), queue_name=settings.queue_name)

@@ -66,6 +66,7 @@ _INSERT = (
     .returning(*notifications.c)
 )
 _SELECT = select(notifications).where(notifications.c.id == bindparam("id"))
+_SELECT_LOCKED = _SELECT.with_for_update()
 _SET_READ = (
     notifications.update()
     .where(notifications.c.id == bindparam("target"), notifications.c.read_stamp < bindparam("stamp"))
@@ -92,9 +93,14 @@ def _set_read(value: bool) -> Any:
         updated = session.execute(_SET_READ, params).mappings().one_or_none()
         if updated is not None:
             return Effect(row_to_json(updated))
-        current = session.execute(_SELECT, {"id": payload.notification_id}).mappings().one_or_none()
+        # The UPDATE matched nothing: either a later write won, or the row did not
+        # exist in the UPDATE's snapshot. Under READ COMMITTED the creation may
+        # have committed since, so look again with the row locked before deciding.
+        current = session.execute(_SELECT_LOCKED, {"id": payload.notification_id}).mappings().one_or_none()
         if current is None:
             raise DependencyPending(f"notification {payload.notification_id} is not created yet")
+        if current["read_stamp"] < envelope.accepted_stamp:  # created after the UPDATE's snapshot
+            return Effect(row_to_json(session.execute(_SET_READ, params).mappings().one()))
         return Effect(row_to_json(current), superseded=True)
 
     return apply

@@ -193,3 +193,32 @@ def test_purge_removes_only_old_keys(db: Database, dispatcher: Dispatcher) -> No
         keys = s.execute(select(applied_commands.c.idempotency_key)).scalars().all()
     assert keys == ["new"]
     assert count(db, notifications) == 2, "purging keys never touches the data"
+
+
+def test_a_creation_committing_between_update_and_check_is_not_mistaken_for_a_later_write(
+    db: Database, dispatcher: Dispatcher, make_database: Callable[..., Database]
+) -> None:
+    """Forced interleaving: the mark-read's UPDATE misses the row (not committed yet), then the
+    creation commits before the mark-read looks again. It must apply, not be 'superseded'."""
+    from sqlalchemy import event
+
+    creation = dispatcher.accept(CREATE, NOTE, idempotency_key="c")
+    mark = dispatcher.accept(MARK_READ, {"notification_id": str(creation.entity_id)}, idempotency_key="r")
+    other = make_database()
+    creator = other.session()
+    registry = build_registry()
+    registry.get(CREATE).apply(creator, creation, registry.get(CREATE).parse(1, creation.payload))  # uncommitted
+
+    def commit_creation_after_the_update(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE notifications") and creator.in_transaction():
+            creator.commit()
+
+    event.listen(db.engine, "after_cursor_execute", commit_creation_after_the_update)
+    try:
+        written = apply(db, dispatcher, mark)
+    finally:
+        event.remove(db.engine, "after_cursor_execute", commit_creation_after_the_update)
+        creator.close()
+    assert written.outcome == "applied"
+    with db.session() as s:
+        assert s.execute(select(notifications.c.read)).scalar_one() is True
