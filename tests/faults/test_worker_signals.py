@@ -324,8 +324,9 @@ def test_sigterm_does_not_wait_for_a_stuck_apply_past_the_shutdown_timeout(
     first = spawn_worker()
     assert wait_until(lambda: count(db, applied_commands) >= PARTIAL, timeout=30, interval=0.02)
     throttle(db, STUCK_SECONDS)
-    assert wait_until(lambda: committing(pg_database, worker_app_name) == 4, timeout=10, interval=0.02), (
-        "every worker thread inside a long COMMIT"
+    # the adaptive drain decides how many threads are in flight (and halves on a stall): at least one
+    assert wait_until(lambda: committing(pg_database, worker_app_name) >= 1, timeout=10, interval=0.02), (
+        "worker threads inside a long COMMIT"
     )
     signalled = time.monotonic()
     first.send_signal(signal.SIGTERM)
@@ -334,13 +335,15 @@ def test_sigterm_does_not_wait_for_a_stuck_apply_past_the_shutdown_timeout(
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not exit within {EXIT_BOUND_SECONDS} s of SIGTERM")
     took = time.monotonic() - signalled
+    stuck = committing(pg_database, worker_app_name)  # COMMITs still running server-side after the exit
     assert returncode == 0
     assert took < STUCK_SECONDS - 5, "it gave up on the stuck applies instead of waiting them out"
+    assert stuck >= 1
     # the stuck messages were never acknowledged: they are back in the queue, although their
     # COMMITs complete server-side after the worker left; redelivered, they must be duplicates
     throttle(db, 0)
     assert wait_until(lambda: not backend_pids(pg_database, worker_app_name), timeout=STUCK_SECONDS + 5, interval=0.1)
-    assert waiting_messages(queue_name) - (backlog.total - count(db, applied_commands)) == 4
+    assert waiting_messages(queue_name) - (backlog.total - count(db, applied_commands)) == stuck
 
     drain_and_stop(db, backlog, queue_name, spawn_worker())
     assert_applied_exactly_once(db, backlog, queue_name)
