@@ -5,7 +5,11 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   RabbitMQ and wait for the confirm (target p99 <= 2 ms);
 - applied writes/s on the direct path (breaker closed: claim the key, insert,
   record, commit), beside PostgreSQL's own single-row INSERT + COMMIT rate
-  through psycopg2 in the same run.
+  through psycopg2 in the same run;
+- the worker's drain rate for a backlog queued while the breaker was open
+  (the production worker, middleware included, in this process, 8 threads),
+  beside Dramatiq's own no-op consume rate on the same broker and threads
+  (target: at least 50 % of it).
 
 It works in a throwaway database and a throwaway queue, both removed at the end.
 """
@@ -13,22 +17,26 @@ It works in a throwaway database and a throwaway queue, both removed at the end.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
+import threading
 import time
 import uuid
 from typing import Any
 
+import dramatiq
 import pika
 import psycopg2
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from app.db import Database
 from app.dispatch.dispatcher import Applied, Dispatcher, Queued
 from app.dispatch.notifications import CREATE
-from app.dispatch.queues import queue_declarations
-from app.schema import upgrade_database
-from app.settings import load_settings
+from app.dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
+from app.schema import applied_commands, upgrade_database
+from app.settings import Settings, load_settings
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
 LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -70,12 +78,84 @@ def raw_insert_rate(url: str, count: int) -> float:
     return count / elapsed
 
 
+def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
+    """Queue *backlog* creates with the breaker open, then time the production worker draining them."""
+    from worker.assembly import build_worker_broker
+
+    queue = f"{settings.queue_name}-drain"
+    drain_settings = settings.model_copy(update={"queue_name": queue})
+    dispatcher = Dispatcher.from_settings(drain_settings, database)
+    try:
+        database.breaker.force_open()
+        for _ in range(backlog):
+            assert isinstance(dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex), Queued)
+        database.breaker.reset()
+    finally:
+        dispatcher.close()
+    worker_database = Database.from_settings(drain_settings)
+    broker = build_worker_broker(drain_settings, worker_database)
+    before = applied_count(database)
+    worker = dramatiq.Worker(broker, queues={queue}, worker_threads=8, worker_timeout=100)
+    start = time.perf_counter()
+    worker.start()
+    try:
+        while applied_count(database) - before < backlog:
+            time.sleep(0.05)
+        return backlog / (time.perf_counter() - start)
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()
+        worker_database.close()
+        delete_queues(settings, queue)
+
+
+def noop_consume_rate(settings: Settings, count: int) -> float:
+    """Dramatiq's own ceiling here: the same broker class and threads, an actor that does nothing."""
+    queue = f"{settings.queue_name}-noop"
+    broker = BrownoutRabbitmqBroker(url=settings.rabbitmq_url, max_length=max(count * 2, 1000))
+    done = threading.Semaphore(0)
+
+    def noop(index: int) -> None:
+        done.release()
+
+    actor = dramatiq.actor(noop, broker=broker, actor_name="noop", queue_name=queue)
+    for index in range(count):
+        actor.send(index)
+    worker = dramatiq.Worker(broker, queues={queue}, worker_threads=8, worker_timeout=100)
+    start = time.perf_counter()
+    worker.start()
+    try:
+        for _ in range(count):
+            done.acquire()
+        return count / (time.perf_counter() - start)
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()
+        delete_queues(settings, queue)
+
+
+def applied_count(database: Database) -> int:
+    with database.session() as s:
+        return int(s.execute(select(func.count()).select_from(applied_commands)).scalar_one())
+
+
+def delete_queues(settings: Settings, queue: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url or LOCAL_RABBIT))
+    channel = connection.channel()
+    for declaration in queue_declarations(queue, max_length=1):
+        channel.queue_delete(declaration.name)
+    connection.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queued", type=int, default=2000, help="submits with the breaker open")
     parser.add_argument("--direct", type=int, default=1000, help="submits applied directly")
+    parser.add_argument("--drain", type=int, default=10_000, help="backlog the worker drains (0: skip)")
     args = parser.parse_args()
 
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     os.environ.setdefault("DATABASE_URL", LOCAL_DB)
     os.environ.setdefault("RABBITMQ_URL", LOCAL_RABBIT)
     base = load_settings()
@@ -119,17 +199,21 @@ def main() -> None:
         print(f"direct path, applied writes/s:                   {results['direct']:8.0f}")
         print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {results['raw']:8.0f}")
         print(f"ratio direct/raw: {results['direct'] / results['raw']:.2f}")
+        if args.drain:
+            dispatcher.close()
+            dispatcher = None
+            drained = drain_rate(settings, database, args.drain)
+            noop = noop_consume_rate(settings, args.drain)
+            print(f"worker drain, {args.drain} queued writes, 8 threads:  {drained:8.0f} writes/s")
+            print(f"Dramatiq no-op consume, same broker and threads: {noop:8.0f} msgs/s")
+            print(f"ratio drain/no-op: {drained / noop:.2f} (target >= 0.50)")
     finally:
         if dispatcher is not None:
             dispatcher.close()
         if database is not None:
             database.close()
         admin(base.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        connection = pika.BlockingConnection(pika.URLParameters(base.rabbitmq_url or LOCAL_RABBIT))
-        channel = connection.channel()
-        for declaration in queue_declarations(queue, max_length=1):
-            channel.queue_delete(declaration.name)
-        connection.close()
+        delete_queues(base, queue)
 
 
 if __name__ == "__main__":
