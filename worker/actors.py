@@ -111,13 +111,19 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
 
 
 def _dead_letter(runtime: ApplyRuntime, reason: str) -> None:
-    """Keep the current message with *reason*; raises if the database cannot take it (then it is retried)."""
+    dead_letter_current(runtime.database, reason)
+
+
+def dead_letter_current(database: Database, reason: str) -> int:
+    """Keep the message being processed with *reason*; raises if the database cannot take it
+    (then the message is held by the health gate or retried, never lost)."""
     current = CurrentMessage.get_current_message()
     if current is None:  # pragma: no cover - only without the CurrentMessage middleware
         raise RuntimeError("the worker's broker needs dramatiq's CurrentMessage middleware")
-    with runtime.database.session() as session:
+    with database.session() as session:
         dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, current, reason), idempotent=False)
-    log.error("message %s dead-lettered as #%d: %s", current.message_id, dead_letter_id, reason)
+    log.error("%s %s dead-lettered as #%d: %s", current.actor_name, current.message_id, dead_letter_id, reason)
+    return dead_letter_id
 
 
 def _defer(broker: dramatiq.Broker, runtime: ApplyRuntime, envelope: Envelope, reason: Exception) -> None:

@@ -49,18 +49,17 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import dramatiq
-from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.db import Database, execute_with_retry
-from app.dispatch import dead_letters
 from app.dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
 from app.redaction import mask_secrets
 from app.schema import email_sends, outbox
 from app.settings import Settings
+from worker.actors import dead_letter_current
 from worker.health_gate import DatabaseUnavailable, unavailable_as_hold
 
 log = logging.getLogger(__name__)
@@ -284,10 +283,4 @@ def _reason(exc: BaseException) -> str:
 
 
 def _dead_letter(runtime: EmailRuntime, reason: str) -> None:
-    """Keep the current job with *reason*; raises if the database cannot take it (then it is held or retried)."""
-    current = CurrentMessage.get_current_message()
-    if current is None:  # pragma: no cover - only without the CurrentMessage middleware
-        raise RuntimeError("the worker's broker needs dramatiq's CurrentMessage middleware")
-    with runtime.database.session() as session:
-        dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, current, reason), idempotent=False)
-    log.error("email job %s dead-lettered as #%d: %s", current.message_id, dead_letter_id, reason)
+    dead_letter_current(runtime.database, reason)
