@@ -15,13 +15,12 @@ from typing import Any
 
 import psycopg2
 import pytest
-from dramatiq.common import dq_name, xq_name
 from sqlalchemy.engine import make_url
 
 from app.db import Database, waiting
 from app.dispatch.publisher import Publisher
 from app.settings import Settings
-from tests.support.rabbit import RABBITMQ_URL, admin_connection
+from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 
 PG_URL = os.environ.get(
     "BROWNOUT_TEST_PG_URL",
@@ -131,13 +130,7 @@ def queue_name() -> Iterator[str]:
     """A queue (with its .DQ and .XQ) of this test's own; deleted afterwards."""
     name = f"bo-test-{uuid.uuid4().hex[:10]}"
     yield name
-    connection = admin_connection()
-    try:
-        channel = connection.channel()
-        for queue in (name, dq_name(name), xq_name(name)):
-            channel.queue_delete(queue)
-    finally:
-        connection.close()
+    delete_queue_set(name)
 
 
 @pytest.fixture

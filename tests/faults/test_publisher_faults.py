@@ -36,22 +36,11 @@ def rabbit_proxy() -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
-def make_publisher(rabbit_proxy: FaultProxy, queue_name: str) -> Iterator[Callable[..., Publisher]]:
-    """Started publishers reaching RabbitMQ through the proxy; all closed at the end."""
-    built: list[Publisher] = []
+def make_publisher(rabbit_proxy: FaultProxy, make_publisher: Callable[..., Publisher]) -> Callable[..., Publisher]:
+    """The shared factory (tests/conftest.py), reaching RabbitMQ through the proxy."""
     parameters = pika.URLParameters(RABBITMQ_URL)
     url = RABBITMQ_URL.replace(f"{parameters.host}:{parameters.port}", f"127.0.0.1:{rabbit_proxy.port}")
-
-    def factory(**overrides: Any) -> Publisher:
-        options: dict[str, Any] = {"url": url, "queue_name": queue_name, "max_length": 1000}
-        options.update(overrides)
-        publisher = Publisher(**options).start()
-        built.append(publisher)
-        return publisher
-
-    yield factory
-    for publisher in built:
-        publisher.close()
+    return lambda **overrides: make_publisher(**({"url": url} | overrides))
 
 
 def timed_publish(publisher: Publisher, queue_name: str, **options: Any) -> tuple[str, float]:

@@ -12,7 +12,6 @@ from typing import Any
 import dramatiq
 import pytest
 from aiosmtpd.controller import Controller
-from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import CurrentMessage, Middleware
 from sqlalchemy import func, select
 
@@ -25,7 +24,7 @@ from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import email_sends, notifications, outbox, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL, admin_connection
+from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from worker.actors import ApplyRuntime, declare_apply_actor
 from worker.email import EmailRuntime, SmtpTarget, declare_email_actor
 from worker.outbox import OutboxRelay, OutboxRelayMiddleware
@@ -114,13 +113,7 @@ def db(make_database: Callable[..., Database], pg_database: str) -> Database:
 def email_queue(queue_name: str) -> Iterator[str]:
     name = f"{queue_name}-email"
     yield name
-    connection = admin_connection()
-    try:
-        channel = connection.channel()
-        for queue in (name, dq_name(name), xq_name(name)):
-            channel.queue_delete(queue)
-    finally:
-        connection.close()
+    delete_queue_set(name)
 
 
 @pytest.fixture

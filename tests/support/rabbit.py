@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import pika
+from dramatiq.common import dq_name, xq_name
 
 from app.db import Database
 from app.dispatch.apply import apply_envelope
@@ -23,6 +24,17 @@ def admin_connection() -> pika.BlockingConnection:
     parameters.socket_timeout = parameters.stack_timeout = 5.0
     parameters.blocked_connection_timeout = 5.0
     return pika.BlockingConnection(parameters)
+
+
+def delete_queue_set(queue_name: str) -> None:
+    """Delete a queue with its Dramatiq .DQ and .XQ (missing ones are fine)."""
+    connection = admin_connection()
+    try:
+        channel = connection.channel()
+        for queue in (queue_name, dq_name(queue_name), xq_name(queue_name)):
+            channel.queue_delete(queue)
+    finally:
+        connection.close()
 
 
 def take_all(queue_name: str) -> list[tuple[Any, bytes]]:
