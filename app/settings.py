@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.redaction import mask_secrets
@@ -164,6 +164,44 @@ class Settings(BaseSettings):
         description="Dramatiq queue that carries send_email jobs.",
     )
 
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "BROWNOUT_REDIS_URL"),
+        description="Redis URL (redis://[:pass@]host:6379/0, rediss:// for TLS) of the read cache, pending "
+        "writes and the fleet-wide breaker override; unset: reads go to the database only.",
+    )
+    redis_timeout_seconds: PositiveSeconds = Field(
+        default=0.05,
+        description="Deadline of each Redis connect and command; a dead Redis costs a request about this much, once.",
+    )
+    redis_skip_seconds: PositiveSeconds = Field(
+        default=5.0, description="After a Redis failure, go around Redis for this long before trying it again."
+    )
+    redis_key_prefix: str = Field(
+        default="brownout:", min_length=1, max_length=100, description="Prefix of every Redis key Brownout writes."
+    )
+    cache_fresh_seconds: PositiveSeconds = Field(
+        default=30.0, description="Age below which a cached read is served without asking the database."
+    )
+    cache_stale_seconds: PositiveSeconds = Field(
+        default=86_400.0, description="How long a cached read is kept to be served stale while the database is sick."
+    )
+    pending_seconds: PositiveSeconds = Field(
+        default=3_600.0,
+        description="How long a queued write shows in reads as pending if nothing clears it (the worker's apply does).",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("BROWNOUT_ADMIN_TOKEN"),
+        description="Bearer token of POST /admin/breaker; unset: the route answers 404.",
+    )
+    override_poll_seconds: PositiveSeconds = Field(
+        default=1.0, description="How often each web process reads the fleet-wide breaker override from Redis."
+    )
+    max_body_bytes: int = Field(
+        default=65_536, ge=1024, description="Largest request body accepted; larger ones get 413 before being read."
+    )
+
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
@@ -202,6 +240,8 @@ def _env_name(field: str) -> str:
         return "RABBITMQ_URL"
     if field.lower() in ("smtp_url", "brownout_smtp_url"):
         return "SMTP_URL"
+    if field.lower() in ("redis_url", "brownout_redis_url"):
+        return "REDIS_URL"
     return f"BROWNOUT_{field.upper()}"
 
 

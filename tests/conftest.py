@@ -22,6 +22,7 @@ from app.dispatch.publisher import Publisher
 from app.settings import Settings
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 
+REDIS_URL = os.environ.get("BROWNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get(
     "BROWNOUT_TEST_PG_URL",
     "postgresql://brownout:brownout@127.0.0.1:5432/postgres?sslmode=require",
@@ -148,3 +149,41 @@ def make_publisher(queue_name: str) -> Iterator[Callable[..., Publisher]]:
     yield factory
     for publisher in built:
         publisher.close()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"bo-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def api_settings(
+    make_settings: Callable[..., Settings], pg_database: str, queue_name: str, redis_prefix: str
+) -> Callable[..., Settings]:
+    """Settings for a web process on this test's database (migrated), queue and Redis prefix."""
+    from app.schema import upgrade_database
+
+    upgrade_database(database_url(pg_database))
+
+    def factory(**overrides: Any) -> Settings:
+        fields: dict[str, Any] = {
+            "rabbitmq_url": RABBITMQ_URL,
+            "queue_name": queue_name,
+            "redis_url": REDIS_URL,
+            "redis_key_prefix": redis_prefix,
+        }
+        fields.update(overrides)
+        return make_settings(**fields)
+
+    return factory

@@ -123,6 +123,12 @@ class Dispatcher:
         dispatcher._owned_publisher = publisher
         return dispatcher
 
+    @property
+    def publisher_state(self) -> str | None:
+        """The publisher's connection state ("ready", "disconnected", ...), None without a queue."""
+        state = getattr(self._publisher, "state", None)
+        return None if self._publisher is None else str(getattr(state, "value", state))
+
     def close(self) -> None:
         if self._owned_publisher is not None:
             self._owned_publisher.close()
@@ -159,7 +165,10 @@ class Dispatcher:
 
     def submit(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Outcome:
         """Apply now, queue, or reject; raise InvalidCommand or KeyConflict for a bad request."""
-        envelope = self.accept(name, payload, idempotency_key=idempotency_key)
+        return self.submit_envelope(self.accept(name, payload, idempotency_key=idempotency_key))
+
+    def submit_envelope(self, envelope: Envelope) -> Outcome:
+        """`submit` for an envelope from `accept` (the API looks at it in between)."""
         breaker = self._database.breaker
         if breaker.state is BreakerState.CLOSED or breaker.retry_after() == 0:
             applied = self._apply_now(envelope)

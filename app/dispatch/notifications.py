@@ -47,6 +47,7 @@ class SetReadV1(BaseModel):
 
 
 def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """The notification as the API shows it, plus `read_stamp` (internal: read-your-writes compares it)."""
     return {
         "id": str(row["id"]),
         "user_id": row["user_id"],
@@ -56,6 +57,7 @@ def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
         "read": row["read"],
         "created_at": row["created_at"].isoformat(),
         "status": "applied",
+        "read_stamp": row["read_stamp"],
     }
 
 

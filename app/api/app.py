@@ -1,0 +1,45 @@
+"""`create_app(settings)`: the FastAPI service, its routes, and the process's services.
+
+Route handlers that touch PostgreSQL, Redis or RabbitMQ are plain `def`
+functions: FastAPI runs them on its thread pool, so database work never
+blocks the event loop, and each call carries its own deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.api import errors
+from app.api.body_limit import BodyLimit
+from app.api.routes import admin, commands, health, notifications
+from app.api.services import Services
+from app.settings import Settings
+
+
+def create_app(settings: Settings, *, build_services: Callable[[Settings], Services] = Services.build) -> FastAPI:
+    """Nothing connects until the app starts (lifespan); everything is closed when it stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await run_in_threadpool(build_services, settings)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await run_in_threadpool(services.close)
+
+    app = FastAPI(
+        title="Brownout",
+        summary="A service that stays useful while its PostgreSQL is sick, and loses no acknowledged write.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    errors.install(app)
+    for module in (notifications, commands, health, admin):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,50 @@
+"""Operator actions, behind BROWNOUT_ADMIN_TOKEN (the route is off without one)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, HTTPException
+from pydantic import BaseModel, ConfigDict
+
+from app.api.deps import ServicesDep
+from app.cache.redis_link import RedisUnavailable
+
+router = APIRouter(tags=["admin"])
+
+
+class BreakerAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["open", "close", "reset"]
+
+
+def require_admin(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """A dependency, so a request without the token is refused before its body is looked at."""
+    token = services.settings.admin_token
+    if token is None:
+        raise HTTPException(404, "Not Found")
+    scheme, _, given = (authorization or "").partition(" ")
+    expected = token.get_secret_value().encode()
+    # compare_digest: the time taken does not tell how much of the token matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.post(
+    "/admin/breaker",
+    dependencies=[Depends(require_admin)],
+    responses={401: {}, 404: {"description": "BROWNOUT_ADMIN_TOKEN is not set"}, 503: {}},
+)
+def force_breaker(body: BreakerAction, services: ServicesDep) -> dict[str, Any]:
+    """Open, close or reset the database breaker on every web process of the fleet (through Redis)."""
+    if services.override is None:
+        raise HTTPException(503, "REDIS_URL is not set: a forced state could not reach the fleet")
+    try:
+        record = services.override.apply(body.action)
+    except RedisUnavailable as exc:
+        raise HTTPException(
+            503, f"Redis unavailable ({exc}): the fleet cannot be told, nothing was changed", headers={"Retry-After": "5"}
+        ) from None
+    return {"applied": record, "breaker": services.database.breaker.snapshot()}

@@ -1,0 +1,87 @@
+"""The reference domain over HTTP (design.md, "HTTP contract")."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi.responses import JSONResponse
+
+from app.api.deps import NonCritical, ServicesDep
+from app.api.queries import MAX_PAGE
+from app.api.writes import WriteResult
+from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, CreateNotificationV1
+
+router = APIRouter(tags=["notifications"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Names the write: a replay returns the first outcome; another body with the same key is 422.",
+    ),
+]
+UserId = Annotated[int, Path(gt=0, le=2**63 - 1)]
+
+_WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"description": "Queued durably (the database is unavailable); Location: /commands/{command_id}"},
+    422: {"description": "Invalid body, or Idempotency-Key reused with another body"},
+    503: {"description": "Could not be made durable in time: retry with the same Idempotency-Key after Retry-After"},
+}
+
+
+def _respond(result: WriteResult) -> JSONResponse:
+    return JSONResponse(result.body, status_code=result.status_code, headers=result.headers)
+
+
+@router.post("/notifications", status_code=201, responses=_WRITE_RESPONSES)
+def create_notification(
+    body: CreateNotificationV1, services: ServicesDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Create a notification: 201 when applied, 202 when queued, 503 when neither can be made sure of."""
+    payload = body.model_dump(mode="json")
+    return _respond(services.writes.submit(CREATE, payload, idempotency_key=idempotency_key))
+
+
+@router.post("/notifications/{notification_id}/read", responses=_WRITE_RESPONSES)
+def mark_read(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    """Mark read: the last write accepted wins, whichever path each took."""
+    payload = {"notification_id": str(notification_id)}
+    return _respond(services.writes.submit(MARK_READ, payload, idempotency_key=idempotency_key))
+
+
+@router.post("/notifications/{notification_id}/unread", responses=_WRITE_RESPONSES)
+def mark_unread(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    payload = {"notification_id": str(notification_id)}
+    return _respond(services.writes.submit(MARK_UNREAD, payload, idempotency_key=idempotency_key))
+
+
+@router.get("/notifications/{notification_id}")
+def get_notification(notification_id: uuid.UUID, services: ServicesDep, response: Response) -> dict[str, Any]:
+    """From the database or the cache; stale (Age, X-Brownout: stale) while the database is sick."""
+    result = services.reads.notification(notification_id)
+    response.headers.update(result.headers())
+    body: dict[str, Any] = result.body
+    return body
+
+
+@router.get("/users/{user_id}/notifications")
+def list_notifications(
+    user_id: UserId,
+    services: ServicesDep,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next` of the previous page")] = None,
+) -> dict[str, Any]:
+    """Newest first, pending items included; `next` is the cursor of the following page, or null."""
+    result = services.reads.notifications(user_id, cursor=cursor, limit=limit)
+    response.headers.update(result.headers())
+    body: dict[str, Any] = result.body
+    return body
+
+
+@router.get("/users/{user_id}/notifications/stats", dependencies=[NonCritical])
+def notification_stats(user_id: UserId, services: ServicesDep) -> dict[str, int]:
+    """Read and unread counts. Non-critical: shed (503) while the breaker is not CLOSED."""
+    return services.reads.stats(user_id)

@@ -1,0 +1,136 @@
+"""The write endpoints' logic: the dispatcher's outcome, and what the cache learns from it.
+
+    Applied  -> 201 (create) / 200 (mark); written through to the cache
+    Queued   -> 202 + Location: /commands/{id}; shown to reads as pending
+    Rejected -> 503 + Retry-After (outcome unknown: retry with the same Idempotency-Key)
+
+An Idempotency-Key reused with another body is refused at once (422) when this
+service can see it: the direct path finds it in `applied_commands`; while the
+database is down, Redis keeps each key's body hash for the stale window. When
+neither can tell, the worker records the conflict at apply time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.api.queries import Position
+from app.api.reads import public
+from app.cache.pending import PendingWrites
+from app.cache.read_cache import ReadCache
+from app.cache.redis_link import RedisLink, RedisUnavailable
+from app.dispatch.apply import KeyConflict
+from app.dispatch.dispatcher import Applied, Dispatcher, Queued
+from app.dispatch.envelope import Envelope
+from app.dispatch.notifications import CREATE, MARK_READ
+
+log = logging.getLogger(__name__)
+
+
+class KeyReused(Exception):
+    """Raised when an Idempotency-Key comes back with another body (HTTP 422)."""
+
+
+@dataclass
+class WriteResult:
+    status_code: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class NotificationWrites:
+    def __init__(
+        self,
+        *,
+        dispatcher: Dispatcher,
+        link: RedisLink | None,
+        cache: ReadCache | None,
+        pending: PendingWrites | None,
+        key_seconds: float,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._link = link
+        self._cache = cache
+        self._pending = pending
+        self._key_seconds = key_seconds
+
+    def submit(self, name: str, payload: dict[str, Any], *, idempotency_key: str | None) -> WriteResult:
+        """Raise InvalidCommand or KeyReused for a bad request; every other outcome is a WriteResult."""
+        envelope = self._dispatcher.accept(name, payload, idempotency_key=idempotency_key)
+        if envelope.client_key:
+            self._claim_key(envelope)
+        try:
+            outcome = self._dispatcher.submit_envelope(envelope)
+        except KeyConflict as conflict:
+            raise KeyReused(str(conflict)) from None
+        if isinstance(outcome, Applied):
+            item = outcome.result
+            self._write_through(item, created=name == CREATE)
+            return WriteResult(201 if name == CREATE else 200, public(item))
+        if isinstance(outcome, Queued):
+            self._show_pending(envelope)
+            body = {"id": str(outcome.id), "command_id": str(outcome.command_id), "status": "queued"}
+            return WriteResult(202, body, {"Location": f"/commands/{outcome.command_id}"})
+        retry_after = str(max(1, math.ceil(outcome.retry_after)))
+        detail = f"write not accepted: {outcome.reason}; retry with the same Idempotency-Key"
+        body = {"detail": detail, "retry_after": retry_after}
+        return WriteResult(503, body, {"Retry-After": retry_after})
+
+    def _claim_key(self, envelope: Envelope) -> None:
+        link = self._link
+        if link is None:
+            return
+        key = link.key("idempotency", envelope.command_id)
+        try:
+            first = link.run(lambda client: client.set(key, envelope.payload_hash, nx=True, get=True, ex=int(self._key_seconds)))
+        except RedisUnavailable:
+            return  # the database (direct path) or the worker (queued path) still catches a reuse
+        if first is not None and first != envelope.payload_hash:
+            raise KeyReused(f"Idempotency-Key already used with another body (command {envelope.command_id})")
+
+    def _write_through(self, item: dict[str, Any], *, created: bool) -> None:
+        cache = self._cache
+        if cache is None:
+            return
+        link = cache.link
+        ident = item["id"]
+        try:
+            cache.write_through(
+                link.key("cache", "item", ident),
+                [link.key("gen", "item", ident), link.key("gen", "user", item["user_id"])],
+                item,
+            )
+            if created and self._pending is not None:
+                self._pending.note_recent(int(item["user_id"]), ident, Position.of(item).created_us)
+        except RedisUnavailable:
+            log.debug("write-through of %s skipped: Redis unavailable", ident)
+
+    def _show_pending(self, envelope: Envelope) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        created_us = Position.of({"created_at": envelope.accepted_at.isoformat(), "id": str(envelope.entity_id)}).created_us
+        try:
+            pending.add_command(
+                str(envelope.command_id),
+                {"command": envelope.name, "accepted_at": envelope.accepted_at.isoformat(), "entity_id": str(envelope.entity_id)},
+            )
+            if envelope.name == CREATE:
+                item = {
+                    "id": str(envelope.entity_id),
+                    "user_id": envelope.payload["user_id"],
+                    "email": envelope.payload["email"],
+                    "subject": envelope.payload["subject"],
+                    "body": envelope.payload.get("body", ""),
+                    "read": False,
+                    "created_at": envelope.accepted_at.isoformat(),
+                    "read_stamp": 0,
+                }
+                pending.add_item(item, created_us)
+            else:
+                pending.add_mark(str(envelope.entity_id), read=envelope.name == MARK_READ, stamp=envelope.accepted_stamp)
+        except RedisUnavailable:
+            log.info("queued write %s is not shown as pending: Redis unavailable", envelope.command_id)

@@ -1,0 +1,145 @@
+"""Read-your-writes: what this service accepted recently, kept in Redis for a bound.
+
+- A queued creation is kept as a *pending item* (`status: "pending"`,
+  `created_at` = acceptance time) until the database row supersedes it by id.
+- A queued mark-read or mark-unread is kept as a *pending mark* with its
+  acceptance stamp; the latest stamp wins, and a database row whose
+  `read_stamp` is at least as late supersedes it.
+- Every write, queued or direct, adds the notification to its user's *recent*
+  set, so a list served stale from the cache still shows what was just written.
+- A queued command's acceptance is kept so `GET /commands/{id}` can say
+  "queued" before the database knows it.
+
+Everything expires after `pending_seconds`: an entry that nobody cleared (the
+read that would have, never came; Redis lost a delete) cannot stick.
+Every method raises RedisUnavailable when Redis does not answer in time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from app.cache.redis_link import RedisLink
+
+# Stamps are 63-bit integers, beyond a Lua number's exact range: they travel as
+# zero-padded 20-digit strings, which compare like the integers.
+# KEYS[1] mark key; ARGV: padded stamp, mark JSON, ttl ms. Keeps the mark with the latest stamp.
+_SET_MARK = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local stamp = string.match(old, '"stamp":"(%d+)"')
+  if stamp and stamp >= ARGV[1] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS[1] mark key; ARGV: padded read_stamp applied. Deletes the mark once the database caught up with it.
+_CLEAR_MARK = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+local stamp = string.match(old, '"stamp":"(%d+)"')
+if stamp and stamp <= ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def padded(stamp: int) -> str:
+    return f"{stamp:020d}"
+
+
+class PendingWrites:
+    def __init__(self, link: RedisLink, *, ttl_seconds: float, clock: Callable[[], float] = time.time) -> None:
+        self.link = link
+        self.ttl_seconds = ttl_seconds
+        self.clock = clock
+        self._set_mark = link.client.register_script(_SET_MARK)
+        self._clear_mark = link.client.register_script(_CLEAR_MARK)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.ttl_seconds * 1000)
+
+    def _item_key(self, notification_id: str) -> str:
+        return self.link.key("pending", "item", notification_id)
+
+    def _mark_key(self, notification_id: str) -> str:
+        return self.link.key("pending", "mark", notification_id)
+
+    def _recent_key(self, user_id: int) -> str:
+        return self.link.key("recent", "user", user_id)
+
+    def _command_key(self, command_id: str) -> str:
+        return self.link.key("command", command_id)
+
+    # -- writes -------------------------------------------------------------
+
+    def note_recent(self, user_id: int, notification_id: str, created_us: int) -> None:
+        """A notification written just now (either path): stale lists must still show it."""
+        key = self._recent_key(user_id)
+        horizon = (self.clock() - self.ttl_seconds) * 1_000_000
+
+        def run(client: Any) -> None:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {notification_id: created_us})
+                pipe.zremrangebyscore(key, "-inf", f"({horizon:.0f}")
+                pipe.pexpire(key, self._ttl_ms)
+                pipe.execute()
+
+        self.link.run(run)
+
+    def add_item(self, item: dict[str, Any], created_us: int) -> None:
+        """A queued creation, shown with status "pending" until its row exists."""
+        value = json.dumps(item | {"status": "pending"}, separators=(",", ":"))
+        self.link.run(lambda client: client.set(self._item_key(item["id"]), value, px=self._ttl_ms))
+        self.note_recent(int(item["user_id"]), item["id"], created_us)
+
+    def add_mark(self, notification_id: str, *, read: bool, stamp: int) -> None:
+        mark = json.dumps({"read": read, "stamp": padded(stamp)}, separators=(",", ":"))
+        key = self._mark_key(notification_id)
+        self.link.run(lambda client: self._set_mark(keys=[key], args=[padded(stamp), mark, self._ttl_ms]))
+
+    def add_command(self, command_id: str, record: dict[str, Any]) -> None:
+        value = json.dumps(record, separators=(",", ":"))
+        self.link.run(lambda client: client.set(self._command_key(command_id), value, px=self._ttl_ms))
+
+    # -- clean-up (by the reads that see the database has caught up) ----------
+
+    def clear_items(self, notification_ids: Iterable[str]) -> None:
+        keys = [self._item_key(ident) for ident in notification_ids]
+        if keys:
+            self.link.run(lambda client: client.delete(*keys))
+
+    def clear_mark(self, notification_id: str, applied_stamp: int) -> None:
+        key = self._mark_key(notification_id)
+        self.link.run(lambda client: self._clear_mark(keys=[key], args=[padded(applied_stamp)]))
+
+    # -- reads --------------------------------------------------------------
+
+    def items(self, notification_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not notification_ids:
+            return {}
+        raws = self.link.run(lambda client: client.mget([self._item_key(ident) for ident in notification_ids]))
+        return {ident: json.loads(raw) for ident, raw in zip(notification_ids, raws, strict=True) if raw is not None}
+
+    def marks(self, notification_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not notification_ids:
+            return {}
+        raws = self.link.run(lambda client: client.mget([self._mark_key(ident) for ident in notification_ids]))
+        return {ident: json.loads(raw) for ident, raw in zip(notification_ids, raws, strict=True) if raw is not None}
+
+    def recent(self, user_id: int) -> list[tuple[str, int]]:
+        """(id, created µs) of the user's recent writes, newest first, within the bound."""
+        horizon = (self.clock() - self.ttl_seconds) * 1_000_000
+        rows = self.link.run(
+            lambda client: client.zrevrangebyscore(self._recent_key(user_id), "+inf", f"{horizon:.0f}", withscores=True)
+        )
+        pairs = cast(list[tuple[str, float]], rows)
+        return [(str(member), int(score)) for member, score in pairs]
+
+    def command(self, command_id: str) -> dict[str, Any] | None:
+        raw = self.link.run(lambda client: client.get(self._command_key(command_id)))
+        return None if raw is None else dict(json.loads(raw))

@@ -1,0 +1,140 @@
+"""Read-through cache entries with a fresh age, a stale window and generations.
+
+Each cached value has a *generation key* (per notification, per user list)
+that every write bumps. A fill remembers the generation it saw before reading
+the database and stores its result only if the generation is still the same
+(compared and set in one Lua script), so a fill that read the database before
+a write committed can never land after the write and hide it. An entry is
+fresh while it is younger than `fresh_seconds` and its generation is current;
+any entry younger than `stale_seconds` can be served stale.
+
+Every method raises RedisUnavailable when Redis cannot answer in time; callers
+then go to the database (or answer 503) and never wait longer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.cache.redis_link import RedisLink
+
+# KEYS[1] value key, KEYS[2] generation key; ARGV: observed generation, entry JSON, ttl ms.
+_STORE_IF_CURRENT = """
+local current = redis.call('GET', KEYS[2]) or '0'
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS[1] value key (may be absent: ''), KEYS[2..] generation keys; ARGV: value JSON or '', stored_at, ttl ms.
+# Bumps every generation; stores the value stamped with the first key's new generation.
+_WRITE_THROUGH = """
+local gen = 0
+for i = 2, #KEYS do
+  local g = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  if i == 2 then gen = g end
+end
+if ARGV[1] ~= '' then
+  local entry = '{"gen":' .. gen .. ',"stored_at":' .. ARGV[2] .. ',"value":' .. ARGV[1] .. '}'
+  redis.call('SET', KEYS[1], entry, 'PX', ARGV[3])
+end
+return gen
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: Any
+    stored_at: float
+    gen: int
+    current_gen: int
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.stored_at)
+
+    def fresh(self, now: float, fresh_seconds: float) -> bool:
+        return self.gen == self.current_gen and self.age(now) < fresh_seconds
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the cache holds for a key: maybe an entry, and the generation a fill must match."""
+
+    entry: Entry | None
+    gen: int
+
+
+class ReadCache:
+    def __init__(
+        self,
+        link: RedisLink,
+        *,
+        fresh_seconds: float,
+        stale_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.link = link
+        self.fresh_seconds = fresh_seconds
+        self.stale_seconds = stale_seconds
+        self.clock = clock  # wall clock: entries are shared by processes (and machines)
+        self._store = link.client.register_script(_STORE_IF_CURRENT)
+        self._write_through = link.client.register_script(_WRITE_THROUGH)
+        self._release = link.client.register_script(_RELEASE)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.stale_seconds * 1000)
+
+    def lookup(self, key: str, gen_key: str) -> Lookup:
+        raw, gen = self.link.run(lambda client: client.mget([key, gen_key]))
+        current = int(gen or 0)
+        if raw is None:
+            return Lookup(None, current)
+        data = json.loads(raw)
+        return Lookup(Entry(data["value"], float(data["stored_at"]), int(data["gen"]), current), current)
+
+    def fill(self, key: str, gen_key: str, value: Any, *, observed_gen: int) -> bool:
+        """Store a database read unless a write bumped the generation since it was observed."""
+        entry = json.dumps({"gen": observed_gen, "stored_at": self.clock(), "value": value}, separators=(",", ":"))
+        stored = self.link.run(lambda client: self._store(keys=[key, gen_key], args=[str(observed_gen), entry, self._ttl_ms]))
+        return bool(stored)
+
+    def write_through(self, key: str | None, gen_keys: Sequence[str], value: Any = None) -> None:
+        """After a committed write: bump every generation, and store *value* under *key* as current."""
+        payload = "" if key is None else json.dumps(value, separators=(",", ":"))
+        keys = [key or gen_keys[0], *gen_keys]
+        self.link.run(lambda client: self._write_through(keys=keys, args=[payload, repr(self.clock()), self._ttl_ms]))
+
+    def values(self, keys: Sequence[str]) -> list[Entry | None]:
+        """Several entries in one round trip (generations not checked: for stale serving)."""
+        if not keys:
+            return []
+        raws = self.link.run(lambda client: client.mget(list(keys)))
+        out: list[Entry | None] = []
+        for raw in raws:
+            if raw is None:
+                out.append(None)
+                continue
+            data = json.loads(raw)
+            out.append(Entry(data["value"], float(data["stored_at"]), int(data["gen"]), int(data["gen"])))
+        return out
+
+    def try_lock(self, key: str, ttl_seconds: float) -> str | None:
+        """One loader per key across the fleet: a token when this caller may load, else None."""
+        token = uuid.uuid4().hex
+        got = self.link.run(lambda client: client.set(key, token, nx=True, px=max(1, int(ttl_seconds * 1000))))
+        return token if got else None
+
+    def unlock(self, key: str, token: str) -> None:
+        self.link.run(lambda client: self._release(keys=[key], args=[token]))

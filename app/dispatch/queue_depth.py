@@ -1,0 +1,74 @@
+"""How many writes wait in the queue, for readiness and the operator.
+
+A short-lived connection with deadlines on every step (pika's defaults wait
+10 s to connect and 15 s for the handshake), asked at most once per
+`cache_seconds` so a readiness probe hammered by a load balancer costs
+RabbitMQ one connection per interval, not one per probe. A blocking
+connection's calls after the handshake have no deadline of their own, so the
+question runs on a short-lived thread that the caller waits for at most
+`timeout` (the connection's heartbeat then ends a stuck one).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from app.redaction import mask_secrets
+
+
+class QueueDepth:
+    def __init__(self, *, url: str, queue_name: str, timeout: float, cache_seconds: float = 5.0) -> None:
+        self._parameters = pika.URLParameters(url)
+        self._parameters.socket_timeout = timeout
+        self._parameters.stack_timeout = timeout
+        self._parameters.blocked_connection_timeout = timeout
+        self._parameters.connection_attempts = 1
+        self._parameters.heartbeat = max(1, round(timeout))
+        self._queue_name = queue_name
+        self._timeout = timeout
+        self._cache_seconds = cache_seconds
+        self._where = mask_secrets(url)
+        self._lock = threading.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
+
+    def read(self) -> dict[str, Any]:
+        """{"ok": True, "messages": n} or {"ok": False, "error": ...}; never raises."""
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < self._cache_seconds:
+                return self._last[1]
+            result = self._ask_within_deadline()
+            self._last = (time.monotonic(), result)
+            return result
+
+    def _ask_within_deadline(self) -> dict[str, Any]:
+        answer: list[dict[str, Any]] = []
+        thread = threading.Thread(target=lambda: answer.append(self._ask()), name="brownout-queue-depth", daemon=True)
+        thread.start()
+        thread.join(self._timeout * 2)  # connect and question each have `timeout`
+        if not answer:
+            return {"ok": False, "error": f"RabbitMQ at {self._where} did not answer within {self._timeout * 2:.1f} s"}
+        return answer[0]
+
+    def _ask(self) -> dict[str, Any]:
+        try:
+            connection = pika.BlockingConnection(self._parameters)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            return {"ok": False, "error": mask_secrets(f"{type(exc).__name__} connecting to {self._where}: {exc}")}
+        try:
+            channel = connection.channel()
+            frame = channel.queue_declare(self._queue_name, passive=True)
+            return {"ok": True, "messages": frame.method.message_count, "consumers": frame.method.consumer_count}
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return {"ok": False, "error": f"queue {self._queue_name!r}: {exc.reply_text}"}
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            return {"ok": False, "error": mask_secrets(f"{type(exc).__name__}: {exc}")}
+        finally:
+            try:
+                connection.close()
+            except Exception:
+                pass

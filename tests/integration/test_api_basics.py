@@ -1,0 +1,130 @@
+"""The API against healthy services: the HTTP contract's happy paths and its 4xx answers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from app.settings import Settings
+from tests.support.api_server import RunningApi, serve_in_thread
+
+ADA = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
+
+
+@pytest.fixture
+def api(api_settings: Callable[..., Settings]) -> Iterator[RunningApi]:
+    with serve_in_thread(api_settings(max_body_bytes=2048)) as running:
+        yield running
+
+
+def test_create_is_201_and_readable_at_once(api: RunningApi) -> None:
+    created = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "welcome-1"})
+    assert created.status_code == 201, created.text
+    item = created.json()
+    assert item["status"] == "applied" and item["read"] is False and "read_stamp" not in item
+    uuid.UUID(item["id"])
+
+    fetched = api.client.get(f"/notifications/{item['id']}")
+    assert fetched.status_code == 200
+    assert fetched.json() == item
+    # written through: the first read is already a cache hit
+    assert fetched.headers["cache-status"].startswith("Brownout; hit")
+    assert "x-brownout" not in fetched.headers
+
+
+def test_replay_returns_first_result_and_other_body_is_422(api: RunningApi) -> None:
+    first = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "k-1"})
+    again = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+
+    other = api.client.post("/notifications", json=ADA | {"subject": "Other"}, headers={"Idempotency-Key": "k-1"})
+    assert other.status_code == 422
+    assert "Idempotency-Key" in other.json()["detail"]
+
+
+def test_mark_read_then_unread_last_wins(api: RunningApi) -> None:
+    item = api.client.post("/notifications", json=ADA).json()
+    read = api.client.post(f"/notifications/{item['id']}/read")
+    assert read.status_code == 200 and read.json()["read"] is True
+    unread = api.client.post(f"/notifications/{item['id']}/unread")
+    assert unread.status_code == 200 and unread.json()["read"] is False
+    assert api.client.get(f"/notifications/{item['id']}").json()["read"] is False
+
+
+def test_list_is_newest_first_and_paginates(api: RunningApi) -> None:
+    ids = [api.client.post("/notifications", json=ADA | {"subject": f"n{i}"}).json()["id"] for i in range(5)]
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(5):
+        params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = api.client.get("/users/42/notifications", params=params)
+        assert page.status_code == 200
+        body = page.json()
+        assert len(body["items"]) <= 2
+        seen += [item["id"] for item in body["items"]]
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+
+
+def test_stats_counts_read_and_unread(api: RunningApi) -> None:
+    first = api.client.post("/notifications", json=ADA).json()
+    api.client.post("/notifications", json=ADA | {"subject": "two"})
+    api.client.post(f"/notifications/{first['id']}/read")
+    assert api.client.get("/users/42/notifications/stats").json() == {"total": 2, "read": 1, "unread": 1}
+
+
+def test_bad_requests_get_clear_4xx(api: RunningApi) -> None:
+    invalid = api.client.post("/notifications", json={"user_id": 0, "email": "nope", "subject": ""})
+    assert invalid.status_code == 422
+    fields = {error["field"] for error in invalid.json()["errors"]}
+    assert fields == {"user_id", "email", "subject"}
+    assert all(error["reason"] for error in invalid.json()["errors"])
+
+    assert api.client.post("/notifications", json=ADA | {"extra": 1}).status_code == 422
+    assert api.client.get("/notifications/not-a-uuid").status_code == 422
+    missing = api.client.get(f"/notifications/{uuid.uuid4()}")
+    assert missing.status_code == 404 and missing.json() == {"detail": "not found"}
+    unknown = api.client.get("/no/such/route")
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
+    assert api.client.get("/users/42/notifications", params={"cursor": "garbage!"}).status_code == 400
+    assert api.client.get("/users/42/notifications", params={"limit": 101}).status_code == 422
+    key = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "x" * 201})
+    assert key.status_code == 422
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(api: RunningApi) -> None:
+    big = ADA | {"body": "x" * 4000}
+    declared = api.client.post("/notifications", json=big)
+    assert declared.status_code == 413 and "2048" in declared.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        yield b'{"user_id": 42, "email": "ada@example.com", "subject": "s", "body": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}'
+
+    streamed = api.client.post("/notifications", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_health_and_ready(api: RunningApi) -> None:
+    assert api.client.get("/health").json() == {"status": "ok"}
+    ready = api.client.get("/ready")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["ready"] is True and body["writes"] == "direct" and body["reasons"] == []
+    assert body["breaker"]["state"] == "closed" and body["redis"]["ok"] is True
+    assert body["rabbitmq"]["publisher"] == "ready" and body["rabbitmq"]["queue"]["ok"] is True
+
+
+def test_openapi_documents_the_routes(api: RunningApi) -> None:
+    spec = api.client.get("/openapi.json").json()
+    for path in ("/notifications", "/notifications/{notification_id}/read", "/users/{user_id}/notifications", "/ready"):
+        assert path in spec["paths"]
+    assert api.client.get("/docs").status_code == 200
