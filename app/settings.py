@@ -192,7 +192,6 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("BROWNOUT_ADMIN_TOKEN"),
         description="Bearer token of POST /admin/breaker; unset: the route answers 404.",
     )
     override_poll_seconds: PositiveSeconds = Field(

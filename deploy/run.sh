@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Set everything up, then run the service against the local backing services:
-# migrate the database, print its health report, and run the worker in the
-# foreground (Ctrl-C stops it cleanly). The web process arrives with the HTTP API.
+# migrate the database (the Procfile's release step), print its health report,
+# and run the Procfile's web and worker processes together with honcho in the
+# foreground (Ctrl-C stops both cleanly). The API listens on $PORT (default 8000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 source deploy/local-env.sh
-.venv/bin/python -m app migrate
-.venv/bin/python -m app health
-exec .venv/bin/dramatiq worker.main --processes 1 --threads 8 --worker-shutdown-timeout 10000 --queues "${BROWNOUT_QUEUE_NAME:-brownout-commands}" "${BROWNOUT_EMAIL_QUEUE_NAME:-brownout-email}"
+export PATH="$PWD/.venv/bin:$PATH" PORT="${PORT:-8000}"
+python -m app migrate
+python -m app health || true  # a sick database is what Brownout is for: start anyway
+# Only web and worker: the release line exits when done, and honcho would stop the others with it.
+exec honcho start -f Procfile web worker

@@ -62,6 +62,7 @@ class ReadResult:
     age: float | None = None
     cache_status: str = ""
     from_database: bool = False
+    stored_at: float | None = None  # when a cached answer was stored
     degraded: list[str] = field(default_factory=list)
 
     def headers(self) -> dict[str, str]:
@@ -95,7 +96,7 @@ class NotificationReads:
         self._deadline = deadline
         self._flights: SingleFlight[Any] = SingleFlight()
         # A seam for tests that force an interleaving between a fill's database read and its store.
-        self._after_load = after_load
+        self.after_load = after_load
 
     # -- keys ---------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class NotificationReads:
         more = len(rows) > limit
         page = rows[:limit]
         if result.stale:
-            page = self._patch_from_item_cache(page, result.age)
+            page = self._patch_from_item_cache(page, result.stored_at or 0.0)
         page, more = self._overlay_recent(user_id, page, before=before, limit=limit, more=more, stale=result.stale)
         page = self._apply_marks(page)
         next_cursor = Position.of(page[-1]).encode() if more and page else None
@@ -192,14 +193,16 @@ class NotificationReads:
         except DatabaseUnavailable as unavailable:
             if lookup is None or lookup.entry is None or cache is None:
                 raise
-            return self._stale(lookup.entry, unavailable, now)
+            return self._stale(lookup.entry, unavailable, time.time())
 
     def _stale(self, entry: Entry, unavailable: DatabaseUnavailable, now: float) -> ReadResult:
         assert self._cache is not None
         age = entry.age(now)
         ttl = math.floor(self._cache.fresh_seconds - age)
         status = f"{CACHE_NAME}; hit; ttl={ttl}; detail=database-unavailable"
-        return ReadResult(entry.value, stale=True, age=age, cache_status=status, degraded=[unavailable.reason])
+        return ReadResult(
+            entry.value, stale=True, age=age, cache_status=status, stored_at=entry.stored_at, degraded=[unavailable.reason]
+        )
 
     def _load(self, keys: tuple[str, str], lookup: Lookup, query: Callable[[Session], T]) -> tuple[T, bool]:
         """The leader's load: fleet-wide lock, database read, fill unless a write came in between."""
@@ -216,8 +219,8 @@ class NotificationReads:
                 return waited, False
         try:
             value = self._database_read(query)
-            if self._after_load is not None:
-                self._after_load(key)
+            if self.after_load is not None:
+                self.after_load(key)
             stored = bool(self._cache_call(lambda: cache.fill(key, gen_key, value, observed_gen=lookup.gen)))
             return value, stored
         finally:
@@ -251,7 +254,7 @@ class NotificationReads:
 
     # -- overlays -----------------------------------------------------------
 
-    def _patch_from_item_cache(self, page: list[dict[str, Any]], page_age: float | None) -> list[dict[str, Any]]:
+    def _patch_from_item_cache(self, page: list[dict[str, Any]], page_stored: float) -> list[dict[str, Any]]:
         """A stale list page, with each item replaced by a newer cached copy (a write-through since)."""
         cache = self._cache
         if cache is None or not page:
@@ -260,7 +263,6 @@ class NotificationReads:
         entries = self._cache_call(lambda: cache.values(keys))
         if not entries:
             return page
-        page_stored = time.time() - (page_age or 0)
         return [
             entry.value if entry is not None and entry.stored_at > page_stored else item
             for item, entry in zip(page, entries, strict=True)

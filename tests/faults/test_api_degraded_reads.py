@@ -1,0 +1,118 @@
+"""Reads degrade, they do not fail: stale answers with their age while the database is sick.
+
+The database is made sick for real: the breaker opened by an operator, or a
+TCP proxy in front of PostgreSQL that goes silent (reads must then give up at
+the request deadline and serve the stale copy, not wait out libpq).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from app.settings import Settings
+from tests.conftest import database_url
+from tests.support.api_server import RunningApi, serve_in_thread
+from tests.support.polling import wait_until
+from tests.support.tcp_proxy import FaultProxy
+
+ADA = {"user_id": 9, "email": "ada@example.com", "subject": "Degraded", "body": "b"}
+
+
+@pytest.fixture
+def api(api_settings: Callable[..., Settings], pg_database: str, proxy: FaultProxy) -> Iterator[RunningApi]:
+    settings = api_settings(
+        database_url=database_url(pg_database, port=proxy.port),
+        cache_fresh_seconds=0.2,
+        request_db_deadline_seconds=0.3,
+    )
+    with serve_in_thread(settings) as running:
+        yield running
+
+
+def _stale_soon(api: RunningApi, path: str) -> None:
+    """Let the cached copy age past its fresh TTL (0.2 s) without touching it."""
+    time.sleep(0.3)
+
+
+def test_breaker_open_serves_stale_with_age_and_markers(api: RunningApi) -> None:
+    item = api.client.post("/notifications", json=ADA).json()
+    page = api.client.get("/users/9/notifications").json()
+    _stale_soon(api, f"/notifications/{item['id']}")
+    api.services.database.breaker.force_open()
+
+    stale = api.client.get(f"/notifications/{item['id']}")
+    assert stale.status_code == 200 and stale.json() == item
+    assert stale.headers["x-brownout"] == "stale"
+    assert int(stale.headers["age"]) >= 0
+    assert stale.headers["cache-status"].startswith("Brownout; hit; ttl=-")
+    assert "detail=database-unavailable" in stale.headers["cache-status"]
+
+    stale_list = api.client.get("/users/9/notifications")
+    assert stale_list.status_code == 200 and stale_list.headers["x-brownout"] == "stale"
+    assert stale_list.json() == page
+
+
+def test_a_miss_while_the_database_is_down_is_503_with_retry_after(api: RunningApi) -> None:
+    api.services.database.breaker.force_open()
+    miss = api.client.get("/notifications/2b0c8f4e-9d8a-4f1e-8c57-3f5c2a1d0e9b")
+    assert miss.status_code == 503
+    assert int(miss.headers["retry-after"]) >= 1
+    assert "database unavailable" in miss.json()["detail"]
+    assert api.client.get("/users/12345/notifications").status_code == 503
+
+
+def test_a_silent_database_costs_a_read_the_deadline_then_serves_stale(api: RunningApi, proxy: FaultProxy) -> None:
+    item = api.client.post("/notifications", json=ADA).json()
+    _stale_soon(api, f"/notifications/{item['id']}")
+    proxy.silence()
+    proxy.reset_existing()  # pooled connections die; new ones are accepted and never answered
+
+    started = time.monotonic()
+    stale = api.client.get(f"/notifications/{item['id']}")
+    elapsed = time.monotonic() - started
+    assert stale.status_code == 200 and stale.headers["x-brownout"] == "stale"
+    assert elapsed < 2.0, f"a read waited {elapsed:.2f} s on a silent database (deadline 0.3 s)"
+
+
+def test_writes_are_visible_stale_after_the_database_goes_away(api: RunningApi, proxy: FaultProxy) -> None:
+    """Write-through: what was just written (and marked) is served while the database is gone."""
+    item = api.client.post("/notifications", json=ADA).json()
+    api.client.get("/users/9/notifications")  # a cached page without the next write
+    second = api.client.post("/notifications", json=ADA | {"subject": "second"}).json()
+    marked = api.client.post(f"/notifications/{item['id']}/read").json()
+    assert marked["read"] is True
+    _stale_soon(api, "/users/9/notifications")
+    proxy.refuse()
+    proxy.reset_existing()
+
+    assert api.client.get(f"/notifications/{item['id']}").json()["read"] is True
+    page = api.client.get("/users/9/notifications")
+    assert page.status_code == 200 and page.headers["x-brownout"] == "stale"
+    by_id = {entry["id"]: entry for entry in page.json()["items"]}
+    assert set(by_id) == {item["id"], second["id"]}
+    assert by_id[item["id"]]["read"] is True
+
+
+def test_non_critical_routes_are_shed_while_the_breaker_is_not_closed(api: RunningApi) -> None:
+    item = api.client.post("/notifications", json=ADA).json()
+    assert api.client.get("/users/9/notifications/stats").status_code == 200
+    api.services.database.breaker.force_open()
+    shed = api.client.get("/users/9/notifications/stats")
+    assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
+    assert api.client.get(f"/notifications/{item['id']}").status_code == 200  # critical reads still answer
+    api.services.database.breaker.reset()
+    assert wait_until(lambda: api.client.get("/users/9/notifications/stats").status_code == 200, timeout=10)
+
+
+def test_no_stack_trace_reaches_a_client(api: RunningApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(user_id: int) -> dict[str, int]:
+        raise RuntimeError("password=hunter2 in a Traceback")
+
+    monkeypatch.setattr(api.services.reads, "stats", explode)
+    answer = api.client.get("/users/9/notifications/stats")
+    assert answer.status_code == 500
+    assert answer.json() == {"detail": "internal error"}
+    assert "hunter2" not in answer.text and "Traceback" not in answer.text

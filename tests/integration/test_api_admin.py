@@ -1,0 +1,68 @@
+"""Operator actions: the token guards them, and a forced breaker state reaches every web process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+
+from app.settings import Settings
+from tests.support.api_server import serve_in_process, serve_in_thread
+from tests.support.polling import wait_until
+
+TOKEN = "s3cret-token"
+
+
+def test_the_route_is_off_without_a_token(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings()) as api:
+        answer = api.client.post("/admin/breaker", json={"action": "open"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert answer.status_code == 404
+        assert api.services.database.breaker.state.value == "closed"
+
+
+def test_missing_or_wrong_token_is_401_and_changes_nothing(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings(admin_token=TOKEN)) as api:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            answer = api.client.post("/admin/breaker", json={"action": "open"}, headers=headers)
+            assert answer.status_code == 401, headers
+            assert answer.headers["www-authenticate"] == "Bearer"
+        # refused before the body is even looked at
+        assert api.client.post("/admin/breaker", json={"action": "explode"}).status_code == 401
+        assert api.services.database.breaker.state.value == "closed"
+        bad = api.client.post("/admin/breaker", json={"action": "explode"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert bad.status_code == 422
+
+
+def test_forced_state_reaches_another_process(api_settings: Callable[..., Settings]) -> None:
+    settings = api_settings(admin_token=TOKEN, override_poll_seconds=0.2)
+    fields = {name: getattr(settings, name) for name in type(settings).model_fields}
+    fields["admin_token"] = TOKEN
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def breaker_of(url: str) -> str:
+        return str(httpx.get(f"{url}/ready", timeout=5).json()["breaker"]["state"])
+
+    with serve_in_thread(settings) as api, serve_in_process(fields) as other:
+        assert breaker_of(other) == "closed"
+        opened = api.client.post("/admin/breaker", json={"action": "open"}, headers=auth)
+        assert opened.status_code == 200, opened.text
+        assert opened.json()["breaker"]["state"] == "open" and opened.json()["breaker"]["forced"] == "open"
+        assert wait_until(lambda: breaker_of(other) == "open", timeout=15)
+        # the other process queues writes now: its breaker refuses the database
+        queued = httpx.post(
+            f"{other}/notifications", json={"user_id": 5, "email": "a@example.com", "subject": "s"}, timeout=10
+        )
+        assert queued.status_code == 202, queued.text
+
+        reset = api.client.post("/admin/breaker", json={"action": "reset"}, headers=auth)
+        assert reset.status_code == 200 and reset.json()["breaker"]["state"] == "closed"
+        assert wait_until(lambda: breaker_of(other) == "closed", timeout=15)
+
+
+def test_a_process_started_later_applies_the_standing_action(api_settings: Callable[..., Settings]) -> None:
+    settings = api_settings(admin_token=TOKEN)
+    with serve_in_thread(settings) as api:
+        api.client.post("/admin/breaker", json={"action": "open"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    with serve_in_thread(settings) as later:
+        assert later.services.database.breaker.state.value == "open"
+        assert later.client.get("/ready").json()["breaker"]["forced"] == "open"
