@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class ApplyRuntime:
     defer_base_seconds: float = 1.0
     defer_cap_seconds: float = 60.0
     rng: random.Random = field(default_factory=random.Random)
+    on_applied: Callable[[dict[str, Any]], None] | None = None
+    """Told the entity after each committed apply (the read side's cache and pending entries)."""
 
     def defer_delay_ms(self, deferrals: int) -> int:
         nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0**deferrals)
@@ -95,6 +98,11 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
                 idempotent=True,  # the apply step dedups by command id
             )
         log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
+        if runtime.on_applied is not None:
+            try:
+                runtime.on_applied(written.result)
+            except Exception:  # the write is committed: telling the cache is best effort
+                log.exception("after-apply hook failed for %s", envelope.command_id)
     except (UnknownCommand, DependencyPending) as reason:
         try:
             _defer(broker, runtime, envelope, reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dramatiq.middleware import CurrentMessage
 
+from app.cache.applied_elsewhere import AppliedElsewhere
 from app.db import Database
 from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import build_registry
@@ -44,7 +45,8 @@ def build_worker_broker(settings: Settings, database: Database) -> BrownoutRabbi
             actor_names={APPLY_ACTOR},
         )
     )
-    declare_apply_actor(broker, ApplyRuntime(database=database, registry=build_registry()), queue_name=settings.queue_name)
+    runtime = ApplyRuntime(database=database, registry=build_registry(), on_applied=AppliedElsewhere.from_settings(settings))
+    declare_apply_actor(broker, runtime, queue_name=settings.queue_name)
     if settings.smtp_url:
         if settings.email_queue_name == settings.queue_name:
             raise SystemExit("brownout worker: BROWNOUT_EMAIL_QUEUE_NAME must differ from BROWNOUT_QUEUE_NAME")

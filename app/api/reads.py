@@ -117,10 +117,17 @@ class NotificationReads:
 
     def notification(self, notification_id: uuid.UUID) -> ReadResult:
         ident = str(notification_id)
-        result = self._read(
-            self.item_keys(ident) if self._cache else None,
-            lambda session: queries.get_notification(session, notification_id),
-        )
+        try:
+            result = self._read(
+                self.item_keys(ident) if self._cache else None,
+                lambda session: queries.get_notification(session, notification_id),
+            )
+        except DatabaseUnavailable as unavailable:  # nothing cached: a queued creation may still be shown
+            pending_item = (self._pending_call(lambda p: p.items([ident])) or {}).get(ident)
+            if pending_item is None:
+                raise
+            result = ReadResult(None, stale=True, age=0, cache_status=f"{CACHE_NAME}; hit; detail=pending")
+            result.degraded.append(unavailable.reason)
         item: dict[str, Any] | None = result.body
         if item is None:
             pending = self._pending_call(lambda p: p.items([ident])) or {}
@@ -221,7 +228,8 @@ class NotificationReads:
             value = self._database_read(query)
             if self.after_load is not None:
                 self.after_load(key)
-            stored = bool(self._cache_call(lambda: cache.fill(key, gen_key, value, observed_gen=lookup.gen)))
+            observed = {"observed_gen": lookup.gen, "observed_epoch": lookup.epoch}
+            stored = bool(self._cache_call(lambda: cache.fill(key, gen_key, value, **observed)))
             return value, stored
         finally:
             if token:

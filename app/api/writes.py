@@ -102,11 +102,12 @@ class NotificationWrites:
                 link.key("cache", "item", ident),
                 [link.key("gen", "item", ident), link.key("gen", "user", item["user_id"])],
                 item,
+                version=int(item.get("read_stamp", 0)),  # the row's last write, by last-writer-wins
             )
             if created and self._pending is not None:
                 self._pending.note_recent(int(item["user_id"]), ident, Position.of(item).created_us)
         except RedisUnavailable:
-            log.debug("write-through of %s skipped: Redis unavailable", ident)
+            link.missed_write()
 
     def _show_pending(self, envelope: Envelope) -> None:
         pending = self._pending
@@ -134,3 +135,5 @@ class NotificationWrites:
                 pending.add_mark(str(envelope.entity_id), read=envelope.name == MARK_READ, stamp=envelope.accepted_stamp)
         except RedisUnavailable:
             log.info("queued write %s is not shown as pending: Redis unavailable", envelope.command_id)
+            if self._link is not None:
+                self._link.missed_write()  # its apply may not be able to bump generations either

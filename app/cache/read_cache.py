@@ -8,6 +8,12 @@ a write committed can never land after the write and hide it. An entry is
 fresh while it is younger than `fresh_seconds` and its generation is current;
 any entry younger than `stale_seconds` can be served stale.
 
+A write that could not reach Redis (it was down) could not bump its
+generations, so entries cached before the outage would look fresh after it.
+The link remembers such a miss and, on its first command once Redis answers,
+bumps a fleet-wide *epoch*; entries are fresh only under the epoch they were
+stored in (a fleet-wide loss of freshness, never of stale copies).
+
 Every method raises RedisUnavailable when Redis cannot answer in time; callers
 then go to the database (or answer 503) and never wait longer.
 """
@@ -31,19 +37,29 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
-# KEYS[1] value key (may be absent: ''), KEYS[2..] generation keys; ARGV: value JSON or '', stored_at, ttl ms.
-# Bumps every generation; stores the value stamped with the first key's new generation.
+# KEYS[1] value key, KEYS[2..n-1] generation keys, KEYS[n] the epoch key;
+# ARGV: value JSON or '', stored_at, ttl ms, version.
+# Bumps every generation; stores the value stamped with the first key's new generation, unless
+# the entry there has a later version (two processes' write-throughs can arrive out of order;
+# the loser's bump alone makes the entry not fresh, so the next read asks the database).
+# Versions are zero-padded 20-digit strings: they compare like the 63-bit stamps they are.
 _WRITE_THROUGH = """
 local gen = 0
-for i = 2, #KEYS do
+for i = 2, #KEYS - 1 do
   local g = redis.call('INCR', KEYS[i])
   redis.call('PEXPIRE', KEYS[i], ARGV[3])
   if i == 2 then gen = g end
 end
-if ARGV[1] ~= '' then
-  local entry = '{"gen":' .. gen .. ',"stored_at":' .. ARGV[2] .. ',"value":' .. ARGV[1] .. '}'
-  redis.call('SET', KEYS[1], entry, 'PX', ARGV[3])
+if ARGV[1] == '' then return gen end
+local old = redis.call('GET', KEYS[1])
+if old then
+  local version = string.match(old, '"version":"(%d+)"')
+  if version and version > ARGV[4] then return gen end
 end
+local epoch = redis.call('GET', KEYS[#KEYS]) or '0'
+local entry = '{"gen":' .. gen .. ',"epoch":' .. epoch .. ',"stored_at":' .. ARGV[2] .. ',"version":"' .. ARGV[4] ..
+  '","value":' .. ARGV[1] .. '}'
+redis.call('SET', KEYS[1], entry, 'PX', ARGV[3])
 return gen
 """
 
@@ -59,12 +75,14 @@ class Entry:
     stored_at: float
     gen: int
     current_gen: int
+    epoch: int = 0
+    current_epoch: int = 0
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored_at)
 
     def fresh(self, now: float, fresh_seconds: float) -> bool:
-        return self.gen == self.current_gen and self.age(now) < fresh_seconds
+        return self.gen == self.current_gen and self.epoch == self.current_epoch and self.age(now) < fresh_seconds
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class Lookup:
 
     entry: Entry | None
     gen: int
+    epoch: int = 0
 
 
 class ReadCache:
@@ -97,24 +116,30 @@ class ReadCache:
         return int(self.stale_seconds * 1000)
 
     def lookup(self, key: str, gen_key: str) -> Lookup:
-        raw, gen = self.link.run(lambda client: client.mget([key, gen_key]))
-        current = int(gen or 0)
+        raw, gen, epoch = self.link.run(lambda client: client.mget([key, gen_key, self.link.epoch_key]))
+        current, current_epoch = int(gen or 0), int(epoch or 0)
         if raw is None:
-            return Lookup(None, current)
+            return Lookup(None, current, current_epoch)
         data = json.loads(raw)
-        return Lookup(Entry(data["value"], float(data["stored_at"]), int(data["gen"]), current), current)
+        entry = Entry(
+            data["value"], float(data["stored_at"]), int(data["gen"]), current, int(data.get("epoch", 0)), current_epoch
+        )
+        return Lookup(entry, current, current_epoch)
 
-    def fill(self, key: str, gen_key: str, value: Any, *, observed_gen: int) -> bool:
+    def fill(self, key: str, gen_key: str, value: Any, *, observed_gen: int, observed_epoch: int = 0) -> bool:
         """Store a database read unless a write bumped the generation since it was observed."""
-        entry = json.dumps({"gen": observed_gen, "stored_at": self.clock(), "value": value}, separators=(",", ":"))
+        fields = {"gen": observed_gen, "epoch": observed_epoch, "stored_at": self.clock(), "value": value}
+        entry = json.dumps(fields, separators=(",", ":"))
         stored = self.link.run(lambda client: self._store(keys=[key, gen_key], args=[str(observed_gen), entry, self._ttl_ms]))
         return bool(stored)
 
-    def write_through(self, key: str | None, gen_keys: Sequence[str], value: Any = None) -> None:
-        """After a committed write: bump every generation, and store *value* under *key* as current."""
+    def write_through(self, key: str | None, gen_keys: Sequence[str], value: Any = None, *, version: int = 0) -> None:
+        """After a committed write: bump every generation, and store *value* under *key* as current
+        unless a later *version* is there already. With key None, only bump (invalidate)."""
         payload = "" if key is None else json.dumps(value, separators=(",", ":"))
-        keys = [key or gen_keys[0], *gen_keys]
-        self.link.run(lambda client: self._write_through(keys=keys, args=[payload, repr(self.clock()), self._ttl_ms]))
+        keys = [key or gen_keys[0], *gen_keys, self.link.epoch_key]
+        args: list[str | int] = [payload, repr(self.clock()), self._ttl_ms, f"{version:020d}"]
+        self.link.run(lambda client: self._write_through(keys=keys, args=args))
 
     def values(self, keys: Sequence[str]) -> list[Entry | None]:
         """Several entries in one round trip (generations not checked: for stale serving)."""

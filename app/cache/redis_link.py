@@ -58,6 +58,7 @@ class RedisLink:
         self._lock = threading.Lock()
         self._skip_until = 0.0
         self._down = False
+        self._missed_write = False
         self.last_error: str | None = None
 
     @property
@@ -68,11 +69,23 @@ class RedisLink:
     def key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(part) for part in parts)
 
+    @property
+    def epoch_key(self) -> str:
+        return self.key("cache", "epoch")
+
+    def missed_write(self) -> None:
+        """A write could not tell Redis: cached entries must stop being fresh once Redis answers."""
+        self._missed_write = True
+
     def run(self, fn: Callable[[redis.Redis], T]) -> T:
         """Run *fn* with the client; raise RedisUnavailable instead of any Redis connection error."""
         if not self.available:
             raise RedisUnavailable(f"skipping Redis after: {self.last_error}")
         try:
+            if self._missed_write:  # before anything is read from Redis again (read_cache.py)
+                self.client.incr(self.epoch_key)
+                self._missed_write = False
+                log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
             result = fn(self.client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._tripped(exc)

@@ -49,9 +49,7 @@ def test_forced_state_reaches_another_process(api_settings: Callable[..., Settin
         assert opened.json()["breaker"]["state"] == "open" and opened.json()["breaker"]["forced"] == "open"
         assert wait_until(lambda: breaker_of(other) == "open", timeout=15)
         # the other process queues writes now: its breaker refuses the database
-        queued = httpx.post(
-            f"{other}/notifications", json={"user_id": 5, "email": "a@example.com", "subject": "s"}, timeout=10
-        )
+        queued = httpx.post(f"{other}/notifications", json={"user_id": 5, "email": "a@example.com", "subject": "s"}, timeout=10)
         assert queued.status_code == 202, queued.text
 
         reset = api.client.post("/admin/breaker", json={"action": "reset"}, headers=auth)

@@ -168,3 +168,20 @@ def test_repr_and_str_hide_the_password(env: pytest.MonkeyPatch) -> None:
 def test_settings_class_reads_the_same_environment(env: pytest.MonkeyPatch) -> None:
     env.setenv("BROWNOUT_POOL_SIZE", "3")
     assert Settings().pool_size == 3  # type: ignore[call-arg]
+
+
+def test_readme_documents_every_setting() -> None:
+    """The README's configuration table names every variable the settings read."""
+    from pathlib import Path
+
+    from app.settings import _env_name
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    table = readme[readme.index("## Configuration") :]
+    missing = []
+    for name in Settings.model_fields:
+        variable = _env_name(name)
+        stem = variable.rsplit("_", 2)[0]  # "BROWNOUT_WORKER_MIN_CONCURRENCY" may be listed as ".._MIN_/_MAX_.."
+        if f"`{variable}`" not in table and not (variable.startswith("BROWNOUT_WORKER_") and stem in table):
+            missing.append(variable)
+    assert missing == []
