@@ -31,7 +31,7 @@ from app.cache.pending import PendingWrites
 from app.cache.read_cache import Entry, Lookup, ReadCache
 from app.cache.redis_link import RedisUnavailable
 from app.cache.single_flight import SingleFlight
-from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
+from app.db import BreakerState, CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class ReadResult:
     age: float | None = None
     cache_status: str = ""
     from_database: bool = False
+    extras: tuple[str | None, ...] = ()
     stored_at: float | None = None  # when a cached answer was stored
     degraded: list[str] = field(default_factory=list)
 
@@ -117,10 +118,12 @@ class NotificationReads:
 
     def notification(self, notification_id: uuid.UUID) -> ReadResult:
         ident = str(notification_id)
+        mark_keys = (self._pending.mark_key(ident),) if self._pending is not None else ()
         try:
             result = self._read(
                 self.item_keys(ident) if self._cache else None,
                 lambda session: queries.get_notification(session, notification_id),
+                extra_keys=mark_keys,  # the pending mark comes in the same round trip
             )
         except DatabaseUnavailable as unavailable:  # nothing cached: a queued creation may still be shown
             pending_item = (self._pending_call(lambda p: p.items([ident])) or {}).get(ident)
@@ -138,7 +141,8 @@ class NotificationReads:
             item = pending[ident]
         elif result.from_database:  # the row supersedes a pending creation
             self._pending_call(lambda p: p.clear_items([ident]))
-        result.body = public(self._apply_marks([item])[0])
+        known = {ident: PendingWrites.parse_mark(result.extras[0])} if result.extras else None
+        result.body = public(self._apply_marks([item], known=known)[0])
         return result
 
     def notifications(self, user_id: int, *, cursor: str | None, limit: int) -> ReadResult:
@@ -171,6 +175,8 @@ class NotificationReads:
                 raise
             return ReadResult(record | {"id": ident, "status": "queued"}, stale=True, age=0, cache_status=f"{CACHE_NAME}; hit")
         if status is not None:
+            if isinstance(status.get("result"), dict):
+                status["result"] = public(status["result"])
             return ReadResult(status)
         record = self._pending_call(lambda p: p.command(ident))
         if record is None:
@@ -179,8 +185,15 @@ class NotificationReads:
 
     # -- the read-through core ----------------------------------------------
 
-    def _read(self, keys: tuple[str, str] | None, query: Callable[[Session], T]) -> ReadResult:
-        lookup = self._lookup(keys)
+    def _read(
+        self, keys: tuple[str, str] | None, query: Callable[[Session], T], *, extra_keys: tuple[str, ...] = ()
+    ) -> ReadResult:
+        lookup = self._lookup(keys, extra_keys)
+        result = self._read_through(keys, lookup, query)
+        result.extras = lookup.extras if lookup is not None else ()
+        return result
+
+    def _read_through(self, keys: tuple[str, str] | None, lookup: Lookup | None, query: Callable[[Session], T]) -> ReadResult:
         now = time.time()
         cache = self._cache
         if lookup is not None and lookup.entry is not None and cache is not None:
@@ -189,6 +202,7 @@ class NotificationReads:
                 ttl = math.floor(cache.fresh_seconds - entry.age(now))
                 return ReadResult(entry.value, age=entry.age(now), cache_status=f"{CACHE_NAME}; hit; ttl={ttl}")
         try:
+            self._refuse_while_open()  # before any lock: a stale answer needs no loader
             if keys is None or lookup is None:
                 value = self._database_read(query)
                 detail = "; detail=cache-unavailable" if self._cache is not None else ""
@@ -246,6 +260,11 @@ class NotificationReads:
             if lookup.entry is not None and lookup.entry.fresh(time.time(), cache.fresh_seconds):
                 return lookup.entry.value
         return None
+
+    def _refuse_while_open(self) -> None:
+        breaker = self._database.breaker
+        if breaker.state is BreakerState.OPEN and (wait := breaker.retry_after()) > 0:
+            raise DatabaseUnavailable("circuit breaker open", max(wait, 1.0))
 
     def _database_read(self, query: Callable[[Session], T]) -> T:
         with self._database.session() as session:
@@ -306,8 +325,14 @@ class NotificationReads:
         merged = sorted(page + extra, key=Position.of, reverse=True)
         return merged[:limit], more or len(merged) > limit
 
-    def _apply_marks(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        marks = self._pending_call(lambda p: p.marks([item["id"] for item in items])) or {}
+    def _apply_marks(
+        self, items: list[dict[str, Any]], *, known: dict[str, dict[str, Any] | None] | None = None
+    ) -> list[dict[str, Any]]:
+        """*known*: marks already read (None: ask Redis for them)."""
+        if known is None:
+            marks = self._pending_call(lambda p: p.marks([item["id"] for item in items])) or {}
+        else:
+            marks = {ident: mark for ident, mark in known.items() if mark is not None}
         if not marks:
             return items
         out = []
@@ -329,11 +354,11 @@ class NotificationReads:
     def _clear_mark(self, notification_id: str, applied_stamp: int) -> None:
         self._pending_call(lambda p: p.clear_mark(notification_id, applied_stamp))
 
-    def _lookup(self, keys: tuple[str, str] | None) -> Lookup | None:
+    def _lookup(self, keys: tuple[str, str] | None, extra_keys: tuple[str, ...] = ()) -> Lookup | None:
         cache = self._cache
         if keys is None or cache is None:
             return None
-        return self._cache_call(lambda: cache.lookup(*keys))
+        return self._cache_call(lambda: cache.lookup(*keys, extra_keys))
 
     @staticmethod
     def _cache_call(fn: Callable[[], T]) -> T | None:

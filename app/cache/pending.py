@@ -66,7 +66,7 @@ class PendingWrites:
     def _item_key(self, notification_id: str) -> str:
         return self.link.key("pending", "item", notification_id)
 
-    def _mark_key(self, notification_id: str) -> str:
+    def mark_key(self, notification_id: str) -> str:
         return self.link.key("pending", "mark", notification_id)
 
     def _recent_key(self, user_id: int) -> str:
@@ -99,7 +99,7 @@ class PendingWrites:
 
     def add_mark(self, notification_id: str, *, read: bool, stamp: int) -> None:
         mark = json.dumps({"read": read, "stamp": padded(stamp)}, separators=(",", ":"))
-        key = self._mark_key(notification_id)
+        key = self.mark_key(notification_id)
         self.link.run(lambda client: self._set_mark(keys=[key], args=[padded(stamp), mark, self._ttl_ms]))
 
     def add_command(self, command_id: str, record: dict[str, Any]) -> None:
@@ -114,7 +114,7 @@ class PendingWrites:
             self.link.run(lambda client: client.delete(*keys))
 
     def clear_mark(self, notification_id: str, applied_stamp: int) -> None:
-        key = self._mark_key(notification_id)
+        key = self.mark_key(notification_id)
         self.link.run(lambda client: self._clear_mark(keys=[key], args=[padded(applied_stamp)]))
 
     # -- reads --------------------------------------------------------------
@@ -125,10 +125,14 @@ class PendingWrites:
         raws = self.link.run(lambda client: client.mget([self._item_key(ident) for ident in notification_ids]))
         return {ident: json.loads(raw) for ident, raw in zip(notification_ids, raws, strict=True) if raw is not None}
 
+    @staticmethod
+    def parse_mark(raw: str | None) -> dict[str, Any] | None:
+        return None if raw is None else dict(json.loads(raw))
+
     def marks(self, notification_ids: list[str]) -> dict[str, dict[str, Any]]:
         if not notification_ids:
             return {}
-        raws = self.link.run(lambda client: client.mget([self._mark_key(ident) for ident in notification_ids]))
+        raws = self.link.run(lambda client: client.mget([self.mark_key(ident) for ident in notification_ids]))
         return {ident: json.loads(raw) for ident, raw in zip(notification_ids, raws, strict=True) if raw is not None}
 
     def recent(self, user_id: int) -> list[tuple[str, int]]:

@@ -92,6 +92,8 @@ class Lookup:
     entry: Entry | None
     gen: int
     epoch: int = 0
+    extras: tuple[str | None, ...] = ()
+    """Other keys read in the same round trip (a pending mark), raw."""
 
 
 class ReadCache:
@@ -115,16 +117,16 @@ class ReadCache:
     def _ttl_ms(self) -> int:
         return int(self.stale_seconds * 1000)
 
-    def lookup(self, key: str, gen_key: str) -> Lookup:
-        raw, gen, epoch = self.link.run(lambda client: client.mget([key, gen_key, self.link.epoch_key]))
+    def lookup(self, key: str, gen_key: str, extra_keys: Sequence[str] = ()) -> Lookup:
+        raw, gen, epoch, *extras = self.link.run(lambda client: client.mget([key, gen_key, self.link.epoch_key, *extra_keys]))
         current, current_epoch = int(gen or 0), int(epoch or 0)
         if raw is None:
-            return Lookup(None, current, current_epoch)
+            return Lookup(None, current, current_epoch, tuple(str(raw) if raw is not None else None for raw in extras))
         data = json.loads(raw)
         entry = Entry(
             data["value"], float(data["stored_at"]), int(data["gen"]), current, int(data.get("epoch", 0)), current_epoch
         )
-        return Lookup(entry, current, current_epoch)
+        return Lookup(entry, current, current_epoch, tuple(str(raw) if raw is not None else None for raw in extras))
 
     def fill(self, key: str, gen_key: str, value: Any, *, observed_gen: int, observed_epoch: int = 0) -> bool:
         """Store a database read unless a write bumped the generation since it was observed."""
