@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -116,3 +117,37 @@ def test_no_stack_trace_reaches_a_client(api: RunningApi, monkeypatch: pytest.Mo
     assert answer.status_code == 500
     assert answer.json() == {"detail": "internal error"}
     assert "hunter2" not in answer.text and "Traceback" not in answer.text
+
+
+def test_a_hung_database_read_does_not_block_the_event_loop(api: RunningApi, proxy: FaultProxy) -> None:
+    """Database work runs on the thread pool: liveness answers while reads wait on a silent database."""
+    item = api.client.post("/notifications", json=ADA).json()
+    _stale_soon(api, f"/notifications/{item['id']}")
+    proxy.silence()
+    proxy.reset_existing()
+    with ThreadPoolExecutor(4) as pool:
+        reads = [pool.submit(api.client.get, f"/notifications/{item['id']}") for _ in range(4)]
+        started = time.monotonic()
+        health = api.client.get("/health")
+        health_seconds = time.monotonic() - started
+        assert all(read.result(20).status_code == 200 for read in reads)
+    assert health.status_code == 200 and health_seconds < 0.25, f"/health took {health_seconds:.3f} s"
+
+
+def test_ready_is_503_when_no_write_can_be_made_durable(
+    api_settings: Callable[..., Settings], pg_database: str, proxy: FaultProxy
+) -> None:
+    with FaultProxy(upstream_host="127.0.0.1", upstream_port=5672) as rabbit:
+        settings = api_settings(rabbitmq_url=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/%2F", publish_timeout_seconds=0.5)
+        with serve_in_thread(settings) as api:
+            assert wait_until(lambda: api.client.get("/ready").json()["rabbitmq"]["publisher"] == "ready", timeout=20)
+            assert api.client.get("/ready").status_code == 200
+            api.services.database.breaker.force_open()
+            rabbit.refuse()
+            rabbit.reset_existing()
+            assert wait_until(lambda: api.client.get("/ready").status_code == 503, timeout=20)
+            body = api.client.get("/ready").json()
+            assert body["ready"] is False and body["writes"] == "unavailable"
+            assert any("circuit breaker open" in reason for reason in body["reasons"])
+            assert any("RabbitMQ publisher" in reason for reason in body["reasons"])
+            assert "guest:guest" not in str(body)  # the URL's password never shows
