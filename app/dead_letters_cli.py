@@ -57,6 +57,8 @@ def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
         url=settings.rabbitmq_url,
         queue_name=message.queue_name,
         max_length=settings.queue_max_length,
+        queue_type=settings.queue_type,
+        delivery_limit=settings.queue_delivery_limit,
         confirm_timeout=settings.publish_timeout_seconds,
     ) as publisher:
         try:

@@ -201,6 +201,45 @@ class Settings(BaseSettings):
         default=65_536, ge=1024, description="Largest request body accepted; larger ones get 413 before being read."
     )
 
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="RabbitMQ queue type of the command and email queues: 'quorum' replicates them across a "
+        "RabbitMQ cluster (declared the same way by web and worker).",
+    )
+    queue_delivery_limit: int = Field(
+        default=1000,
+        ge=1,
+        description="Quorum queues only: redeliveries after which RabbitMQ dead-letters a message (x-delivery-limit).",
+    )
+
+    log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per log line.")
+    log_profile: Literal["production", "dev"] = Field(
+        default="production", description="'dev' logs more detail (DEBUG for Brownout's own loggers) with the same values."
+    )
+    sentry_dsn: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SENTRY_DSN", "BROWNOUT_SENTRY_DSN"),
+        description="Sentry DSN; unset: Sentry is not initialised.",
+    )
+    sentry_environment: str = Field(default="production", description="Sentry environment tag.")
+    metrics_port: int = Field(
+        default=9191,
+        ge=1,
+        le=65535,
+        description="Port of the worker dyno's /metrics endpoint (the web serves /metrics on $PORT).",
+    )
+
+    pooler_connection_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Connections the database (or its pooler) allows this service; a start-up warning when "
+        "replicas x processes x (pool_size + pool_max_overflow) would exceed it.",
+    )
+    web_replicas: int = Field(default=1, ge=1, description="Web replicas deployed (for the connection budget).")
+    web_processes: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes per web replica.")
+    worker_replicas: int = Field(default=1, ge=1, description="Worker replicas deployed (for the connection budget).")
+    worker_processes: int = Field(default=1, ge=1, le=64, description="Dramatiq processes per worker replica.")
+
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
@@ -241,6 +280,8 @@ def _env_name(field: str) -> str:
         return "SMTP_URL"
     if field.lower() in ("redis_url", "brownout_redis_url"):
         return "REDIS_URL"
+    if field.lower() in ("sentry_dsn", "brownout_sentry_dsn"):
+        return "SENTRY_DSN"
     return f"BROWNOUT_{field.upper()}"
 
 

@@ -26,7 +26,12 @@ def build_worker_broker(settings: Settings, database: Database) -> BrownoutRabbi
     """The worker's broker with its middleware and actors; connects nothing until consumed."""
     if not settings.rabbitmq_url:
         raise SystemExit("brownout worker: RABBITMQ_URL is required")
-    broker = BrownoutRabbitmqBroker(url=settings.rabbitmq_url, max_length=settings.queue_max_length)
+    broker = BrownoutRabbitmqBroker(
+        url=settings.rabbitmq_url,
+        max_length=settings.queue_max_length,
+        queue_type=settings.queue_type,
+        delivery_limit=settings.queue_delivery_limit,
+    )
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(
         HealthGate.for_database(

@@ -156,6 +156,8 @@ class OutboxRelayMiddleware(Middleware):
                 url=url,
                 queue_name=settings.email_queue_name,
                 max_length=settings.queue_max_length,
+                queue_type=settings.queue_type,
+                delivery_limit=settings.queue_delivery_limit,
                 confirm_timeout=settings.publish_timeout_seconds,
                 heartbeat=settings.rabbitmq_heartbeat_seconds,
             )

@@ -15,17 +15,26 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import errors
 from app.api.body_limit import BodyLimit
+from app.api.http_metrics import HttpMetrics
 from app.api.routes import admin, commands, health, notifications
+from app.api.routes import metrics as metrics_route
 from app.api.services import Services
+from app.observability.metrics import Metrics
 from app.settings import Settings
 
 
-def create_app(settings: Settings, *, build_services: Callable[[Settings], Services] = Services.build) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    build_services: Callable[[Settings, Metrics], Services] = Services.build,
+) -> FastAPI:
     """Nothing connects until the app starts (lifespan); everything is closed when it stops."""
+    metrics = metrics or Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await run_in_threadpool(build_services, settings)
+        services = await run_in_threadpool(build_services, settings, metrics)
         app.state.services = services
         try:
             yield
@@ -39,7 +48,8 @@ def create_app(settings: Settings, *, build_services: Callable[[Settings], Servi
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpMetrics, metrics=metrics)
     errors.install(app)
-    for module in (notifications, commands, health, admin):
+    for module in (notifications, commands, health, admin, metrics_route):
         app.include_router(module.router)
     return app

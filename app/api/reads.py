@@ -31,7 +31,7 @@ from app.cache.pending import PendingWrites
 from app.cache.read_cache import Entry, Lookup, ReadCache
 from app.cache.redis_link import RedisUnavailable
 from app.cache.single_flight import SingleFlight
-from app.db import BreakerState, CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
+from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class NotificationReads:
         self._flights: SingleFlight[Any] = SingleFlight()
         # A seam for tests that force an interleaving between a fill's database read and its store.
         self.after_load = after_load
+        self.on_read: Callable[[str], None] | None = None  # metrics: hit, miss, stale, bypass
 
     # -- keys ---------------------------------------------------------------
 
@@ -191,6 +192,9 @@ class NotificationReads:
         lookup = self._lookup(keys, extra_keys)
         result = self._read_through(keys, lookup, query)
         result.extras = lookup.extras if lookup is not None else ()
+        if self.on_read is not None:
+            served = "stale" if result.stale else ("hit" if not result.from_database else "bypass" if lookup is None else "miss")
+            self.on_read(served)
         return result
 
     def _read_through(self, keys: tuple[str, str] | None, lookup: Lookup | None, query: Callable[[Session], T]) -> ReadResult:
@@ -262,9 +266,9 @@ class NotificationReads:
         return None
 
     def _refuse_while_open(self) -> None:
-        breaker = self._database.breaker
-        if breaker.state is BreakerState.OPEN and (wait := breaker.retry_after()) > 0:
-            raise DatabaseUnavailable("circuit breaker open", max(wait, 1.0))
+        refused = self._database.breaker.refuse_now()
+        if refused is not None:
+            raise DatabaseUnavailable(f"circuit breaker {refused.state}", max(refused.retry_after, 1.0))
 
     def _database_read(self, query: Callable[[Session], T]) -> T:
         with self._database.session() as session:

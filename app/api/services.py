@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.api.breaker_override import BreakerOverride
 from app.api.reads import NotificationReads
@@ -12,12 +12,17 @@ from app.api.writes import NotificationWrites
 from app.cache.pending import PendingWrites
 from app.cache.read_cache import ReadCache
 from app.cache.redis_link import RedisLink, build_redis_link
-from app.db import Database, HealthMonitor
+from app.db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
+from app.db.health_check import pool_figures
+from app.dispatch.dead_letters import count_unreplayed
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.queue_depth import QueueDepth
+from app.observability.metrics import DbCallMetrics, Metrics
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+DEAD_LETTER_REFRESH_SECONDS = 15.0
 
 
 @dataclass
@@ -31,11 +36,16 @@ class Services:
     link: RedisLink | None = None
     override: BreakerOverride | None = None
     queue_depth: QueueDepth | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    _dead_letters_read_at: float = -1e9
 
     @classmethod
-    def build(cls, settings: Settings) -> Services:
+    def build(cls, settings: Settings, metrics: Metrics | None = None) -> Services:
+        metrics = metrics or Metrics()
         database = Database.from_settings(settings)
+        database.resilience.observers.append(DbCallMetrics(metrics))
+        metrics.attach_breaker(database.breaker)
+        metrics.queue_max_length.set(settings.queue_max_length)
         dispatcher = Dispatcher.from_settings(settings, database)
         link = build_redis_link(settings)
         cache = pending = override = None
@@ -44,30 +54,63 @@ class Services:
             pending = PendingWrites(link, ttl_seconds=settings.pending_seconds)
             override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
         monitor = HealthMonitor(
-            database.session, interval=settings.health_interval_seconds, timeout=settings.health_timeout_seconds
+            database.session,
+            interval=settings.health_interval_seconds,
+            timeout=settings.health_timeout_seconds,
+            on_result=metrics.observe_health,
         ).start()
         queue_depth = None
         if settings.rabbitmq_url:
             queue_depth = QueueDepth(
                 url=settings.rabbitmq_url, queue_name=settings.queue_name, timeout=settings.publish_timeout_seconds
             )
+        reads = NotificationReads(database=database, cache=cache, pending=pending, deadline=settings.request_db_deadline_seconds)
+        reads.on_read = lambda served: metrics.cache_reads.labels(served).inc()
+        writes = NotificationWrites(
+            dispatcher=dispatcher, link=link, cache=cache, pending=pending, key_seconds=settings.cache_stale_seconds
+        )
+        writes.on_outcome = lambda outcome: metrics.dispatch.labels(outcome).inc()
         return cls(
             settings=settings,
             database=database,
             dispatcher=dispatcher,
             monitor=monitor,
-            reads=NotificationReads(
-                database=database, cache=cache, pending=pending, deadline=settings.request_db_deadline_seconds
-            ),
-            writes=NotificationWrites(
-                dispatcher=dispatcher, link=link, cache=cache, pending=pending, key_seconds=settings.cache_stale_seconds
-            ),
+            reads=reads,
+            writes=writes,
             link=link,
             override=override,
             queue_depth=queue_depth,
+            metrics=metrics,
         )
 
+    def refresh_gauges(self) -> None:
+        """At scrape time: this process's pool, the queue depth (cached a few seconds), dead letters (15 s)."""
+        self.metrics.observe_pool(pool_figures(self.database.engine))
+        if self.queue_depth is not None:
+            depth = self.queue_depth.read()
+            if depth.get("ok"):
+                self.metrics.queue_messages.set(depth["messages"])
+        now = time.monotonic()
+        # Not while the breaker refuses: a scrape is no user call, it must not count as a refusal.
+        due = now - self._dead_letters_read_at >= DEAD_LETTER_REFRESH_SECONDS
+        if due and self.database.breaker.retry_after() == 0:
+            self._dead_letters_read_at = now
+            try:
+                with self.database.session() as session:
+                    count = execute_with_retry(
+                        session,
+                        lambda: count_unreplayed(session),
+                        deadline=self.settings.request_db_deadline_seconds,
+                        idempotent=True,
+                    )
+                self.metrics.dead_letters.set(count)
+            except (CircuitOpenError, DeadlineExceeded):
+                pass
+            except Exception:
+                log.warning("dead letters not counted", exc_info=True)
+
     def close(self) -> None:
+        self.metrics.mark_process_dead()
         for step in (self.monitor.stop, self.override.stop if self.override else None, self.dispatcher.close):
             if step is None:
                 continue

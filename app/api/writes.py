@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ class NotificationWrites:
         self._cache = cache
         self._pending = pending
         self._key_seconds = key_seconds
+        self.on_outcome: Callable[[str], None] | None = None  # metrics: applied, queued, rejected
 
     def submit(self, name: str, payload: dict[str, Any], *, idempotency_key: str | None) -> WriteResult:
         """Raise InvalidCommand or KeyReused for a bad request; every other outcome is a WriteResult."""
@@ -66,6 +68,8 @@ class NotificationWrites:
             outcome = self._dispatcher.submit_envelope(envelope)
         except KeyConflict as conflict:
             raise KeyReused(str(conflict)) from None
+        if self.on_outcome is not None:
+            self.on_outcome(type(outcome).__name__.lower())
         if isinstance(outcome, Applied):
             item = outcome.result
             self._write_through(item, created=name == CREATE)

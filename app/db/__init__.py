@@ -15,12 +15,13 @@ from app.db.errors import (
     describe,
 )
 from app.db.health_check import HealthMonitor, check_db_health, periodic_health_check
-from app.db.retry import Resilience, RetryPolicy, execute_with_retry
+from app.db.retry import CallObserver, Resilience, RetryPolicy, execute_with_retry
 
 __all__ = [
     "BreakerListener",
     "BreakerState",
     "BrownoutDbError",
+    "CallObserver",
     "CircuitBreaker",
     "CircuitOpenError",
     "CommitOutcomeUnknown",

@@ -146,6 +146,18 @@ class CircuitBreaker:
             return NOT_TRIAL
         return self._before_call_slow()
 
+    def refuse_now(self) -> CircuitOpenError | None:
+        """The refusal a call would get now, counted as one (listeners told), without taking a
+        permit; None when a call could go through (CLOSED, or a trial is due). For callers that
+        have somewhere else to go (a queue, a stale copy) and should not even try."""
+        if self._state is BreakerState.CLOSED or self.retry_after() == 0:
+            return None
+        with self._lock:
+            refused = self._refusal(self._clock())
+        for listener in self._listeners:
+            self._safely(listener.on_rejected, self)
+        return refused
+
     def record_success(self, permit: int) -> None:
         if permit == NOT_TRIAL:
             if self._failures and self._forced is None:

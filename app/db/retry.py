@@ -52,6 +52,19 @@ T = TypeVar("T")
 RESILIENCE_KEY = "brownout.resilience"
 
 
+class CallObserver:
+    """Told about every attempt that reached the database (metrics attach here); no-op defaults.
+
+    Called on the caller's thread, after the attempt: keep it cheap, never raise.
+    """
+
+    def on_attempt(self, seconds: float, kind: ErrorKind | None) -> None:
+        """An attempt ended: *kind* None means it succeeded."""
+
+    def on_retry(self, kind: ErrorKind, wait: float) -> None:
+        """A transient failure is about to be retried after *wait* seconds."""
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How many retries, and the nominal (pre-jitter) delay before each."""
@@ -78,6 +91,7 @@ class Resilience:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
+    observers: list[CallObserver] = field(default_factory=list)
 
 
 # -- knowing whether COMMIT was reached ----------------------------------------
@@ -156,6 +170,7 @@ def execute_with_retry(
             raise
         commits_before = _commits_sent()
         incidents.clear()
+        started = time.perf_counter()
         try:
             if deadline_at is None:
                 result = fn()
@@ -165,6 +180,7 @@ def execute_with_retry(
         except Exception as exc:
             commit_sent = _commits_sent() != commits_before
             kind = classify(exc)
+            _tell(res.observers, "on_attempt", time.perf_counter() - started, kind)
             if kind.is_disconnect and incidents.take_casualty():
                 breaker.release(permit)  # this incident was counted already
             else:
@@ -187,13 +203,24 @@ def execute_with_retry(
             if deadline is not None and deadline_at is not None and res.clock() + wait >= deadline_at:
                 raise DeadlineExceeded(deadline, attempt) from exc
             _log_retry(kind, exc, attempt, res.policy.max_retries, wait)
+            _tell(res.observers, "on_retry", kind, wait)
             res.sleep(wait)
             continue
         except BaseException:
             breaker.release(permit)
             raise
+        if res.observers:
+            _tell(res.observers, "on_attempt", time.perf_counter() - started, None)
         breaker.record_success(permit)
         return result
+
+
+def _tell(observers: list[CallObserver], hook: str, *args: object) -> None:
+    for observer in observers:
+        try:
+            getattr(observer, hook)(*args)
+        except Exception:  # an observer never breaks a database call
+            log.exception("call observer %r failed in %s", observer, hook)
 
 
 def _log_retry(kind: ErrorKind, exc: Exception, attempt: int, max_retries: int, wait: float) -> None:

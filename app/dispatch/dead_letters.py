@@ -75,3 +75,10 @@ def purge(session: Session, *, older_than: timedelta) -> int:
     deleted = session.execute(delete(dead_letters).where(dead_letters.c.failed_at < func.now() - older_than)).rowcount  # type: ignore[attr-defined]
     session.commit()
     return int(deleted)
+
+
+def count_unreplayed(session: Session) -> int:
+    """Dead letters nobody has replayed yet (the metric `brownout_dead_letters`)."""
+    return int(
+        session.execute(select(func.count()).select_from(dead_letters).where(dead_letters.c.replayed_at.is_(None))).scalar_one()
+    )

@@ -25,7 +25,6 @@ import dramatiq
 from pydantic import ValidationError
 
 from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
-from app.db.circuit_breaker import BreakerState
 from app.dispatch.apply import AppliedWrite, apply_envelope
 from app.dispatch.commands import CommandError, DependencyPending, Registry
 from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
@@ -109,6 +108,8 @@ class Dispatcher:
                 url=settings.rabbitmq_url,
                 queue_name=settings.queue_name,
                 max_length=settings.queue_max_length,
+                queue_type=settings.queue_type,
+                delivery_limit=settings.queue_delivery_limit,
                 confirm_timeout=settings.publish_timeout_seconds,
                 heartbeat=settings.rabbitmq_heartbeat_seconds,
             ).start()
@@ -169,8 +170,7 @@ class Dispatcher:
 
     def submit_envelope(self, envelope: Envelope) -> Outcome:
         """`submit` for an envelope from `accept` (the API looks at it in between)."""
-        breaker = self._database.breaker
-        if breaker.state is BreakerState.CLOSED or breaker.retry_after() == 0:
+        if self._database.breaker.refuse_now() is None:  # a refusal is counted, and the write queued
             applied = self._apply_now(envelope)
             if applied is not None:
                 return Applied(

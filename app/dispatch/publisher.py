@@ -54,7 +54,7 @@ from app.dispatch.publisher_link import (
     PublisherState,
     reconnect_delay,
 )
-from app.dispatch.queues import queue_declarations
+from app.dispatch.queues import DEFAULT_DELIVERY_LIMIT, QueueType, queue_declarations
 from app.redaction import mask_secrets
 
 __all__ = [
@@ -87,6 +87,8 @@ class Publisher:
     """Publishes Dramatiq messages to one bounded, durable queue with confirms; thread-safe.
 
     Build one per process at the entry point, ``start()`` it, and ``close()`` it on the way out.
+    *max_length*, *queue_type* and *delivery_limit* say how the queues are declared
+    (``app.dispatch.queues``) and must be the worker's: give all three from the settings.
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class Publisher:
         url: str,
         queue_name: str,
         max_length: int,
+        queue_type: QueueType = "classic",
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
         heartbeat: int = DEFAULT_HEARTBEAT,
         connect_timeout: float | None = None,
@@ -131,7 +135,9 @@ class Publisher:
         self._link = PublisherLink(
             parameters=parameters,
             queue_name=queue_name,
-            declarations=queue_declarations(queue_name, max_length=max_length),
+            declarations=queue_declarations(
+                queue_name, max_length=max_length, queue_type=queue_type, delivery_limit=delivery_limit
+            ),
             confirm_timeout=confirm_timeout,
             connect_timeout=connect_timeout,
             reconnect_base=reconnect_base,

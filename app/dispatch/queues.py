@@ -14,6 +14,14 @@ only, from Dramatiq's own recipe plus a maximum length:
   arguments as ``Q``, so it is bounded too.
 - ``Q.XQ`` (dead letters): only Dramatiq's ``x-message-ttl``.
 
+``queue_type="quorum"`` (``BROWNOUT_QUEUE_TYPE``; RabbitMQ 3.10 or later)
+declares all three as replicated quorum queues; see `quorum_arguments` and
+`dead_letter_queue_arguments` for what that adds and why. The default,
+``"classic"``, declares exactly what Brownout always declared: a queue that
+exists keeps working. The type of an existing queue cannot change: RabbitMQ
+refuses the other declaration (`PRECONDITION_FAILED`), so switching means
+draining the queues, deleting them and letting the new release declare them.
+
 `BrownoutRabbitmqBroker` is Dramatiq's broker with these arguments, and with
 ``confirm_delivery=True``: without confirms a publish to a full queue is dropped
 silently (RabbitMQ's reject-publish only tells publishers that asked for
@@ -23,12 +31,21 @@ confirms). Nothing here connects or reads the environment at import.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 
 OVERFLOW = "reject-publish"
+
+QueueType = Literal["classic", "quorum"]
+QUEUE_TYPES: tuple[str, ...] = get_args(QueueType)
+# Same default as Settings.queue_delivery_limit: far above anything a healthy worker spends
+# (see quorum_arguments), and explicit, so RabbitMQ 4's implicit default of 20 never applies.
+DEFAULT_DELIVERY_LIMIT = 1000
+# Quorum queues only: dead letters (Dramatiq's nacks, the delivery limit) are moved to Q.XQ
+# with publisher confirms, kept in Q until Q.XQ confirmed them (see quorum_arguments).
+DEAD_LETTER_STRATEGY = "at-least-once"
 
 
 def max_length_arguments(*, max_length: int) -> dict[str, Any]:
@@ -38,14 +55,83 @@ def max_length_arguments(*, max_length: int) -> dict[str, Any]:
     return {"x-max-length": max_length, "x-overflow": OVERFLOW}
 
 
-def queue_arguments(queue_name: str, *, max_length: int) -> dict[str, Any]:
-    """Arguments of the queue *queue_name* and of its delay queue, exactly as every party declares them."""
-    return {
+def _check_queue_type(queue_type: str, delivery_limit: int) -> None:
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
+    if delivery_limit < 1:
+        raise ValueError(f"delivery_limit must be at least 1, got {delivery_limit}")
+
+
+def quorum_arguments(*, delivery_limit: int) -> dict[str, Any]:
+    """What a quorum ``Q`` and ``Q.DQ`` add to the classic arguments, each one deliberate.
+
+    - ``x-queue-type: quorum``: only a declaration can set it (no policy can), so
+      every declarer sends it.
+    - ``x-delivery-limit``: a quorum queue counts the returns of a delivery, and
+      (before RabbitMQ 4.3; checked on 3.10) closing a channel with unacknowledged
+      deliveries counts as one. The worker's health gate returns what it prefetched by
+      closing its channel at each pause (worker/health_gate.py), and Dramatiq holds
+      delayed messages unacknowledged in ``Q.DQ`` across every pause and restart:
+      a database outage spends deliveries of writes that did nothing wrong.
+      RabbitMQ 4 applies a limit of 20 when none is given, which a flapping outage
+      can exhaust; so the limit is always sent, high by default (1000), still
+      finite, so that a message that crashes the worker process itself (the one
+      case the actors cannot turn into a dead letter) ends in ``Q.XQ`` instead of
+      cycling forever.
+    - ``x-dead-letter-strategy: at-least-once``: quorum queues dead-letter at most
+      once by default (a dead letter in transit to ``Q.XQ`` can be lost when a node
+      fails). At least once keeps it in ``Q`` until ``Q.XQ`` confirmed it. It
+      requires ``x-overflow: reject-publish``, which `max_length_arguments` always
+      sets (and which quorum queues support; ``reject-publish-dlx`` they do not), so
+      a full queue still nacks publishes (a 503). Dead letters in transit count
+      towards ``x-max-length`` until ``Q.XQ`` takes them; ``Q.XQ`` has no bound, so
+      that is short.
+
+    Dramatiq's ``x-max-priority`` (refused by `BrownoutRabbitmqBroker`) is not
+    supported by quorum queues in any case; quorum queues are always durable and
+    never exclusive, which is how every declaration here is made already.
+    """
+    if delivery_limit < 1:
+        raise ValueError(f"delivery_limit must be at least 1, got {delivery_limit}")
+    return {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit, "x-dead-letter-strategy": DEAD_LETTER_STRATEGY}
+
+
+def queue_arguments(
+    queue_name: str, *, max_length: int, queue_type: QueueType = "classic", delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+) -> dict[str, Any]:
+    """Arguments of the queue *queue_name* and of its delay queue, exactly as every party declares them.
+
+    *delivery_limit* applies to quorum queues only; classic queues have no such limit.
+    """
+    _check_queue_type(queue_type, delivery_limit)
+    arguments = {
         # Dramatiq's RabbitmqBroker._build_queue_arguments (without max_priority).
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": xq_name(queue_name),
         **max_length_arguments(max_length=max_length),
     }
+    if queue_type == "quorum":
+        arguments.update(quorum_arguments(delivery_limit=delivery_limit))
+    return arguments
+
+
+def dead_letter_queue_arguments(
+    *, queue_type: QueueType = "classic", delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+) -> dict[str, Any]:
+    """Arguments of ``Q.XQ``: Dramatiq's ``x-message-ttl`` (7 days), and for quorum, quorum too.
+
+    A quorum ``Q.XQ`` is replicated like the queue it serves (a classic one would hold the
+    dead letters of a replicated queue on one node) and supports ``x-message-ttl`` since
+    RabbitMQ 3.10. It gets the same explicit ``x-delivery-limit``: nothing consumes it, but
+    an operator looking at it with requeueing gets/nacks spends deliveries, and RabbitMQ 4's
+    implicit 20 would then drop the dead letters (``Q.XQ`` has no dead-letter exchange). No
+    ``x-max-length``: a bound here would make the at-least-once dead-lettering of ``Q`` stall.
+    """
+    _check_queue_type(queue_type, delivery_limit)
+    arguments: dict[str, Any] = {"x-message-ttl": DEAD_MESSAGE_TTL}
+    if queue_type == "quorum":
+        arguments.update({"x-queue-type": "quorum", "x-delivery-limit": delivery_limit})
+    return arguments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +143,15 @@ class QueueDeclaration:
     durable: bool = True
 
 
-def queue_declarations(queue_name: str, *, max_length: int) -> tuple[QueueDeclaration, ...]:
+def queue_declarations(
+    queue_name: str, *, max_length: int, queue_type: QueueType = "classic", delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+) -> tuple[QueueDeclaration, ...]:
     """``Q``, ``Q.DQ`` and ``Q.XQ``, in the order Dramatiq declares them (`_ensure_queue`)."""
-    arguments = queue_arguments(queue_name, max_length=max_length)
+    arguments = queue_arguments(queue_name, max_length=max_length, queue_type=queue_type, delivery_limit=delivery_limit)
     return (
         QueueDeclaration(queue_name, arguments),
         QueueDeclaration(dq_name(queue_name), dict(arguments)),
-        QueueDeclaration(xq_name(queue_name), {"x-message-ttl": DEAD_MESSAGE_TTL}),
+        QueueDeclaration(xq_name(queue_name), dead_letter_queue_arguments(queue_type=queue_type, delivery_limit=delivery_limit)),
     )
 
 
@@ -74,19 +162,39 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
     a full queue: pika raises ``NackError``, which Dramatiq retries and then
     raises as ``ConnectionClosed``). ``max_priority`` is refused: it would add
     ``x-max-priority`` on the worker's side only, and RabbitMQ would refuse the
-    other declarations.
+    other declarations. *queue_type* and *delivery_limit* must be the publishers'
+    (both come from the same settings).
     """
 
-    def __init__(self, *, max_length: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_length: int,
+        queue_type: QueueType = "classic",
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("max_priority") is not None:
             raise ValueError("max_priority is not supported: every declarer must use queue_arguments()")
         if kwargs.get("confirm_delivery") is False:
             raise ValueError("confirm_delivery must stay on: a full queue would drop republishes silently")
         kwargs["confirm_delivery"] = True
         self.max_length_arguments = max_length_arguments(max_length=max_length)
+        self.queue_type: QueueType = queue_type
+        self.delivery_limit = delivery_limit
+        self.dead_letter_queue_arguments = dead_letter_queue_arguments(queue_type=queue_type, delivery_limit=delivery_limit)
+        self._type_arguments = quorum_arguments(delivery_limit=delivery_limit) if queue_type == "quorum" else {}
         super().__init__(**kwargs)
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        """``Q`` and ``Q.DQ`` (Dramatiq passes the canonical name for both)."""
         arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)  # type: ignore[no-untyped-call]
         arguments.update(self.max_length_arguments)
+        arguments.update(self._type_arguments)
         return arguments
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        """``Q.XQ``: Dramatiq's declaration hard-codes its arguments; these are `dead_letter_queue_arguments`."""
+        return self.channel.queue_declare(
+            queue=xq_name(queue_name), durable=True, arguments=dict(self.dead_letter_queue_arguments)
+        )

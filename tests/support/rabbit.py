@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 from typing import Any
 
 import pika
@@ -27,7 +30,11 @@ def admin_connection() -> pika.BlockingConnection:
 
 
 def delete_queue_set(queue_name: str) -> None:
-    """Delete a queue with its Dramatiq .DQ and .XQ (missing ones are fine)."""
+    """Delete a queue with its Dramatiq .DQ and .XQ (missing ones are fine), classic or quorum.
+
+    ``queue.delete`` is the same for both types; no ``if_unused``/``if_empty``, so a
+    quorum queue with messages or consumers goes too.
+    """
     connection = admin_connection()
     try:
         channel = connection.channel()
@@ -93,3 +100,28 @@ def ready_count(queue_name: str) -> int:
         return int(connection.channel().queue_declare(queue_name, passive=True).method.message_count)
     finally:
         connection.close()
+
+
+def queue_types(queue_names: list[str] | tuple[str, ...]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{name: (type, arguments)}`` of the named queues that exist, as RabbitMQ itself reports them.
+
+    A passive declare cannot tell a quorum queue from a classic one, and the management
+    plugin is not enabled on the test machine; ``rabbitmqctl list_queues`` (same host as
+    RABBITMQ_URL: the local node) can. Skips the test when rabbitmqctl is missing or not allowed.
+    """
+    import pytest
+
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl not installed: cannot read queue types")
+    command = [rabbitmqctl, "--quiet", "list_queues", "--formatter", "json", "name", "type", "arguments"]
+    try:
+        listed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        pytest.skip(f"rabbitmqctl list_queues failed: {exc}")
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for row in json.loads(listed.stdout or "[]"):
+        if row["name"] in queue_names:
+            # arguments: [[name, AMQP type, value], ...]
+            found[row["name"]] = (row["type"], {name: value for name, _kind, value in row["arguments"]})
+    return found

@@ -9,7 +9,15 @@ from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 
 from app.dispatch.publisher import reconnect_delay
-from app.dispatch.queues import BrownoutRabbitmqBroker, max_length_arguments, queue_arguments, queue_declarations
+from app.dispatch.queues import (
+    DEFAULT_DELIVERY_LIMIT,
+    BrownoutRabbitmqBroker,
+    dead_letter_queue_arguments,
+    max_length_arguments,
+    queue_arguments,
+    queue_declarations,
+)
+from app.settings import Settings
 
 URL = "amqp://guest:guest@127.0.0.1:5672/%2F"  # never connected to: building a broker does not connect
 
@@ -61,6 +69,84 @@ def test_broker_refuses_priority_and_unconfirmed() -> None:
         BrownoutRabbitmqBroker(url=URL, max_length=7, confirm_delivery=False)
     with pytest.raises(ValueError):
         BrownoutRabbitmqBroker(url=URL, max_length=0)
+
+
+def test_classic_is_the_default_and_unchanged() -> None:
+    classic = {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "writes.XQ",
+        "x-max-length": 7,
+        "x-overflow": "reject-publish",
+    }
+    assert queue_arguments("writes", max_length=7) == classic
+    assert list(queue_arguments("writes", max_length=7)) == list(classic)  # same keys, same order
+    assert queue_arguments("writes", max_length=7, queue_type="classic", delivery_limit=3) == classic  # no limit on classic
+    assert dead_letter_queue_arguments() == {"x-message-ttl": DEAD_MESSAGE_TTL}
+    assert queue_declarations("writes", max_length=7) == queue_declarations("writes", max_length=7, queue_type="classic")
+    broker = BrownoutRabbitmqBroker(url=URL, max_length=7)
+    assert broker.queue_type == "classic"
+    assert broker._build_queue_arguments("writes") == classic
+    assert broker.dead_letter_queue_arguments == {"x-message-ttl": DEAD_MESSAGE_TTL}
+
+
+def test_quorum_arguments_of_the_queue_and_its_delay_queue() -> None:
+    arguments = queue_arguments("writes", max_length=7, queue_type="quorum", delivery_limit=50)
+    assert arguments == {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "writes.XQ",
+        "x-max-length": 7,
+        "x-overflow": "reject-publish",  # supported by quorum queues, and needed by at-least-once
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 50,
+        "x-dead-letter-strategy": "at-least-once",
+    }
+    assert "x-max-priority" not in arguments  # quorum queues have no message priorities
+    assert arguments["x-overflow"] != "reject-publish-dlx"  # not supported by quorum queues
+
+
+def test_quorum_declarations_make_all_three_queues_quorum() -> None:
+    queue, delay, dead = queue_declarations("writes", max_length=7, queue_type="quorum", delivery_limit=50)
+    assert [queue.name, delay.name, dead.name] == ["writes", dq_name("writes"), xq_name("writes")]
+    assert queue.durable and delay.durable and dead.durable  # quorum queues cannot be transient
+    assert queue.arguments == queue_arguments("writes", max_length=7, queue_type="quorum", delivery_limit=50)
+    assert delay.arguments == queue.arguments and delay.arguments is not queue.arguments
+    assert dead.arguments == {"x-message-ttl": DEAD_MESSAGE_TTL, "x-queue-type": "quorum", "x-delivery-limit": 50}
+    assert dead.arguments == dead_letter_queue_arguments(queue_type="quorum", delivery_limit=50)
+
+
+def test_the_quorum_broker_declares_what_the_quorum_publisher_declares() -> None:
+    broker = BrownoutRabbitmqBroker(url=URL, max_length=7, queue_type="quorum", delivery_limit=50)
+    queue, delay, dead = queue_declarations("writes", max_length=7, queue_type="quorum", delivery_limit=50)
+    assert broker.confirm_delivery is True
+    assert broker._build_queue_arguments("writes") == queue.arguments  # Q, and Q.DQ (Dramatiq passes the canonical name)
+    assert broker.dead_letter_queue_arguments == dead.arguments
+    dramatiqs: dict[str, object] = RabbitmqBroker._build_queue_arguments(broker, "writes")  # type: ignore[no-untyped-call]
+    assert dramatiqs.items() <= broker._build_queue_arguments("writes").items()
+
+
+def test_the_delivery_limit_is_explicit_by_default() -> None:
+    assert queue_arguments("writes", max_length=7, queue_type="quorum")["x-delivery-limit"] == DEFAULT_DELIVERY_LIMIT
+    assert Settings.model_fields["queue_delivery_limit"].default == DEFAULT_DELIVERY_LIMIT  # one default, not two
+
+
+def test_unknown_queue_types_and_limits_below_one_are_refused() -> None:
+    with pytest.raises(ValueError):
+        queue_arguments("writes", max_length=7, queue_type="stream")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        queue_declarations("writes", max_length=7, queue_type="quorum", delivery_limit=0)
+    with pytest.raises(ValueError):
+        BrownoutRabbitmqBroker(url=URL, max_length=7, queue_type="quorum", delivery_limit=0)
+    with pytest.raises(ValueError):
+        BrownoutRabbitmqBroker(url=URL, max_length=7, queue_type="lazy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        queue_arguments("writes", max_length=0, queue_type="quorum")
+
+
+def test_queue_type_and_delivery_limit_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        queue_arguments("writes", 7, "quorum")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        queue_declarations("writes", 7, "quorum")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("failures", range(12))

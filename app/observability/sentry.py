@@ -1,0 +1,76 @@
+"""Sentry, only when SENTRY_DSN is set: FastAPI, SQLAlchemy and Dramatiq integrations.
+
+Every event is tagged with the database breaker's state (an error while the
+breaker is open reads differently), and scrubbed: passwords in URLs anywhere
+in the event are masked, and auth headers and tokens are dropped (on top of
+sentry-sdk's own `send_default_pii=False`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sentry_sdk
+from sentry_sdk.integrations.dramatiq import DramatiqIntegration
+from sentry_sdk.integrations.fastapi import FastApiIntegration
+from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
+from sentry_sdk.integrations.starlette import StarletteIntegration
+
+from app.db import CircuitBreaker
+from app.redaction import mask_secrets
+from app.settings import Settings
+
+SECRET_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
+
+
+def init_sentry(
+    settings: Settings, *, breaker: CircuitBreaker | None = None, transport: Any = None, component: str = "web"
+) -> bool:
+    """Initialise Sentry if SENTRY_DSN is set; return whether it was. *transport*: tests only."""
+    if settings.sentry_dsn is None:
+        return False
+    options: dict[str, Any] = {}
+    if transport is not None:
+        options["transport"] = transport
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn.get_secret_value(),
+        environment=settings.sentry_environment,
+        send_default_pii=False,
+        integrations=[StarletteIntegration(), FastApiIntegration(), SqlalchemyIntegration(), DramatiqIntegration()],
+        before_send=scrubber(breaker),  # type: ignore[arg-type]
+        before_breadcrumb=lambda crumb, hint: _scrub(crumb),
+        **options,
+    )
+    sentry_sdk.set_tag("component", component)
+    return True
+
+
+def scrubber(breaker: CircuitBreaker | None) -> Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]:
+    def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+        if breaker is not None:
+            event.setdefault("tags", {})["breaker"] = breaker.state.value
+        request = event.get("request")
+        if isinstance(request, dict) and isinstance(request.get("headers"), dict):
+            request["headers"] = {
+                name: ("[Filtered]" if name.lower() in SECRET_HEADERS else value) for name, value in request["headers"].items()
+            }
+        scrubbed: dict[str, Any] = _scrub(event)
+        return scrubbed
+
+    return before_send
+
+
+def _scrub(value: Any) -> Any:
+    """Mask passwords in every string of the event (URLs in messages, exception values, variables)."""
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, dict):
+        return {key: ("[Filtered]" if _secret_key(key) else _scrub(item)) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(item) for item in value]
+    return value
+
+
+def _secret_key(key: object) -> bool:
+    return isinstance(key, str) and any(word in key.lower() for word in ("password", "token", "secret", "dsn"))

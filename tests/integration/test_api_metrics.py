@@ -1,0 +1,71 @@
+"""`GET /metrics` counts what happened, with bounded labels, from the real request and database paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.settings import Settings
+from tests.support.api_server import serve_in_thread
+
+ADA = {"user_id": 3, "email": "ada@example.com", "subject": "Metrics", "body": "b"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_follow_reads_writes_and_the_breaker(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings()) as api:
+        item = api.client.post("/notifications", json=ADA).json()
+        api.client.get(f"/notifications/{item['id']}")  # a hit (written through)
+        api.services.database.breaker.force_open()
+        queued = api.client.post("/notifications", json=ADA | {"subject": "queued"})
+        assert queued.status_code == 202
+        api.client.get("/users/3/notifications/stats")  # shed
+        api.services.database.breaker.reset()
+
+        answer = api.client.get("/metrics")
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+        found = samples(answer.text)
+
+    assert found[("brownout_dispatch_total", (("outcome", "applied"),))] == 1
+    assert found[("brownout_dispatch_total", (("outcome", "queued"),))] == 1
+    assert found[("brownout_cache_reads_total", (("result", "hit"),))] == 1
+    assert found[("brownout_db_calls_total", ())] >= 1
+    assert found[("brownout_db_call_duration_seconds_count", (("result", "ok"),))] >= 1
+    transitions = {labels: value for (name, labels), value in found.items() if name == "brownout_breaker_transitions_total"}
+    assert transitions[(("breaker", "database"), ("to", "open"))] == 1
+    assert transitions[(("breaker", "database"), ("to", "closed"))] == 1
+    assert found[("brownout_breaker_state", (("breaker", "database"),))] == 0
+    assert found[("brownout_pool_connections", (("state", "size"),))] == 10
+    assert found[("brownout_queue_max_length", ())] == 100_000
+    assert found[("brownout_queue_messages", ())] == 1  # the queued write, read from RabbitMQ
+    assert found[("brownout_dead_letters", ())] == 0
+    routes = {dict(labels).get("route") for (name, labels) in found if name == "brownout_http_requests_total"}
+    assert "/notifications/{notification_id}" in routes and "/users/{user_id}/notifications/stats" in routes
+    assert not any(item["id"] in str(labels) for (_, labels) in found), "an id became a label"
+    shed = found[
+        (
+            "brownout_http_requests_total",
+            (("method", "GET"), ("route", "/users/{user_id}/notifications/stats"), ("status", "503")),
+        )
+    ]
+    assert shed == 1
+
+
+def test_refusals_by_the_open_breaker_are_counted(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings()) as api:
+        api.services.database.breaker.force_open()
+        for _ in range(3):
+            assert api.client.get("/users/3/notifications").status_code == 503  # nothing cached: a miss
+        found = samples(api.client.get("/metrics").text)
+    # refused before any loader (no lock, no query): counted as refusals, not as database calls
+    assert found[("brownout_breaker_state", (("breaker", "database"),))] == 2
+    assert found[("brownout_db_refused_total", ())] == 3
+    assert found.get(("brownout_db_calls_total", ()), 0) == 0
