@@ -163,12 +163,23 @@ main() {
     done
     pkg_installed pgbouncer || missing+=(pgbouncer)
     pkg_installed ssl-cert || missing+=(ssl-cert)
+    # promtool and amtool: the test suite checks and unit-tests the alert rules and Alertmanager config.
+    local tools=()
+    command -v promtool >/dev/null || tools+=(prometheus)
+    command -v amtool >/dev/null || tools+=(prometheus-alertmanager)
     if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
+    if ((${#tools[@]})); then apt_install --no-install-recommends "${tools[@]}"; fi
     if [[ " ${missing[*]} " == *" pgbouncer "* ]]; then
         # Without a policy-rc.d the package starts its own PgBouncer on :6432; undo only that.
         if have_systemd; then systemctl disable --now pgbouncer.service
         else /etc/init.d/pgbouncer stop; fi >>"$APT_LOG" 2>&1 || true
     fi
+    for tool in prometheus prometheus-alertmanager; do  # only the tools are wanted, not the servers
+        if [[ " ${tools[*]} " == *" $tool "* ]]; then
+            if have_systemd; then systemctl disable --now "$tool.service"
+            else "/etc/init.d/$tool" stop; fi >>"$APT_LOG" 2>&1 || true
+        fi
+    done
 
     for name in postgresql rabbitmq redis; do
         # a freshly installed package may have started its server already
@@ -187,7 +198,7 @@ main() {
     echo "postgresql: up on $HOST:5432 (${how[postgresql]}; $ssl; role and db brownout ready)"
     echo "rabbitmq: up on $HOST:5672 (${how[rabbitmq]})"
     echo "redis: up on $HOST:6379 (${how[redis]}; PONG)"
-    echo "pgbouncer, ssl-cert: installed (pgbouncer not started)"
+    echo "pgbouncer, ssl-cert, promtool, amtool: installed (pgbouncer, prometheus, alertmanager not started)"
 }
 
 main "$@"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,8 @@ class ApplyRuntime:
     rng: random.Random = field(default_factory=random.Random)
     on_applied: Callable[[dict[str, Any]], None] | None = None
     """Told the entity after each committed apply (the read side's cache and pending entries)."""
+    observe: Callable[[str, float], None] | None = None
+    """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, held) and time."""
 
     def defer_delay_ms(self, deferrals: int) -> int:
         nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0**deferrals)
@@ -68,8 +71,14 @@ class ApplyRuntime:
 
 def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue_name: str) -> dramatiq.Actor[Any, Any]:
     def apply_command(data: dict[str, Any]) -> None:
-        with unavailable_as_hold():  # the database's fault: the health gate holds the message
-            _apply(broker, runtime, data)
+        started = time.perf_counter()
+        outcome = "held"
+        try:
+            with unavailable_as_hold():  # the database's fault: the health gate holds the message
+                outcome = _apply(broker, runtime, data)
+        finally:
+            if runtime.observe is not None:
+                runtime.observe(outcome, time.perf_counter() - started)
 
     decorate = dramatiq.actor(
         broker=broker,
@@ -84,12 +93,13 @@ def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue
     return actor
 
 
-def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any]) -> None:
+def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any]) -> str:
+    """Return the outcome: applied, superseded, duplicate, deferred or dead_lettered."""
     try:
         envelope = Envelope.model_validate(data)
     except ValidationError as invalid:
         _dead_letter(runtime, f"invalid envelope: {invalid}")
-        return
+        return "dead_lettered"
     try:
         with runtime.database.session() as session:
             written = execute_with_retry(
@@ -103,9 +113,11 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
                 runtime.on_applied(written.result)
             except Exception:  # the write is committed: telling the cache is best effort
                 log.exception("after-apply hook failed for %s", envelope.command_id)
+        return "duplicate" if written.duplicate else written.outcome
     except (UnknownCommand, DependencyPending) as reason:
         try:
             _defer(broker, runtime, envelope, reason)
+            return "deferred"
         except DeferralsExhausted as exhausted:
             _dead_letter(runtime, str(exhausted))
     except KeyConflict as conflict:
@@ -116,6 +128,7 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
         if is_unavailability(exc):
             raise  # the database's fault, not the write's
         _dead_letter(runtime, f"permanent database error: {describe(exc)}")
+    return "dead_lettered"
 
 
 def _dead_letter(runtime: ApplyRuntime, reason: str) -> None:

@@ -14,16 +14,21 @@ from app.db import Database
 from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.observability.metrics import DbCallMetrics, Metrics
 from app.settings import Settings
 from worker.actors import ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.email import EmailRuntime, declare_email_actor
 from worker.health_gate import HealthGate
+from worker.metrics import WorkerMetrics
 from worker.outbox import OutboxRelayMiddleware
 
 
-def build_worker_broker(settings: Settings, database: Database) -> BrownoutRabbitmqBroker:
-    """The worker's broker with its middleware and actors; connects nothing until consumed."""
+def build_worker_broker(settings: Settings, database: Database, *, metrics: Metrics | None = None) -> BrownoutRabbitmqBroker:
+    """The worker's broker with its middleware and actors; connects nothing until consumed.
+
+    With *metrics*, database calls, breaker transitions, health checks and outcomes are counted,
+    and served on BROWNOUT_METRICS_PORT by a process Dramatiq forks."""
     if not settings.rabbitmq_url:
         raise SystemExit("brownout worker: RABBITMQ_URL is required")
     broker = BrownoutRabbitmqBroker(
@@ -33,24 +38,28 @@ def build_worker_broker(settings: Settings, database: Database) -> BrownoutRabbi
         delivery_limit=settings.queue_delivery_limit,
     )
     broker.add_middleware(CurrentMessage())
-    broker.add_middleware(
-        HealthGate.for_database(
-            database,
-            base_seconds=settings.worker_gate_base_seconds,
-            cap_seconds=settings.worker_gate_cap_seconds,
-            timeout=settings.health_timeout_seconds,
-        )
+    gate = HealthGate.for_database(
+        database,
+        base_seconds=settings.worker_gate_base_seconds,
+        cap_seconds=settings.worker_gate_cap_seconds,
+        timeout=settings.health_timeout_seconds,
     )
-    broker.add_middleware(
-        AdaptiveDrain.for_database(
-            database,
-            min_concurrency=settings.worker_min_concurrency,
-            max_concurrency=settings.worker_max_concurrency,
-            latency_target=settings.worker_latency_target_seconds,
-            actor_names={APPLY_ACTOR},
-        )
+    broker.add_middleware(gate)
+    drain = AdaptiveDrain.for_database(
+        database,
+        min_concurrency=settings.worker_min_concurrency,
+        max_concurrency=settings.worker_max_concurrency,
+        latency_target=settings.worker_latency_target_seconds,
+        actor_names={APPLY_ACTOR},
     )
+    broker.add_middleware(drain)
     runtime = ApplyRuntime(database=database, registry=build_registry(), on_applied=AppliedElsewhere.from_settings(settings))
+    if metrics is not None:
+        database.resilience.observers.append(DbCallMetrics(metrics))
+        metrics.attach_breaker(database.breaker)
+        exposition = WorkerMetrics(metrics, drain=drain, port=settings.metrics_port)
+        broker.add_middleware(exposition)
+        runtime.observe = exposition.observe
     declare_apply_actor(broker, runtime, queue_name=settings.queue_name)
     if settings.smtp_url:
         if settings.email_queue_name == settings.queue_name:

@@ -1,17 +1,25 @@
-"""The web entry point: `uvicorn --factory app.api.main:app_from_environment` (the Procfile's web line)."""
+"""The web entry point: `uvicorn --factory app.api.main:app_from_environment`, as `python -m app.api.serve` runs it."""
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import FastAPI
 
 from app.api.app import create_app
+from app.db import CircuitBreaker
+from app.observability.logs import configure_logging
+from app.observability.sentry import init_sentry
 from app.settings import load_settings
 
 
 def app_from_environment() -> FastAPI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # pika logs an ERROR with a traceback for every failed connect; the publisher says it once.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings)
+    app: FastAPI | None = None
+
+    def breaker() -> CircuitBreaker | None:  # the services exist once the app has started
+        services = getattr(app.state, "services", None) if app is not None else None
+        return services.database.breaker if services is not None else None
+
+    init_sentry(settings, breaker=breaker, component="web")  # before the app: the integrations wrap it
+    app = create_app(settings)
+    return app

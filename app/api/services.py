@@ -17,6 +17,7 @@ from app.db.health_check import pool_figures
 from app.dispatch.dead_letters import count_unreplayed
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.queue_depth import QueueDepth
+from app.observability.logs import DegradedModeLog
 from app.observability.metrics import DbCallMetrics, Metrics
 from app.settings import Settings
 
@@ -45,6 +46,7 @@ class Services:
         database = Database.from_settings(settings)
         database.resilience.observers.append(DbCallMetrics(metrics))
         metrics.attach_breaker(database.breaker)
+        database.breaker.add_listener(DegradedModeLog())
         metrics.queue_max_length.set(settings.queue_max_length)
         dispatcher = Dispatcher.from_settings(settings, database)
         link = build_redis_link(settings)

@@ -24,10 +24,13 @@ from app.settings import Settings
 SECRET_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
 
 
-def init_sentry(
-    settings: Settings, *, breaker: CircuitBreaker | None = None, transport: Any = None, component: str = "web"
-) -> bool:
-    """Initialise Sentry if SENTRY_DSN is set; return whether it was. *transport*: tests only."""
+BreakerSource = CircuitBreaker | Callable[[], CircuitBreaker | None] | None
+
+
+def init_sentry(settings: Settings, *, breaker: BreakerSource = None, transport: Any = None, component: str = "web") -> bool:
+    """Initialise Sentry if SENTRY_DSN is set; return whether it was.
+
+    *breaker*: the process's breaker, or a function returning it (once built). *transport*: tests only."""
     if settings.sentry_dsn is None:
         return False
     options: dict[str, Any] = {}
@@ -46,10 +49,11 @@ def init_sentry(
     return True
 
 
-def scrubber(breaker: CircuitBreaker | None) -> Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]:
+def scrubber(breaker: BreakerSource) -> Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]:
     def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
-        if breaker is not None:
-            event.setdefault("tags", {})["breaker"] = breaker.state.value
+        current = breaker() if callable(breaker) and not isinstance(breaker, CircuitBreaker) else breaker
+        if current is not None:
+            event.setdefault("tags", {})["breaker"] = current.state.value
         request = event.get("request")
         if isinstance(request, dict) and isinstance(request.get("headers"), dict):
             request["headers"] = {

@@ -1,0 +1,110 @@
+"""The Procfile's web and worker lines, run as processes: several processes, one sum in /metrics.
+
+`python -m app.api.serve` with two uvicorn processes and `python -m worker.serve`
+are started for real against this test's database, queue and Redis prefix;
+what they count must add up across processes, as Prometheus will scrape it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.dispatch.dispatcher import Dispatcher, Queued
+from app.dispatch.notifications import CREATE
+from app.schema import notifications
+from app.settings import Settings
+from tests.support.api_server import free_port, settings_env
+from tests.support.polling import wait_until
+
+ADA = {"user_id": 8, "email": "ada@example.com", "subject": "Dyno", "body": "b"}
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(key) == value for key, value in labels.items()):
+                return float(found.value)
+    return 0.0
+
+
+@contextmanager
+def dyno(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([sys.executable, "-m", module], env=env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def fields_of(settings: Settings, **extra: Any) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in type(settings).model_fields} | extra
+
+
+def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) -> None:
+    settings = api_settings()
+    port = free_port()
+    env = settings_env(fields_of(settings, web_processes=2)) | {"PORT": str(port)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    web = f"http://127.0.0.1:{port}"
+    with dyno("app.api.serve", env):
+        assert wait_until(lambda: _answers(f"{web}/health"), timeout=60), "the web dyno did not start"
+        for _ in range(20):  # a new connection each: the two processes share the listening socket
+            with httpx.Client(base_url=web, timeout=10) as fresh:
+                assert fresh.get("/health").status_code == 200
+        text = httpx.get(f"{web}/metrics", timeout=10).text
+    # whichever process answered the scrape, every process's requests are in it (the scrape itself not yet)
+    assert sample(text, "brownout_http_requests_total", route="/health", status="200") >= 20
+    assert sample(text, "brownout_pool_connections", state="size") == 2 * settings.pool_size  # two live pools
+
+
+def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings]) -> None:
+    settings = api_settings()
+    database = Database.from_settings(settings)
+    dispatcher = Dispatcher.from_settings(settings, database)
+    try:
+        queued = dispatcher.enqueue(dispatcher.accept(CREATE, ADA, idempotency_key="dyno-1"))
+        assert isinstance(queued, Queued)
+    finally:
+        dispatcher.close()
+    metrics_port = free_port()
+    env = settings_env(fields_of(settings, metrics_port=metrics_port))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        with dyno("worker.serve", env):
+            assert wait_until(lambda: _answers(url), timeout=60), "the worker's metrics did not come up"
+            applied = wait_until(
+                lambda: sample(httpx.get(url, timeout=5).text, "brownout_worker_messages_total", outcome="applied") == 1,
+                timeout=60,
+            )
+            text = httpx.get(url, timeout=5).text
+        assert applied, text
+        assert sample(text, "brownout_db_calls_total") >= 1
+        assert sample(text, "brownout_worker_apply_duration_seconds_count") == 1
+        with database.session() as session:
+            assert session.execute(select(func.count()).select_from(notifications)).scalar_one() == 1
+    finally:
+        database.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        time.sleep(0.1)
+        return False

@@ -1,0 +1,304 @@
+"""The monitoring configuration under deploy/: Prometheus, its alert rules, Alertmanager and Grafana.
+
+promtool (Debian package `prometheus`) and amtool (`prometheus-alertmanager`) check the files and run
+the alert rules' unit tests (deploy/prometheus/alerts_test.yml). Without them these tests skip, except
+under CI=true, where the set-up installs them and their absence is a failure.
+
+Every `brownout_` metric the dashboard and the alert rules query must be one the code exports:
+`app.observability.metrics.metric_names()` when it exists, else the contract below (`EXPORTED`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+PROMETHEUS_CONFIG = PROMETHEUS / "prometheus.yml"
+ALERTS = PROMETHEUS / "alerts.yml"
+ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
+ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "brownout.yml"
+DASHBOARD = GRAFANA / "dashboards" / "brownout.json"
+
+# The metric families the code exports, as Prometheus names them (counters with `_total`,
+# histograms by their base name).
+EXPORTED = [
+    "brownout_db_call_duration_seconds",
+    "brownout_db_calls_total",
+    "brownout_db_errors_total",
+    "brownout_db_refused_total",
+    "brownout_db_retries_total",
+    "brownout_breaker_state",
+    "brownout_breaker_transitions_total",
+    "brownout_pool_connections",
+    "brownout_health_check_up",
+    "brownout_health_check_duration_seconds",
+    "brownout_dispatch_total",
+    "brownout_queue_messages",
+    "brownout_queue_max_length",
+    "brownout_dead_letters",
+    "brownout_worker_messages_total",
+    "brownout_worker_apply_duration_seconds",
+    "brownout_worker_concurrency",
+    "brownout_cache_reads_total",
+    "brownout_http_requests_total",
+    "brownout_http_request_duration_seconds",
+]
+
+ALERT_NAMES = {
+    "BrownoutDatabaseErrorRateHigh",
+    "BrownoutSslErrorRateHigh",
+    "BrownoutBreakerOpen",
+    "BrownoutQueueBacklogGrowing",
+    "BrownoutQueueNearlyFull",
+    "BrownoutDatabaseLatencyHigh",
+    "BrownoutDeadLetters",
+}
+
+PANEL_TITLES = {
+    "Breaker state",
+    "Database error rate",
+    "SSL error rate",
+    "Database latency (p50, p95, p99)",
+    "Connection pool",
+    "Dispatcher outcomes",
+    "Queue depth and dead letters",
+    "Cache hit and stale ratio",
+    "Worker drain rate",
+    "HTTP 5xx rate",
+}
+
+# Alertmanager reads a webhook URL from a file (`url_file`) since 0.26.
+AMTOOL_URL_FILE_SINCE = (0, 26)
+
+METRIC = re.compile(r"\bbrownout_[a-zA-Z0-9_]*")
+HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")
+# Grafana's interval variables, replaced by a plain duration before promtool parses an expression.
+GRAFANA_INTERVAL = re.compile(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}")
+
+
+def _missing(what: str, install: str) -> NoReturn:
+    message = f"{what} not found (install: {install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI's set-up must install it")
+    pytest.skip(message)
+
+
+def _yaml() -> Any:
+    try:
+        return importlib.import_module("yaml")
+    except ImportError:
+        _missing("PyYAML", "the project's dev extra: pip install -e '.[dev]'")
+
+
+def _load_yaml(path: Path) -> Any:
+    return _yaml().safe_load(path.read_text())
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        _missing(name, f"apt-get install -y --no-install-recommends {package}")
+    return path
+
+
+def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{' '.join(result.args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+
+
+def _exported() -> set[str]:
+    """The code's own list when app.observability.metrics has metric_names(), else the contract."""
+    try:
+        module = importlib.import_module("app.observability.metrics")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("app.observability", "app.observability.metrics"):
+            raise  # the module exists and one of its imports is missing: a real failure
+        return set(EXPORTED)
+    metric_names = getattr(module, "metric_names", None)
+    if metric_names is None:
+        return set(EXPORTED)
+    names = set(metric_names())
+    assert names, "app.observability.metrics.metric_names() is empty"
+    return names
+
+
+def _metrics_in(expr: str) -> set[str]:
+    return {HISTOGRAM_SERIES.sub("", name) for name in METRIC.findall(expr)}
+
+
+def _dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return dashboard
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))  # inside collapsed rows
+
+
+def _dashboard_exprs() -> dict[str, str]:
+    """Each PromQL expression of the dashboard, keyed by panel title and refId."""
+    exprs = {}
+    for panel in _panels(_dashboard()["panels"]):
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                exprs[f"{panel['title']} / {target.get('refId', '?')}"] = target["expr"]
+    return exprs
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in _load_yaml(ALERTS)["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+# --- promtool and amtool -------------------------------------------------------------------------
+
+
+def test_alert_rules_are_valid() -> None:
+    _assert_ok(_run(_tool("promtool", "prometheus"), "check", "rules", ALERTS))
+
+
+def test_alert_rules_pass_their_unit_tests() -> None:
+    _assert_ok(_run(_tool("promtool", "prometheus"), "test", "rules", ALERTS_TEST))
+
+
+def test_prometheus_config_is_valid() -> None:
+    _assert_ok(_run(_tool("promtool", "prometheus"), "check", "config", PROMETHEUS_CONFIG))
+
+
+def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each dashboard query, as a recording rule."""
+    promtool = _tool("promtool", "prometheus")
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": GRAFANA_INTERVAL.sub("5m", expr)}
+        for i, expr in enumerate(_dashboard_exprs().values())
+    ]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # JSON is YAML
+    _assert_ok(_run(promtool, "check", "rules", path))
+
+
+def _amtool_version(amtool: str) -> tuple[int, int]:
+    result = _run(amtool, "--version")
+    found = re.search(r"version (\d+)\.(\d+)", result.stdout + result.stderr)
+    assert found, f"cannot read amtool's version from: {result.stdout}{result.stderr}"
+    return int(found[1]), int(found[2])
+
+
+def test_alertmanager_config_is_valid(tmp_path: Path) -> None:
+    amtool = _tool("amtool", "prometheus-alertmanager")
+    config = ALERTMANAGER_CONFIG
+    if _amtool_version(amtool) < AMTOOL_URL_FILE_SINCE:
+        # This amtool does not know `url_file`: check the rest with a placeholder URL.
+        text = config.read_text()
+        assert "url_file: /etc/alertmanager/webhook_url" in text
+        config = tmp_path / "alertmanager.yml"
+        config.write_text(text.replace("url_file: /etc/alertmanager/webhook_url", "url: http://127.0.0.1:9/placeholder"))
+    _assert_ok(_run(amtool, "check-config", config))
+
+
+# --- structure -------------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_web_and_worker_and_alerts_through_alertmanager() -> None:
+    config = _load_yaml(PROMETHEUS_CONFIG)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) >= {"brownout-web", "brownout-worker"}
+    for name, target in (("brownout-web", "web:8000"), ("brownout-worker", "worker:9191")):
+        assert jobs[name].get("metrics_path", "/metrics") == "/metrics"
+        assert [t for c in jobs[name]["static_configs"] for t in c["targets"]] == [target]
+    assert config["rule_files"] == ["alerts.yml"]
+    targets = [t for am in config["alerting"]["alertmanagers"] for c in am["static_configs"] for t in c["targets"]]
+    assert targets == ["alertmanager:9093"]
+
+
+def test_every_alert_has_severity_summary_and_description_and_is_tested() -> None:
+    rules = _alert_rules()
+    assert {rule["alert"] for rule in rules} == ALERT_NAMES
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
+
+    # Each alert has a test case where it fires and one where it does not.
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for case in _load_yaml(ALERTS_TEST)["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else silent).add(check["alertname"])
+    assert firing == ALERT_NAMES, f"alerts without a firing case: {ALERT_NAMES - firing}"
+    assert silent == ALERT_NAMES, f"alerts without a silent case: {ALERT_NAMES - silent}"
+
+
+def test_alertmanager_reads_the_webhook_url_from_the_file_the_container_writes() -> None:
+    config = _load_yaml(ALERTMANAGER_CONFIG)
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    hooks = [hook for r in receivers.values() for hook in r.get("webhook_configs", [])]
+    assert hooks and all(hook.get("url_file") == "/etc/alertmanager/webhook_url" and "url" not in hook for hook in hooks)
+
+
+def test_dashboard_has_the_panels_and_uses_the_provisioned_datasource() -> None:
+    datasources = _load_yaml(DATASOURCES)["datasources"]
+    assert [d["type"] for d in datasources] == ["prometheus"]
+    uid = datasources[0]["uid"]
+
+    dashboard = _dashboard()
+    panels = list(_panels(dashboard["panels"]))
+    titles = [p["title"] for p in panels]
+    assert len(titles) == len(set(titles)), "duplicate panel titles"
+    assert PANEL_TITLES <= set(titles), f"missing panels: {PANEL_TITLES - set(titles)}"
+    assert len({p["id"] for p in panels}) == len(panels), "duplicate panel ids"
+    for panel in panels:
+        if panel.get("type") == "row":
+            continue
+        for owner in [panel, *panel.get("targets", [])]:
+            assert owner.get("datasource") == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert panel.get("targets"), panel["title"]
+
+    provider = _load_yaml(DASHBOARD_PROVIDER)["providers"]
+    assert [p["type"] for p in provider] == ["file"]
+    assert provider[0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# --- metric names ----------------------------------------------------------------------------------
+
+
+def test_dashboard_queries_only_exported_metrics() -> None:
+    exported = _exported()
+    exprs = _dashboard_exprs()
+    assert exprs
+    unknown = {where: sorted(_metrics_in(expr) - exported) for where, expr in exprs.items() if _metrics_in(expr) - exported}
+    assert not unknown, f"dashboard queries metrics the code does not export: {unknown}"
+    assert all(_metrics_in(expr) for expr in exprs.values()), "a dashboard query without a brownout_ metric"
+
+
+def test_alert_rules_query_only_exported_metrics() -> None:
+    exported = _exported()
+    rules = _alert_rules()
+    unknown = {r["alert"]: sorted(_metrics_in(r["expr"]) - exported) for r in rules if _metrics_in(r["expr"]) - exported}
+    assert not unknown, f"alert rules query metrics the code does not export: {unknown}"
+    assert all(_metrics_in(r["expr"]) for r in rules)
+
+
+def test_metric_name_extraction() -> None:
+    expr = 'histogram_quantile(0.95, sum by (le) (rate(brownout_db_call_duration_seconds_bucket{result="ok"}[5m])))'
+    assert _metrics_in(expr) == {"brownout_db_call_duration_seconds"}
+    assert _metrics_in("sum(rate(brownout_dispatch_total[5m])) / brownout_x_count") == {"brownout_dispatch_total", "brownout_x"}
+    assert _metrics_in('up{job="brownout-web"}') == set()

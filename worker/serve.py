@@ -1,0 +1,40 @@
+"""The worker dyno: `python -m worker.serve` (the Procfile's worker line).
+
+Prepares the metrics folder shared by the Dramatiq processes, then becomes
+`dramatiq worker.main` with `BROWNOUT_WORKER_PROCESSES` processes of 8
+threads on the command and email queues. SIGTERM (Railway's deploy): in-flight
+applies get 10 s, then the rest goes back to RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from app import metrics_dir
+from app.settings import ConfigurationError, load_settings
+
+THREADS = 8
+SHUTDOWN_TIMEOUT_MS = 10_000
+
+
+def command(processes: int, queues: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "dramatiq", "worker.main",
+        "--processes", str(processes), "--threads", str(THREADS),
+        "--worker-shutdown-timeout", str(SHUTDOWN_TIMEOUT_MS), "--skip-logging",
+        "--queues", *queues,
+    ]  # fmt: skip
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        sys.exit(f"brownout worker: {exc}")
+    metrics_dir.prepare("brownout-worker-metrics-")
+    os.execv(sys.executable, command(settings.worker_processes, [settings.queue_name, settings.email_queue_name]))
+
+
+if __name__ == "__main__":
+    main()
