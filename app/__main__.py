@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument(
         "--timeout", type=float, default=None, help="deadline in seconds (default: BROWNOUT_HEALTH_TIMEOUT_SECONDS)"
     )
-    sub.add_parser("migrate", help="alembic upgrade head against DATABASE_URL (the Procfile's release line)")
+    sub.add_parser(
+        "migrate", help="alembic upgrade head against MIGRATION_DATABASE_URL or DATABASE_URL (the Procfile's release line)"
+    )
     purge = sub.add_parser("purge-applied", help="delete applied idempotency keys older than the retention")
     purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_APPLIED_RETENTION_DAYS")
     dead_letters_cli.add_parser(sub)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brownout: {exc}", file=sys.stderr)
         return 2
     if args.command == "migrate":
-        upgrade_database(settings.database_url)
+        upgrade_database(settings.migration_database_url or settings.database_url)
         print("brownout: database schema is at head")
         return 0
     database = Database.from_settings(settings)

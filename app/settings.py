@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "BROWNOUT_DATABASE_URL"),
         description="PostgreSQL URL (postgresql://user:pass@host:port/db?sslmode=require).",
     )
+    migration_database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MIGRATION_DATABASE_URL", "BROWNOUT_MIGRATION_DATABASE_URL"),
+        description="URL for `python -m app migrate` when DATABASE_URL is a transaction-mode pooler "
+        "(migrations need a session: Supabase's session pooler on :5432 or a direct connection).",
+    )
     database_pooler: Literal["none", "transaction"] = Field(
         default="none",
         description="'transaction' when DATABASE_URL points at a transaction-mode pooler "
@@ -245,6 +251,11 @@ class Settings(BaseSettings):
     def _normalise_database_url(cls, value: str) -> str:
         return normalise_database_url(value)
 
+    @field_validator("migration_database_url")
+    @classmethod
+    def _normalise_migration_url(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_database_url(value)
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.retry_cap_seconds < self.retry_base_seconds:
@@ -278,6 +289,8 @@ def _env_name(field: str) -> str:
         return "RABBITMQ_URL"
     if field.lower() in ("smtp_url", "brownout_smtp_url"):
         return "SMTP_URL"
+    if field.lower() in ("migration_database_url", "brownout_migration_database_url"):
+        return "MIGRATION_DATABASE_URL"
     if field.lower() in ("redis_url", "brownout_redis_url"):
         return "REDIS_URL"
     if field.lower() in ("sentry_dsn", "brownout_sentry_dsn"):

@@ -12,6 +12,8 @@ import os
 import sys
 
 from app import metrics_dir
+from app.observability.logs import configure_logging
+from app.pool_budget import warn_if_over_budget
 from app.settings import ConfigurationError, load_settings
 
 THREADS = 8
@@ -32,6 +34,8 @@ def main() -> None:
         settings = load_settings()
     except ConfigurationError as exc:
         sys.exit(f"brownout worker: {exc}")
+    configure_logging(settings)
+    warn_if_over_budget(settings)  # the whole fleet's pools against the pooler's limit, said once per dyno
     metrics_dir.prepare("brownout-worker-metrics-")
     os.execv(sys.executable, command(settings.worker_processes, [settings.queue_name, settings.email_queue_name]))
 

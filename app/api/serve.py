@@ -11,6 +11,8 @@ import os
 import sys
 
 from app import metrics_dir
+from app.observability.logs import configure_logging
+from app.pool_budget import warn_if_over_budget
 from app.settings import ConfigurationError, load_settings
 
 
@@ -27,6 +29,8 @@ def main() -> None:
         settings = load_settings()
     except ConfigurationError as exc:
         sys.exit(f"brownout web: {exc}")
+    configure_logging(settings)
+    warn_if_over_budget(settings)  # the whole fleet's pools against the pooler's limit, said once per dyno
     metrics_dir.prepare("brownout-web-metrics-")
     argv = command(os.environ.get("PORT", "8000"), settings.web_processes)
     os.execv(sys.executable, argv)

@@ -1,0 +1,65 @@
+# One image for every process type of the Procfile (web, worker, release).
+#
+#   docker build -t brownout .
+#   docker run -p 8000:8000 -e DATABASE_URL=... -e RABBITMQ_URL=... brownout              # web (default)
+#   docker run -e DATABASE_URL=... -e RABBITMQ_URL=... brownout run-procfile worker      # worker
+#   docker run -e DATABASE_URL=... brownout run-procfile release                         # migrations
+#
+# The commands themselves live in one place, the Procfile: `run-procfile TYPE` execs
+# the Procfile's TYPE line through /bin/sh (so ${PORT:-8000} and the other defaults
+# expand as they do under honcho). docker-compose.yml and railway*.toml name process
+# types, never commands; tests/unit/test_deploy_files.py checks that they agree.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: install the project and its pinned dependencies into a virtualenv ----
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Everything `pip install .` reads (pyproject.toml names README.md as the readme).
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY worker ./worker
+# No dev extras. Every pinned dependency ships a manylinux wheel: nothing is compiled,
+# and the slim image has no compiler, so a dependency that would need one fails here.
+RUN pip install .
+
+# ---- runtime: the virtualenv, the Procfile and a non-root user; no pip cache, no build tree ----
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PORT=8000
+RUN groupadd --system --gid 10001 brownout \
+    && useradd --system --uid 10001 --gid brownout --home-dir /app --no-create-home --shell /usr/sbin/nologin brownout
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY Procfile ./
+# deploy/ holds no secrets; it is here so that a public CA certificate committed there
+# (Supabase's, for sslmode=verify-full) can be named as sslrootcert=/app/deploy/<file>.
+COPY deploy/ ./deploy/
+# run-procfile TYPE: exec the Procfile's "TYPE:" line (PROCFILE overrides the path, for tests).
+RUN printf '%s\n' \
+      '#!/bin/sh' \
+      '# run-procfile TYPE: exec the line "TYPE: command" of the Procfile, through /bin/sh.' \
+      'set -e' \
+      'type="${1:?usage: run-procfile web|worker|release}"' \
+      'procfile="${PROCFILE:-/app/Procfile}"' \
+      'line="$(sed -n "s/^${type}:[[:space:]]*//p" "$procfile")"' \
+      'if [ -z "$line" ]; then echo "run-procfile: no ${type}: line in ${procfile}" >&2; exit 64; fi' \
+      'eval "exec ${line}"' \
+      > /usr/local/bin/run-procfile \
+    && chmod 0755 /usr/local/bin/run-procfile
+
+USER brownout:brownout
+EXPOSE 8000
+# Liveness only: /health says the process answers. Never /ready: a database or
+# RabbitMQ outage must not mark the container unhealthy (Brownout is built to serve through it).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=4)"]
+STOPSIGNAL SIGTERM
+CMD ["run-procfile", "web"]

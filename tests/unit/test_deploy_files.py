@@ -1,0 +1,395 @@
+"""The deploy files agree with the Procfile and with the settings.
+
+The Procfile is where the commands live. The Dockerfile installs `run-procfile TYPE`,
+which execs the Procfile's TYPE line; docker-compose.yml and railway*.toml name a
+process type through it (or, if someone writes a command out instead, it must be the
+Procfile's line, up to whitespace and the `$PORT` / `${PORT:-8000}` spelling).
+Environment variables given to web, worker and migrate must be ones app/settings.py
+reads (or a documented extra), published ports must be the ones the processes listen
+on, and every health check is /health (never /ready: an outage must not fail a deploy).
+
+Pure file checks (plus /bin/sh for the launcher): no Docker, no services.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.settings import Settings, _env_name
+
+ROOT = Path(__file__).resolve().parents[2]
+PROCFILE = ROOT / "Procfile"
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+RAILWAY_WEB = ROOT / "railway.toml"
+RAILWAY_WORKER = ROOT / "railway.worker.toml"
+
+# Compose service -> Procfile process type.
+PROCESS_TYPES = {"web": "web", "worker": "worker", "migrate": "release"}
+
+# Environment variables a Brownout container may be given that are not settings fields:
+# PORT (the web's port, read by the Procfile line; Railway sets it), PROMETHEUS_MULTIPROC_DIR
+# (prometheus_client's multiprocess mode, set up by the launchers), MIGRATION_DATABASE_URL
+# (a session-mode or direct URL for `python -m app migrate`, see railway.toml).
+EXTRA_ENV = {"PORT", "PROMETHEUS_MULTIPROC_DIR", "MIGRATION_DATABASE_URL"}
+
+_PORT_VARIABLE = re.compile(r"\$\{PORT(?::-[^}]*)?\}|\$PORT\b")
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+def procfile() -> dict[str, str]:
+    lines: dict[str, str] = {}
+    for raw in PROCFILE.read_text(encoding="utf-8").splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        name, sep, command = raw.partition(":")
+        assert sep, f"Procfile line without 'type:': {raw!r}"
+        lines[name.strip()] = command.strip()
+    return lines
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """(INSTRUCTION, arguments) per stage, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    current = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # Docker drops comment lines, also inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        logical.append(current + stripped)
+        current = ""
+    assert not current, "Dockerfile ends inside a continued instruction"
+    stages: list[list[tuple[str, str]]] = []
+    for line in logical:
+        instruction, _, arguments = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction, arguments.strip()))
+    return stages
+
+
+def final_stage() -> list[tuple[str, str]]:
+    return dockerfile_stages()[-1]
+
+
+def instruction_arguments(stage: list[tuple[str, str]], name: str) -> list[str]:
+    return [arguments for instruction, arguments in stage if instruction == name]
+
+
+def exec_form(arguments: str) -> list[str]:
+    """A Dockerfile CMD/ENTRYPOINT: JSON exec form, or shell form (run by /bin/sh -c)."""
+    import json
+
+    if arguments.startswith("["):
+        value = json.loads(arguments)
+        assert isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return list(value)
+    return ["/bin/sh", "-c", arguments]
+
+
+def launcher_script() -> str:
+    """The run-procfile script that the Dockerfile's final stage writes with printf."""
+    runs = [arguments for arguments in instruction_arguments(final_stage(), "RUN") if "/usr/local/bin/run-procfile" in arguments]
+    assert len(runs) == 1, "the final stage must write /usr/local/bin/run-procfile in one RUN"
+    tokens = shlex.split(runs[0])
+    start = tokens.index("printf") + 2  # printf '%s\n' line...
+    end = tokens.index(">")
+    assert tokens[end + 1] == "/usr/local/bin/run-procfile"
+    return "\n".join(tokens[start:end]) + "\n"
+
+
+def compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml (dev dependency)")
+    document = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+def service(name: str) -> dict[str, Any]:
+    services = compose()["services"]
+    assert name in services, f"docker-compose.yml has no {name!r} service"
+    value = services[name]
+    assert isinstance(value, dict)
+    return value
+
+
+def environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        pairs = (item.partition("=") for item in env)
+        return {name: value for name, _, value in pairs}
+    return {str(name): "" if value is None else str(value) for name, value in env.items()}
+
+
+def container_ports(svc: dict[str, Any]) -> set[str]:
+    ports: set[str] = set()
+    for entry in svc.get("ports") or []:
+        if isinstance(entry, dict):
+            ports.add(str(entry["target"]))
+        else:
+            ports.add(str(entry).rsplit(":", 1)[-1].split("/")[0])
+    return ports
+
+
+def command_tokens(command: str | list[str]) -> list[str]:
+    if isinstance(command, str):
+        return shlex.split(command)
+    return [str(token) for token in command]
+
+
+def normalise(command: str) -> str:
+    """Whitespace collapsed, compose's $$ unescaped, every spelling of the PORT variable made one."""
+    command = command.replace("$$", "$")
+    command = _PORT_VARIABLE.sub("$PORT", command)
+    return " ".join(command.split())
+
+
+def assert_runs_process(tokens: list[str], process_type: str, where: str) -> None:
+    """*tokens* run the Procfile's *process_type* line: through run-procfile, or written out the same."""
+    lines = procfile()
+    assert process_type in lines, f"the Procfile has no {process_type!r} line ({where} runs it)"
+    if tokens[:1] == ["run-procfile"]:
+        assert tokens == ["run-procfile", process_type], f"{where}: {tokens}"
+        return
+    if len(tokens) == 3 and tokens[0] in ("sh", "/bin/sh") and tokens[1] == "-c":
+        text = tokens[2].strip()
+        text = text.removeprefix("exec ")
+    else:
+        text = " ".join(tokens)
+    assert normalise(text) == normalise(lines[process_type]), (
+        f"{where} runs {text!r}, but the Procfile's {process_type} line is {lines[process_type]!r}"
+    )
+
+
+def effective_command(name: str) -> list[str]:
+    """The compose service's command, or the image's CMD when it sets none."""
+    svc = service(name)
+    if "command" in svc:
+        return command_tokens(svc["command"])
+    return exec_form(instruction_arguments(final_stage(), "CMD")[-1])
+
+
+def settings_env_names() -> set[str]:
+    return {_env_name(field) for field in Settings.model_fields}
+
+
+def railway(path: Path) -> dict[str, Any]:
+    with path.open("rb") as file:
+        return tomllib.load(file)
+
+
+# ---------------------------------------------------------------- Procfile and Dockerfile
+
+
+def test_procfile_has_the_three_process_types() -> None:
+    assert {"web", "worker", "release"} <= set(procfile())
+
+
+def test_dockerfile_default_command_runs_the_web_line() -> None:
+    cmds = instruction_arguments(final_stage(), "CMD")
+    assert cmds, "the Dockerfile has no CMD"
+    assert_runs_process(exec_form(cmds[-1]), "web", "the Dockerfile's CMD")
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    users = instruction_arguments(final_stage(), "USER")
+    assert users, "the final stage sets no USER (it would run as root)"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), users[-1]
+
+
+def test_dockerfile_exposes_8000_and_checks_health_on_health() -> None:
+    stage = final_stage()
+    exposed = {port.split("/")[0] for arguments in instruction_arguments(stage, "EXPOSE") for port in arguments.split()}
+    assert "8000" in exposed
+    (check,) = instruction_arguments(stage, "HEALTHCHECK")
+    assert "/health" in check and "/ready" not in check
+    assert "${PORT" not in check  # exec form: the port is read from the environment inside the check
+
+
+def test_dockerfile_installs_the_project_without_dev_extras_and_ships_the_procfile() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"pip install \.(\s|$)", text), "the project is installed with `pip install .`"
+    assert "[dev]" not in text
+    assert any(arguments.split()[0] == "Procfile" for arguments in instruction_arguments(final_stage(), "COPY"))
+    assert "/app" in instruction_arguments(final_stage(), "WORKDIR")
+
+
+def _fake_commands(tmp_path: Path) -> Path:
+    """A bin directory where each Procfile line's program prints its name and arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for line in procfile().values():
+        program = shlex.split(line)[0]
+        fake = bin_dir / program
+        fake.write_text('#!/bin/sh\nprintf "%s" "$(basename "$0")"\nprintf " %s" "$@"\necho\n', encoding="utf-8")
+        fake.chmod(0o755)
+    return bin_dir
+
+
+def _launch(tmp_path: Path, process_type: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "run-procfile"
+    script.write_text(launcher_script(), encoding="utf-8")
+    return subprocess.run(
+        ["/bin/sh", str(script), process_type],
+        env={"PATH": f"{_fake_commands(tmp_path)}:/usr/bin:/bin", "PROCFILE": str(PROCFILE), **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _expanded(line: str, env: dict[str, str]) -> str:
+    """What /bin/sh makes of a Procfile line's words under *env*."""
+    result = subprocess.run(
+        ["/bin/sh", "-c", f'set -- {line}; printf "%s" "$1"; shift; printf " %s" "$@"; echo'],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout
+
+
+@pytest.mark.parametrize("process_type", ["web", "worker", "release"])
+def test_run_procfile_execs_the_procfile_line_with_its_defaults(tmp_path: Path, process_type: str) -> None:
+    env = {"PORT": "8123"}
+    result = _launch(tmp_path, process_type, env)
+    assert result.returncode == 0, result.stderr
+    line = procfile()[process_type]
+    assert result.stdout == _expanded(line, env)
+    if "PORT" in line:
+        assert "8123" in result.stdout
+
+
+def test_run_procfile_refuses_an_unknown_process_type(tmp_path: Path) -> None:
+    result = _launch(tmp_path, "nosuchtype", {})
+    assert result.returncode == 64
+    assert "no nosuchtype: line" in result.stderr
+
+
+# ---------------------------------------------------------------- docker-compose.yml
+
+
+@pytest.mark.parametrize("name", sorted(PROCESS_TYPES))
+def test_compose_commands_are_the_procfile_lines(name: str) -> None:
+    assert_runs_process(effective_command(name), PROCESS_TYPES[name], f"docker-compose.yml's {name}")
+
+
+@pytest.mark.parametrize("name", sorted(PROCESS_TYPES))
+def test_compose_environment_names_are_settings(name: str) -> None:
+    unknown = set(environment(service(name))) - settings_env_names() - EXTRA_ENV
+    assert not unknown, f"{name} sets variables app/settings.py does not read: {sorted(unknown)}"
+
+
+def test_compose_web_publishes_the_port_it_listens_on_and_checks_health() -> None:
+    web = service("web")
+    port = environment(web).get("PORT", "8000")
+    assert port == "8000"
+    assert container_ports(web) == {port}
+    check = " ".join(command_tokens(web["healthcheck"]["test"]))
+    assert "/health" in check and "/ready" not in check
+
+
+def test_compose_worker_publishes_its_metrics_port() -> None:
+    worker = service("worker")
+    default = Settings.model_fields["metrics_port"].default
+    port = environment(worker).get(_env_name("metrics_port"), str(default))
+    assert port == "9191"
+    assert container_ports(worker) == {port}
+
+
+@pytest.mark.parametrize("name", ["web", "worker"])
+def test_compose_web_and_worker_wait_for_the_migration(name: str) -> None:
+    depends = service(name)["depends_on"]
+    assert depends["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_worker_gets_the_drain_time_the_procfile_asks_for() -> None:
+    grace = str(service("worker").get("stop_grace_period", "10s"))
+    assert grace.endswith("s") and int(grace[:-1]) >= 25
+
+
+def test_compose_has_the_monitoring_services() -> None:
+    services = compose()["services"]
+    assert {"postgres", "rabbitmq", "redis", "prometheus", "alertmanager", "grafana"} <= set(services)
+    assert "15672" in container_ports(services["rabbitmq"])
+    prometheus_mounts = " ".join(services["prometheus"]["volumes"])
+    assert "./deploy/prometheus:/etc/prometheus" in prometheus_mounts
+    alertmanager = services["alertmanager"]
+    assert "ALERT_WEBHOOK_URL" in alertmanager["environment"]
+    assert "/etc/alertmanager/webhook_url" in " ".join(command_tokens(alertmanager["entrypoint"]))
+
+
+# ---------------------------------------------------------------- railway*.toml
+
+
+def test_railway_web_config() -> None:
+    config = railway(RAILWAY_WEB)
+    deploy = config["deploy"]
+    assert config["build"]["builder"] == "DOCKERFILE"
+    assert deploy["healthcheckPath"] == "/health"
+    assert deploy["restartPolicyType"] == "ON_FAILURE"
+    assert_runs_process(command_tokens(deploy["startCommand"]), "web", "railway.toml's startCommand")
+
+
+def test_railway_worker_config() -> None:
+    config = railway(RAILWAY_WORKER)
+    deploy = config["deploy"]
+    assert config["build"]["builder"] == "DOCKERFILE"
+    assert "healthcheckPath" not in deploy  # the worker serves no HTTP on $PORT
+    assert deploy["drainingSeconds"] >= 25  # the Procfile's comment
+    assert_runs_process(command_tokens(deploy["startCommand"]), "worker", "railway.worker.toml's startCommand")
+
+
+def _pre_deploy(path: Path) -> list[str]:
+    value = railway(path)["deploy"]["preDeployCommand"]
+    commands = [value] if isinstance(value, str) else list(value)
+    assert commands and all(isinstance(command, str) for command in commands)
+    return commands
+
+
+@pytest.mark.parametrize("path", [RAILWAY_WEB, RAILWAY_WORKER], ids=lambda path: path.name)
+@pytest.mark.parametrize("migration_url", [None, "postgresql://session-mode:5432/db"])
+def test_railway_pre_deploy_migrates_through_the_migration_url_when_set(
+    tmp_path: Path, path: Path, migration_url: str | None
+) -> None:
+    """Run the preDeployCommand's shell with a fake run-procfile that reports what it was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "run-procfile"
+    fake.write_text('#!/bin/sh\necho "$1 $DATABASE_URL"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DATABASE_URL": "postgresql://transaction-pooler:6543/db"}
+    if migration_url:
+        env["MIGRATION_DATABASE_URL"] = migration_url
+    (command,) = _pre_deploy(path)
+    tokens = command_tokens(command)
+    assert tokens[0] in ("sh", "/bin/sh")
+    result = subprocess.run(tokens, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["release", migration_url or env["DATABASE_URL"]]
+    assert "release" in procfile() and "migrate" in procfile()["release"]
+
+
+def test_no_health_check_anywhere_uses_ready() -> None:
+    for path in (DOCKERFILE, COMPOSE, RAILWAY_WEB, RAILWAY_WORKER):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.lstrip().startswith("#") and "/ready" in line:
+                raise AssertionError(f"{path.name} uses /ready: {line.strip()}")
