@@ -95,6 +95,30 @@ class Settings(BaseSettings):
         default=0.5, description="Nominal delay before the first retry; doubles each retry."
     )
     retry_cap_seconds: PositiveSeconds = Field(default=3.0, description="Largest nominal delay between retries.")
+    retry_budget_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Retry budget: retries allowed per call over the window (SRE book)."
+    )
+    retry_budget_window_seconds: float = Field(default=10.0, ge=1, description="Retry budget: the sliding window.")
+    retry_budget_min_retries: int = Field(
+        default=10,
+        ge=0,
+        description="Retry budget: retries always allowed per window (a quiet process keeps the seed's retries).",
+    )
+    breaker_backend: Literal["local", "redis"] = Field(
+        default="local",
+        description="'redis': one breaker for the fleet, its state shared through Redis (REDIS_URL); "
+        "'local': each process has its own.",
+    )
+    breaker_window_seconds: PositiveSeconds = Field(
+        default=10.0, description="Shared breaker: failures counted fleet-wide over this window open it."
+    )
+    breaker_probe_gated: bool = Field(
+        default=True,
+        description="Shared breaker: while OPEN, a passing health check (not a timer) moves it to HALF_OPEN.",
+    )
+    breaker_probe_interval_seconds: PositiveSeconds = Field(
+        default=1.0, description="Health check interval while the breaker is not CLOSED (probe-gated recovery)."
+    )
 
     pool_size: int = Field(default=10, ge=1, description="Connections kept open in each process's pool.")
     pool_max_overflow: int = Field(default=20, ge=0, description="Extra connections allowed above pool_size under load.")

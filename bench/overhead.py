@@ -16,6 +16,7 @@ hits both alike. DATABASE_URL defaults to the local set-up's database.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -28,9 +29,12 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db import Database, execute_with_retry, waiting
+from app.db.database import build_resilience
+from app.fleet.assembly import build_fleet_breaker, stop_breaker
 from app.settings import load_settings
 
 LOCAL_URL = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def per_call_ns(fn: Callable[[], object], calls: int) -> list[int]:
@@ -96,7 +100,30 @@ def main() -> None:
     print(f"no-op, direct call:                      {direct:8.3f} us/call")
     print(f"no-op, execute_with_retry (CLOSED):      {ours - direct:8.3f} us/call of wrapper")
     print(f"no-op, tenacity + pybreaker:             {stacked - direct:8.3f} us/call of wrapper")
+    unbudgeted = dataclasses.replace(database.resilience, budget=None)
+    without_budget = noop_cost_us(lambda: execute_with_retry(session, noop, resilience=unbudgeted), args.noop_calls)
+    print(
+        f"no-op, execute_with_retry, no budget:    {without_budget - direct:8.3f} us/call of wrapper "
+        f"(the retry budget costs {ours - without_budget:.3f})"
+    )
     database.close()
+    shared_breaker_cost(session, noop, direct, args.noop_calls, ours)
+
+
+def shared_breaker_cost(session: Session, noop: Callable[[], object], direct: float, calls: int, local: float) -> None:
+    """The shared breaker's hot path (CLOSED) beside the local one: no Redis round trip on it."""
+    settings = load_settings(breaker_backend="redis", redis_url=os.environ.get("REDIS_URL", LOCAL_REDIS))
+    settings = settings.model_copy(update={"redis_key_prefix": f"bench-overhead-{os.getpid()}:"})
+    breaker = build_fleet_breaker(settings)
+    try:
+        resilience = build_resilience(settings, breaker=breaker)
+        shared = noop_cost_us(lambda: execute_with_retry(session, noop, resilience=resilience), calls)
+    finally:
+        stop_breaker(breaker)
+    print(
+        f"no-op, execute_with_retry, shared breaker: {shared - direct:6.3f} us/call of wrapper "
+        f"({shared - local:+.3f} vs local; target: within 1 us)"
+    )
 
 
 if __name__ == "__main__":

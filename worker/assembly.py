@@ -14,7 +14,7 @@ from app.db import Database
 from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
-from app.observability.metrics import DbCallMetrics, Metrics
+from app.observability.metrics import Metrics
 from app.settings import Settings
 from worker.actors import ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
@@ -55,8 +55,7 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
     broker.add_middleware(drain)
     runtime = ApplyRuntime(database=database, registry=build_registry(), on_applied=AppliedElsewhere.from_settings(settings))
     if metrics is not None:
-        database.resilience.observers.append(DbCallMetrics(metrics))
-        metrics.attach_breaker(database.breaker)
+        metrics.attach_resilience(database.resilience)
         exposition = WorkerMetrics(metrics, drain=drain, port=settings.metrics_port)
         broker.add_middleware(exposition)
         runtime.observe = exposition.observe

@@ -12,6 +12,8 @@ import dramatiq
 
 from app.db import Database
 from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.fleet.assembly import build_database, build_monitor
+from app.fleet.shared_breaker import SharedBreaker
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.observability.sentry import init_sentry
@@ -22,10 +24,14 @@ from worker.assembly import build_worker_broker
 def _start() -> tuple[BrownoutRabbitmqBroker, Database]:
     settings = load_settings()
     configure_logging(settings)
-    database = Database.from_settings(settings)
+    database = build_database(settings)
     init_sentry(settings, breaker=database.breaker, component="worker")
-    broker = build_worker_broker(settings, database, metrics=Metrics())
+    metrics = Metrics()
+    broker = build_worker_broker(settings, database, metrics=metrics)
     dramatiq.set_broker(broker)
+    if isinstance(database.breaker, SharedBreaker) and database.breaker.probe_gated:
+        # Probe-gated recovery needs someone's health checks: a fleet of workers alone must recover too.
+        build_monitor(settings, database, on_result=[metrics.observe_health]).start()
     return broker, database
 
 

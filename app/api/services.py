@@ -17,8 +17,9 @@ from app.db.health_check import pool_figures
 from app.dispatch.dead_letters import count_unreplayed
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.queue_depth import QueueDepth
+from app.fleet.assembly import build_database, build_monitor, stop_breaker
 from app.observability.logs import DegradedModeLog
-from app.observability.metrics import DbCallMetrics, Metrics
+from app.observability.metrics import Metrics
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,24 +44,18 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, metrics: Metrics | None = None) -> Services:
         metrics = metrics or Metrics()
-        database = Database.from_settings(settings)
-        database.resilience.observers.append(DbCallMetrics(metrics))
-        metrics.attach_breaker(database.breaker)
+        link = build_redis_link(settings)
+        database = build_database(settings, link=link)
+        metrics.attach_resilience(database.resilience)
         database.breaker.add_listener(DegradedModeLog())
         metrics.queue_max_length.set(settings.queue_max_length)
         dispatcher = Dispatcher.from_settings(settings, database)
-        link = build_redis_link(settings)
         cache = pending = override = None
         if link is not None:
             cache = ReadCache(link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds)
             pending = PendingWrites(link, ttl_seconds=settings.pending_seconds)
             override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
-        monitor = HealthMonitor(
-            database.session,
-            interval=settings.health_interval_seconds,
-            timeout=settings.health_timeout_seconds,
-            on_result=metrics.observe_health,
-        ).start()
+        monitor = build_monitor(settings, database, on_result=[metrics.observe_health]).start()
         queue_depth = None
         if settings.rabbitmq_url:
             queue_depth = QueueDepth(
@@ -88,6 +83,7 @@ class Services:
     def refresh_gauges(self) -> None:
         """At scrape time: this process's pool, the queue depth (cached a few seconds), dead letters (15 s)."""
         self.metrics.observe_pool(pool_figures(self.database.engine))
+        self.metrics.observe_budget(self.database.resilience)
         if self.queue_depth is not None:
             depth = self.queue_depth.read()
             if depth.get("ok"):
@@ -122,4 +118,5 @@ class Services:
                 log.exception("shutdown step failed")
         if self.link is not None:
             self.link.close()
+        stop_breaker(self.database.breaker)
         self.database.close()

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.circuit_breaker import BreakerListener, CircuitBreaker
 from app.db.engine import build_engine
 from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy
+from app.db.retry_budget import RetryBudget
 from app.settings import Settings
 
 
@@ -41,6 +42,11 @@ def build_resilience(settings: Settings, *, breaker: CircuitBreaker | None = Non
             max_retries=settings.retry_max_retries,
             base_seconds=settings.retry_base_seconds,
             cap_seconds=settings.retry_cap_seconds,
+        ),
+        budget=RetryBudget(
+            ratio=settings.retry_budget_ratio,
+            window_seconds=settings.retry_budget_window_seconds,
+            min_retries=settings.retry_budget_min_retries,
         ),
     )
 

@@ -130,9 +130,19 @@ class HealthMonitor:
         interval: float = 30.0,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         on_result: Callable[[dict[str, Any]], None] | None = None,
+        probe_interval: float | None = None,
+        degraded: Callable[[], bool] | None = None,
+        claim_probe: Callable[[], bool] | None = None,
     ) -> None:
         self._sessions = session_factory
         self.interval = interval
+        # While degraded() (the breaker is not CLOSED), check every probe_interval instead:
+        # with probe-gated recovery these checks are what ends an outage.
+        self.probe_interval = probe_interval
+        self._degraded = degraded
+        # While degraded, a check runs only if claim_probe() says this process's turn (one
+        # probe per interval for a whole fleet, instead of one per process).
+        self._claim_probe = claim_probe
         self.timeout = timeout
         self._on_result = on_result
         self._stop = threading.Event()
@@ -174,7 +184,37 @@ class HealthMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.check_now()
+                if self._my_turn():
+                    self.check_now()
             except Exception:  # never let the monitor die silently
                 log.exception("health check crashed")
+            self._wait_for_next_check()
+
+    def _wait_for_next_check(self) -> None:
+        """`interval`, or `probe_interval` as soon as the service is degraded (looked at every slice)."""
+        if self.probe_interval is None or self._degraded is None:
             self._stop.wait(self.interval)
+            return
+        started = time.monotonic()
+        slice_seconds = min(self.interval, self.probe_interval)
+        while not self._stop.wait(slice_seconds):
+            waited = time.monotonic() - started
+            if waited >= self.interval or (waited >= self.probe_interval and self._is_degraded()):
+                return
+
+    def _my_turn(self) -> bool:
+        if self._claim_probe is None or self._degraded is None or not self._is_degraded():
+            return True
+        try:
+            return self._claim_probe()
+        except Exception:
+            log.exception("health monitor: claim_probe() failed")
+            return True
+
+    def _is_degraded(self) -> bool:
+        assert self._degraded is not None
+        try:
+            return self._degraded()
+        except Exception:
+            log.exception("health monitor: degraded() failed")
+            return False

@@ -45,6 +45,7 @@ from app.db.errors import (
     classify,
     describe,
 )
+from app.db.retry_budget import RetryBudget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +64,9 @@ class CallObserver:
 
     def on_retry(self, kind: ErrorKind, wait: float) -> None:
         """A transient failure is about to be retried after *wait* seconds."""
+
+    def on_retry_denied(self, kind: ErrorKind) -> None:
+        """A transient failure is not retried: the retry budget is spent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,7 @@ class Resilience:
     rng: random.Random = field(default_factory=random.Random)
     clock: Callable[[], float] = time.monotonic
     observers: list[CallObserver] = field(default_factory=list)
+    budget: RetryBudget | None = None
 
 
 # -- knowing whether COMMIT was reached ----------------------------------------
@@ -158,6 +163,8 @@ def execute_with_retry(
         _install_commit_listener()
     breaker = res.breaker
     deadline_at = None if deadline is None else res.clock() + deadline
+    if res.budget is not None:
+        res.budget.record_call()
     attempt = 0
     last_error: Exception | None = None
     while True:
@@ -170,7 +177,7 @@ def execute_with_retry(
             raise
         commits_before = _commits_sent()
         incidents.clear()
-        started = time.perf_counter()
+        started = time.perf_counter() if res.observers else 0.0
         try:
             if deadline_at is None:
                 result = fn()
@@ -202,6 +209,10 @@ def execute_with_retry(
             wait = res.policy.delay(attempt, res.rng)
             if deadline is not None and deadline_at is not None and res.clock() + wait >= deadline_at:
                 raise DeadlineExceeded(deadline, attempt) from exc
+            if res.budget is not None and not res.budget.try_spend():
+                log.warning("database call failed (%s), not retried: retry budget spent: %s", kind.value, describe(exc))
+                _tell(res.observers, "on_retry_denied", kind)
+                raise
             _log_retry(kind, exc, attempt, res.policy.max_retries, wait)
             _tell(res.observers, "on_retry", kind, wait)
             res.sleep(wait)

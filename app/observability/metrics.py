@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from app.db import BreakerListener, BreakerState, CallObserver, CircuitBreaker, ErrorKind
+from app.db import BreakerListener, BreakerState, CallObserver, CircuitBreaker, ErrorKind, Resilience
 
 STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -106,6 +106,28 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.breaker_shared = Gauge(
+            "brownout_breaker_shared",
+            "1 while the breaker's state is the fleet's (shared through Redis), 0 while local (the worst process).",
+            ["breaker"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.breaker_remote_transitions = Counter(
+            "brownout_breaker_remote_transitions_total",
+            "Transitions this process learnt from another process of the fleet.",
+            ["breaker"],
+            registry=r,
+        )
+        self.retries_denied = Counter(
+            "brownout_retries_denied_total", "Transient failures not retried because the retry budget was spent.", registry=r
+        )
+        self.retry_budget_used = Gauge(
+            "brownout_retry_budget_used_ratio",
+            "Retries over retries allowed in the budget's window (1: spent; the highest live process).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.cache_reads = Counter(
             "brownout_cache_reads_total", "Reads by how they were served: hit, miss, stale, bypass.", ["result"], registry=r
         )
@@ -129,6 +151,16 @@ class Metrics:
         listener = BreakerMetrics(self)
         breaker.add_listener(listener)
         self.breaker_state.labels(breaker.name).set(STATE_VALUES[breaker.state])
+        self.breaker_shared.labels(breaker.name).set(1 if getattr(breaker, "shared", False) else 0)
+
+    def attach_resilience(self, resilience: Resilience) -> None:
+        """The breaker's listener and the call observer of one Database."""
+        resilience.observers.append(DbCallMetrics(self))
+        self.attach_breaker(resilience.breaker)
+
+    def observe_budget(self, resilience: Resilience) -> None:
+        if resilience.budget is not None:
+            self.retry_budget_used.set(resilience.budget.used())
 
     def observe_health(self, result: dict[str, Any]) -> None:
         self.health_up.set(1 if result["healthy"] else 0)
@@ -155,6 +187,11 @@ class BreakerMetrics(BreakerListener):
     def on_transition(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
         self._metrics.breaker_state.labels(breaker.name).set(STATE_VALUES[new])
         self._metrics.breaker_transitions.labels(breaker.name, new.value).inc()
+        if getattr(breaker, "last_transition_remote", False):
+            self._metrics.breaker_remote_transitions.labels(breaker.name).inc()
+
+    def on_mode(self, breaker: CircuitBreaker, shared: bool) -> None:
+        self._metrics.breaker_shared.labels(breaker.name).set(1 if shared else 0)
 
     def on_rejected(self, breaker: CircuitBreaker) -> None:
         self._metrics.db_refused.inc()
@@ -176,6 +213,9 @@ class DbCallMetrics(CallObserver):
 
     def on_retry(self, kind: ErrorKind, wait: float) -> None:
         self._metrics.db_retries.labels(kind.value).inc()
+
+    def on_retry_denied(self, kind: ErrorKind) -> None:
+        self._metrics.retries_denied.inc()
 
 
 def render(metrics: Metrics) -> tuple[bytes, str]:

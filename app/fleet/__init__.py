@@ -1,0 +1,1 @@
+"""What makes a fleet of processes act as one: the shared breaker."""
