@@ -60,13 +60,15 @@ def build_monitor(
         for hook in hooks:
             hook(result)
 
+    gated = isinstance(breaker, SharedBreaker) and breaker.probe_gated
     return HealthMonitor(
         database.session,
         interval=settings.health_interval_seconds,
         timeout=settings.health_timeout_seconds,
         on_result=tell,
-        probe_interval=settings.breaker_probe_interval_seconds,
-        degraded=lambda: breaker.state is not BreakerState.CLOSED,
+        # Fast probes only where they end an outage: a local breaker recovers on its timer.
+        probe_interval=settings.breaker_probe_interval_seconds if gated else None,
+        degraded=(lambda: breaker.state is not BreakerState.CLOSED) if gated else None,
         claim_probe=breaker.claim_probe if isinstance(breaker, SharedBreaker) else None,
     )
 

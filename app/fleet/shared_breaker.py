@@ -28,6 +28,7 @@ Every transition runs as one Lua script (app/fleet/scripts.py).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -81,7 +82,7 @@ class SharedBreaker(CircuitBreaker):
             }.items()
         }
         self._member = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._failure_seq = 0
+        self._failure_seq = itertools.count(1)
         self._epoch = -1
         self._lease_token: str | None = None
         self.shared = False  # True while the view is the fleet's; False: the local breaker decides
@@ -135,8 +136,7 @@ class SharedBreaker(CircuitBreaker):
         if permit != NOT_TRIAL:
             answer = self._verdict(permit, "fail")
         else:
-            self._failure_seq += 1
-            member = f"{self._member}-{self._failure_seq}"
+            member = f"{self._member}-{next(self._failure_seq)}"  # itertools.count: atomic under the GIL
             answer = self._run(
                 "failure",
                 member,
@@ -227,11 +227,15 @@ class SharedBreaker(CircuitBreaker):
         self._fresh_until = self._clock() + self._view_ttl
         return list(answer)
 
-    def _adopt(self, view: list[Any], *, remote: bool) -> None:
-        """Make the fleet's state (state, ms until open_until, epoch) this process's view."""
+    def _adopt(self, view: list[Any], *, remote: bool, authoritative: bool = False) -> None:
+        """Make the fleet's state (state, ms until open_until, epoch) this process's view.
+
+        News with an older epoch is ignored, except from the periodic re-read (*authoritative*):
+        if Redis lost the breaker's hash (a restart without persistence, a failover, eviction),
+        the epoch starts again from 0, and the re-read is how every process follows it."""
         state, remaining_ms, epoch = BreakerState(_text(view[0])), int(view[1]), int(view[2])
         with self._lock:
-            if epoch < self._epoch:
+            if epoch < self._epoch and not authoritative:
                 return  # older news
             self._epoch = epoch
             transition = None
@@ -250,7 +254,7 @@ class SharedBreaker(CircuitBreaker):
     def _sync(self) -> None:
         answer = self._run("view")
         if answer is not None:
-            self._adopt(answer, remote=True)
+            self._adopt(answer, remote=True, authoritative=True)
             self._set_shared(True)
 
     def _set_shared(self, shared: bool, why: str = "") -> None:

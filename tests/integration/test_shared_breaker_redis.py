@@ -121,3 +121,15 @@ def test_reset_reaches_the_fleet(pair: Pair) -> None:
     assert wait_until(lambda: second.state is BreakerState.OPEN, timeout=5)
     first.reset()
     assert wait_until(lambda: second.state is BreakerState.CLOSED, timeout=5)
+
+
+def test_the_fleet_follows_redis_when_it_lost_the_breaker(pair: Pair, redis_prefix: str) -> None:
+    """A Redis restart without persistence restarts the epoch at 0: the periodic re-read must still win."""
+    first, second = pair()
+    fail(first, 3)
+    first.on_health({"healthy": True})
+    first.reset()  # a few transitions: the processes have seen epoch >= 3
+    assert wait_until(lambda: second.state is BreakerState.CLOSED, timeout=5)
+    first._link.client.delete(*first._keys)  # the breaker's hash is gone, as after a restart
+    fail(second, 3)  # Redis says OPEN at epoch 1, older than what both have seen
+    assert wait_until(lambda: first.state is BreakerState.OPEN and second.state is BreakerState.OPEN, timeout=5)
