@@ -134,12 +134,16 @@ class NotificationReads:
             result.degraded.append(unavailable.reason)
         item: dict[str, Any] | None = result.body
         if item is None:
-            pending = self._pending_call(lambda p: p.items([ident])) or {}
-            if ident not in pending:
+            pending = self._pending_call(lambda p: p.items([ident]))
+            if pending is None and self._pending is not None:
+                # Not in the database, and Redis cannot say whether a creation of it is queued:
+                # a 404 could deny a write this service acknowledged (202).
+                raise DatabaseUnavailable("not in the database, and pending writes are unknown (Redis)", 1.0)
+            if ident not in (pending or {}):
                 if result.stale:  # the database was not asked: we cannot say it does not exist
                     raise DatabaseUnavailable("database unavailable and nothing cached", DEFAULT_RETRY_AFTER)
                 raise NotFound(ident)
-            item = pending[ident]
+            item = (pending or {})[ident]
         elif result.from_database:  # the row supersedes a pending creation
             self._pending_call(lambda p: p.clear_items([ident]))
         known = {ident: PendingWrites.parse_mark(result.extras[0])} if result.extras else None

@@ -59,6 +59,7 @@ class RedisLink:
         self._skip_until = 0.0
         self._down = False
         self._missed_write = False
+        self._trips = 0
         self.last_error: str | None = None
 
     @property
@@ -81,6 +82,7 @@ class RedisLink:
         """Run *fn* with the client; raise RedisUnavailable instead of any Redis connection error."""
         if not self.available:
             raise RedisUnavailable(f"skipping Redis after: {self.last_error}")
+        trips_before = self._trips
         try:
             if self._missed_write:  # before anything is read from Redis again (read_cache.py)
                 self.client.incr(self.epoch_key)
@@ -90,7 +92,7 @@ class RedisLink:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._tripped(exc)
             raise RedisUnavailable(self.last_error or "redis failed") from exc
-        if self._down:
+        if self._down and self._trips == trips_before:  # a call that began before a trip proves nothing
             self._recovered()
         return result
 
@@ -111,6 +113,7 @@ class RedisLink:
     def _tripped(self, exc: BaseException) -> None:
         with self._lock:
             self._skip_until = self._clock() + self._skip_seconds
+            self._trips += 1
             first = not self._down
             self._down = True
             self.last_error = mask_secrets(f"{type(exc).__name__}: {exc}")

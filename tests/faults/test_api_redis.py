@@ -247,3 +247,16 @@ def test_database_down_uncached_read_is_503_cached_one_is_stale(
     assert elapsed < REQUEST_BOUND + settings.request_db_deadline_seconds
     assert stale.status_code == 200 and stale.json() == cached
     assert stale.headers["x-brownout"] == "stale"
+
+
+def test_an_unknown_id_is_503_not_404_while_redis_cannot_say_what_is_pending(
+    settings_via: Callable[..., Settings], redis_proxy: FaultProxy
+) -> None:
+    """A 404 would deny a creation this service acknowledged (202) and still holds in the queue."""
+    with serve_in_thread(settings_via()) as api:
+        unknown = "5f0e9a3c-1b2d-4c8e-9f7a-6d5c4b3a2e10"
+        assert api.client.get(f"/notifications/{unknown}").status_code == 404  # Redis up: it is known not to exist
+        break_redis(redis_proxy, "refuse")
+        answer = api.client.get(f"/notifications/{unknown}")
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) >= 1
+        assert "pending writes are unknown" in answer.json()["detail"]
