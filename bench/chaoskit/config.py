@@ -1,0 +1,150 @@
+"""What a run is: its scenarios and fault timeline, settings, targets and ChaosConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
+LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+HARNESS_APP_NAME = "bo-chaos-harness"
+
+
+# The short settings of the run (printed); --seed-defaults keeps the seed's own.
+RUN_SETTINGS = {
+    "BROWNOUT_BREAKER_OPEN_SECONDS": "5",
+    "BROWNOUT_HEALTH_INTERVAL_SECONDS": "1",
+    "BROWNOUT_WORKER_GATE_CAP_SECONDS": "4",
+}
+# Always: a good neighbour on a shared PostgreSQL (max_connections 100 here), no access log to parse.
+FIXED_SETTINGS = {"BROWNOUT_POOL_MAX_OVERFLOW": "5", "UVICORN_ACCESS_LOG": "false"}
+
+TARGETS = {
+    "open_within": 1.0,  # s, outage start -> breaker open
+    "drain_within": 15.0,  # s, fleet breakers closed -> backlog drained
+    "reads_answered": 0.999,  # during the 30 s outage
+    "p99_ms": 50.0,  # during the 30 s outage
+    "writes": 100.0,
+    "reads": 200.0,
+}
+
+
+# ---------------------------------------------------------------------------
+# Scenarios: faults placed one after another (kind, duration, gap after it)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    kind: str  # ssl_kills | db_outage | rabbit_outage | redis_outage | worker_kill
+    start: float  # seconds after the load starts
+    duration: float
+    every: float = 0.0  # ssl_kills: seconds between two kills
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+    @property
+    def label(self) -> str:
+        return {
+            "ssl_kills": f"SSL kills every {self.every:g} s",
+            "db_outage": f"database outage {self.duration:g} s",
+            "rabbit_outage": f"RabbitMQ outage {self.duration:g} s",
+            "redis_outage": f"Redis down {self.duration:g} s",
+            "worker_kill": f"database outage {self.duration:g} s + worker SIGKILL mid-drain",
+        }[self.kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    writes: float
+    reads: float
+    users: int
+    hot: int
+    warmup: float
+    steps: tuple[tuple[str, float, float], ...]  # (kind, duration, gap after)
+    tail: float
+    kill_every: float
+    drain_timeout: float
+
+    def timeline(self, *, outage: float | None = None, only: set[str] | None = None) -> tuple[list[Fault], float]:
+        faults, t = [], self.warmup
+        for kind, duration, gap in self.steps:
+            if only is not None and kind not in only:
+                continue
+            if kind == "db_outage" and outage is not None:
+                duration = outage
+            faults.append(Fault(kind, t, duration, self.kill_every if kind == "ssl_kills" else 0.0))
+            t += duration + gap
+        return faults, t + self.tail
+
+
+SCENARIOS = {
+    "full": Scenario(
+        "full",
+        writes=100,
+        reads=200,
+        users=200,
+        hot=300,
+        warmup=20,
+        steps=(
+            ("ssl_kills", 15, 10),
+            ("db_outage", 30, 20),
+            ("rabbit_outage", 15, 10),
+            ("redis_outage", 15, 10),
+            ("worker_kill", 10, 0),
+        ),
+        tail=25,
+        kill_every=3,
+        drain_timeout=90,
+    ),
+    "short": Scenario(
+        "short",
+        writes=40,
+        reads=80,
+        users=60,
+        hot=80,
+        warmup=8,
+        steps=(
+            ("ssl_kills", 6, 2),
+            ("db_outage", 10, 12),
+            ("rabbit_outage", 5, 3),
+            ("redis_outage", 5, 8),  # > BROWNOUT_REDIS_SKIP_SECONDS: Redis is skipped up to 5 s after it is back
+            ("worker_kill", 6, 0),
+        ),
+        tail=14,
+        kill_every=2,
+        drain_timeout=40,
+    ),
+}
+
+
+@dataclasses.dataclass
+class ChaosConfig:
+    scenario: str = "full"
+    writes: float | None = None  # per second; None: the scenario's
+    reads: float | None = None
+    duration: float | None = None  # whole load; None: the scenario's (faults that do not fit are dropped)
+    outage: float | None = None  # the main database outage, seconds
+    faults: set[str] | None = None  # a subset of the kinds; None: all
+    modes: tuple[str, ...] = ("brownout", "naive")
+    web: int = 2  # web replicas (one uvicorn process each)
+    seed_defaults: bool = False  # keep the seed's breaker, health and gate settings
+    outage_style: str = "refuse"  # refuse (PostgreSQL down) or silence (a black hole)
+    out_dir: Path | None = None
+    progress: bool | None = None  # None: a live line on a terminal, a plain line every 5 s otherwise
+    seed: int = 1
+    database_url: str | None = None
+    rabbitmq_url: str | None = None
+    redis_url: str | None = None
+    commands: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # db/rabbit/redis -> (down, up)
+    client_timeout: float = 5.0
+    plot: bool = True
+    echo: Callable[[str], None] = print

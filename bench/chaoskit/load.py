@@ -1,0 +1,198 @@
+"""The load generator (a child process: its event loop shares no GIL with the proxies).
+
+Open loop, fixed rate, latency measured from each request's scheduled time; it reports
+every half second on stdout and writes its records to a file when done."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from bench.chaoskit.helpers import now
+from bench.chaoskit.http_client import LeanHttp
+
+KINDS = ("create", "read", "unread", "list", "get")
+WRITE_KINDS = {"create", "read", "unread"}
+
+
+class Workload:
+    """What to send next: creations over many users, toggles on a hot set (one in flight each), reads."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.rng = random.Random(cfg["seed"])
+        self.run_id = cfg["run_id"]
+        self.users = cfg["users"]
+        self.hot_cap = cfg["hot"]
+        self.recent: deque[str] = deque(maxlen=500)  # acknowledged creations, newest last
+        self.hot: list[str] = []
+        self.next_value: dict[str, bool] = {}
+        self.busy: set[str] = set()
+        self.count = 0
+
+    def next_write(self) -> dict[str, Any]:
+        self.count += 1
+        key = f"{self.run_id}-{self.count}"
+        if len(self.hot) >= 10 and self.rng.random() < 0.6:
+            for _ in range(8):
+                target = self.rng.choice(self.hot)
+                if target not in self.busy:
+                    self.busy.add(target)
+                    value = self.next_value.get(target, True)
+                    self.next_value[target] = not value
+                    return {"kind": "read" if value else "unread", "key": key, "nid": target, "value": value}
+        user = self.rng.randint(1, self.users)
+        body = {"user_id": user, "email": f"u{user}@example.com", "subject": f"chaos {key}", "body": "chaos"}
+        return {"kind": "create", "key": key, "user": user, "body": body}
+
+    def acknowledged_create(self, ident: str) -> None:
+        self.recent.append(ident)
+        if len(self.hot) < self.hot_cap:
+            self.hot.append(ident)
+
+    def next_read(self) -> tuple[str, str]:
+        if self.recent and self.rng.random() < 0.3:
+            return "get", f"/notifications/{self.rng.choice(self.recent)}"
+        return "list", f"/users/{self.rng.randint(1, self.users)}/notifications?limit=20"
+
+
+async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
+    work = Workload(cfg)
+    clients = [LeanHttp(url, 64) for url in cfg["urls"]]
+    t0, duration, timeout = cfg["t0"], cfg["duration"], cfg["timeout"]
+    # [t_sched, t_sent, t_done, kind, status, stale, detail, replica] (times relative to t0; detail: the id read, or the error)
+    requests: list[list[Any]] = []
+    writes: list[dict[str, Any]] = []
+    window: list[list[Any]] = []
+    queued_ids: list[str] = []
+    inflight = 0
+    shed = 0
+    turn = 0
+
+    def client() -> tuple[int, LeanHttp]:
+        nonlocal turn
+        turn += 1
+        return turn % len(clients), clients[turn % len(clients)]
+
+    async def send(
+        kind: str, scheduled: float, method: str, path: str, *, payload: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any] | None, str]:
+        nonlocal inflight
+        inflight += 1
+        sent = now()
+        body: dict[str, Any] | None = None
+        marker = detail = ""
+        data = json.dumps(payload).encode() if payload is not None else b""
+        replica, http = client()
+        try:
+            async with asyncio.timeout(timeout):  # the whole request, connect included
+                status, found, raw = await http.request(method, path, body=data, headers=headers)
+            marker = found.get("x-brownout", "")
+            if found.get("content-type", "").startswith("application/json"):
+                with contextlib.suppress(ValueError):
+                    body = json.loads(raw)
+        except TimeoutError:
+            status, detail = -1, "timeout"
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            status, detail = 0, type(exc).__name__
+        finally:
+            inflight -= 1
+        done = now()
+        stale = 1 if marker == "stale" else 0
+        if kind == "get":
+            detail = path.rsplit("/", 1)[1] + (" " + detail if detail else "")
+        row = [round(scheduled - t0, 4), round(sent - t0, 4), round(done - t0, 4), kind, status, stale, detail, replica]
+        requests.append(row)
+        window.append([kind, status, round((done - scheduled) * 1000, 2), stale])
+        return status, body, marker
+
+    async def write(scheduled: float, spec: dict[str, Any]) -> None:
+        if spec["kind"] == "create":
+            status, body, _ = await send(
+                "create", scheduled, "POST", "/notifications", payload=spec["body"], headers={"Idempotency-Key": spec["key"]}
+            )
+        else:
+            path = f"/notifications/{spec['nid']}/{spec['kind']}"
+            status, body, _ = await send(spec["kind"], scheduled, "POST", path, headers={"Idempotency-Key": spec["key"]})
+            work.busy.discard(spec["nid"])
+        record: dict[str, Any] = {key: spec[key] for key in ("kind", "key", "nid", "value", "user") if key in spec}
+        record |= {"t": round(scheduled - t0, 4), "td": round(now() - t0, 4), "status": status}
+        if body is not None:
+            record["id"] = body.get("id")
+            if status == 202:
+                record["cid"] = body.get("command_id")
+                queued_ids.append(str(body.get("command_id")))
+        writes.append(record)
+        if spec["kind"] == "create" and status in (200, 201, 202) and body and body.get("id"):
+            work.acknowledged_create(str(body["id"]))
+
+    async def read(scheduled: float) -> None:
+        kind, path = work.next_read()
+        await send(kind, scheduled, "GET", path)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            line = {"t": round(now() - t0, 3), "done": list(window), "queued": list(queued_ids), "inflight": inflight}
+            window.clear()
+            queued_ids.clear()
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def launch(coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    while now() < t0:
+        await asyncio.sleep(min(0.05, max(0.0, t0 - now())))
+    reporter = asyncio.get_running_loop().create_task(report())
+    sent_w = sent_r = 0
+    w_rate, r_rate = cfg["writes"], cfg["reads"]
+    while True:  # bounded: at most duration * rate requests of each kind, then it stops
+        elapsed = now() - t0
+        if elapsed >= duration:
+            break
+        while sent_w < elapsed * w_rate:
+            scheduled = t0 + sent_w / w_rate
+            sent_w += 1
+            if inflight >= cfg["max_inflight"]:
+                shed += 1
+                continue
+            launch(write(scheduled, work.next_write()))
+        while sent_r < elapsed * r_rate:
+            scheduled = t0 + sent_r / r_rate
+            sent_r += 1
+            if inflight >= cfg["max_inflight"]:
+                shed += 1
+                continue
+            launch(read(scheduled))
+        await asyncio.sleep(0.002)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=timeout + 5)
+    reporter.cancel()
+    line = {"t": round(now() - t0, 3), "done": list(window), "queued": list(queued_ids), "inflight": inflight}
+    sys.stdout.write(json.dumps(line) + "\n")
+    for c in clients:
+        await c.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"requests": requests, "writes": writes, "shed": shed, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+def load_child(config_path: str) -> None:
+    cfg = json.loads(Path(config_path).read_text())
+    with contextlib.suppress(OSError):  # the measuring instrument first, where allowed (root): less noise in its figures
+        os.nice(-5)
+    result = asyncio.run(_load(cfg))
+    Path(cfg["records"]).write_text(json.dumps(result))
+    sys.stdout.write(json.dumps({"finished": True}) + "\n")
+    sys.stdout.flush()

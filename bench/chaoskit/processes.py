@@ -1,0 +1,50 @@
+"""Child processes: the Procfile's lines as argv, the harness's own children, none outliving the harness."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from typing import Any
+
+from bench.chaoskit.config import ROOT
+
+# The proxies and the load generator are this command again (`--proxy-child`, `--load-child`).
+
+ENTRY_POINT = ROOT / "bench" / "chaos.py"
+
+
+def procfile() -> dict[str, list[str]]:
+    """The Procfile's lines as argv, `python` being this interpreter."""
+    lines: dict[str, list[str]] = {}
+    for raw in (ROOT / "Procfile").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, command = line.partition(":")
+        argv = shlex.split(command)
+        if argv and argv[0] == "python":
+            argv[0] = sys.executable
+        lines[name.strip()] = argv
+    return lines
+
+
+def _load_prctl() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved here: nothing but the call itself runs between fork and exec
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the thread that started it ends (Linux PR_SET_PDEATHSIG).
+
+    So a harness killed outright leaves no dyno, proxy or load generator behind.
+    The signal follows the starting *thread*: children are started from the main thread only."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG

@@ -1,0 +1,36 @@
+"""What one mode's run leaves: its records, audit and timings (relative to the load's t0)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class FaultRecord:
+    kind: str
+    label: str
+    start: float
+    end: float
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ModeResult:
+    mode: str
+    duration: float
+    writes_rate: float
+    reads_rate: float
+    requests: list[list[Any]]
+    writes: list[dict[str, Any]]
+    shed: int
+    faults: list[FaultRecord]
+    transitions: list[tuple[float, str, str, str]]  # relative to t0
+    backlog: list[tuple[float, int]]
+    queue_depth: list[tuple[float, int]]
+    audit: dict[str, Any]
+    timings: list[dict[str, Any]]
+    drained_after_load: float | None
+    settings: dict[str, str]
+    load_cpu_seconds: float = 0.0
+    loadavg: tuple[float, float] = (0.0, 0.0)  # the machine's 1-minute load average at the start and the end

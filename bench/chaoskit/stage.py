@@ -1,0 +1,221 @@
+"""One mode's stage: a throwaway database, the proxies, the dynos; and their removal, whatever happens."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pika
+import redis
+
+from bench.chaoskit.backlog import Backlog
+from bench.chaoskit.config import (
+    FIXED_SETTINGS,
+    LOCAL_DB,
+    LOCAL_RABBIT,
+    LOCAL_REDIS,
+    ROOT,
+    RUN_SETTINGS,
+    SCENARIOS,
+    ChaosConfig,
+    Fault,
+)
+from bench.chaoskit.dynos import BreakerTracker, Dyno
+from bench.chaoskit.helpers import answers, free_port, wait_for
+from bench.chaoskit.processes import procfile
+from bench.chaoskit.progress import Live
+from bench.chaoskit.proxies import ProxyProcess
+from bench.chaoskit.results import FaultRecord
+from bench.chaoskit.urls import admin_connect, loopback_only, pg_url, port_of, with_port
+
+
+class ModeStage:
+    """The state of one mode's run, and its set-up and tear-down (FaultTimeline and ModeRun build on it)."""
+
+    def __init__(self, config: ChaosConfig, mode: str, out_dir: Path, faults: list[Fault], duration: float) -> None:
+        scenario = SCENARIOS[config.scenario]
+        self.config, self.mode, self.out_dir = config, mode, out_dir
+        self.faults, self.duration = faults, duration
+        self.writes_rate = config.writes if config.writes is not None else scenario.writes
+        self.reads_rate = config.reads if config.reads is not None else scenario.reads
+        self.scenario = scenario
+        tag = uuid.uuid4().hex[:8]
+        self.tag = tag
+        self.dbname = f"bo_chaos_{tag}_{mode}"
+        self.queue = f"bo-chaos-{tag}"
+        self.email_queue = f"bo-chaos-{tag}-email"
+        self.prefix = f"bo-chaos-{tag}:"
+        self.app_name = f"bo-chaos-{tag}"
+        self.base_db = config.database_url or os.environ.get("DATABASE_URL") or LOCAL_DB
+        self.base_rabbit = config.rabbitmq_url or os.environ.get("RABBITMQ_URL") or LOCAL_RABBIT
+        self.base_redis = config.redis_url or os.environ.get("REDIS_URL") or LOCAL_REDIS
+        for url, what in ((self.base_db, "DATABASE_URL"), (self.base_rabbit, "RABBITMQ_URL"), (self.base_redis, "REDIS_URL")):
+            loopback_only(url, what)
+        self.tracker = BreakerTracker()
+        self.live = Live()
+        self.webs: list[Dyno] = []
+        self.worker: Dyno | None = None
+        self.proxies: dict[str, ProxyProcess] = {}
+        self.records: list[FaultRecord] = []
+        self.t0 = 0.0
+        self.backlog: Backlog | None = None
+        self.current_fault = ""
+        self.settings: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._down: set[str] = set()  # operator commands run "down" and not yet "up"
+        self._main_calls: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
+
+    # -- set-up and tear-down ---------------------------------------------------
+
+    def _set_up(self, stack: contextlib.ExitStack) -> None:
+        echo = self.config.echo
+        conn = admin_connect(self.base_db, "postgres")
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{self.dbname}"')
+        conn.close()
+        stack.callback(self._drop_database)
+        if self.mode == "brownout":
+            stack.callback(self._delete_queues)
+            stack.callback(self._delete_redis_keys)
+        lines = procfile()
+        direct_url = pg_url(self.base_db, dbname=self.dbname)
+        env = self._env()
+        migrate = subprocess.run(
+            lines["release"], env=env | {"DATABASE_URL": direct_url}, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        if migrate.returncode != 0:
+            raise RuntimeError(f"release line failed:\n{migrate.stdout}\n{migrate.stderr}")
+        for name, url, default in (
+            ("db", self.base_db, 5432),
+            ("rabbit", self.base_rabbit, 5672),
+            ("redis", self.base_redis, 6379),
+        ):
+            if self.mode == "naive" and name != "db":
+                continue
+            proxy = ProxyProcess(name, port_of(url, default))
+            self.proxies[name] = proxy
+            stack.callback(self._restore_proxy, proxy)
+        stack.callback(self._restore_commands)
+        db_url = pg_url(self.base_db, dbname=self.dbname, port=self.proxies["db"].port)
+        env["DATABASE_URL"] = db_url
+        if self.mode == "brownout":
+            env["RABBITMQ_URL"] = with_port(self.base_rabbit, self.proxies["rabbit"].port)
+            env["REDIS_URL"] = with_port(self.base_redis, self.proxies["redis"].port)
+        log_dir = self.out_dir / f"logs-{self.mode}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(self.config.web):
+            port = free_port()
+            if self.mode == "brownout":
+                argv = lines["web"]
+            else:
+                argv = [sys.executable, "-m", "uvicorn", "--factory", "bench.chaoskit.naive_app:naive_app", "--host", "127.0.0.1"]
+                argv += ["--port", str(port), "--no-access-log"]
+            web_env = env | {"PORT": str(port)}
+            if self.mode == "naive":  # identified by its URL: naive_app knows no Brownout setting
+                web_env["DATABASE_URL"] = pg_url(db_url, app_name=self.app_name)
+            web = Dyno(f"web{index + 1}", argv, web_env, log_dir, self.tracker)
+            web.url = f"http://127.0.0.1:{port}"
+            stack.callback(web.stop)
+            self.webs.append(web.start())
+        if self.mode == "brownout":
+            self.worker = Dyno(
+                "worker", lines["worker"], env | {"BROWNOUT_METRICS_PORT": str(free_port())}, log_dir, self.tracker
+            )
+            stack.callback(lambda: self.worker.stop() if self.worker else None)
+            self.worker.start()
+        for web in self.webs:
+            if not wait_for(lambda web=web: answers(f"{web.url}/health") or not web.alive, 60):  # type: ignore[misc]
+                raise RuntimeError(f"{web.name} did not answer /health:\n{web.tail()}")
+            if not web.alive:
+                raise RuntimeError(f"{web.name} exited:\n{web.tail()}")
+        if self.worker is not None and not self._worker_ready(60):
+            raise RuntimeError(f"the worker did not come up:\n{self.worker.tail()}")
+        echo(
+            f"[{self.mode}] database {self.dbname}, {len(self.webs)} web replica(s)"
+            + (f", worker, queue {self.queue}, Redis prefix {self.prefix}" if self.mode == "brownout" else " (naive_app)")
+        )
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BROWNOUT_", "UVICORN_"))}
+        for key in ("DATABASE_URL", "RABBITMQ_URL", "REDIS_URL", "MIGRATION_DATABASE_URL", "SMTP_URL", "SENTRY_DSN", "PORT"):
+            env.pop(key, None)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        settings = dict(FIXED_SETTINGS)
+        if self.mode == "brownout":
+            if not self.config.seed_defaults:
+                settings |= RUN_SETTINGS
+            settings |= {
+                "BROWNOUT_DB_APPLICATION_NAME": self.app_name,
+                "BROWNOUT_QUEUE_NAME": self.queue,
+                "BROWNOUT_EMAIL_QUEUE_NAME": self.email_queue,
+                "BROWNOUT_REDIS_KEY_PREFIX": self.prefix,
+                "BROWNOUT_WEB_REPLICAS": str(self.config.web),
+            }
+        self.settings = settings
+        return env | settings
+
+    def _worker_ready(self, timeout: float) -> bool:
+        worker = self.worker
+        assert worker is not None
+        port = worker.env["BROWNOUT_METRICS_PORT"]
+        return wait_for(lambda: answers(f"http://127.0.0.1:{port}/metrics") or not worker.alive, timeout) and worker.alive
+
+    @staticmethod
+    def _restore_proxy(proxy: ProxyProcess) -> None:
+        with contextlib.suppress(Exception):
+            proxy.pass_through()
+        proxy.stop()
+
+    def _restore_commands(self) -> None:
+        for service in sorted(self._down):
+            self._command(service, up=True)
+
+    def _command(self, service: str, *, up: bool) -> None:
+        down_cmd, up_cmd = self.config.commands[service]
+        command = up_cmd if up else down_cmd
+        result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+        if up:
+            self._down.discard(service)
+        else:
+            self._down.add(service)
+        if result.returncode != 0:
+            self.config.echo(
+                f"[{self.mode}] {service} {'up' if up else 'down'} command exited {result.returncode}: {result.stderr[-500:]}"
+            )
+
+    def _drop_database(self) -> None:
+        conn = admin_connect(self.base_db, "postgres")
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+        conn.close()
+
+    def _delete_queues(self) -> None:
+        from dramatiq.common import dq_name, xq_name
+
+        params = pika.URLParameters(self.base_rabbit)
+        params.socket_timeout = params.stack_timeout = 5.0
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = connection.channel()
+            for queue in (self.queue, self.email_queue):
+                for name in (queue, dq_name(queue), xq_name(queue)):
+                    channel.queue_delete(name)
+        finally:
+            connection.close()
+
+    def _delete_redis_keys(self) -> None:
+        client = redis.Redis.from_url(self.base_redis, socket_timeout=5)
+        try:
+            keys = list(client.scan_iter(match=self.prefix + "*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+        finally:
+            client.close()
