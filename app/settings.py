@@ -205,7 +205,9 @@ class Settings(BaseSettings):
         description="Deadline of each Redis connect and command; a dead Redis costs a request about this much, once.",
     )
     redis_skip_seconds: PositiveSeconds = Field(
-        default=5.0, description="After a Redis failure, go around Redis for this long before trying it again."
+        default=1.0,
+        description="After a Redis failure, go around Redis for this long before trying it again (a dead Redis "
+        "then costs each process one Redis deadline per this interval; a false alarm under load costs little).",
     )
     redis_key_prefix: str = Field(
         default="brownout:", min_length=1, max_length=100, description="Prefix of every Redis key Brownout writes."

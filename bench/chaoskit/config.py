@@ -116,7 +116,7 @@ SCENARIOS = {
             ("ssl_kills", 6, 2),
             ("db_outage", 10, 12),
             ("rabbit_outage", 5, 3),
-            ("redis_outage", 5, 8),  # > BROWNOUT_REDIS_SKIP_SECONDS: Redis is skipped up to 5 s after it is back
+            ("redis_outage", 5, 8),  # > BROWNOUT_REDIS_SKIP_SECONDS: Redis is skipped for that long after it is back
             ("worker_kill", 6, 0),
         ),
         tail=14,
