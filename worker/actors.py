@@ -18,6 +18,10 @@
   health gate (worker/health_gate.py) holds: the message goes back to
   RabbitMQ in its place, the worker pauses until `SELECT 1` passes, and no
   retry is spent.
+
+Writes in flight are committed together (worker/batching.py, `batch_max`);
+each message is still acknowledged only after the COMMIT holding its write,
+and each gets its own outcome above.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ from pydantic import ValidationError
 
 from app.db import Database, describe, execute_with_retry
 from app.dispatch import dead_letters
-from app.dispatch.apply import KeyConflict, apply_envelope
+from app.dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
+from app.dispatch.apply_batch import Pending
 from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
 from app.dispatch.envelope import APPLY_ACTOR, Envelope
+from worker.batching import BatchInterrupted, GroupCommit
+from worker.drain import AdaptiveDrain
 from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,29 @@ class ApplyRuntime:
     """Told the entity after each committed apply (the read side's cache and pending entries)."""
     observe: Callable[[str, float], None] | None = None
     """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, held) and time."""
+    batch_max: int = 64
+    """Most writes committed in one transaction; 1: each in its own (`apply_envelope`)."""
+    batch_linger_seconds: float = 0.005
+    """Longest a batch waits for every write in flight to join it (with an AdaptiveDrain, whose limit says how many)."""
+    group: GroupCommit | None = None
+    """Built from the batch_* fields unless given."""
+
+    def __post_init__(self) -> None:
+        if self.group is None and self.batch_max > 1:
+            self.group = GroupCommit(self.database, max_batch=self.batch_max, linger_seconds=self.batch_linger_seconds)
+
+    def write(self, envelope: Envelope) -> AppliedWrite:
+        """Apply *envelope* and commit (with the writes in flight, when batching); raise its error."""
+        if self.group is None:
+            with self.database.session() as session:
+                return execute_with_retry(
+                    session,
+                    lambda: apply_envelope(session, self.registry, envelope, path="queued"),
+                    idempotent=True,  # the apply step dedups by command id
+                )
+        command = self.registry.get(envelope.name)
+        payload = command.parse(envelope.version, envelope.payload)  # an invalid one never joins a batch
+        return self.group.apply(Pending(envelope, command, payload))
 
     def defer_delay_ms(self, deferrals: int) -> int:
         nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0**deferrals)
@@ -90,6 +120,9 @@ def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue
         max_backoff=60_000,
     )
     actor: dramatiq.Actor[Any, Any] = decorate(apply_command)
+    drains = [middleware for middleware in broker.middleware if isinstance(middleware, AdaptiveDrain)]
+    if runtime.group is not None and runtime.group.capacity is None and drains:
+        runtime.group.capacity = lambda: drains[0].limit  # the writes that can be in flight at once
     return actor
 
 
@@ -101,12 +134,7 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
         _dead_letter(runtime, f"invalid envelope: {invalid}")
         return "dead_lettered"
     try:
-        with runtime.database.session() as session:
-            written = execute_with_retry(
-                session,
-                lambda: apply_envelope(session, runtime.registry, envelope, path="queued"),
-                idempotent=True,  # the apply step dedups by command id
-            )
+        written = runtime.write(envelope)
         log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
         if runtime.on_applied is not None:
             try:
@@ -124,6 +152,8 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
         _dead_letter(runtime, str(conflict))
     except ValidationError as invalid:
         _dead_letter(runtime, f"invalid {envelope.name} v{envelope.version} payload: {invalid}")
+    except BatchInterrupted:
+        raise  # its batch's outcome is unknown: Dramatiq retries it (a duplicate if it committed)
     except Exception as exc:
         if is_unavailability(exc):
             raise  # the database's fault, not the write's

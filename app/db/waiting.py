@@ -6,7 +6,9 @@ keepalives and `tcp_user_timeout` never fire against a peer that acknowledges
 packets but never answers (a hung pooler, a half-dead load balancer); and
 `statement_timeout` is enforced by the server, which is the thing that is not
 answering. With a wait callback, psycopg2 hands every wait (connect, query,
-commit, pre-ping) to Python, so one `select()` with a timeout bounds it.
+commit, pre-ping) to Python, so one `poll()` with a timeout bounds it. (A
+`poll` object, not `selectors`: an epoll descriptor opened and closed per
+wait cost more CPU than the query itself on short statements.)
 
 The bound is the current call's deadline (`app.db.deadline`) when one is set
 (the HTTP request path), otherwise the process-wide background bounds.
@@ -24,7 +26,8 @@ the bounds for every engine in the process.
 
 from __future__ import annotations
 
-import selectors
+import math
+import select
 import time
 from dataclasses import dataclass
 
@@ -70,29 +73,31 @@ def wait_with_deadline(conn: ext.connection) -> None:
     deadline = current_deadline()
     if deadline is not None and deadline < limit:
         limit = deadline
-    with selectors.DefaultSelector() as selector:
-        registered: int | None = None
-        while True:
-            state = conn.poll()
-            if state == ext.POLL_OK:
-                return
-            if state == ext.POLL_READ:
-                events = selectors.EVENT_READ
-            elif state == ext.POLL_WRITE:
-                events = selectors.EVENT_WRITE
-            else:  # pragma: no cover - psycopg2 documents no other state
-                raise psycopg2.OperationalError(f"unexpected poll state {state}")
-            left = limit - time.monotonic()
-            if left <= 0:
-                raise _reached(connecting, limit - now)
-            fd = conn.fileno()
-            if registered is None:
-                selector.register(fd, events)
-            elif registered != events:
-                selector.modify(fd, events)
-            registered = events
-            if not selector.select(left):
-                raise _reached(connecting, limit - now)
+    poller = select.poll()  # plain memory: no descriptor to open and close per wait
+    registered: tuple[int, int] | None = None  # (fd, events); libpq may change sockets while connecting
+    while True:
+        state = conn.poll()
+        if state == ext.POLL_OK:
+            return
+        if state == ext.POLL_READ:
+            events = select.POLLIN
+        elif state == ext.POLL_WRITE:
+            events = select.POLLOUT
+        else:  # pragma: no cover - psycopg2 documents no other state
+            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+        left = limit - time.monotonic()
+        if left <= 0:
+            raise _reached(connecting, limit - now)
+        fd = conn.fileno()
+        if registered is None or registered[0] != fd:
+            if registered is not None:
+                poller.unregister(registered[0])
+            poller.register(fd, events)
+        elif registered[1] != events:
+            poller.modify(fd, events)
+        registered = (fd, events)
+        if not poller.poll(math.ceil(left * 1000)):  # milliseconds, rounded up: never a busy loop
+            raise _reached(connecting, limit - now)
 
 
 def _reached(connecting: bool, budget: float) -> DatabaseDeadlineReached:

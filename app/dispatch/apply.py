@@ -19,11 +19,15 @@ duplicate some wasted work but saves every write a round trip.
 `apply_envelope` commits, so it can run inside `execute_with_retry(...,
 idempotent=True)`: a COMMIT whose outcome is unknown is safe to retry because
 the retry is then a duplicate.
+
+The worker takes the same steps for several envelopes in one transaction
+(apply_batch.py, with `record_params`, `record_many` and `claimed_before`).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +35,8 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.dispatch.commands import CommandError, Registry
+from app.dispatch.bulk import insert_rows, rows_param
+from app.dispatch.commands import CommandError, Effect, Registry
 from app.dispatch.envelope import Envelope
 from app.schema import applied_commands, apply_sequence, command_conflicts
 
@@ -68,7 +73,7 @@ _RECORD_COLUMNS = (
     "accepted_stamp",
     "accepted_at",
 )
-_RECORD = (
+RECORD = (
     insert(applied_commands)
     .values(
         {name: bindparam(name) for name in (*_RECORD_COLUMNS, "path", "outcome", "result")}
@@ -76,6 +81,14 @@ _RECORD = (
     )
     .on_conflict_do_nothing(index_elements=["command_id"])
     .returning(applied_commands.c.apply_seq)
+)
+"""Record a write (params: `record_params`); returns its apply_seq, nothing when the id was recorded before."""
+_RECORD_MANY = insert_rows(
+    applied_commands,
+    (*_RECORD_COLUMNS, "path", "outcome", "result"),
+    computed={"apply_seq": f"nextval('{apply_sequence.name}')"},
+    conflict="command_id",
+    returning=("CAST(command_id AS text)", "apply_seq"),  # text: no uuid objects to make and print again
 )
 
 
@@ -85,10 +98,7 @@ def apply_envelope(session: Session, registry: Registry, envelope: Envelope, *, 
     payload = command.parse(envelope.version, envelope.payload)
     try:
         effect = command.apply(session, envelope, payload)
-        outcome = "superseded" if effect.superseded else "applied"
-        params = {name: getattr(envelope, name) for name in _RECORD_COLUMNS}
-        params |= {"path": path, "outcome": outcome, "result": effect.result}
-        seq = session.execute(_RECORD, params).scalar_one_or_none()
+        seq = session.execute(RECORD, record_params(envelope, effect, path=path)).scalar_one_or_none()
         if seq is None:
             session.rollback()
             return _already_claimed(session, envelope)
@@ -96,17 +106,55 @@ def apply_envelope(session: Session, registry: Registry, envelope: Envelope, *, 
     except BaseException:
         session.rollback()
         raise
+    return applied(envelope, effect, seq)
+
+
+def record_params(envelope: Envelope, effect: Effect, *, path: Path) -> dict[str, Any]:
+    """The bound values of RECORD for *envelope* and what applying it did."""
+    params = {name: getattr(envelope, name) for name in _RECORD_COLUMNS}
+    params |= {"path": path, "outcome": _outcome(effect), "result": effect.result}
+    return params
+
+
+def record_many(session: Session, params: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """RECORD for several writes (`record_params` each) in one statement, apply_seq drawn in their
+    order; returns apply_seq by command id (as text) of those recorded now."""
+    return {command_id: int(seq) for command_id, seq in session.execute(_RECORD_MANY, rows_param(params))}
+
+
+def applied(envelope: Envelope, effect: Effect, apply_seq: int) -> AppliedWrite:
+    """The AppliedWrite of an effect recorded under *apply_seq* (not a duplicate)."""
     return AppliedWrite(
         command_id=envelope.command_id,
         entity_id=envelope.entity_id,
         result=effect.result,
-        outcome=outcome,
+        outcome=_outcome(effect),
         duplicate=False,
-        apply_seq=seq,
+        apply_seq=apply_seq,
     )
 
 
+def _outcome(effect: Effect) -> str:
+    return "superseded" if effect.superseded else "applied"
+
+
 def _already_claimed(session: Session, envelope: Envelope) -> AppliedWrite:
+    try:
+        first = claimed_before(session, envelope)
+    except KeyConflict:
+        session.commit()  # keep the conflict's record
+        raise
+    session.rollback()
+    return first
+
+
+def claimed_before(session: Session, envelope: Envelope) -> AppliedWrite:
+    """The first apply of *envelope*'s command id, its own effect already rolled back.
+
+    The same payload hash: a duplicate, with the first result. Another hash:
+    recorded in command_conflicts (in the caller's transaction, which the
+    caller commits) and raised as KeyConflict.
+    """
     table = applied_commands
     first = session.execute(
         select(table.c.payload_hash, table.c.result, table.c.outcome, table.c.apply_seq).where(
@@ -122,9 +170,7 @@ def _already_claimed(session: Session, envelope: Envelope) -> AppliedWrite:
                 envelope=envelope.model_dump(mode="json"),
             )
         )
-        session.commit()
         raise KeyConflict(envelope.command_id)
-    session.rollback()
     return AppliedWrite(
         command_id=envelope.command_id,
         entity_id=envelope.entity_id,

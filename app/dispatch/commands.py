@@ -2,7 +2,8 @@
 
 A command says how to validate its payload (a pydantic model per version),
 which entity it writes (the unit of ordering), which ids it hands out, and
-how to apply itself inside a transaction. Applying must be deterministic
+how to apply itself inside a transaction (and, optionally, how to apply
+several at once, for the worker's group commit). Applying must be deterministic
 given the envelope: the same envelope may be applied by the web process or by
 a worker, and `apply.py` makes sure only one of them takes effect.
 """
@@ -10,7 +11,7 @@ a worker, and `apply.py` makes sure only one of them takes effect.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,10 @@ class Command:
     """The entity written, given the payload and the id derived from the key."""
     apply: Callable[[Session, Envelope, BaseModel], Effect]
     entity_kind: str = "entity"
+    apply_many: Callable[[Session, Sequence[tuple[Envelope, BaseModel]]], list[Effect]] | None = None
+    """Optional: the effects of several envelopes in fewer statements, as `apply` on each in order
+    would leave them (one Effect each, in order); raising fails them all (the caller then applies
+    them one by one)."""
 
     @property
     def current_version(self) -> int:

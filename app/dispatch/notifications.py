@@ -13,17 +13,18 @@ transaction (app/dispatch/outbox.py): committed together or not at all.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.dispatch.bulk import recordset, rows_param
 from app.dispatch.commands import Command, DependencyPending, Effect, Registry
 from app.dispatch.envelope import Envelope
-from app.dispatch.outbox import add_email
+from app.dispatch.outbox import add_email, email_row, emails_of
 from app.schema import notifications
 
 CREATE = "create_notification"
@@ -61,14 +62,24 @@ def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
+_CREATED = ("id", "user_id", "email", "subject", "body", "created_at")
 _INSERT = (
     insert(notifications)
-    .values({name: bindparam(name) for name in ("id", "user_id", "email", "subject", "body", "created_at")})
+    .values({name: bindparam(name) for name in _CREATED})
     .on_conflict_do_nothing(index_elements=["id"])
     .returning(*notifications.c)
 )
 _SELECT = select(notifications).where(notifications.c.id == bindparam("id"))
 _SELECT_LOCKED = _SELECT.with_for_update()
+# Creations and their emails in one statement (see _create_many); an email only for a row made now.
+_INSERT_MANY = text(
+    f"WITH r AS (SELECT * FROM {recordset(notifications, _CREATED, extra={'outbox_row': 'jsonb'})}), "
+    f"made AS (INSERT INTO notifications ({', '.join(_CREATED)}) SELECT {', '.join(_CREATED)} FROM r "
+    "ON CONFLICT (id) DO NOTHING RETURNING *), "
+    f"mailed AS ({emails_of('made', 'r', 'outbox_row')}) "
+    "SELECT * FROM made"
+)
+_SELECT_MANY = select(notifications).where(notifications.c.id.in_(bindparam("ids", expanding=True)))
 _SET_READ = (
     notifications.update()
     .where(notifications.c.id == bindparam("target"), notifications.c.read_stamp < bindparam("stamp"))
@@ -86,6 +97,25 @@ def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
     else:
         add_email(session, notification_id=row["id"], to=row["email"], subject=row["subject"], body=row["body"])
     return Effect(row_to_json(row))
+
+
+def _create_many(session: Session, items: Sequence[tuple[Envelope, BaseModel]]) -> list[Effect]:
+    """`_create` for several envelopes in one statement (plus a SELECT for replays only).
+
+    Why: the worker applies a backlog in batches, and each statement costs a round trip and its
+    overhead under the GIL; the rows travel as one JSON parameter (app/dispatch/bulk.py)."""
+    values: dict[str, dict[str, Any]] = {}
+    for envelope, payload in items:
+        assert isinstance(payload, CreateNotificationV1)
+        row = payload.model_dump(mode="json") | {"id": envelope.entity_id, "created_at": envelope.accepted_at}
+        row["outbox_row"] = email_row(envelope.entity_id, row["email"], row["subject"], row["body"])
+        values.setdefault(str(envelope.entity_id), row)
+    made = session.execute(_INSERT_MANY, rows_param(list(values.values()))).mappings()
+    rows = {str(row["id"]): row for row in made}
+    missing = [entity_id for entity_id in values if entity_id not in rows]
+    if missing:  # already there: only a replay of the same command can have made it (and its email)
+        rows |= {str(row["id"]): row for row in session.execute(_SELECT_MANY, {"ids": missing}).mappings()}
+    return [Effect(row_to_json(rows[str(envelope.entity_id)])) for envelope, _ in items]
 
 
 def _set_read(value: bool) -> Any:
@@ -127,6 +157,7 @@ def register(registry: Registry) -> Registry:
             entity=lambda payload, derived: derived,
             apply=_create,
             entity_kind="notification",
+            apply_many=_create_many,
         )
     )
     for name, value in ((MARK_READ, True), (MARK_UNREAD, False)):

@@ -72,10 +72,27 @@ _ADD = (
 
 def add_email(session: Session, *, notification_id: uuid.UUID, to: str, subject: str, body: str) -> uuid.UUID:
     """Add the notification's email to the outbox in *session*'s transaction (no commit); return the row id."""
-    row_id = outbox_id_for(EMAIL, notification_id)
+    session.execute(_ADD, email_row(notification_id, to, subject, body))
+    return outbox_id_for(EMAIL, notification_id)
+
+
+def email_row(notification_id: uuid.UUID, to: str, subject: str, body: str) -> dict[str, Any]:
+    """The outbox row of a notification's email (id, notification_id, kind, payload)."""
     payload = {"notification_id": str(notification_id), "to": to, "subject": subject, "body": body}
-    session.execute(_ADD, {"id": row_id, "notification_id": notification_id, "kind": EMAIL, "payload": payload})
-    return row_id
+    return {"id": outbox_id_for(EMAIL, notification_id), "notification_id": notification_id, "kind": EMAIL, "payload": payload}
+
+
+def emails_of(created: str, source: str, column: str) -> str:
+    """SQL for a data-modifying CTE: add the email of each notification of CTE *created*, its outbox
+    row (an `email_row`, as jsonb) read from *source*.*column*, joined on `id`. Callers own the rest
+    of the statement (app/dispatch/notifications.py: the emails of a batch of creations)."""
+    return (
+        "INSERT INTO outbox (id, notification_id, kind, payload) "
+        "SELECT e.id, e.notification_id, e.kind, e.payload "
+        f"FROM {created} JOIN {source} USING (id), "
+        f"jsonb_to_record({source}.{column}) AS e(id uuid, notification_id uuid, kind text, payload jsonb) "
+        "ON CONFLICT (id) DO NOTHING"
+    )
 
 
 def email_message(row: Mapping[Any, Any], queue_name: str) -> dramatiq.Message[Any]:
