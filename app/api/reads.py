@@ -20,7 +20,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -64,7 +64,6 @@ class ReadResult:
     from_database: bool = False
     extras: tuple[str | None, ...] = ()
     stored_at: float | None = None  # when a cached answer was stored
-    degraded: list[str] = field(default_factory=list)
 
     def headers(self) -> dict[str, str]:
         headers = {"Cache-Status": self.cache_status} if self.cache_status else {}
@@ -126,12 +125,11 @@ class NotificationReads:
                 lambda session: queries.get_notification(session, notification_id),
                 extra_keys=mark_keys,  # the pending mark comes in the same round trip
             )
-        except DatabaseUnavailable as unavailable:  # nothing cached: a queued creation may still be shown
+        except DatabaseUnavailable:  # nothing cached: a queued creation may still be shown
             pending_item = (self._pending_call(lambda p: p.items([ident])) or {}).get(ident)
             if pending_item is None:
                 raise
             result = ReadResult(None, stale=True, age=0, cache_status=f"{CACHE_NAME}; hit; detail=pending")
-            result.degraded.append(unavailable.reason)
         item: dict[str, Any] | None = result.body
         if item is None:
             pending = self._pending_call(lambda p: p.items([ident]))
@@ -219,19 +217,17 @@ class NotificationReads:
             value, stored = self._flights.run(keys[0], lambda: self._load(keys, lookup, query), wait=self._deadline)
             status = f"{CACHE_NAME}; fwd=miss" + ("; stored" if stored else "")
             return ReadResult(value, cache_status=status, from_database=True)
-        except DatabaseUnavailable as unavailable:
+        except DatabaseUnavailable:
             if lookup is None or lookup.entry is None or cache is None:
                 raise
-            return self._stale(lookup.entry, unavailable, time.time())
+            return self._stale(lookup.entry, time.time())
 
-    def _stale(self, entry: Entry, unavailable: DatabaseUnavailable, now: float) -> ReadResult:
+    def _stale(self, entry: Entry, now: float) -> ReadResult:
         assert self._cache is not None
         age = entry.age(now)
         ttl = math.floor(self._cache.fresh_seconds - age)
         status = f"{CACHE_NAME}; hit; ttl={ttl}; detail=database-unavailable"
-        return ReadResult(
-            entry.value, stale=True, age=age, cache_status=status, stored_at=entry.stored_at, degraded=[unavailable.reason]
-        )
+        return ReadResult(entry.value, stale=True, age=age, cache_status=status, stored_at=entry.stored_at)
 
     def _load(self, keys: tuple[str, str], lookup: Lookup, query: Callable[[Session], T]) -> tuple[T, bool]:
         """The leader's load: fleet-wide lock, database read, fill unless a write came in between."""

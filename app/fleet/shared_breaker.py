@@ -199,7 +199,7 @@ class SharedBreaker(CircuitBreaker):
     def _verdict(self, permit: int, verdict: str) -> list[Any] | None:
         with self._lock:
             if permit != self._trial_id or not self._trial_active:
-                return None if verdict != "release" else []
+                return None  # a replaced trial's late verdict
             self._trial_active = False
             token, self._lease_token = self._lease_token, None
         if token is None:
