@@ -98,6 +98,8 @@ class NotificationReads:
         # A seam for tests that force an interleaving between a fill's database read and its store.
         self.after_load = after_load
         self.on_read: Callable[[str], None] | None = None  # metrics: hit, miss, stale, bypass
+        # A queued creation this process accepted but Redis missed (app/cache/pending_replay.py).
+        self.unrecorded: Callable[[str], dict[str, Any] | None] | None = None
 
     # -- keys ---------------------------------------------------------------
 
@@ -126,13 +128,13 @@ class NotificationReads:
                 extra_keys=mark_keys,  # the pending mark comes in the same round trip
             )
         except DatabaseUnavailable:  # nothing cached: a queued creation may still be shown
-            pending_item = (self._pending_call(lambda p: p.items([ident])) or {}).get(ident)
+            pending_item = (self._pending_items(ident) or {}).get(ident)
             if pending_item is None:
                 raise
             result = ReadResult(None, stale=True, age=0, cache_status=f"{CACHE_NAME}; hit; detail=pending")
         item: dict[str, Any] | None = result.body
         if item is None:
-            pending = self._pending_call(lambda p: p.items([ident]))
+            pending = self._pending_items(ident) if self._pending is not None else None
             if pending is None and self._pending is not None:
                 # Not in the database, and Redis cannot say whether a creation of it is queued:
                 # a 404 could deny a write this service acknowledged (202).
@@ -371,6 +373,12 @@ class NotificationReads:
             return fn()
         except RedisUnavailable:
             return None
+
+    def _pending_items(self, ident: str) -> dict[str, dict[str, Any]] | None:
+        """Pending creations by id: Redis's, or one this process accepted and Redis missed; None: Redis cannot say."""
+        if self.unrecorded is not None and (item := self.unrecorded(ident)) is not None:
+            return {ident: item | {"status": "pending"}}
+        return self._pending_call(lambda p: p.items([ident]))
 
     def _pending_call(self, fn: Callable[[PendingWrites], T]) -> T | None:
         pending = self._pending

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from app.api.breaker_override import BreakerOverride
 from app.api.reads import NotificationReads
-from app.api.writes import NotificationWrites
+from app.api.writes import NotificationWrites, pending_item
 from app.cache.pending import PendingWrites
+from app.cache.pending_replay import PendingReplay
 from app.cache.read_cache import ReadCache
 from app.cache.redis_link import RedisLink, build_redis_link
 from app.db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
@@ -38,6 +39,7 @@ class Services:
     link: RedisLink | None = None
     override: BreakerOverride | None = None
     queue_depth: QueueDepth | None = None
+    replay: PendingReplay | None = None
     metrics: Metrics = field(default_factory=Metrics)
     _dead_letters_read_at: float = -1e9
 
@@ -67,6 +69,11 @@ class Services:
             dispatcher=dispatcher, link=link, cache=cache, pending=pending, key_seconds=settings.cache_stale_seconds
         )
         writes.on_outcome = lambda outcome: metrics.dispatch.labels(outcome).inc()
+        replay = None
+        if link is not None and pending is not None:
+            replay = PendingReplay(link, writes.record_pending, pending_item).start()
+            writes.replay = replay
+            reads.unrecorded = replay.item
         return cls(
             settings=settings,
             database=database,
@@ -78,6 +85,7 @@ class Services:
             override=override,
             queue_depth=queue_depth,
             metrics=metrics,
+            replay=replay,
         )
 
     def refresh_gauges(self) -> None:
@@ -109,7 +117,8 @@ class Services:
 
     def close(self) -> None:
         self.metrics.mark_process_dead()
-        for step in (self.monitor.stop, self.override.stop if self.override else None, self.dispatcher.close):
+        steps = (self.monitor.stop, self.override.stop if self.override else None, self.replay.stop if self.replay else None)
+        for step in (*steps, self.dispatcher.close):
             if step is None:
                 continue
             try:

@@ -21,6 +21,7 @@ from typing import Any
 from app.api.queries import Position
 from app.api.reads import public
 from app.cache.pending import PendingWrites
+from app.cache.pending_replay import PendingReplay
 from app.cache.read_cache import ReadCache
 from app.cache.redis_link import RedisLink, RedisUnavailable
 from app.dispatch.apply import KeyConflict
@@ -58,6 +59,7 @@ class NotificationWrites:
         self._pending = pending
         self._key_seconds = key_seconds
         self.on_outcome: Callable[[str], None] | None = None  # metrics: applied, queued, rejected
+        self.replay: PendingReplay | None = None  # pending entries Redis missed, recorded again later
 
     def submit(self, name: str, payload: dict[str, Any], *, idempotency_key: str | None) -> WriteResult:
         """Raise InvalidCommand or KeyReused for a bad request; every other outcome is a WriteResult."""
@@ -114,30 +116,47 @@ class NotificationWrites:
             link.missed_write()
 
     def _show_pending(self, envelope: Envelope) -> None:
+        if self._pending is None:
+            return
+        try:
+            self.record_pending(envelope)
+        except RedisUnavailable:
+            if self._link is not None:
+                self._link.missed_write()  # its apply may not be able to bump generations either
+            if self.replay is None:
+                log.info("queued write %s is not shown as pending: Redis unavailable", envelope.command_id)
+                return
+            log.info("queued write %s not shown as pending yet: Redis unavailable, recorded again later", envelope.command_id)
+            self.replay.add(envelope)
+
+    def record_pending(self, envelope: Envelope) -> None:
+        """Show a queued write to reads (raises RedisUnavailable). Safe to repeat: every step overwrites or keeps the latest."""
         pending = self._pending
         if pending is None:
             return
-        created_us = Position.of({"created_at": envelope.accepted_at.isoformat(), "id": str(envelope.entity_id)}).created_us
-        try:
-            pending.add_command(
-                str(envelope.command_id),
-                {"command": envelope.name, "accepted_at": envelope.accepted_at.isoformat(), "entity_id": str(envelope.entity_id)},
-            )
-            if envelope.name == CREATE:
-                item = {
-                    "id": str(envelope.entity_id),
-                    "user_id": envelope.payload["user_id"],
-                    "email": envelope.payload["email"],
-                    "subject": envelope.payload["subject"],
-                    "body": envelope.payload.get("body", ""),
-                    "read": False,
-                    "created_at": envelope.accepted_at.isoformat(),
-                    "read_stamp": 0,
-                }
-                pending.add_item(item, created_us)
-            else:
-                pending.add_mark(str(envelope.entity_id), read=envelope.name == MARK_READ, stamp=envelope.accepted_stamp)
-        except RedisUnavailable:
-            log.info("queued write %s is not shown as pending: Redis unavailable", envelope.command_id)
-            if self._link is not None:
-                self._link.missed_write()  # its apply may not be able to bump generations either
+        pending.add_command(
+            str(envelope.command_id),
+            {"command": envelope.name, "accepted_at": envelope.accepted_at.isoformat(), "entity_id": str(envelope.entity_id)},
+        )
+        item = pending_item(envelope)
+        if item is not None:
+            created_us = Position.of(item).created_us
+            pending.add_item(item, created_us)
+        else:
+            pending.add_mark(str(envelope.entity_id), read=envelope.name == MARK_READ, stamp=envelope.accepted_stamp)
+
+
+def pending_item(envelope: Envelope) -> dict[str, Any] | None:
+    """The item a queued creation shows until its row exists (None for the other commands)."""
+    if envelope.name != CREATE:
+        return None
+    return {
+        "id": str(envelope.entity_id),
+        "user_id": envelope.payload["user_id"],
+        "email": envelope.payload["email"],
+        "subject": envelope.payload["subject"],
+        "body": envelope.payload.get("body", ""),
+        "read": False,
+        "created_at": envelope.accepted_at.isoformat(),
+        "read_stamp": 0,
+    }

@@ -260,3 +260,30 @@ def test_an_unknown_id_is_503_not_404_while_redis_cannot_say_what_is_pending(
         answer = api.client.get(f"/notifications/{unknown}")
         assert answer.status_code == 503 and int(answer.headers["retry-after"]) >= 1
         assert "pending writes are unknown" in answer.json()["detail"]
+
+
+def test_a_queued_creation_redis_missed_is_recorded_once_redis_answers(
+    settings_via: Callable[..., Settings], api_settings: Callable[..., Settings], redis_proxy: FaultProxy
+) -> None:
+    """The 202 does not wait for Redis; its pending entry, missed once, is recorded later, not lost."""
+    with serve_in_thread(settings_via(redis_skip_seconds=0.5)) as writer, serve_in_thread(api_settings()) as reader:
+        writer.services.database.breaker.force_open()  # writes are queued (no worker here: they stay queued)
+        break_redis(redis_proxy, "silence")
+        queued = writer.client.post("/notifications", json=ADA)
+        assert queued.status_code == 202, queued.text
+        ident, command_id = queued.json()["id"], queued.json()["command_id"]
+        replay = writer.services.replay
+        assert replay is not None and len(replay) == 1
+
+        own = writer.client.get(f"/notifications/{ident}")  # the process that accepted it still shows it
+        assert own.status_code == 200, own.text
+        assert own.json()["status"] == "pending" and own.json()["subject"] == ADA["subject"]
+        # The window that remains: another process finds no row and no pending entry.
+        assert reader.client.get(f"/notifications/{ident}").status_code == 404
+
+        redis_proxy.pass_through()
+        assert wait_until(lambda: reader.client.get(f"/notifications/{ident}").status_code == 200, timeout=10)
+        shown = reader.client.get(f"/notifications/{ident}").json()
+        assert shown["status"] == "pending" and shown["subject"] == ADA["subject"]
+        assert reader.client.get(f"/commands/{command_id}").json()["status"] == "queued"
+        assert len(replay) == 0
