@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import sqlalchemy.exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.circuit_breaker import BreakerListener, CircuitBreaker
 from app.db.engine import build_engine
+from app.db.errors import classify
 from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy
 from app.db.retry_budget import RetryBudget
 from app.settings import Settings
@@ -51,9 +54,34 @@ def build_resilience(settings: Settings, *, breaker: CircuitBreaker | None = Non
     )
 
 
+log = logging.getLogger(__name__)
+
+
+class ClosingSession(Session):
+    """A Session whose close() does not fail because the database dropped the connection.
+
+    Why: close() rolls the transaction back. When the server ends the connection
+    between the caller's last statement and the close (pg_terminate_backend, a
+    pooler restart: the seed's "SSL connection has been closed unexpectedly"),
+    SQLAlchemy invalidates the connection and re-raises, so work that had
+    succeeded (a read, a committed write) surfaced as an error, a 500 in the API.
+    A dead connection has nothing left to roll back: the error is logged and the
+    close finished on the invalidated connection. Any other error still raises.
+    """
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except sqlalchemy.exc.DBAPIError as exc:
+            if not (exc.connection_invalidated or classify(exc).is_disconnect):
+                raise
+            log.info("connection lost while closing a session (nothing to roll back): %s", type(exc.orig).__name__)
+            super().close()  # the connection is invalidated now: this releases it without a round trip
+
+
 def make_session_factory(engine: Engine, resilience: Resilience) -> sessionmaker[Session]:
     """Sessions that `execute_with_retry(db, fn)` can guard without further arguments."""
-    return sessionmaker(bind=engine, expire_on_commit=False, info={RESILIENCE_KEY: resilience})
+    return sessionmaker(bind=engine, class_=ClosingSession, expire_on_commit=False, info={RESILIENCE_KEY: resilience})
 
 
 @dataclass

@@ -109,3 +109,19 @@ def test_kill_all_backends_under_eight_threads(make_database: Callable[..., Data
     assert killed >= 5
     assert all(n > 0 for n in done)
     assert database.breaker.state is BreakerState.CLOSED
+
+
+def test_a_kill_after_the_work_is_done_does_not_fail_the_session_close(
+    make_database: Callable[..., Database], pg_database: str, app_name: str
+) -> None:
+    """The kill lands between the last statement and the close: the read succeeded and must stay a success."""
+    database = make_database()
+    with database.session() as s:
+        victim = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with admin_cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (victim,))
+        assert wait_until(lambda: victim not in backend_pids(pg_database, app_name), timeout=5)
+    # The close's rollback met the dead connection and let it go; the pool serves a new one.
+    with database.session() as s:
+        assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() != victim
+    assert database.breaker.state is BreakerState.CLOSED
