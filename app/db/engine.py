@@ -157,6 +157,8 @@ def _make_error_handler(*, behind_pooler: bool, epochs: DisconnectEpochs) -> Any
         if isinstance(original, waiting.DatabaseDeadlineReached):
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
+            if original.connecting:
+                epochs.excuse_slow_connect()  # part of a reconnect storm? (incidents.py)
             return
         kind = classify(original)
         if kind.is_disconnect and not ctx.is_disconnect:

@@ -25,6 +25,7 @@ from enum import StrEnum
 import psycopg2
 import sqlalchemy.exc
 
+from app.db.waiting import DatabaseDeadlineReached
 from app.redaction import mask_secrets
 
 
@@ -200,6 +201,11 @@ def _classify_one(exc: BaseException) -> ErrorKind | None:
     if isinstance(exc, TimeoutError):
         return ErrorKind.TRANSIENT
     return None
+
+
+def is_slow_connect(exc: BaseException) -> bool:
+    """True when *exc* is (or wraps) a connect that our wait callback cut at the caller's deadline."""
+    return any(isinstance(link, DatabaseDeadlineReached) and link.connecting for link in _chain(exc))
 
 
 def classify(exc: Exception) -> ErrorKind:

@@ -16,6 +16,16 @@ meeting a real outage one by one) counting as they should. A fresh connection th
 fails, or a connect that fails, always counts, so a real outage still opens
 the breaker after the threshold.
 
+One exception to the last rule, for the same reason: a connect cut by the
+caller's deadline within the window of a disconnect is the incident's
+reconnect storm (every thread of the process opening a TLS connection at once,
+each fork and handshake competing for CPU), not a second failure of the
+database. Seen in the chaos run: SSL kills every few seconds opened the breaker
+of a healthy database through 0.3 s request deadlines. A connect *refused* or
+*reset* in the window still counts, and after the window slow connects count
+again, so a database that dies and goes silent opens the breaker at most one
+window later.
+
 The verdict travels from SQLAlchemy's `handle_error` event (engine.py) to
 `execute_with_retry` (retry.py) in a thread-local: both run in the thread of
 the failing call, one right after the other.
@@ -56,6 +66,14 @@ class DisconnectEpochs:
                 return True
             self.value += 1
             self._bumped_at = now
+            return False
+
+    def excuse_slow_connect(self) -> bool:
+        """A connect ran out of deadline: a casualty (True) when a disconnect incident is this recent."""
+        with self._lock:
+            if self._clock() - self._bumped_at <= self.window_seconds:
+                _verdict.casualty = True
+                return True
             return False
 
 

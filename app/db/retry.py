@@ -44,6 +44,7 @@ from app.db.errors import (
     ErrorKind,
     classify,
     describe,
+    is_slow_connect,
 )
 from app.db.retry_budget import RetryBudget
 
@@ -188,8 +189,8 @@ def execute_with_retry(
             commit_sent = _commits_sent() != commits_before
             kind = classify(exc)
             _tell(res.observers, "on_attempt", time.perf_counter() - started, kind)
-            if kind.is_disconnect and incidents.take_casualty():
-                breaker.release(permit)  # this incident was counted already
+            if (kind.is_disconnect or is_slow_connect(exc)) and incidents.take_casualty():
+                breaker.release(permit)  # this incident was counted already (incidents.py)
             else:
                 breaker.record_failure(permit, kind)
             if not kind.is_transient:

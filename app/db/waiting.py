@@ -40,6 +40,8 @@ from app.db.deadline import current_deadline
 class DatabaseDeadlineReached(psycopg2.OperationalError):  # type: ignore[misc]
     """Raised when a wait on PostgreSQL outlives its deadline; the connection is closed."""
 
+    connecting = False  # True: the deadline ran out while the connection was being set up
+
 
 @dataclass(frozen=True, slots=True)
 class WaitBounds:
@@ -102,4 +104,6 @@ def wait_with_deadline(conn: ext.connection) -> None:
 
 def _reached(connecting: bool, budget: float) -> DatabaseDeadlineReached:
     what = "connecting to" if connecting else "waiting on"
-    return DatabaseDeadlineReached(f"brownout deadline reached {what} the database after {max(0.0, budget):.3f} s")
+    error = DatabaseDeadlineReached(f"brownout deadline reached {what} the database after {max(0.0, budget):.3f} s")
+    error.connecting = connecting
+    return error

@@ -98,3 +98,17 @@ def test_an_old_link_failing_after_the_window_counts_again() -> None:
     now[0] += 0.2  # 2.1 s after the incident: news again (a real outage, met link by link)
     assert epochs.on_disconnect(old[2]) is False
     assert incidents.take_casualty() is False
+
+
+def test_a_slow_connect_is_excused_only_within_the_window_of_an_incident() -> None:
+    now = [100.0]
+    epochs = DisconnectEpochs(window_seconds=2.0, clock=lambda: now[0])
+    assert epochs.excuse_slow_connect() is False  # no incident yet: a silent database, it counts
+    assert incidents.take_casualty() is False
+    epochs.on_disconnect(connect(epochs))
+    now[0] += 1.9
+    assert epochs.excuse_slow_connect() is True  # the incident's reconnect storm
+    assert incidents.take_casualty() is True
+    now[0] += 0.2
+    assert epochs.excuse_slow_connect() is False  # the window is over: slow connects count again
+    assert epochs.value == 1  # an excused connect is no new incident

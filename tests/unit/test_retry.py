@@ -25,6 +25,7 @@ from app.db.circuit_breaker import BreakerState, CircuitBreaker
 from app.db.deadline import current_deadline
 from app.db.errors import CircuitOpenError, CommitOutcomeUnknown, DeadlineExceeded, classify
 from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy, execute_with_retry
+from app.db.waiting import DatabaseDeadlineReached
 from tests.support.fakes import LOWER, UPPER, FakeClock, ScriptedRandom, pg_error
 
 SEED_NOMINAL = [0.5, 1.0, 2.0, 3.0]
@@ -503,6 +504,36 @@ def test_casualty_verdict_only_excuses_disconnects() -> None:
     h = Harness(breaker=CircuitBreaker(failure_threshold=1))
     fn = casualty_then(Script(pg_error("40001", "could not serialize")))
     with pytest.raises(CircuitOpenError):  # the serialization failure counted, and opened the breaker
+        h.run(fn)
+    assert fn.calls == 1
+
+
+def slow_connect(connecting: bool = True) -> DatabaseDeadlineReached:
+    error = DatabaseDeadlineReached("brownout deadline reached connecting to the database after 0.300 s")
+    error.connecting = connecting
+    return error
+
+
+def excuse_slow_connect() -> None:
+    """What engine.py reports for a connect cut by the deadline right after a disconnect incident."""
+    epochs = incidents.DisconnectEpochs()
+    assert epochs.on_disconnect(None) is False
+    assert epochs.excuse_slow_connect() is True
+
+
+def test_a_slow_connect_in_a_reconnect_storm_is_retried_but_not_counted() -> None:
+    h = Harness(breaker=CircuitBreaker(failure_threshold=1))
+    fn = Script(slow_connect(), slow_connect())
+    fn.before_raise = excuse_slow_connect
+    assert h.run(fn) == "done"
+    assert fn.calls == 3 and h.breaker.state is BreakerState.CLOSED
+
+
+def test_the_verdict_excuses_a_slow_connect_not_a_slow_query() -> None:
+    h = Harness(breaker=CircuitBreaker(failure_threshold=1))
+    fn = Script(slow_connect(connecting=False))
+    fn.before_raise = excuse_slow_connect
+    with pytest.raises(CircuitOpenError):
         h.run(fn)
     assert fn.calls == 1
 
