@@ -297,7 +297,8 @@ class NotificationReads:
         if not entries:
             return page
         return [
-            entry.value if entry is not None and entry.stored_at > page_stored else item
+            # An entry holding None is a cached "not found" (a read before the row existed): never an item.
+            entry.value if entry is not None and entry.value is not None and entry.stored_at > page_stored else item
             for item, entry in zip(page, entries, strict=True)
         ]
 
@@ -325,7 +326,8 @@ class NotificationReads:
             missing = [ident for ident in wanted if ident not in {item["id"] for item in extra}]
             keys = [self.item_keys(ident)[0] for ident in missing]
             cache = self._cache
-            extra += [entry.value for entry in self._cache_call(lambda: cache.values(keys)) or [] if entry is not None]
+            entries = self._cache_call(lambda: cache.values(keys)) or []
+            extra += [entry.value for entry in entries if entry is not None and entry.value is not None]  # None: "not found"
         if not extra:
             return page, more
         merged = sorted(page + extra, key=Position.of, reverse=True)

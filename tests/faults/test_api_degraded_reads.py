@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from app.cache.pending import PendingWrites
 from app.settings import Settings
 from tests.conftest import database_url
 from tests.support.api_server import RunningApi, serve_in_thread
@@ -151,3 +152,21 @@ def test_ready_is_503_when_no_write_can_be_made_durable(
             assert any("circuit breaker open" in reason for reason in body["reasons"])
             assert any("RabbitMQ publisher" in reason for reason in body["reasons"])
             assert "guest:guest" not in str(body)  # the URL's password never shows
+
+
+def test_a_cached_not_found_never_joins_a_stale_list(api: RunningApi) -> None:
+    """An id read (404, cached as "not found") before its creation was applied, then in the user's recent set."""
+    item = api.client.post("/notifications", json=ADA).json()
+    page = api.client.get("/users/9/notifications").json()
+    early = "0b7e3c1d-2f4a-4b5c-8d6e-7f8091a2b3c4"
+    assert api.client.get(f"/notifications/{early}").status_code == 404  # cached: not found
+    assert api.services.link is not None
+    pending = PendingWrites(api.services.link, ttl_seconds=api.services.settings.pending_seconds)
+    pending.note_recent(9, early, int(time.time() * 1_000_000))  # as its accepted write did; its pending item is gone
+    _stale_soon(api, "/users/9/notifications")
+    api.services.database.breaker.force_open()
+
+    stale_list = api.client.get("/users/9/notifications")
+    assert stale_list.status_code == 200, stale_list.text  # was a 500: None sorted as an item
+    assert stale_list.headers["x-brownout"] == "stale"
+    assert stale_list.json() == page and page["items"] == [item]
