@@ -134,16 +134,13 @@ class NotificationWrites:
         pending = self._pending
         if pending is None:
             return
-        pending.add_command(
-            str(envelope.command_id),
-            {"command": envelope.name, "accepted_at": envelope.accepted_at.isoformat(), "entity_id": str(envelope.entity_id)},
-        )
+        record = {"command": envelope.name, "accepted_at": envelope.accepted_at.isoformat(), "entity_id": str(envelope.entity_id)}
         item = pending_item(envelope)
         if item is not None:
-            created_us = Position.of(item).created_us
-            pending.add_item(item, created_us)
+            pending.record_queued(str(envelope.command_id), record, item=item, created_us=Position.of(item).created_us)
         else:
-            pending.add_mark(str(envelope.entity_id), read=envelope.name == MARK_READ, stamp=envelope.accepted_stamp)
+            mark = (str(envelope.entity_id), envelope.name == MARK_READ, envelope.accepted_stamp)
+            pending.record_queued(str(envelope.command_id), record, mark=mark)
 
 
 def pending_item(envelope: Envelope) -> dict[str, Any] | None:

@@ -56,7 +56,6 @@ class PendingWrites:
         self.link = link
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self._set_mark = link.client.register_script(_SET_MARK)
         self._clear_mark = link.client.register_script(_CLEAR_MARK)
 
     @property
@@ -79,32 +78,50 @@ class PendingWrites:
 
     def note_recent(self, user_id: int, notification_id: str, created_us: int) -> None:
         """A notification written just now (either path): stale lists must still show it."""
+
+        def steps(pipe: Any) -> None:
+            self._queue_recent(pipe, user_id, notification_id, created_us)
+
+        self.link.run(lambda client: self._run_pipeline(client, steps))
+
+    def record_queued(
+        self,
+        command_id: str,
+        record: dict[str, Any],
+        *,
+        item: dict[str, Any] | None = None,
+        created_us: int = 0,
+        mark: tuple[str, bool, int] | None = None,
+    ) -> None:
+        """A queued write, shown to reads: its command record, and its pending *item* (a creation)
+        or *mark* (notification id, read, stamp). One round trip: it sits on the 202's path."""
+
+        def steps(pipe: Any) -> None:
+            pipe.set(self._command_key(command_id), json.dumps(record, separators=(",", ":")), px=self._ttl_ms)
+            if item is not None:
+                value = json.dumps(item | {"status": "pending"}, separators=(",", ":"))
+                pipe.set(self._item_key(item["id"]), value, px=self._ttl_ms)
+                self._queue_recent(pipe, int(item["user_id"]), item["id"], created_us)
+            if mark is not None:
+                notification_id, read, stamp = mark
+                value = json.dumps({"read": read, "stamp": padded(stamp)}, separators=(",", ":"))
+                # EVAL, not the registered script: a script in a pipeline costs redis-py a SCRIPT EXISTS round trip.
+                pipe.eval(_SET_MARK, 1, self.mark_key(notification_id), padded(stamp), value, self._ttl_ms)
+
+        self.link.run(lambda client: self._run_pipeline(client, steps))
+
+    @staticmethod
+    def _run_pipeline(client: Any, steps: Callable[[Any], None]) -> None:
+        with client.pipeline(transaction=False) as pipe:
+            steps(pipe)
+            pipe.execute()
+
+    def _queue_recent(self, pipe: Any, user_id: int, notification_id: str, created_us: int) -> None:
         key = self._recent_key(user_id)
         horizon = (self.clock() - self.ttl_seconds) * 1_000_000
-
-        def run(client: Any) -> None:
-            with client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {notification_id: created_us})
-                pipe.zremrangebyscore(key, "-inf", f"({horizon:.0f}")
-                pipe.pexpire(key, self._ttl_ms)
-                pipe.execute()
-
-        self.link.run(run)
-
-    def add_item(self, item: dict[str, Any], created_us: int) -> None:
-        """A queued creation, shown with status "pending" until its row exists."""
-        value = json.dumps(item | {"status": "pending"}, separators=(",", ":"))
-        self.link.run(lambda client: client.set(self._item_key(item["id"]), value, px=self._ttl_ms))
-        self.note_recent(int(item["user_id"]), item["id"], created_us)
-
-    def add_mark(self, notification_id: str, *, read: bool, stamp: int) -> None:
-        mark = json.dumps({"read": read, "stamp": padded(stamp)}, separators=(",", ":"))
-        key = self.mark_key(notification_id)
-        self.link.run(lambda client: self._set_mark(keys=[key], args=[padded(stamp), mark, self._ttl_ms]))
-
-    def add_command(self, command_id: str, record: dict[str, Any]) -> None:
-        value = json.dumps(record, separators=(",", ":"))
-        self.link.run(lambda client: client.set(self._command_key(command_id), value, px=self._ttl_ms))
+        pipe.zadd(key, {notification_id: created_us})
+        pipe.zremrangebyscore(key, "-inf", f"({horizon:.0f}")
+        pipe.pexpire(key, self._ttl_ms)
 
     # -- clean-up (by the reads that see the database has caught up) ----------
 
