@@ -7,6 +7,7 @@ the tests pin them so that a libpq upgrade that changes them fails loudly.
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -226,3 +227,37 @@ def test_stop_is_idempotent_and_frees_the_port() -> None:
     with pytest.raises(psycopg2.OperationalError, match=CLOSED):
         select_one(conn)
     conn.close()
+
+
+def test_small_writes_are_forwarded_at_once() -> None:
+    """Write-write-read through the proxy: without TCP_NODELAY on its sockets the second
+    small chunk waits for the first one's delayed ACK (about 9 ms a round here, 364 ms in all);
+    with it, 3 ms in all."""
+    server = socket.create_server(("127.0.0.1", 0))
+    rounds = 40
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            for _ in range(rounds):
+                got = b""
+                while len(got) < 2:
+                    got += conn.recv(2 - len(got))
+                conn.sendall(b"!")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with FaultProxy(upstream_host="127.0.0.1", upstream_port=server.getsockname()[1]) as relay:
+        client = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic()
+        for _ in range(rounds):
+            client.sendall(b"a")
+            client.sendall(b"b")
+            assert client.recv(1) == b"!"
+        elapsed = time.monotonic() - started
+        client.close()
+    thread.join(timeout=10)
+    server.close()
+    print(f"\n{rounds} write-write-read rounds through the proxy: {elapsed * 1000:.0f} ms")
+    assert elapsed < rounds * 0.005, f"{elapsed:.3f} s: the proxy delays small writes (Nagle + delayed ACK)"

@@ -70,6 +70,16 @@ class _Connection:
     thread: threading.Thread | None = None
 
 
+def _no_delay(sock: socket.socket) -> socket.socket:
+    """Forward each chunk at once. Without TCP_NODELAY, Nagle's algorithm held a small
+    chunk until the previous one was acknowledged, and the peer's delayed ACK made
+    that 20-50 ms: measured through this proxy, a RabbitMQ publish confirm took p50
+    22 ms / p99 50 ms instead of 1.2 / 5.7 ms direct. A fault proxy must add no latency
+    of its own, or the chaos run's latency figures measure the proxy."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def _abort(sock: socket.socket) -> None:
     """Close with SO_LINGER 0, so the peer receives RST instead of FIN."""
     try:
@@ -231,6 +241,11 @@ class FaultProxy:
             client, _ = listener.accept()
         except OSError:
             return
+        try:
+            _no_delay(client)
+        except OSError:  # the client is gone already
+            client.close()
+            return
         with self._cond:
             self._accepted += 1
             if self._mode is Mode.RESET:
@@ -244,7 +259,7 @@ class FaultProxy:
     def _serve(self, connection: _Connection) -> None:
         try:
             if not connection.silenced:
-                connection.upstream = socket.create_connection(self._upstream, timeout=_IO_SECONDS)
+                connection.upstream = _no_delay(socket.create_connection(self._upstream, timeout=_IO_SECONDS))
             self._relay(connection)
         except OSError:
             pass  # either side failed: close both, below
