@@ -56,6 +56,7 @@ class RedisLink:
         self._clock = clock
         self._where = where
         self._lock = threading.Lock()
+        self._epoch_lock = threading.Lock()  # held over one INCR (50 ms deadline at most)
         self._skip_until = 0.0
         self._down = False
         self._missed_write = False
@@ -85,9 +86,7 @@ class RedisLink:
         trips_before = self._trips
         try:
             if self._missed_write:  # before anything is read from Redis again (read_cache.py)
-                self.client.incr(self.epoch_key)
-                self._missed_write = False
-                log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
+                self._bump_epoch()
             result = fn(self.client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._tripped(exc)
@@ -95,6 +94,15 @@ class RedisLink:
         if self._down and self._trips == trips_before:  # a call that began before a trip proves nothing
             self._recovered()
         return result
+
+    def _bump_epoch(self) -> None:
+        """One INCR per missed spell, however many threads come back at once; a failed INCR leaves the flag set."""
+        with self._epoch_lock:
+            if not self._missed_write:
+                return  # another thread just did it
+            self.client.incr(self.epoch_key)
+            self._missed_write = False
+        log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
 
     def ping(self) -> dict[str, Any]:
         """Readiness view: never raises."""
