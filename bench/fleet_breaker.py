@@ -70,6 +70,7 @@ class Recorder(CallObserver, BreakerListener):
 
     def __init__(self) -> None:
         self.attempts: Events = []
+        self.retries: Events = []  # (when the retry was decided, its wait)
         self.calls: Events = []
         self.transitions: Events = []
         self.probes: Events = []
@@ -77,6 +78,9 @@ class Recorder(CallObserver, BreakerListener):
 
     def on_attempt(self, seconds: float, kind: ErrorKind | None) -> None:
         self.attempts.append((time.monotonic(), kind is None))
+
+    def on_retry(self, kind: ErrorKind, wait: float) -> None:
+        self.retries.append((time.monotonic(), wait))
 
     def on_transition(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
         self.transitions.append((time.monotonic(), new.value))
@@ -154,6 +158,12 @@ def total(logs: list[dict[str, Events]], key: str, lo: float, hi: float, what: A
     return sum(1 for log in logs for at, value in log[key] if lo <= at < hi and (what is None or value == what))
 
 
+def first_attempts(logs: list[dict[str, Events]], lo: float, hi: float) -> str:
+    """Milliseconds after the outage's start of each load attempt that reached the database, fleet-wide."""
+    times = sorted(at for log in logs for at, _ in log["attempts"] if lo <= at < hi)
+    return " ".join(f"{(at - lo) * 1000:.0f}" for at in times[:12]) or "-"
+
+
 def fleet_wide(logs: list[dict[str, Events]], state: str, since: float, last: bool = False) -> float | None:
     """Seconds from *since* until every process reached *state* (its first, or *last*, entry); None: one never did."""
     times = [[at for at, value in log["transitions"] if at >= since and value == state] for log in logs]
@@ -206,6 +216,8 @@ def run(mode: str, args: argparse.Namespace, url: str, redis_url: str, prefix: s
     return {
         "attempts": total(logs, "attempts", down, back),
         "attempts_ok": total(logs, "attempts", down, back, True),
+        "retries": total(logs, "retries", down, back),
+        "first_attempts": first_attempts(logs, down, back),
         "accepted": accepted,
         "probes": total(logs, "probes", down, back),
         "refused": total(logs, "calls", down, back, "refused"),
@@ -245,6 +257,7 @@ def show(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     row("warm-up: failed attempts (0 unless CPU-starved)", "warmup_failed")
     row("(a) load attempts that reached the database", "attempts", True)
     row("    of which succeeded", "attempts_ok")
+    row("    retries decided (execute_with_retry)", "retries")
     row("(b) connections accepted by the proxy", "accepted", True)
     row("    health checks run (all processes)", "probes")
     row("(c) calls refused by the breaker", "refused")
@@ -255,6 +268,9 @@ def show(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     row("after the return: load attempts", "recovery_attempts")
     row("after the return: calls refused", "recovery_refused")
     row("shared breakers fallen back to local (whole run)", "fallbacks")
+    for mode in modes:
+        label = "shared" if mode == "redis" else mode
+        print(f"  {label}: first attempts at ms after the outage began: {results[mode]['first_attempts']}")
     if ratio:
         shared = results[modes[1]]["attempts"]
         times = results["local"]["attempts"] / shared if shared else float("inf")
