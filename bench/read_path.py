@@ -26,30 +26,33 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pika
 import psycopg2
 import redis
-import uvicorn
 from sqlalchemy.engine import make_url
 
-from app.api.app import create_app
 from app.api.services import Services
 from app.db import BreakerState
 from app.dispatch.queues import queue_declarations
 from app.schema import upgrade_database
 from app.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/read_path.py`: tests.support importable
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.api_server import free_port, serve_in_thread  # noqa: E402
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
 LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -78,13 +81,6 @@ class Timing:
         await self.app(scope, receive, timed_send)
 
 
-def free_port() -> int:
-    """A port bound and closed again: nothing listens there (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def admin(url: str, statement: str) -> None:
     conn = psycopg2.connect(make_url(url).set(drivername="postgresql", database="postgres").render_as_string(False))
     conn.autocommit = True
@@ -99,24 +95,16 @@ def percentile(samples: list[float], fraction: float) -> float:
 
 
 @contextmanager
-def serve_in_thread(settings: Settings) -> Iterator[tuple[httpx.Client, Services, Timing]]:
-    app = create_app(settings)
-    timing = Timing(app)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(timing, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    give_up = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > give_up:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield client, app.state.services, timing
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+def timed_server(settings: Settings) -> Iterator[tuple[httpx.Client, Services, Timing]]:
+    """The app served in this process (tests/support/api_server.py), inside the timing middleware."""
+    timings: list[Timing] = []
+
+    def wrap(app: Any) -> Timing:
+        timings.append(Timing(app))
+        return timings[-1]
+
+    with serve_in_thread(settings, wrap=wrap) as api:
+        yield api.client, api.services, timings[0]
 
 
 def expect(response: httpx.Response, case: str) -> None:
@@ -265,7 +253,7 @@ def main() -> None:
     try:
         upgrade_database(database_url)
         healthy = load_settings(database_url=database_url, queue_name=queue, redis_key_prefix=prefix)
-        with serve_in_thread(healthy) as (client, services, timing):
+        with timed_server(healthy) as (client, services, timing):
             ids = []
             for _ in range(args.items):
                 response = client.post("/notifications", json=NOTE)
@@ -281,7 +269,7 @@ def main() -> None:
         # A second server, its database unreachable; its entries are past their fresh age, so it serves them stale.
         outage = load_settings(database_url=unreachable_url, queue_name=queue, redis_key_prefix=prefix, cache_fresh_seconds=0.2)
         time.sleep(0.3)
-        with serve_in_thread(outage) as (client, services, timing):
+        with timed_server(outage) as (client, services, timing):
             for tries in range(51):
                 if services.database.breaker.state is BreakerState.OPEN:
                     break

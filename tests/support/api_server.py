@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +46,14 @@ class RunningApi:
 
 
 @contextmanager
-def serve_in_thread(settings: Settings, *, client_timeout: float = 10.0) -> Iterator[RunningApi]:
+def serve_in_thread(
+    settings: Settings, *, client_timeout: float = 10.0, wrap: Callable[[FastAPI], Any] | None = None
+) -> Iterator[RunningApi]:
+    """*wrap*: an ASGI middleware put around the app (bench/read_path.py times requests with one)."""
     app = create_app(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    served = app if wrap is None else wrap(app)
+    server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     give_up = time.monotonic() + 30
