@@ -7,7 +7,7 @@ nothing.
 
 from __future__ import annotations
 
-from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
 from app.cache.applied_elsewhere import AppliedElsewhere
 from app.db import Database
@@ -24,6 +24,18 @@ from worker.metrics import WorkerMetrics
 from worker.outbox import OutboxRelayMiddleware
 
 
+def dramatiq_middleware() -> list[Middleware]:
+    """Dramatiq's defaults minus the ones whose message options nobody here sets.
+
+    Why: every middleware's hooks run for every message, no-ops included (`Broker.emit_*`
+    calls each one); AgeLimit (`max_age`), Callbacks (`on_success`/`on_failure`), Pipelines
+    (`pipe_target`, which also imports a module per message) and ShutdownNotifications
+    (`notify_shutdown`) act only on options that neither the publisher nor these actors
+    use. TimeLimit (a stuck apply is interrupted) and Retries (`throws`, the backoff
+    options) are kept."""
+    return [TimeLimit(), Retries()]
+
+
 def build_worker_broker(settings: Settings, database: Database, *, metrics: Metrics | None = None) -> BrownoutRabbitmqBroker:
     """The worker's broker with its middleware and actors; connects nothing until consumed.
 
@@ -36,6 +48,7 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
         max_length=settings.queue_max_length,
         queue_type=settings.queue_type,
         delivery_limit=settings.queue_delivery_limit,
+        middleware=dramatiq_middleware(),
     )
     broker.add_middleware(CurrentMessage())
     gate = HealthGate.for_database(

@@ -185,3 +185,24 @@ def dead_letters_cli_run(settings: Any, db: Database, argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     dead_letters_cli.add_parser(parser.add_subparsers(dest="command"))
     return dead_letters_cli.run(parser.parse_args(argv), settings, db)
+
+
+def test_the_worker_broker_runs_only_the_middleware_it_uses(
+    make_settings: Callable[..., Any], make_database: Callable[..., Database], queue_name: str
+) -> None:
+    """Every middleware's hooks run for every message: Dramatiq's defaults for options nobody sets are left out."""
+    from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
+
+    from worker.assembly import build_worker_broker
+    from worker.drain import AdaptiveDrain
+    from worker.health_gate import HealthGate
+
+    settings = make_settings(rabbitmq_url=RABBITMQ_URL, queue_name=queue_name)
+    broker = build_worker_broker(settings, make_database())
+    try:
+        kinds = {type(middleware) for middleware in broker.middleware}
+        assert {TimeLimit, Retries, CurrentMessage, HealthGate, AdaptiveDrain} <= kinds
+        assert not kinds & {AgeLimit, Callbacks, Pipelines, ShutdownNotifications}
+        assert broker.get_actor("apply_command").options["throws"]  # Retries' options still accepted
+    finally:
+        broker.close()
