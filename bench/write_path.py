@@ -9,7 +9,12 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
 - the worker's drain rate for a backlog queued while the breaker was open
   (the production worker, middleware included, in this process, 8 threads),
   beside Dramatiq's own no-op consume rate on the same broker and threads
-  (target: at least 50 % of it).
+  (target: at least 50 % of it);
+- with `--worker-processes N`, also the drain of the same backlog by the
+  worker dyno itself (`python -m worker.serve`, BROWNOUT_WORKER_PROCESSES=N,
+  metrics on), timed from its first applied write to its last, as counted in
+  applied_commands (the processes' start-up is left out), beside the same
+  one-process no-op rate.
 
 It works in a throwaway database and a throwaway queue, both removed at the end.
 """
@@ -19,7 +24,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -78,13 +87,9 @@ def raw_insert_rate(url: str, count: int) -> float:
     return count / elapsed
 
 
-def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
-    """Queue *backlog* creates with the breaker open, then time the production worker draining them."""
-    from worker.assembly import build_worker_broker
-
-    queue = f"{settings.queue_name}-drain"
-    drain_settings = settings.model_copy(update={"queue_name": queue})
-    dispatcher = Dispatcher.from_settings(drain_settings, database)
+def queue_backlog(settings: Settings, database: Database, backlog: int) -> None:
+    """Submit *backlog* creates to *settings*' queue with the breaker open (all queued)."""
+    dispatcher = Dispatcher.from_settings(settings, database)
     try:
         database.breaker.force_open()
         for _ in range(backlog):
@@ -92,6 +97,15 @@ def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
         database.breaker.reset()
     finally:
         dispatcher.close()
+
+
+def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
+    """Queue *backlog* creates with the breaker open, then time the production worker draining them."""
+    from worker.assembly import build_worker_broker
+
+    queue = f"{settings.queue_name}-drain"
+    drain_settings = settings.model_copy(update={"queue_name": queue})
+    queue_backlog(drain_settings, database, backlog)
     worker_database = Database.from_settings(drain_settings)
     broker = build_worker_broker(drain_settings, worker_database)
     before = applied_count(database)
@@ -107,6 +121,54 @@ def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
         broker.close()
         worker_database.close()
         delete_queues(settings, queue)
+
+
+def dyno_drain_rate(settings: Settings, database: Database, backlog: int, processes: int) -> float:
+    """Queue *backlog* creates, then time `python -m worker.serve` with *processes* processes draining
+    them: from the first write applied to the last (its processes' start-up is not counted)."""
+    queue = f"{settings.queue_name}-dyno"
+    dyno_settings = settings.model_copy(update={"queue_name": queue, "email_queue_name": f"{queue}-email"})
+    queue_backlog(dyno_settings, database, backlog)
+    before = applied_count(database)
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    env |= {
+        "DATABASE_URL": dyno_settings.database_url,
+        "RABBITMQ_URL": dyno_settings.rabbitmq_url or LOCAL_RABBIT,
+        "BROWNOUT_QUEUE_NAME": queue,
+        "BROWNOUT_EMAIL_QUEUE_NAME": dyno_settings.email_queue_name,
+        "BROWNOUT_QUEUE_MAX_LENGTH": str(dyno_settings.queue_max_length),  # declared as the publisher did
+        "BROWNOUT_WORKER_PROCESSES": str(processes),
+        "BROWNOUT_METRICS_PORT": str(free_port()),
+    }
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dyno = subprocess.Popen([sys.executable, "-m", "worker.serve"], env=env, cwd=root)
+    try:
+        give_up = time.monotonic() + 120
+        while (first := applied_count(database) - before) == 0:
+            if dyno.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError(f"the worker dyno applied nothing (exit code {dyno.poll()})")
+            time.sleep(0.01)
+        start = time.perf_counter()
+        while applied_count(database) - before < backlog:
+            if dyno.poll() is not None:
+                raise RuntimeError(f"the worker dyno exited with {dyno.returncode}")
+            time.sleep(0.05)
+        return (backlog - first) / (time.perf_counter() - start)
+    finally:
+        dyno.send_signal(signal.SIGTERM)  # its graceful shutdown, as Railway's deploy does
+        try:
+            dyno.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dyno.kill()
+            dyno.wait()
+        delete_queues(settings, queue)
+        delete_queues(settings, dyno_settings.email_queue_name)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def noop_consume_rate(settings: Settings, count: int) -> float:
@@ -152,6 +214,13 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=2000, help="submits with the breaker open")
     parser.add_argument("--direct", type=int, default=1000, help="submits applied directly")
     parser.add_argument("--drain", type=int, default=10_000, help="backlog the worker drains (0: skip)")
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also drain the backlog with `python -m worker.serve` and N processes (0: skip)",
+    )
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
@@ -207,6 +276,12 @@ def main() -> None:
             print(f"worker drain, {args.drain} queued writes, 8 threads:  {drained:8.0f} writes/s")
             print(f"Dramatiq no-op consume, same broker and threads: {noop:8.0f} msgs/s")
             print(f"ratio drain/no-op: {drained / noop:.2f} (target >= 0.50)")
+            if args.worker_processes:
+                n = args.worker_processes
+                dyno = dyno_drain_rate(settings, database, args.drain, n)
+                print(f"worker dyno drain (python -m worker.serve), {n} process(es) of 8 threads: {dyno:8.0f} writes/s")
+                print(f"  per process: {dyno / n:8.0f} writes/s, ratio {dyno / n / noop:.2f} of the no-op above")
+                print(f"ratio {n}-process dyno drain / 1-process no-op: {dyno / noop:.2f}")
     finally:
         if dispatcher is not None:
             dispatcher.close()
