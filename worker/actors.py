@@ -66,8 +66,9 @@ class ApplyRuntime:
     defer_base_seconds: float = 1.0
     defer_cap_seconds: float = 60.0
     rng: random.Random = field(default_factory=random.Random)
-    on_applied: Callable[[dict[str, Any]], None] | None = None
-    """Told the entity after each committed apply (the read side's cache and pending entries)."""
+    on_applied: Callable[..., None] | None = None
+    """Told the entity after each committed apply (the read side's cache and pending entries):
+    `on_applied(item, current=...)`, current False for a duplicate (app/cache/applied_elsewhere.py)."""
     observe: Callable[[str, float], None] | None = None
     """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, held) and time."""
     batch_max: int = 64
@@ -138,7 +139,7 @@ def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any])
         log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
         if runtime.on_applied is not None:
             try:
-                runtime.on_applied(written.result)
+                runtime.on_applied(written.result, current=not written.duplicate)
             except Exception:  # the write is committed: telling the cache is best effort
                 log.exception("after-apply hook failed for %s", envelope.command_id)
         return "duplicate" if written.duplicate else written.outcome

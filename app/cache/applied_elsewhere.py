@@ -1,11 +1,16 @@
 """What the read side learns when a worker applies a queued write.
 
-The worker does not write its result through (a direct write in a web process
-may have stored a later version meanwhile); it bumps the item's and the
-user's generations, so cached copies stop being fresh and the next read asks
-the database, and clears the pending entries the write superseded. Best
-effort: with Redis down the entries still expire (`pending_seconds`) and
-cached copies stop being fresh after `cache_fresh_seconds`.
+The worker writes the row it committed through to the item's cache entry,
+stamped with the row's `read_stamp`: if a web process wrote a later version
+meanwhile, the later one stays (the version compare in read_cache.py). Without
+it, an item created while the database was down was in no cache once applied
+(its pending entry cleared), and a read in the next outage answered 503. It
+bumps the user's generation (lists cannot be written through: the next read
+asks the database) and clears the pending entries the write superseded. A
+duplicate only invalidates: its result is the first apply's, possibly older
+than the row. Best effort: with Redis down the entries still expire
+(`pending_seconds`) and cached copies stop being fresh after
+`cache_fresh_seconds` (and at once, fleet-wide, through the missed-write epoch).
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ class AppliedElsewhere:
         cache = ReadCache(link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds)
         return cls(link, cache=cache, pending=PendingWrites(link, ttl_seconds=settings.pending_seconds))
 
-    def __call__(self, item: dict[str, Any]) -> None:
-        """*item*: the notification as the apply step returned it (with read_stamp)."""
+    def __call__(self, item: dict[str, Any], *, current: bool = True) -> None:
+        """*item*: the notification as the apply step returned it (with read_stamp); *current*: it is
+        the row as this write left it (False for a duplicate, whose result is the first apply's)."""
         ident = str(item["id"])
         try:
             generations = [self._link.key("gen", "item", ident), self._link.key("gen", "user", item["user_id"])]
-            self._cache.write_through(None, generations)
+            key = self._link.key("cache", "item", ident) if current else None
+            self._cache.write_through(key, generations, item, version=int(item.get("read_stamp", 0)))
             self._pending.clear_items([ident])
             self._pending.clear_mark(ident, int(item.get("read_stamp", 0)))
         except RedisUnavailable:

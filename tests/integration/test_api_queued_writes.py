@@ -73,7 +73,7 @@ def apply_queued(db: Database, queue_name: str, api_settings: Callable[..., Sett
             envelope = Envelope.from_message(dramatiq.Message.decode(body))
             with db.session() as session:
                 written = apply_envelope(session, build_registry(), envelope, path="queued")
-            tell_readers(written.result)
+            tell_readers(written.result, current=not written.duplicate)
             outcomes.append("duplicate" if written.duplicate else written.outcome)
         return outcomes
 
@@ -185,6 +185,35 @@ def test_applied_create_supersedes_pending_item(
     status = api.client.get(f"/commands/{queued['command_id']}")
     assert status.status_code == 200, status.text
     assert (status.json()["status"], status.json()["path"]) == ("applied", "queued")
+
+
+def test_an_item_the_worker_applied_is_cached_for_the_next_outage(api: RunningApi, apply_queued: Callable[[], list[str]]) -> None:
+    """The worker writes its row through: a read while the database is still (or again) down is answered."""
+    api.services.database.breaker.force_open()
+    queued = queue_create(api)
+    assert apply_queued() == ["applied"]
+    fetched = api.client.get(f"/notifications/{queued['id']}")  # the breaker is still open here
+    assert fetched.status_code == 200, fetched.text
+    assert fetched.json()["id"] == queued["id"] and fetched.json()["status"] == "applied"
+    assert fetched.headers["cache-status"].startswith("Brownout; hit")
+
+
+def test_a_duplicate_apply_does_not_write_its_older_result_through(
+    api: RunningApi, api_settings: Callable[..., Settings], redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    created = api.client.post("/notifications", json=ADA).json()
+    assert api.client.post(f"/notifications/{created['id']}/read").json()["read"] is True
+    item_key = f"{redis_prefix}cache:item:{created['id']}"
+    redis_client.delete(item_key)  # evicted: nothing newer there to win the version compare
+    tell_readers = AppliedElsewhere.from_settings(api_settings())
+    assert tell_readers is not None
+    try:
+        first_result = created | {"read": False, "read_stamp": 1}  # what a duplicate of the creation returns
+        tell_readers(first_result, current=False)
+    finally:
+        tell_readers.close()
+    assert redis_client.get(item_key) is None  # invalidated, not overwritten with the older row
+    assert api.client.get(f"/notifications/{created['id']}").json()["read"] is True
 
 
 def test_pending_entries_expire(serve: Serve, redis_client: redis.Redis, redis_prefix: str) -> None:
