@@ -9,6 +9,13 @@ goes around Redis for `skip_seconds` instead of paying that deadline on every
 request. Hand-written because no client library offers the skip window; it is
 the same idea as the database breaker, at a much smaller scale.
 
+One exception: a *timeout* on a link that was answering trips the window only
+if the previous command timed out too. Under CPU starvation one command can
+miss a 50 ms deadline while Redis is fine (seen in the chaos run's drain), and
+a whole skip window without Redis costs every read the cache and the pending
+entries it needs. A refused or reset connection trips at once; a silent Redis
+costs two deadlines instead of one; once tripped, any failure trips again.
+
 Errors::
 
     RedisUnavailable   Redis is being skipped, or a command just failed (and started a skip)
@@ -61,6 +68,7 @@ class RedisLink:
         self._down = False
         self._missed_write = False
         self._trips = 0
+        self._timed_out = False  # the last command timed out
         self.last_error: str | None = None
 
     @property
@@ -89,11 +97,22 @@ class RedisLink:
                 self._bump_epoch()
             result = fn(self.client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._tripped(exc)
+            if not self._lone_timeout(exc):
+                self._tripped(exc)
             raise RedisUnavailable(self.last_error or "redis failed") from exc
+        self._timed_out = False
         if self._down and self._trips == trips_before:  # a call that began before a trip proves nothing
             self._recovered()
         return result
+
+    def _lone_timeout(self, exc: BaseException) -> bool:
+        """True for a first timeout on a link that was answering: reported, not tripped (module docstring)."""
+        with self._lock:
+            lone = isinstance(exc, redis.TimeoutError) and not self._down and not self._timed_out
+            self._timed_out = isinstance(exc, redis.TimeoutError)
+            if lone:
+                self.last_error = mask_secrets(f"{type(exc).__name__}: {exc}")
+            return lone
 
     def _bump_epoch(self) -> None:
         """One INCR per missed spell, however many threads come back at once; a failed INCR leaves the flag set."""
