@@ -44,12 +44,18 @@ class AppliedElsewhere:
         """*item*: the notification as the apply step returned it (with read_stamp); *current*: it is
         the row as this write left it (False for a duplicate, whose result is the first apply's)."""
         ident = str(item["id"])
+        generations = [self._link.key("gen", "item", ident), self._link.key("gen", "user", item["user_id"])]
+        key = self._link.key("cache", "item", ident) if current else None
+        stamp = int(item.get("read_stamp", 0))
+
+        def tell(client: Any) -> None:  # one round trip: this runs for every message the worker applies
+            with client.pipeline(transaction=False) as pipe:
+                self._cache.queue_write_through(pipe, key, generations, item, version=stamp)
+                self._pending.queue_clear_applied(pipe, ident, stamp)
+                pipe.execute()
+
         try:
-            generations = [self._link.key("gen", "item", ident), self._link.key("gen", "user", item["user_id"])]
-            key = self._link.key("cache", "item", ident) if current else None
-            self._cache.write_through(key, generations, item, version=int(item.get("read_stamp", 0)))
-            self._pending.clear_items([ident])
-            self._pending.clear_mark(ident, int(item.get("read_stamp", 0)))
+            self._link.run(tell)
         except RedisUnavailable:
             self._link.missed_write()
 

@@ -130,6 +130,11 @@ class PendingWrites:
         if keys:
             self.link.run(lambda client: client.delete(*keys))
 
+    def queue_clear_applied(self, pipe: Any, notification_id: str, applied_stamp: int) -> None:
+        """In the caller's pipeline: the pending item and the marks this applied row supersedes."""
+        pipe.delete(self._item_key(notification_id))
+        pipe.eval(_CLEAR_MARK, 1, self.mark_key(notification_id), padded(applied_stamp))
+
     def clear_mark(self, notification_id: str, applied_stamp: int) -> None:
         key = self.mark_key(notification_id)
         self.link.run(lambda client: self._clear_mark(keys=[key], args=[padded(applied_stamp)]))

@@ -138,10 +138,23 @@ class ReadCache:
     def write_through(self, key: str | None, gen_keys: Sequence[str], value: Any = None, *, version: int = 0) -> None:
         """After a committed write: bump every generation, and store *value* under *key* as current
         unless a later *version* is there already. With key None, only bump (invalidate)."""
+        keys, args = self._write_through_call(key, gen_keys, value, version)
+        self.link.run(lambda client: self._write_through(keys=keys, args=args))
+
+    def queue_write_through(
+        self, pipe: Any, key: str | None, gen_keys: Sequence[str], value: Any = None, *, version: int = 0
+    ) -> None:
+        """`write_through` as one step of the caller's pipeline (EVAL: a registered script in a
+        pipeline costs redis-py a SCRIPT EXISTS round trip)."""
+        keys, args = self._write_through_call(key, gen_keys, value, version)
+        pipe.eval(_WRITE_THROUGH, len(keys), *keys, *args)
+
+    def _write_through_call(
+        self, key: str | None, gen_keys: Sequence[str], value: Any, version: int
+    ) -> tuple[list[str], list[str | int]]:
         payload = "" if key is None else json.dumps(value, separators=(",", ":"))
         keys = [key or gen_keys[0], *gen_keys, self.link.epoch_key]
-        args: list[str | int] = [payload, repr(self.clock()), self._ttl_ms, f"{version:020d}"]
-        self.link.run(lambda client: self._write_through(keys=keys, args=args))
+        return keys, [payload, repr(self.clock()), self._ttl_ms, f"{version:020d}"]
 
     def values(self, keys: Sequence[str]) -> list[Entry | None]:
         """Several entries in one round trip (generations not checked: for stale serving)."""
