@@ -187,11 +187,15 @@ def test_applied_create_supersedes_pending_item(
     assert (status.json()["status"], status.json()["path"]) == ("applied", "queued")
 
 
-def test_an_item_the_worker_applied_is_cached_for_the_next_outage(api: RunningApi, apply_queued: Callable[[], list[str]]) -> None:
+def test_an_item_the_worker_applied_is_cached_for_the_next_outage(
+    api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
+) -> None:
     """The worker writes its row through: a read while the database is still (or again) down is answered."""
     api.services.database.breaker.force_open()
     queued = queue_create(api)
+    assert redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))
     assert apply_queued() == ["applied"]
+    assert not redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))  # cleared by the worker
     fetched = api.client.get(f"/notifications/{queued['id']}")  # the breaker is still open here
     assert fetched.status_code == 200, fetched.text
     assert fetched.json()["id"] == queued["id"] and fetched.json()["status"] == "applied"
