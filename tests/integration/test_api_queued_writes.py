@@ -161,10 +161,14 @@ def test_pending_mark_read_until_the_applied_row_supersedes_it(
     assert not redis_client.exists(pending_key(redis_prefix, "mark", ident))
 
 
-def test_applied_mark_is_not_shown_pending_after_the_apply(api: RunningApi, apply_queued: Callable[[], list[str]]) -> None:
+def test_applied_mark_is_not_shown_pending_after_the_apply(
+    api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
+) -> None:
     ident = mark_read_while_open(api)
     api.services.database.breaker.reset()
+    assert redis_client.exists(pending_key(redis_prefix, "mark", ident))
     assert apply_queued() == ["applied"]
+    assert not redis_client.exists(pending_key(redis_prefix, "mark", ident))  # cleared by the worker
     after = api.client.get(f"/notifications/{ident}").json()
     assert (after["read"], after["status"]) == (True, "applied")
 
