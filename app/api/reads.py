@@ -89,8 +89,10 @@ class NotificationReads:
         pending: PendingWrites | None,
         deadline: float,
         after_load: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._database = database
+        self._clock = clock  # wall clock, as the cache's (entries are shared by processes)
         self._cache = cache
         self._pending = pending
         self._deadline = deadline
@@ -202,7 +204,7 @@ class NotificationReads:
         return result
 
     def _read_through(self, keys: tuple[str, str] | None, lookup: Lookup | None, query: Callable[[Session], T]) -> ReadResult:
-        now = time.time()
+        now = self._clock()
         cache = self._cache
         if lookup is not None and lookup.entry is not None and cache is not None:
             entry = lookup.entry
@@ -222,7 +224,7 @@ class NotificationReads:
         except DatabaseUnavailable:
             if lookup is None or lookup.entry is None or cache is None:
                 raise
-            return self._stale(lookup.entry, time.time())
+            return self._stale(lookup.entry, self._clock())
 
     def _stale(self, entry: Entry, now: float) -> ReadResult:
         assert self._cache is not None
@@ -263,7 +265,7 @@ class NotificationReads:
             lookup = self._cache_call(lambda: cache.lookup(key, gen_key))
             if lookup is None:
                 return None
-            if lookup.entry is not None and lookup.entry.fresh(time.time(), cache.fresh_seconds):
+            if lookup.entry is not None and lookup.entry.fresh(self._clock(), cache.fresh_seconds):
                 return lookup.entry.value
         return None
 

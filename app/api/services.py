@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.api.breaker_override import BreakerOverride
@@ -44,7 +45,8 @@ class Services:
     _dead_letters_read_at: float = -1e9
 
     @classmethod
-    def build(cls, settings: Settings, metrics: Metrics | None = None) -> Services:
+    def build(cls, settings: Settings, metrics: Metrics | None = None, *, clock: Callable[[], float] = time.time) -> Services:
+        """*clock*: the wall clock of the cache's ages (tests age entries with a clock of their own)."""
         metrics = metrics or Metrics()
         link = build_redis_link(settings)
         database = build_database(settings, link=link)
@@ -54,8 +56,10 @@ class Services:
         dispatcher = Dispatcher.from_settings(settings, database)
         cache = pending = override = None
         if link is not None:
-            cache = ReadCache(link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds)
-            pending = PendingWrites(link, ttl_seconds=settings.pending_seconds)
+            cache = ReadCache(
+                link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds, clock=clock
+            )
+            pending = PendingWrites(link, ttl_seconds=settings.pending_seconds, clock=clock)
             override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
         monitor = build_monitor(settings, database, on_result=[metrics.observe_health]).start()
         queue_depth = None
@@ -63,7 +67,9 @@ class Services:
             queue_depth = QueueDepth(
                 url=settings.rabbitmq_url, queue_name=settings.queue_name, timeout=settings.publish_timeout_seconds
             )
-        reads = NotificationReads(database=database, cache=cache, pending=pending, deadline=settings.request_db_deadline_seconds)
+        reads = NotificationReads(
+            database=database, cache=cache, pending=pending, deadline=settings.request_db_deadline_seconds, clock=clock
+        )
         reads.on_read = lambda served: metrics.cache_reads.labels(served).inc()
         writes = NotificationWrites(
             dispatcher=dispatcher, link=link, cache=cache, pending=pending, key_seconds=settings.cache_stale_seconds

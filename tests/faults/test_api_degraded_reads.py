@@ -17,6 +17,7 @@ from app.cache.pending import PendingWrites
 from app.settings import Settings
 from tests.conftest import database_url
 from tests.support.api_server import RunningApi, serve_in_thread
+from tests.support.fakes import JumpingWallClock
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
 
@@ -24,25 +25,33 @@ ADA = {"user_id": 9, "email": "ada@example.com", "subject": "Degraded", "body": 
 
 
 @pytest.fixture
-def api(api_settings: Callable[..., Settings], pg_database: str, proxy: FaultProxy) -> Iterator[RunningApi]:
+def wall() -> JumpingWallClock:
+    """The app's wall clock for cache ages: real time, plus the jumps a test makes to age the entries."""
+    return JumpingWallClock()
+
+
+@pytest.fixture
+def api(
+    api_settings: Callable[..., Settings], pg_database: str, proxy: FaultProxy, wall: JumpingWallClock
+) -> Iterator[RunningApi]:
     settings = api_settings(
         database_url=database_url(pg_database, port=proxy.port),
         cache_fresh_seconds=0.2,
         request_db_deadline_seconds=0.3,
     )
-    with serve_in_thread(settings) as running:
+    with serve_in_thread(settings, clock=wall) as running:
         yield running
 
 
-def _stale_soon(api: RunningApi, path: str) -> None:
-    """Let the cached copy age past its fresh TTL (0.2 s) without touching it."""
-    time.sleep(0.3)
+def _stale_soon(wall: JumpingWallClock) -> None:
+    """Age every cached copy past its fresh TTL (0.2 s) without touching it."""
+    wall.advance(0.3)
 
 
-def test_breaker_open_serves_stale_with_age_and_markers(api: RunningApi) -> None:
+def test_breaker_open_serves_stale_with_age_and_markers(api: RunningApi, wall: JumpingWallClock) -> None:
     item = api.client.post("/notifications", json=ADA).json()
     page = api.client.get("/users/9/notifications").json()
-    _stale_soon(api, f"/notifications/{item['id']}")
+    _stale_soon(wall)
     api.services.database.breaker.force_open()
 
     stale = api.client.get(f"/notifications/{item['id']}")
@@ -66,9 +75,11 @@ def test_a_miss_while_the_database_is_down_is_503_with_retry_after(api: RunningA
     assert api.client.get("/users/12345/notifications").status_code == 503
 
 
-def test_a_silent_database_costs_a_read_the_deadline_then_serves_stale(api: RunningApi, proxy: FaultProxy) -> None:
+def test_a_silent_database_costs_a_read_the_deadline_then_serves_stale(
+    api: RunningApi, proxy: FaultProxy, wall: JumpingWallClock
+) -> None:
     item = api.client.post("/notifications", json=ADA).json()
-    _stale_soon(api, f"/notifications/{item['id']}")
+    _stale_soon(wall)
     proxy.silence()
     proxy.reset_existing()  # pooled connections die; new ones are accepted and never answered
 
@@ -79,14 +90,16 @@ def test_a_silent_database_costs_a_read_the_deadline_then_serves_stale(api: Runn
     assert elapsed < 2.0, f"a read waited {elapsed:.2f} s on a silent database (deadline 0.3 s)"
 
 
-def test_writes_are_visible_stale_after_the_database_goes_away(api: RunningApi, proxy: FaultProxy) -> None:
+def test_writes_are_visible_stale_after_the_database_goes_away(
+    api: RunningApi, proxy: FaultProxy, wall: JumpingWallClock
+) -> None:
     """Write-through: what was just written (and marked) is served while the database is gone."""
     item = api.client.post("/notifications", json=ADA).json()
     api.client.get("/users/9/notifications")  # a cached page without the next write
     second = api.client.post("/notifications", json=ADA | {"subject": "second"}).json()
     marked = api.client.post(f"/notifications/{item['id']}/read").json()
     assert marked["read"] is True
-    _stale_soon(api, "/users/9/notifications")
+    _stale_soon(wall)
     proxy.refuse()
     proxy.reset_existing()
 
@@ -120,10 +133,10 @@ def test_no_stack_trace_reaches_a_client(api: RunningApi, monkeypatch: pytest.Mo
     assert "hunter2" not in answer.text and "Traceback" not in answer.text
 
 
-def test_a_hung_database_read_does_not_block_the_event_loop(api: RunningApi, proxy: FaultProxy) -> None:
+def test_a_hung_database_read_does_not_block_the_event_loop(api: RunningApi, proxy: FaultProxy, wall: JumpingWallClock) -> None:
     """Database work runs on the thread pool: liveness answers while reads wait on a silent database."""
     item = api.client.post("/notifications", json=ADA).json()
-    _stale_soon(api, f"/notifications/{item['id']}")
+    _stale_soon(wall)
     proxy.silence()
     proxy.reset_existing()
     with ThreadPoolExecutor(4) as pool:
@@ -154,7 +167,7 @@ def test_ready_is_503_when_no_write_can_be_made_durable(
             assert "guest:guest" not in str(body)  # the URL's password never shows
 
 
-def test_a_cached_not_found_never_joins_a_stale_list(api: RunningApi) -> None:
+def test_a_cached_not_found_never_joins_a_stale_list(api: RunningApi, wall: JumpingWallClock) -> None:
     """An id read (404, cached as "not found") before its creation was applied, then in the user's recent set."""
     item = api.client.post("/notifications", json=ADA).json()
     page = api.client.get("/users/9/notifications").json()
@@ -162,8 +175,8 @@ def test_a_cached_not_found_never_joins_a_stale_list(api: RunningApi) -> None:
     assert api.client.get(f"/notifications/{early}").status_code == 404  # cached: not found
     assert api.services.link is not None
     pending = PendingWrites(api.services.link, ttl_seconds=api.services.settings.pending_seconds)
-    pending.note_recent(9, early, int(time.time() * 1_000_000))  # as its accepted write did; its pending item is gone
-    _stale_soon(api, "/users/9/notifications")
+    pending.note_recent(9, early, int(wall() * 1_000_000))  # as its accepted write did; its pending item is gone
+    _stale_soon(wall)
     api.services.database.breaker.force_open()
 
     stale_list = api.client.get("/users/9/notifications")

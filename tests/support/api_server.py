@@ -47,10 +47,18 @@ class RunningApi:
 
 @contextmanager
 def serve_in_thread(
-    settings: Settings, *, client_timeout: float = 10.0, wrap: Callable[[FastAPI], Any] | None = None
+    settings: Settings,
+    *,
+    client_timeout: float = 10.0,
+    wrap: Callable[[FastAPI], Any] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Iterator[RunningApi]:
-    """*wrap*: an ASGI middleware put around the app (bench/read_path.py times requests with one)."""
-    app = create_app(settings)
+    """*wrap*: an ASGI middleware put around the app (bench/read_path.py times requests with one);
+    *clock*: the wall clock of the cache's ages, for a test that ages entries without sleeping."""
+    if clock is None:
+        app = create_app(settings)
+    else:
+        app = create_app(settings, build_services=lambda s, m: Services.build(s, m, clock=clock))
     port = free_port()
     served = app if wrap is None else wrap(app)
     server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

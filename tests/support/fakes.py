@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterable
 
 import psycopg2
@@ -33,6 +34,25 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         """A `sleep` that costs no real time: it only moves this clock."""
         self.advance(seconds)
+
+
+class JumpingWallClock:
+    """`time.time` plus an offset a test moves forward: time passes as usual, and jumps when told
+    (cache ages that must pass a TTL without sleeping, while "stored later" still means later)."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("this clock only jumps forward")
+        with self._lock:
+            self._offset += seconds
 
 
 class ScriptedRandom(random.Random):
