@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -141,20 +142,27 @@ def dyno_drain_rate(settings: Settings, database: Database, backlog: int, proces
         "BROWNOUT_METRICS_PORT": str(free_port()),
     }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    dyno = subprocess.Popen([sys.executable, "-m", "worker.serve"], env=env, cwd=root)
+    output = tempfile.TemporaryFile("w+")  # Dramatiq logs at INFO: kept out of the figures, shown if it fails
+    dyno = subprocess.Popen([sys.executable, "-m", "worker.serve"], env=env, cwd=root, stdout=output, stderr=subprocess.STDOUT)
+
+    def failed(what: str) -> RuntimeError:
+        output.seek(0)
+        return RuntimeError(f"the worker dyno {what}:\n{output.read()[-4000:]}")
+
     try:
         give_up = time.monotonic() + 120
         while (first := applied_count(database) - before) == 0:
             if dyno.poll() is not None or time.monotonic() > give_up:
-                raise RuntimeError(f"the worker dyno applied nothing (exit code {dyno.poll()})")
+                raise failed(f"applied nothing (exit code {dyno.poll()})")
             time.sleep(0.01)
         start = time.perf_counter()
         while applied_count(database) - before < backlog:
             if dyno.poll() is not None:
-                raise RuntimeError(f"the worker dyno exited with {dyno.returncode}")
+                raise failed(f"exited with {dyno.returncode}")
             time.sleep(0.05)
         return (backlog - first) / (time.perf_counter() - start)
     finally:
+        output.close()
         dyno.send_signal(signal.SIGTERM)  # its graceful shutdown, as Railway's deploy does
         try:
             dyno.wait(timeout=30)
