@@ -173,19 +173,28 @@ def test_applied_mark_is_not_shown_pending_after_the_apply(
     assert (after["read"], after["status"]) == (True, "applied")
 
 
-def test_applied_create_supersedes_pending_item(
+def queue_create_and_apply(
     api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
-) -> None:
+) -> dict[str, Any]:
+    """A creation queued with the breaker forced open (left open), then applied by the worker's steps,
+    which clear its pending entry."""
     api.services.database.breaker.force_open()
     queued = queue_create(api)
     assert redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))
     assert apply_queued() == ["applied"]
+    assert not redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))  # cleared by the worker
+    return queued
+
+
+def test_applied_create_supersedes_pending_item(
+    api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    queued = queue_create_and_apply(api, apply_queued, redis_client, redis_prefix)
     api.services.database.breaker.reset()
 
     fetched = api.client.get(f"/notifications/{queued['id']}")
     assert fetched.status_code == 200, fetched.text
     assert fetched.json()["status"] == "applied" and fetched.json()["subject"] == ADA["subject"]
-    assert not redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))  # cleared by that read
     status = api.client.get(f"/commands/{queued['command_id']}")
     assert status.status_code == 200, status.text
     assert (status.json()["status"], status.json()["path"]) == ("applied", "queued")
@@ -195,11 +204,7 @@ def test_an_item_the_worker_applied_is_cached_for_the_next_outage(
     api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     """The worker writes its row through: a read while the database is still (or again) down is answered."""
-    api.services.database.breaker.force_open()
-    queued = queue_create(api)
-    assert redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))
-    assert apply_queued() == ["applied"]
-    assert not redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))  # cleared by the worker
+    queued = queue_create_and_apply(api, apply_queued, redis_client, redis_prefix)
     fetched = api.client.get(f"/notifications/{queued['id']}")  # the breaker is still open here
     assert fetched.status_code == 200, fetched.text
     assert fetched.json()["id"] == queued["id"] and fetched.json()["status"] == "applied"
