@@ -165,14 +165,21 @@ class Settings(BaseSettings):
     worker_gate_cap_seconds: PositiveSeconds = Field(
         default=60.0, description="Worker health gate: longest (pre-jitter) wait between checks while the database is down."
     )
+    worker_batch_max: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="Most queued writes the worker applies in one transaction (one batch of deliveries); "
+        "RabbitMQ's prefetch is twice this.",
+    )
     worker_min_concurrency: int = Field(
-        default=1, ge=1, description="Adaptive drain: messages processed at once after boot or a pause (slow start)."
+        default=1, ge=1, description="Adaptive drain: batches applied at once after boot or a pause (slow start)."
     )
     worker_max_concurrency: int = Field(
-        default=8, ge=1, description="Adaptive drain: most messages processed at once (above --threads it has no effect)."
+        default=8, ge=1, description="Adaptive drain: most batches applied at once (above --threads it has no effect)."
     )
     worker_latency_target_seconds: PositiveSeconds = Field(
-        default=0.1, description="Adaptive drain: p90 apply time above which the worker halves its concurrency."
+        default=0.1, description="Adaptive drain: p90 time of a batch above which the worker halves its concurrency."
     )
 
     smtp_url: str | None = Field(

@@ -1,54 +1,65 @@
-"""The `apply_command` actor: apply a queued write once, or defer it, never half-apply it.
+"""The apply actor: queued writes applied once, in batches, each write with its own fate, none half-applied.
+
+The command queue is consumed in batches (worker/batched_delivery.py): one
+call of this actor gets every delivery the consumer had, up to `batch_max`,
+and applies them in one transaction (app/dispatch/apply_batch.py), in
+entity-key order (stable: a creation stays before the writes that need it),
+so batches of several worker processes lock rows in the same order and
+cannot deadlock one another. The batch is acknowledged once the actor
+returns, after the COMMIT holding its writes. Each write's own outcome:
 
 - Applied, superseded or duplicate: acknowledged (a redelivery is a duplicate).
 - A failure of the write's own (payload or envelope that does not validate,
   KeyConflict — also recorded in command_conflicts —, a permanent database
   error such as a constraint, deferrals exhausted): kept as a dead letter in
   PostgreSQL with its reason (app/dispatch/dead_letters.py) and acknowledged,
-  so the messages around it go on.
+  so the writes around it go on.
 - UnknownCommand (a version newer than this release, queued by a newer web
   process during a deploy) and DependencyPending (marking read a notification
   whose creation is not applied yet): deferred. The message is enqueued again
-  with a delay and this delivery acknowledged, so Dramatiq's retry budget is
-  not spent on waiting. Order does not suffer from the re-enqueue: it is
-  decided by acceptance stamps, not queue position (app/dispatch/hlc.py).
-  After `max_deferrals` it becomes a dead letter.
+  with a delay and this delivery acknowledged, so no retry budget is spent on
+  waiting. Order does not suffer from the re-enqueue: it is decided by
+  acceptance stamps, not queue position (app/dispatch/hlc.py). After
+  `max_deferrals` it becomes a dead letter.
 - The database unreachable (breaker open, deadline spent, a transient failure
-  that outlasts the retry schedule): raised as DatabaseUnavailable, which the
-  health gate (worker/health_gate.py) holds: the message goes back to
-  RabbitMQ in its place, the worker pauses until `SELECT 1` passes, and no
-  retry is spent.
-
-Writes in flight are committed together (worker/batching.py, `batch_max`);
-each message is still acknowledged only after the COMMIT holding its write,
-and each gets its own outcome above.
+  that outlasts the retry schedule) for the batch, or a dead letter or a
+  deferral that cannot be kept: the whole batch is raised as
+  DatabaseUnavailable, which the health gate (worker/health_gate.py) holds:
+  its deliveries go back to RabbitMQ in their place, the worker pauses until
+  `SELECT 1` passes, and nothing is spent. Writes of the batch that did commit
+  come back as duplicates.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
+from dramatiq.errors import BrokerError
 from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
 from app.db import Database, describe, execute_with_retry
 from app.dispatch import dead_letters
-from app.dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
-from app.dispatch.apply_batch import Pending
+from app.dispatch.apply import AppliedWrite, KeyConflict, Path
+from app.dispatch.apply_batch import Outcome, Pending, apply_batch
 from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
-from app.dispatch.envelope import APPLY_ACTOR, Envelope
-from worker.batching import BatchInterrupted, GroupCommit
+from app.dispatch.envelope import Envelope
+from app.dispatch.queues import BrownoutRabbitmqBroker
+from worker.batched_delivery import DeliveryBatch, batched
 from worker.drain import AdaptiveDrain
-from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
+from worker.health_gate import DatabaseUnavailable, unavailable_as_hold
 
 log = logging.getLogger(__name__)
 
+APPLY_BATCH_ACTOR = "apply_command_batch"
+"""The actor a batch of the command queue's deliveries is handed to (worker-internal: never published)."""
 DEFERRALS_OPTION = "brownout_deferrals"
 
 
@@ -66,126 +77,178 @@ class ApplyRuntime:
     defer_base_seconds: float = 1.0
     defer_cap_seconds: float = 60.0
     rng: random.Random = field(default_factory=random.Random)
-    on_applied: Callable[..., None] | None = None
-    """Told the entity after each committed apply (the read side's cache and pending entries):
-    `on_applied(item, current=...)`, current False for a duplicate (app/cache/applied_elsewhere.py)."""
+    on_applied: Callable[[Sequence[tuple[dict[str, Any], bool]]], None] | None = None
+    """Told each batch's committed writes, as (item, current) pairs, current False for a duplicate
+    (the read side's cache and pending entries: `AppliedElsewhere.many`)."""
     observe: Callable[[str, float], None] | None = None
-    """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, held) and time."""
+    """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, held) and
+    its batch's time."""
+    on_batch: Callable[[int], None] | None = None
+    """Told each batch's size before it is applied (metrics, tests)."""
     batch_max: int = 64
-    """Most writes committed in one transaction; 1: each in its own (`apply_envelope`)."""
-    batch_linger_seconds: float = 0.005
-    """Longest a batch waits for every write in flight to join it (with an AdaptiveDrain, whose limit says how many)."""
-    group: GroupCommit | None = None
-    """Built from the batch_* fields unless given."""
+    """Most deliveries applied in one transaction (1: each alone)."""
+    stopping: threading.Event | None = None
+    """Set at worker shutdown: a batch not started by then is left for RabbitMQ to take back (the
+    adaptive drain's, wired by `declare_apply_actor`: it lets every thread waiting for a permit through)."""
+    path: Path = "queued"
 
-    def __post_init__(self) -> None:
-        if self.group is None and self.batch_max > 1:
-            self.group = GroupCommit(self.database, max_batch=self.batch_max, linger_seconds=self.batch_linger_seconds)
-
-    def write(self, envelope: Envelope) -> AppliedWrite:
-        """Apply *envelope* and commit (with the writes in flight, when batching); raise its error."""
-        if self.group is None:
-            with self.database.session() as session:
-                return execute_with_retry(
-                    session,
-                    lambda: apply_envelope(session, self.registry, envelope, path="queued"),
-                    idempotent=True,  # the apply step dedups by command id
-                )
-        command = self.registry.get(envelope.name)
-        payload = command.parse(envelope.version, envelope.payload)  # an invalid one never joins a batch
-        return self.group.apply(Pending(envelope, command, payload))
+    def apply_all(self, items: Sequence[Pending]) -> list[Outcome]:
+        """Apply *items* in one transaction, in entity-key order; outcomes in *items*' order.
+        Raises when the batch fails as a whole (the database unavailable)."""
+        order = sorted(range(len(items)), key=lambda index: items[index].envelope.entity_key)
+        with self.database.session() as session:
+            results = execute_with_retry(
+                session,
+                lambda: apply_batch(session, [items[index] for index in order], path=self.path),
+                idempotent=True,  # every envelope that committed comes back a duplicate
+            )
+        outcomes: list[Outcome] = [None] * len(items)  # type: ignore[list-item]
+        for index, outcome in zip(order, results, strict=True):
+            outcomes[index] = outcome
+        return outcomes
 
     def defer_delay_ms(self, deferrals: int) -> int:
         nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0**deferrals)
         return int(self.rng.uniform(nominal / 2, nominal) * 1000)  # jittered, never zero
 
 
-def declare_apply_actor(broker: dramatiq.Broker, runtime: ApplyRuntime, *, queue_name: str) -> dramatiq.Actor[Any, Any]:
-    def apply_command(data: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        outcome = "held"
-        try:
-            with unavailable_as_hold():  # the database's fault: the health gate holds the message
-                outcome = _apply(broker, runtime, data)
-        finally:
-            if runtime.observe is not None:
-                runtime.observe(outcome, time.perf_counter() - started)
+def declare_apply_actor(broker: BrownoutRabbitmqBroker, runtime: ApplyRuntime, *, queue_name: str) -> dramatiq.Actor[Any, Any]:
+    """Declare the batch actor on *queue_name* and have *broker* consume that queue in batches."""
+
+    def apply_command_batch(messages: list[dramatiq.Message[Any]]) -> None:
+        if runtime.stopping is not None and runtime.stopping.is_set():
+            current = CurrentMessage.get_current_message()
+            if isinstance(current, DeliveryBatch):  # not started: back to RabbitMQ as it was, not applied now
+                current.withdraw()
+                log.info("worker stopping: %r left to RabbitMQ", current)
+                return
+        _apply_messages(broker, runtime, messages)
 
     decorate = dramatiq.actor(
         broker=broker,
-        actor_name=APPLY_ACTOR,
+        actor_name=APPLY_BATCH_ACTOR,
         queue_name=queue_name,
-        throws=(DatabaseUnavailable,),  # held by the gate: no retry spent, no delay queue
-        max_retries=20,
-        min_backoff=1_000,
-        max_backoff=60_000,
+        throws=(DatabaseUnavailable,),  # held by the gate: no retry, no delay queue
+        max_retries=0,  # each write's own failure is handled above; a batch is never republished
     )
-    actor: dramatiq.Actor[Any, Any] = decorate(apply_command)
+    actor: dramatiq.Actor[Any, Any] = decorate(apply_command_batch)
     drains = [middleware for middleware in broker.middleware if isinstance(middleware, AdaptiveDrain)]
-    if runtime.group is not None and runtime.group.capacity is None and drains:
-        runtime.group.capacity = lambda: drains[0].limit  # the writes that can be in flight at once
+    if runtime.stopping is None and drains:
+        runtime.stopping = drains[0].stopping
+    broker.consume_with(queue_name, batched(actor_name=APPLY_BATCH_ACTOR, max_batch=runtime.batch_max))
     return actor
 
 
-def _apply(broker: dramatiq.Broker, runtime: ApplyRuntime, data: dict[str, Any]) -> str:
-    """Return the outcome: applied, superseded, duplicate, deferred or dead_lettered."""
+@dataclass
+class _Slot:
+    """One delivery of a batch and what became of it."""
+
+    message: dramatiq.Message[Any]
+    outcome: str = "held"
+    envelope: Envelope | None = None
+    pending: Pending | None = None
+    defer_reason: Exception | None = None
+    dead_reason: str | None = None
+
+
+def _apply_messages(broker: dramatiq.Broker, runtime: ApplyRuntime, messages: list[dramatiq.Message[Any]]) -> None:
+    started = time.perf_counter()
+    slots = [_prepare(runtime, message) for message in messages]
+    if runtime.on_batch is not None:
+        runtime.on_batch(len(slots))
     try:
-        envelope = Envelope.model_validate(data)
+        with unavailable_as_hold():  # the database's fault: the health gate holds the whole batch
+            _apply_slots(runtime, [slot for slot in slots if slot.pending is not None])
+            for slot in slots:
+                if slot.defer_reason is not None:
+                    _defer_or_dead_letter(broker, runtime, slot)
+                if slot.dead_reason is not None:
+                    dead_letter(runtime.database, slot.message, slot.dead_reason)
+                    slot.outcome = "dead_lettered"
+    except DatabaseUnavailable:
+        for slot in slots:
+            slot.outcome = "held"
+        raise
+    finally:
+        if runtime.observe is not None:
+            elapsed = time.perf_counter() - started
+            for slot in slots:
+                runtime.observe(slot.outcome, elapsed)
+
+
+def _prepare(runtime: ApplyRuntime, message: dramatiq.Message[Any]) -> _Slot:
+    """Validate a delivery; a write that cannot be applied gets its reason (dead letter or deferral)."""
+    slot = _Slot(message)
+    try:
+        (data,) = message.args
+        envelope = slot.envelope = Envelope.model_validate(data)
+    except (ValidationError, ValueError, TypeError) as invalid:
+        slot.dead_reason = f"invalid envelope: {invalid}"
+        return slot
+    try:
+        command = runtime.registry.get(envelope.name)
+        payload = command.parse(envelope.version, envelope.payload)
+    except UnknownCommand as unknown:
+        slot.defer_reason = unknown
+        return slot
     except ValidationError as invalid:
-        _dead_letter(runtime, f"invalid envelope: {invalid}")
-        return "dead_lettered"
-    try:
-        written = runtime.write(envelope)
-        log.debug("write %s %s", envelope.command_id, "duplicate" if written.duplicate else written.outcome)
-        if runtime.on_applied is not None:
-            try:
-                runtime.on_applied(written.result, current=not written.duplicate)
-            except Exception:  # the write is committed: telling the cache is best effort
-                log.exception("after-apply hook failed for %s", envelope.command_id)
-        return "duplicate" if written.duplicate else written.outcome
-    except (UnknownCommand, DependencyPending) as reason:
+        slot.dead_reason = f"invalid {envelope.name} v{envelope.version} payload: {invalid}"
+        return slot
+    slot.pending = Pending(envelope, command, payload)
+    return slot
+
+
+def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
+    if not slots:
+        return
+    outcomes = runtime.apply_all([slot.pending for slot in slots if slot.pending is not None])
+    committed: list[tuple[dict[str, Any], bool]] = []
+    for slot, outcome in zip(slots, outcomes, strict=True):
+        if isinstance(outcome, AppliedWrite):
+            slot.outcome = "duplicate" if outcome.duplicate else outcome.outcome
+            committed.append((outcome.result, not outcome.duplicate))
+        elif isinstance(outcome, DependencyPending):
+            slot.defer_reason = outcome
+        elif isinstance(outcome, KeyConflict):
+            slot.dead_reason = str(outcome)
+        else:
+            slot.dead_reason = f"permanent database error: {describe(outcome)}"
+    if committed and runtime.on_applied is not None:
         try:
-            _defer(broker, runtime, envelope, reason)
-            return "deferred"
-        except DeferralsExhausted as exhausted:
-            _dead_letter(runtime, str(exhausted))
-    except KeyConflict as conflict:
-        _dead_letter(runtime, str(conflict))
-    except ValidationError as invalid:
-        _dead_letter(runtime, f"invalid {envelope.name} v{envelope.version} payload: {invalid}")
-    except BatchInterrupted:
-        raise  # its batch's outcome is unknown: Dramatiq retries it (a duplicate if it committed)
-    except Exception as exc:
-        if is_unavailability(exc):
-            raise  # the database's fault, not the write's
-        _dead_letter(runtime, f"permanent database error: {describe(exc)}")
-    return "dead_lettered"
+            runtime.on_applied(committed)
+        except Exception:  # the writes are committed: telling the cache is best effort
+            log.exception("after-apply hook failed for a batch of %d", len(committed))
 
 
-def _dead_letter(runtime: ApplyRuntime, reason: str) -> None:
-    dead_letter_current(runtime.database, reason)
+def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot) -> None:
+    message, reason, envelope = slot.message, slot.defer_reason, slot.envelope
+    assert reason is not None and envelope is not None
+    deferrals = int(message.options.get(DEFERRALS_OPTION, 0))
+    if deferrals >= runtime.max_deferrals:
+        slot.dead_reason = str(DeferralsExhausted(f"write {envelope.command_id} deferred {deferrals} times: {reason}"))
+        return
+    delay = runtime.defer_delay_ms(deferrals)
+    again = message.copy(options={**message.options, DEFERRALS_OPTION: deferrals + 1})
+    try:
+        broker.enqueue(again, delay=delay)
+    except BrokerError as exc:  # RabbitMQ cannot take it now: hold the batch, lose nothing
+        raise DatabaseUnavailable(f"cannot keep a deferral: {describe(exc)}") from exc
+    slot.outcome = "deferred"
+    log.info("write %s deferred (%d) for %d ms: %s", envelope.command_id, deferrals + 1, delay, reason)
 
 
-def dead_letter_current(database: Database, reason: str) -> int:
-    """Keep the message being processed with *reason*; raises if the database cannot take it
-    (then the message is held by the health gate or retried, never lost)."""
-    current = CurrentMessage.get_current_message()
-    if current is None:  # pragma: no cover - only without the CurrentMessage middleware
-        raise RuntimeError("the worker's broker needs dramatiq's CurrentMessage middleware")
+def dead_letter(database: Database, message: dramatiq.Message[Any], reason: str) -> int:
+    """Keep *message* with *reason*; raises if the database cannot take it (then the message
+    is held by the health gate or retried, never lost)."""
     with database.session() as session:
-        dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, current, reason), idempotent=False)
-    log.error("%s %s dead-lettered as #%d: %s", current.actor_name, current.message_id, dead_letter_id, reason)
+        dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, message, reason), idempotent=False)
+    log.error("%s %s dead-lettered as #%d: %s", message.actor_name, message.message_id, dead_letter_id, reason)
     return dead_letter_id
 
 
-def _defer(broker: dramatiq.Broker, runtime: ApplyRuntime, envelope: Envelope, reason: Exception) -> None:
+def dead_letter_current(database: Database, reason: str) -> int:
+    """`dead_letter` for the message being processed (one-message actors: the email job)."""
     current = CurrentMessage.get_current_message()
     if current is None:  # pragma: no cover - only without the CurrentMessage middleware
         raise RuntimeError("the worker's broker needs dramatiq's CurrentMessage middleware")
-    deferrals = int(current.options.get(DEFERRALS_OPTION, 0))
-    if deferrals >= runtime.max_deferrals:
-        raise DeferralsExhausted(f"write {envelope.command_id} deferred {deferrals} times: {reason}")
-    delay = runtime.defer_delay_ms(deferrals)
-    again = current.copy(options={**current.options, DEFERRALS_OPTION: deferrals + 1})
-    broker.enqueue(again, delay=delay)
-    log.info("write %s deferred (%d) for %d ms: %s", envelope.command_id, deferrals + 1, delay, reason)
+    return dead_letter(database, current, reason)

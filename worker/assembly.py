@@ -11,12 +11,11 @@ from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
 from app.cache.applied_elsewhere import AppliedElsewhere
 from app.db import Database
-from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.observability.metrics import Metrics
 from app.settings import Settings
-from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.email import EmailRuntime, declare_email_actor
 from worker.health_gate import HealthGate
@@ -63,10 +62,16 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
         min_concurrency=settings.worker_min_concurrency,
         max_concurrency=settings.worker_max_concurrency,
         latency_target=settings.worker_latency_target_seconds,
-        actor_names={APPLY_ACTOR},
+        actor_names={APPLY_BATCH_ACTOR},
     )
     broker.add_middleware(drain)
-    runtime = ApplyRuntime(database=database, registry=build_registry(), on_applied=AppliedElsewhere.from_settings(settings))
+    tell_readers = AppliedElsewhere.from_settings(settings)
+    runtime = ApplyRuntime(
+        database=database,
+        registry=build_registry(),
+        on_applied=tell_readers.many if tell_readers else None,
+        batch_max=settings.worker_batch_max,
+    )
     if metrics is not None:
         metrics.attach_resilience(database.resilience)
         exposition = WorkerMetrics(metrics, drain=drain, port=settings.metrics_port)

@@ -3,7 +3,9 @@
 Dramatiq starts a fixed number of worker threads; `AdaptiveDrain` bounds how
 many of them run a message at once with a `Limiter` whose limit an
 `AimdController` moves (additive increase, multiplicative decrease, as TCP
-congestion avoidance):
+congestion avoidance). For the command queue a "message" is a batch of
+deliveries applied in one transaction (worker/batched_delivery.py): the limit
+is on batches in flight, and a batch's duration is its transaction's.
 
 - **Increase** by 1 after a window of `window` successes whose p90 duration
   is within `latency_target`.
@@ -247,7 +249,8 @@ class AdaptiveDrain(Middleware):
         self._lock = threading.Lock()
         self._in_flight: dict[int, float] = {}  # thread id -> admission time
         self._local = threading.local()
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()
+        """Set at worker shutdown, before waiting threads are let through (the apply actor then starts no batch)."""
         self._thread: threading.Thread | None = None
         self._was_paused = False
 
@@ -272,13 +275,13 @@ class AdaptiveDrain(Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Start the ticker (stall and pause detection)."""
         self.limiter.reopen()
-        self._stopping.clear()
+        self.stopping.clear()
         self._thread = threading.Thread(target=self._run, args=(worker,), name="brownout-adaptive-drain", daemon=True)
         self._thread.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Let every waiting thread through and stop the ticker."""
-        self._stopping.set()
+        self.stopping.set()
         self.limiter.close()
         if self._thread is not None:
             self._thread.join(5)
@@ -354,7 +357,7 @@ class AdaptiveDrain(Middleware):
         return started
 
     def _run(self, worker: dramatiq.Worker) -> None:
-        while not self._stopping.wait(self.tick_seconds):
+        while not self.stopping.wait(self.tick_seconds):
             try:
                 self.tick(worker)
             except Exception:  # pragma: no cover - a bug here must not stop the worker

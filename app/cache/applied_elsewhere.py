@@ -16,6 +16,7 @@ than the row. Best effort: with Redis down the entries still expire
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from app.cache.pending import PendingWrites
@@ -43,15 +44,22 @@ class AppliedElsewhere:
     def __call__(self, item: dict[str, Any], *, current: bool = True) -> None:
         """*item*: the notification as the apply step returned it (with read_stamp); *current*: it is
         the row as this write left it (False for a duplicate, whose result is the first apply's)."""
-        ident = str(item["id"])
-        generations = [self._link.key("gen", "item", ident), self._link.key("gen", "user", item["user_id"])]
-        key = self._link.key("cache", "item", ident) if current else None
-        stamp = int(item.get("read_stamp", 0))
+        self.many([(item, current)])
 
-        def tell(client: Any) -> None:  # one round trip: this runs for every message the worker applies
+    def many(self, applied: Sequence[tuple[dict[str, Any], bool]]) -> None:
+        """`__call__` for a batch's (item, current) pairs, in one round trip."""
+        if not applied:
+            return
+
+        def tell(client: Any) -> None:  # one round trip per batch the worker applies
             with client.pipeline(transaction=False) as pipe:
-                self._cache.queue_write_through(pipe, key, generations, item, version=stamp)
-                self._pending.queue_clear_applied(pipe, ident, stamp)
+                for item, current in applied:
+                    ident = str(item["id"])
+                    generations = [self._link.key("gen", "item", ident), self._link.key("gen", "user", item["user_id"])]
+                    key = self._link.key("cache", "item", ident) if current else None
+                    stamp = int(item.get("read_stamp", 0))
+                    self._cache.queue_write_through(pipe, key, generations, item, version=stamp)
+                    self._pending.queue_clear_applied(pipe, ident, stamp)
                 pipe.execute()
 
         try:

@@ -31,8 +31,10 @@ confirms). Nothing here connects or reads the environment at import.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
+from dramatiq import Consumer
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 
@@ -155,6 +157,9 @@ def queue_declarations(
     )
 
 
+ConsumerFactory = Callable[["BrownoutRabbitmqBroker", str, int, int], Consumer]
+
+
 class BrownoutRabbitmqBroker(RabbitmqBroker):
     """Dramatiq's RabbitMQ broker declaring the same bounded queues as the publisher.
 
@@ -184,7 +189,20 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
         self.delivery_limit = delivery_limit
         self.dead_letter_queue_arguments = dead_letter_queue_arguments(queue_type=queue_type, delivery_limit=delivery_limit)
         self._type_arguments = quorum_arguments(delivery_limit=delivery_limit) if queue_type == "quorum" else {}
+        self._consumers: dict[str, ConsumerFactory] = {}
         super().__init__(**kwargs)
+
+    def consume_with(self, queue_name: str, factory: ConsumerFactory) -> None:
+        """Consume *queue_name* (not its delay queue) with ``factory(broker, queue_name, prefetch, timeout_ms)``
+        instead of Dramatiq's one-message consumer (the worker's batched deliveries)."""
+        self._consumers[queue_name] = factory
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        factory = self._consumers.get(queue_name)
+        if factory is None:
+            return super().consume(queue_name, prefetch, timeout)
+        self.declare_queue(queue_name, ensure=True)
+        return factory(self, queue_name, prefetch, timeout)
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         """``Q`` and ``Q.DQ`` (Dramatiq passes the canonical name for both)."""

@@ -39,7 +39,6 @@ from app.db import CircuitBreaker, Database
 from app.db.circuit_breaker import BreakerListener, BreakerState
 from app.db.errors import ErrorKind
 from app.dispatch.dispatcher import Dispatcher, Queued
-from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.queues import BrownoutRabbitmqBroker
@@ -47,7 +46,7 @@ from app.schema import applied_commands, dead_letters, notifications, upgrade_da
 from tests.conftest import admin_connect, database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, ready_count
-from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.health_gate import HealthGate
 
@@ -58,6 +57,7 @@ THREADS = 8
 LOCK_SECONDS = 3.0
 LATENCY_TARGET = 0.1
 STALL_AFTER = 0.5
+BATCH_MAX = 4  # the limit moves per batch: small batches give the 1,800 writes enough of them to ramp up
 
 
 class Recorder(BreakerListener):
@@ -129,10 +129,12 @@ def drained_worker(
             max_concurrency=THREADS,
             latency_target=LATENCY_TARGET,
             stall_after=STALL_AFTER,
-            actor_names={APPLY_ACTOR},
+            actor_names={APPLY_BATCH_ACTOR},
         )
         broker.add_middleware(drain)
-        runtime = ApplyRuntime(database=database, registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2)
+        runtime = ApplyRuntime(
+            database=database, registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2, batch_max=BATCH_MAX
+        )
         declare_apply_actor(broker, runtime, queue_name=queue_name)
         worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=THREADS, worker_timeout=100)
         worker.start()

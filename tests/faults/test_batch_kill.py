@@ -1,7 +1,8 @@
-"""The worker's group commit with its connections killed mid-batch (pg_terminate_backend).
+"""The worker's batches with their connections killed mid-batch (pg_terminate_backend).
 
-A real Dramatiq Worker (8 threads, the production middleware and the batching
-apply actor) drains a backlog of creations and read/unread toggles. Every
+A real Dramatiq Worker (8 threads, the production middleware, batched deliveries
+of at most BATCH_MAX so that the kills land between committed batches) drains
+a backlog of creations and read/unread toggles. Every
 COMMIT is slowed down by the deferred trigger of test_worker_signals, so the
 kills land while a batch's COMMIT is under way: the whole batch fails with a
 disconnect, `execute_with_retry` runs it again on a fresh connection, and
@@ -18,7 +19,6 @@ import pytest
 from dramatiq.middleware import CurrentMessage
 
 from app.db import Database
-from app.dispatch.envelope import APPLY_ACTOR
 from app.dispatch.notifications import build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.queues import BrownoutRabbitmqBroker
@@ -37,11 +37,12 @@ from tests.faults.test_worker_signals import (
 )
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL
-from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.health_gate import HealthGate
 
 KILLS = 3
+BATCH_MAX = 16
 THREADS = 8
 
 
@@ -70,12 +71,13 @@ def start_worker(
     def start() -> list[int]:
         database = make_database(db_application_name=worker_app_name, retry_base_seconds=0.05, retry_cap_seconds=0.2)
         broker.add_middleware(HealthGate.for_database(database, base_seconds=0.2, cap_seconds=1.0, timeout=1.0))
-        drain = AdaptiveDrain.for_database(database, max_concurrency=THREADS, actor_names={APPLY_ACTOR})
+        drain = AdaptiveDrain.for_database(database, max_concurrency=THREADS, actor_names={APPLY_BATCH_ACTOR})
         broker.add_middleware(drain)
-        runtime = ApplyRuntime(database=database, registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2)
-        assert runtime.group is not None, "batching is on by default"
+        runtime = ApplyRuntime(
+            database=database, registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2, batch_max=BATCH_MAX
+        )
         sizes: list[int] = []
-        runtime.group.on_batch = sizes.append
+        runtime.on_batch = sizes.append
         declare_apply_actor(broker, runtime, queue_name=queue_name)
         worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=THREADS, worker_timeout=100)
         worker.start()
@@ -97,7 +99,7 @@ def test_connections_killed_mid_batch_lose_nothing_and_apply_nothing_twice(
     start_worker: Callable[[], list[int]],
 ) -> None:
     backlog = queue_backlog(db, make_publisher(max_length=MAX_LENGTH), queue_name)
-    throttle(db, 0.02)  # per row of a COMMIT: a batch of 8 commits in about 0.16 s
+    throttle(db, 0.02)  # per row of a COMMIT: a batch of 16 commits in about 0.3 s
     sizes = start_worker()
     killed_in_commit = 0
     for _ in range(KILLS):

@@ -7,7 +7,6 @@ before its caller hears of it.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.schema import applied_commands, command_conflicts, notifications, outbox, upgrade_database
 from tests.conftest import database_url
-from worker.batching import GroupCommit
+from worker.actors import ApplyRuntime
 
 NOTE = {"user_id": 3, "email": "ada@example.com", "subject": "Batched", "body": "together"}
 REGISTRY = build_registry()
@@ -168,40 +167,24 @@ def test_a_connection_killed_mid_batch_applies_the_batch_once_on_retry(
 
     dying = dataclasses.replace(command, apply_many=create_then_die)
     envelopes = [accept() for _ in range(4)]
-    group = GroupCommit(db)
-    outcomes = group.apply_now([Pending(e, dying, command.parse(e.version, e.payload)) for e in envelopes])
+    group = ApplyRuntime(database=db, registry=REGISTRY)
+    outcomes = group.apply_all([Pending(e, dying, command.parse(e.version, e.payload)) for e in envelopes])
     assert kills and kills[0], "a backend was killed mid-batch"
     assert all(isinstance(o, AppliedWrite) and not o.duplicate for o in outcomes)
     assert count(db, notifications) == count(db, applied_commands) == count(db, outbox) == 4
-    again = group.apply_now([pending(e) for e in envelopes])  # the messages redelivered
+    again = group.apply_all([pending(e) for e in envelopes])  # the messages redelivered
     assert all(isinstance(o, AppliedWrite) and o.duplicate for o in again)
     assert count(db, notifications) == count(db, applied_commands) == 4
 
 
-def test_group_commit_answers_each_caller_after_the_commit(db: Database, accept: Callable[..., Envelope]) -> None:
-    callers = 6
-    sizes: list[int] = []
-    group = GroupCommit(db, linger_seconds=5.0, capacity=lambda: callers, on_batch=sizes.append)
-    envelopes = [accept() for _ in range(callers - 1)]
+def test_a_batch_answers_in_delivery_order_once_committed(db: Database, accept: Callable[..., Envelope]) -> None:
+    """The worker applies a batch in entity-key order; each delivery still gets its own outcome."""
+    envelopes = [accept(payload=NOTE | {"user_id": user}) for user in (9, 2, 7, 2, 5)]
     envelopes.append(accept(MARK_READ, {"notification_id": str(uuid.uuid4())}))  # waits for a creation
-    seen: dict[int, Any] = {}
-
-    def call(index: int) -> None:
-        try:
-            outcome: Any = group.apply(pending(envelopes[index]))
-        except Exception as exc:
-            outcome = exc
-        committed = count(db, applied_commands, applied_commands.c.command_id == envelopes[index].command_id)
-        seen[index] = (outcome, committed)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert sizes == [callers], "the leader waited for everyone in flight: one batch"
-    for index in range(callers - 1):
-        outcome, committed = seen[index]
-        assert isinstance(outcome, AppliedWrite) and outcome.command_id == envelopes[index].command_id
-        assert committed == 1, "visible to another session when the caller hears of it"
-    assert isinstance(seen[callers - 1][0], DependencyPending) and seen[callers - 1][1] == 0
+    assert [e.entity_key for e in envelopes] != sorted(e.entity_key for e in envelopes), "not already in key order"
+    outcomes = ApplyRuntime(database=db, registry=REGISTRY).apply_all([pending(e) for e in envelopes])
+    for envelope, outcome in zip(envelopes[:-1], outcomes, strict=False):
+        assert isinstance(outcome, AppliedWrite) and outcome.command_id == envelope.command_id
+        assert count(db, applied_commands, applied_commands.c.command_id == envelope.command_id) == 1
+    assert isinstance(outcomes[-1], DependencyPending)
+    assert count(db, applied_commands) == len(envelopes) - 1

@@ -25,7 +25,7 @@ from app.schema import email_sends, notifications, outbox, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
-from worker.actors import ApplyRuntime, declare_apply_actor
+from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.email import EmailRuntime, SmtpTarget, declare_email_actor
 from worker.outbox import OutboxRelay, OutboxRelayMiddleware
 
@@ -96,7 +96,12 @@ class Processed(Middleware):
     ) -> None:
         with self._lock:
             counts = self.ok if exception is None else self.failed
-            counts[message.actor_name] = counts.get(message.actor_name, 0) + 1
+            if message.actor_name == APPLY_BATCH_ACTOR:  # a batch of the command queue's deliveries
+                (messages,) = message.args
+                for each in messages:
+                    counts[each.actor_name] = counts.get(each.actor_name, 0) + 1
+            else:
+                counts[message.actor_name] = counts.get(message.actor_name, 0) + 1
 
     def sent_ok(self) -> int:
         with self._lock:

@@ -203,6 +203,6 @@ def test_the_worker_broker_runs_only_the_middleware_it_uses(
         kinds = {type(middleware) for middleware in broker.middleware}
         assert {TimeLimit, Retries, CurrentMessage, HealthGate, AdaptiveDrain} <= kinds
         assert not kinds & {AgeLimit, Callbacks, Pipelines, ShutdownNotifications}
-        assert broker.get_actor("apply_command").options["throws"]  # Retries' options still accepted
+        assert broker.get_actor("apply_command_batch").options["throws"]  # Retries' options still accepted
     finally:
         broker.close()

@@ -1,34 +1,40 @@
-"""The apply actor with group commit, in a real Worker: one write's fate stays its own.
+"""Batched deliveries on a real queue and database: one write's fate stays its own, acks follow commits.
 
-A batch holding a write the database refuses (a constraint), a reused key and
-a write whose prerequisite is not applied yet: the others commit, the first two
-are dead-lettered with their reasons, the third is deferred and applies once
-its prerequisite arrives.
+- The apply actor given one batch holding a write the database refuses (a
+  constraint), a reused key and a write whose prerequisite is not applied
+  yet: the others commit, the first two are dead-lettered with their reasons,
+  the third is deferred and applies once its prerequisite arrives.
+- The consumer (worker/batched_delivery.py) on a real queue: deliveries come
+  out as batches of at most `max_batch`; a batch's ack never covers an older
+  batch still in flight (RabbitMQ takes the unsettled one back when the channel
+  closes); a body Dramatiq cannot decode goes to ``Q.XQ``.
+- A real Worker drains a backlog in batches and leaves nothing unacknowledged.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import dramatiq
 import pytest
-from dramatiq.common import xq_name
+from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import CurrentMessage
 from sqlalchemy import func, select, text
 
 from app.db import Database
 from app.dispatch.dispatcher import Dispatcher
-from app.dispatch.envelope import APPLY_ACTOR, Envelope
+from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, command_conflicts, dead_letters, notifications, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL, ready_count
+from tests.support.rabbit import RABBITMQ_URL, admin_connection, ready_count, take_all
 from worker.actors import ApplyRuntime, declare_apply_actor
-from worker.drain import AdaptiveDrain
+from worker.batched_delivery import BatchedDelivery, DeliveryBatch
 
 NOTE = {"user_id": 5, "email": "grace@example.com", "subject": "Grouped", "body": "together"}
 THREADS = 8
@@ -45,33 +51,40 @@ def db(make_database: Callable[..., Database], pg_database: str) -> Database:
 
 
 @pytest.fixture
+def broker() -> Iterator[BrownoutRabbitmqBroker]:
+    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
+    broker.add_middleware(CurrentMessage())
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
 def runtime(make_database: Callable[..., Database]) -> ApplyRuntime:
     return ApplyRuntime(database=make_database(), registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2)
 
 
 @pytest.fixture
-def run_worker(runtime: ApplyRuntime, queue_name: str) -> Iterator[Callable[[], list[int]]]:
-    """A Worker whose drain starts at full concurrency, so the first messages share a batch."""
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
-    broker.add_middleware(CurrentMessage())
-    broker.add_middleware(AdaptiveDrain(min_concurrency=THREADS, max_concurrency=THREADS, actor_names={APPLY_ACTOR}))
-    declare_apply_actor(broker, runtime, queue_name=queue_name)
-    assert runtime.group is not None and runtime.group.capacity is not None, "sized by the drain's limit"
-    runtime.group.linger_seconds = 0.5  # plenty for the 8 messages to reach the batch
-    sizes: list[int] = []
-    runtime.group.on_batch = sizes.append
+def publisher(make_publisher: Callable[..., Publisher]) -> Publisher:
+    return make_publisher()
+
+
+@pytest.fixture
+def dispatcher(db: Database, publisher: Publisher, queue_name: str) -> Dispatcher:
+    return Dispatcher(database=db, publisher=publisher, registry=build_registry(), queue_name=queue_name, request_deadline=2.0)
+
+
+@pytest.fixture
+def run_worker(broker: BrownoutRabbitmqBroker, queue_name: str) -> Iterator[Callable[[], None]]:
     workers: list[dramatiq.Worker] = []
 
-    def start() -> list[int]:
+    def start() -> None:
         worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=THREADS, worker_timeout=100)
         worker.start()
         workers.append(worker)
-        return sizes
 
     yield start
     for worker in workers:
         worker.stop(timeout=10_000)
-    broker.close()
 
 
 def count(db: Database, table: Any) -> int:
@@ -80,24 +93,27 @@ def count(db: Database, table: Any) -> int:
 
 
 def test_a_poison_a_conflict_and_a_waiting_write_do_not_hold_back_their_batch(
-    db: Database, make_publisher: Callable[..., Publisher], queue_name: str, run_worker: Callable[[], list[int]]
+    db: Database,
+    publisher: Publisher,
+    dispatcher: Dispatcher,
+    broker: BrownoutRabbitmqBroker,
+    runtime: ApplyRuntime,
+    queue_name: str,
+    run_worker: Callable[[], None],
 ) -> None:
-    publisher = make_publisher()
-    dispatcher = Dispatcher(
-        database=db, publisher=publisher, registry=build_registry(), queue_name=queue_name, request_deadline=2.0
-    )
     first = dispatcher.submit(CREATE, NOTE, idempotency_key="reused")  # applied now, directly
     later = dispatcher.accept(CREATE, NOTE, idempotency_key="later")
-    batch: list[Envelope] = [dispatcher.accept(CREATE, NOTE | {"subject": f"good {n}"}) for n in range(5)]
+    good: list[Envelope] = [dispatcher.accept(CREATE, NOTE | {"subject": f"good {n}"}) for n in range(5)]
     poison = dispatcher.accept(CREATE, NOTE | {"subject": "poison"})
     conflict = dispatcher.accept(CREATE, NOTE | {"subject": "another body"}, idempotency_key="reused")
     waiting = dispatcher.accept(MARK_READ, {"notification_id": str(later.entity_id)})
-    for envelope in (*batch, poison, conflict, waiting):
-        publisher.publish(envelope.to_message(queue_name))
+    outcomes: list[str] = []
+    runtime.observe = lambda outcome, seconds: outcomes.append(outcome)
+    actor = declare_apply_actor(broker, runtime, queue_name=queue_name)
 
-    sizes = run_worker()
-    assert wait_until(lambda: count(db, dead_letters) == 2 and count(db, applied_commands) == 6, timeout=30)
-    assert sizes and sizes[0] == 8, f"the eight messages shared the first batch: {sizes}"
+    actor.fn([envelope.to_message(queue_name) for envelope in (*good, poison, conflict, waiting)])  # one batch
+
+    assert sorted(outcomes) == sorted(["applied"] * 5 + ["dead_lettered"] * 2 + ["deferred"])
     with db.session() as s:
         reasons = {row.message["message_id"]: row.reason for row in s.execute(select(dead_letters))}
         subjects = set(s.execute(select(notifications.c.subject)).scalars())
@@ -106,7 +122,9 @@ def test_a_poison_a_conflict_and_a_waiting_write_do_not_hold_back_their_batch(
     assert "idempotency key already used" in reasons[str(conflict.command_id)]
     assert count(db, command_conflicts) == 1
     assert subjects == {NOTE["subject"], *(f"good {n}" for n in range(5))}, f"{first} and the good ones"
+    assert ready_count(dq_name(queue_name)) == 1, "the waiting write is deferred through the delay queue"
 
+    run_worker()  # moves the deferred write back when due (deferred again until its prerequisite is there)
     publisher.publish(later.to_message(queue_name))  # the prerequisite arrives: the deferred write applies
     assert wait_until(lambda: count(db, applied_commands) == 8, timeout=30)
     with db.session() as s:
@@ -114,11 +132,113 @@ def test_a_poison_a_conflict_and_a_waiting_write_do_not_hold_back_their_batch(
     assert count(db, dead_letters) == 2 and ready_count(xq_name(queue_name)) == 0
 
 
-def test_batch_max_one_is_the_single_write_path(db: Database) -> None:
-    runtime = ApplyRuntime(database=db, registry=build_registry(), batch_max=1)
-    assert runtime.group is None
-    dispatcher = Dispatcher(database=db, publisher=None, registry=build_registry(), queue_name="unused", request_deadline=2.0)
-    envelope = dispatcher.accept(CREATE, NOTE)
-    assert runtime.write(envelope).duplicate is False
-    assert runtime.write(envelope).duplicate is True
-    assert count(db, notifications) == count(db, applied_commands) == 1
+def test_a_backlog_is_drained_in_batches_and_nothing_is_left_unacknowledged(
+    db: Database,
+    publisher: Publisher,
+    dispatcher: Dispatcher,
+    broker: BrownoutRabbitmqBroker,
+    runtime: ApplyRuntime,
+    queue_name: str,
+    run_worker: Callable[[], None],
+) -> None:
+    for n in range(300):
+        publisher.publish(dispatcher.accept(CREATE, NOTE | {"subject": f"n{n}"}).to_message(queue_name))
+    sizes: list[int] = []
+    runtime.on_batch = sizes.append
+    runtime.batch_max = 32
+    declare_apply_actor(broker, runtime, queue_name=queue_name)
+    run_worker()
+    assert wait_until(lambda: count(db, applied_commands) == 300, timeout=30)
+    assert sum(sizes) == 300 and max(sizes) <= 32, sizes
+    assert len(sizes) < 300 / 2, f"deliveries share batches: {sizes}"
+    assert count(db, notifications) == 300
+    connection = admin_connection()  # every delivery acknowledged: a new consumer finds nothing, ready or not
+    try:
+        channel = connection.channel()
+        assert wait_until(lambda: channel.queue_declare(queue_name, passive=True).method.consumer_count == 1, timeout=5)
+    finally:
+        connection.close()
+    assert ready_count(queue_name) == 0
+
+
+def _consumer(broker: BrownoutRabbitmqBroker, queue_name: str, *, max_batch: int) -> BatchedDelivery:
+    broker.declare_queue(queue_name, ensure=True)
+    return BatchedDelivery(
+        broker, queue_name, actor_name="apply_command_batch", max_batch=max_batch, prefetch=100, timeout_ms=500
+    )
+
+
+def _publish_bodies(broker: BrownoutRabbitmqBroker, queue_name: str, bodies: list[bytes]) -> None:
+    connection = admin_connection()
+    try:
+        channel = connection.channel()
+        for body in bodies:
+            channel.basic_publish("", queue_name, body)
+    finally:
+        connection.close()
+
+
+def _delivered(consumer: BatchedDelivery, n: int) -> None:
+    """Wait until *n* deliveries reached the consumer, so batches are cut by max_batch alone."""
+    assert wait_until(lambda: consumer.connection.process_data_events(time_limit=0.05) or len(consumer._buffer) >= n, timeout=5)
+
+
+def _next_batch(consumer: BatchedDelivery) -> DeliveryBatch:
+    for _ in range(20):
+        batch = next(consumer)
+        if batch is not None:
+            assert isinstance(batch, DeliveryBatch)
+            return batch
+    raise AssertionError("no batch came")
+
+
+def _bodies(n: int, queue_name: str) -> list[bytes]:
+    return [
+        dramatiq.Message(queue_name=queue_name, actor_name="apply_command", args=(i,), kwargs={}, options={}).encode()
+        for i in range(n)
+    ]
+
+
+def test_a_later_batch_acknowledged_first_does_not_acknowledge_an_earlier_one(
+    broker: BrownoutRabbitmqBroker, queue_name: str
+) -> None:
+    consumer = _consumer(broker, queue_name, max_batch=3)
+    _publish_bodies(broker, queue_name, _bodies(6, queue_name))
+    _delivered(consumer, 6)
+    earlier = _next_batch(consumer)
+    later = _next_batch(consumer)
+    assert [m.args[0] for m in earlier.messages] == [0, 1, 2] and [m.args[0] for m in later.messages] == [3, 4, 5]
+
+    consumer.ack(later)  # the later batch committed first; the earlier one is still in flight
+    consumer.connection.process_data_events(time_limit=0.2)  # this test is the consumer thread: run the ack
+    consumer.close()  # the earlier batch was never acknowledged: RabbitMQ takes it back
+    assert sorted(json.loads(body)["args"][0] for _, body in take_all(queue_name)) == [0, 1, 2]
+
+
+def test_a_batch_acknowledged_in_order_settles_everything_up_to_it(broker: BrownoutRabbitmqBroker, queue_name: str) -> None:
+    consumer = _consumer(broker, queue_name, max_batch=3)
+    _publish_bodies(broker, queue_name, _bodies(6, queue_name))
+    _delivered(consumer, 6)
+    earlier = _next_batch(consumer)
+    later = _next_batch(consumer)
+    consumer.ack(earlier)
+    consumer.ack(later)
+    consumer.connection.process_data_events(time_limit=0.2)
+    consumer.close()
+    assert take_all(queue_name) == []
+
+
+def test_an_undecodable_body_goes_to_the_dead_letter_queue_and_a_held_batch_comes_back(
+    broker: BrownoutRabbitmqBroker, queue_name: str
+) -> None:
+    consumer = _consumer(broker, queue_name, max_batch=10)
+    _publish_bodies(broker, queue_name, [b"not json", *_bodies(2, queue_name)])
+    _delivered(consumer, 3)
+    batch = _next_batch(consumer)
+    assert [m.args[0] for m in batch.messages] == [0, 1]
+    consumer.known_tags.discard(batch._tag)  # as the health gate holds a batch
+    consumer.nack(batch)  # Dramatiq's nack of a failed message: withdrawn, so nothing is sent
+    consumer.connection.process_data_events(time_limit=0.2)
+    consumer.close()
+    assert [body for _, body in take_all(xq_name(queue_name))] == [b"not json"]
+    assert len(take_all(queue_name)) == 2, "the held batch is back in its queue"
