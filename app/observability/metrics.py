@@ -98,11 +98,14 @@ class Metrics:
             registry=r,
         )
         self.worker_apply_duration = Histogram(
-            "brownout_worker_apply_duration_seconds", "Time to handle one queued write.", buckets=LATENCY_BUCKETS, registry=r
+            "brownout_worker_apply_duration_seconds",
+            "Time to apply the batch a queued write was in (observed once per write).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.worker_concurrency = Gauge(
             "brownout_worker_concurrency",
-            "Writes the adaptive drain lets run at once (summed over live processes).",
+            "Batches of queued writes the adaptive drain lets run at once (summed over live processes).",
             registry=r,
             multiprocess_mode="livesum",
         )
