@@ -74,6 +74,7 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
     )
     if metrics is not None:
         metrics.attach_resilience(database.resilience)
+        runtime.on_batch = metrics.worker_batch_size.observe
         exposition = WorkerMetrics(metrics, drain=drain, port=settings.metrics_port)
         broker.add_middleware(exposition)
         runtime.observe = exposition.observe

@@ -25,6 +25,7 @@ from app.db import BreakerListener, BreakerState, CallObserver, CircuitBreaker, 
 
 STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
 
 
 def multiprocess_dir() -> str | None:
@@ -101,6 +102,12 @@ class Metrics:
             "brownout_worker_apply_duration_seconds",
             "Time to apply the batch a queued write was in (observed once per write).",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_batch_size = Histogram(
+            "brownout_worker_batch_size",
+            "Queued writes per batch the worker applied in one transaction (full batches: a backlog is draining).",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.worker_concurrency = Gauge(

@@ -96,6 +96,7 @@ def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings
         assert applied, text
         assert sample(text, "brownout_db_calls_total") >= 1
         assert sample(text, "brownout_worker_apply_duration_seconds_count") == 1
+        assert sample(text, "brownout_worker_batch_size_count") == 1 and sample(text, "brownout_worker_batch_size_sum") == 1
         with database.session() as session:
             assert session.execute(select(func.count()).select_from(notifications)).scalar_one() == 1
     finally:

@@ -53,6 +53,7 @@ EXPORTED = [
     "brownout_worker_messages_total",
     "brownout_worker_apply_duration_seconds",
     "brownout_worker_concurrency",
+    "brownout_worker_batch_size",
     "brownout_cache_reads_total",
     "brownout_http_requests_total",
     "brownout_http_request_duration_seconds",
