@@ -21,6 +21,7 @@ from app.db import Database, waiting
 from app.dispatch.publisher import Publisher
 from app.settings import Settings
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
+from tests.support.worker_rig import WorkerRig
 
 REDIS_URL = os.environ.get("BROWNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get(
@@ -132,6 +133,22 @@ def queue_name() -> Iterator[str]:
     name = f"bo-test-{uuid.uuid4().hex[:10]}"
     yield name
     delete_queue_set(name)
+
+
+@pytest.fixture
+def make_worker_rig(queue_name: str) -> Iterator[Callable[..., WorkerRig]]:
+    """In-process worker brokers (tests/support/worker_rig.py): their Workers stopped, brokers closed at the end,
+    before this test's queues are deleted (hence *queue_name*)."""
+    rigs: list[WorkerRig] = []
+
+    def factory(**options: Any) -> WorkerRig:
+        rig = WorkerRig(**options)
+        rigs.append(rig)
+        return rig
+
+    yield factory
+    for rig in rigs:
+        rig.close()
 
 
 @pytest.fixture

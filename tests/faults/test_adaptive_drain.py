@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import dramatiq
 import pytest
 from dramatiq.common import dq_name, xq_name
-from dramatiq.middleware import CurrentMessage
 from sqlalchemy import func, select
 
 from app.db import CircuitBreaker, Database
@@ -41,11 +39,11 @@ from app.db.errors import ErrorKind
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.dispatch.publisher import Publisher
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, dead_letters, notifications, upgrade_database
 from tests.conftest import admin_connect, database_url
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL, ready_count
+from tests.support.rabbit import ready_count
+from tests.support.worker_rig import WorkerRig
 from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.health_gate import HealthGate
@@ -111,12 +109,11 @@ def db(make_database: Callable[..., Database], pg_database: str) -> Database:
 
 @pytest.fixture
 def drained_worker(
-    make_database: Callable[..., Database], queue_name: str
-) -> Iterator[Callable[[], tuple[AdaptiveDrain, Recorder]]]:
+    make_database: Callable[..., Database], queue_name: str, make_worker_rig: Callable[..., WorkerRig]
+) -> Callable[[], tuple[AdaptiveDrain, Recorder]]:
     """Start a Worker: the real actor, HealthGate and AdaptiveDrain on the worker's own Database (default breaker)."""
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=MAX_LENGTH)
-    broker.add_middleware(CurrentMessage())
-    workers: list[dramatiq.Worker] = []
+    rig = make_worker_rig(max_length=MAX_LENGTH)
+    broker = rig.broker
 
     def start() -> tuple[AdaptiveDrain, Recorder]:
         database = make_database()  # breaker: 5 consecutive failures, retries 0.5 .. 3 s
@@ -136,15 +133,10 @@ def drained_worker(
             database=database, registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2, batch_max=BATCH_MAX
         )
         declare_apply_actor(broker, runtime, queue_name=queue_name)
-        worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=THREADS, worker_timeout=100)
-        worker.start()
-        workers.append(worker)
+        rig.start({queue_name}, threads=THREADS)
         return drain, recorder
 
-    yield start
-    for worker in workers:
-        worker.stop(timeout=10_000)
-    broker.close()
+    return start
 
 
 def test_a_slow_database_makes_the_drain_back_off_and_the_breaker_stays_closed(

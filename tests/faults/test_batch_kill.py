@@ -12,16 +12,13 @@ every write ends up applied exactly once, in order, nothing dead-lettered.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import dramatiq
 import pytest
-from dramatiq.middleware import CurrentMessage
 
 from app.db import Database
 from app.dispatch.notifications import build_registry
 from app.dispatch.publisher import Publisher
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, upgrade_database
 from tests.conftest import database_url, terminate_backends
 from tests.faults.test_worker_signals import (
@@ -36,7 +33,7 @@ from tests.faults.test_worker_signals import (
     waiting_messages,
 )
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL
+from tests.support.worker_rig import WorkerRig
 from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.health_gate import HealthGate
@@ -61,12 +58,11 @@ def worker_app_name(app_name: str) -> str:
 
 @pytest.fixture
 def start_worker(
-    make_database: Callable[..., Database], queue_name: str, worker_app_name: str
-) -> Iterator[Callable[[], list[int]]]:
+    make_database: Callable[..., Database], queue_name: str, worker_app_name: str, make_worker_rig: Callable[..., WorkerRig]
+) -> Callable[[], list[int]]:
     """Start the worker; returns the sizes of the batches it runs (appended as they start)."""
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=MAX_LENGTH)
-    broker.add_middleware(CurrentMessage())
-    workers: list[dramatiq.Worker] = []
+    rig = make_worker_rig(max_length=MAX_LENGTH)
+    broker = rig.broker
 
     def start() -> list[int]:
         database = make_database(db_application_name=worker_app_name, retry_base_seconds=0.05, retry_cap_seconds=0.2)
@@ -79,15 +75,10 @@ def start_worker(
         sizes: list[int] = []
         runtime.on_batch = sizes.append
         declare_apply_actor(broker, runtime, queue_name=queue_name)
-        worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=THREADS, worker_timeout=100)
-        worker.start()
-        workers.append(worker)
+        rig.start({queue_name}, threads=THREADS)
         return sizes
 
-    yield start
-    for worker in workers:
-        worker.stop(timeout=10_000)
-    broker.close()
+    return start
 
 
 def test_connections_killed_mid_batch_lose_nothing_and_apply_nothing_twice(

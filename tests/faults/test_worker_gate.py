@@ -12,25 +12,24 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 import pytest
 from dramatiq.common import dq_name, xq_name
-from dramatiq.middleware import CurrentMessage
 from sqlalchemy import func, select
 
 from app.db import Database
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.dispatch.publisher import Publisher
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, notifications, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL, admin_connection, ready_count
+from tests.support.rabbit import admin_connection, ready_count
 from tests.support.tcp_proxy import FaultProxy
+from tests.support.worker_rig import WorkerRig
 from worker.actors import ApplyRuntime, declare_apply_actor
 from worker.health_gate import DatabaseUnavailable, HealthGate, select_one
 
@@ -127,14 +126,13 @@ def db(make_database: Callable[..., Database], pg_database: str) -> Database:
 
 
 @pytest.fixture
-def gated_worker(proxied: Any, queue_name: str) -> Iterator[Callable[..., HealthGate]]:
+def gated_worker(proxied: Any, queue_name: str, make_worker_rig: Callable[..., WorkerRig]) -> Callable[..., HealthGate]:
     """Start a Worker running the real apply actor behind a HealthGate, on the proxied database.
 
     The gate checks that database too, unless *check_on* names another one.
     """
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
-    broker.add_middleware(CurrentMessage())
-    workers: list[dramatiq.Worker] = []
+    rig = make_worker_rig(max_length=1000)
+    broker = rig.broker
 
     def start(*, check_on: Database | None = None) -> HealthGate:
         database: Database = proxied(**WORKER_DB)
@@ -147,15 +145,10 @@ def gated_worker(proxied: Any, queue_name: str) -> Iterator[Callable[..., Health
         assert actor.options["throws"] == (DatabaseUnavailable,)
         # shortened, so the outage outlasts the retry budget and the time limit
         actor.options.update(max_retries=MAX_RETRIES, min_backoff=100, max_backoff=MAX_BACKOFF_MS, time_limit=TIME_LIMIT_MS)
-        worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=2, worker_timeout=100)
-        worker.start()
-        workers.append(worker)
+        rig.start({queue_name}, threads=2)
         return gate
 
-    yield start
-    for worker in workers:
-        worker.stop(timeout=10_000)
-    broker.close()
+    return start
 
 
 def test_an_outage_with_a_backlog_pauses_the_worker_and_loses_nothing(

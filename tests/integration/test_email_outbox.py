@@ -12,7 +12,7 @@ from typing import Any
 import dramatiq
 import pytest
 from aiosmtpd.controller import Controller
-from dramatiq.middleware import CurrentMessage, Middleware
+from dramatiq.middleware import Middleware
 from sqlalchemy import func, select
 
 from app.db import Database
@@ -20,11 +20,11 @@ from app.dispatch.dispatcher import Applied, Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
 from app.dispatch.outbox import SEND_EMAIL_ACTOR, email_message
 from app.dispatch.publisher import Publisher
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import email_sends, notifications, outbox, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
+from tests.support.worker_rig import WorkerRig
 from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.email import EmailRuntime, SmtpTarget, declare_email_actor
 from worker.outbox import OutboxRelay, OutboxRelayMiddleware
@@ -136,12 +136,17 @@ def processed() -> Processed:
 
 @pytest.fixture
 def run_worker(
-    make_database: Callable[..., Database], queue_name: str, email_queue: str, smtp: SmtpServer, processed: Processed
-) -> Iterator[Callable[[], None]]:
+    make_database: Callable[..., Database],
+    queue_name: str,
+    email_queue: str,
+    smtp: SmtpServer,
+    processed: Processed,
+    make_worker_rig: Callable[..., WorkerRig],
+) -> Callable[[], None]:
     """A real Dramatiq worker on both queues, with the outbox relay running (as worker.main wires it)."""
     worker_db = make_database()  # the worker's own Database and breaker, as in its own dyno
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
-    broker.add_middleware(CurrentMessage())
+    rig = make_worker_rig(max_length=1000)
+    broker = rig.broker
     broker.add_middleware(processed)
     declare_apply_actor(broker, ApplyRuntime(database=worker_db, registry=build_registry()), queue_name=queue_name)
     target = SmtpTarget("127.0.0.1", smtp.port, "plain")
@@ -153,17 +158,11 @@ def run_worker(
         return publisher, OutboxRelay(database=worker_db, publisher=publisher, queue_name=email_queue, interval=0.2)
 
     broker.add_middleware(OutboxRelayMiddleware(relay))
-    workers: list[dramatiq.Worker] = []
 
     def start() -> None:
-        worker = dramatiq.Worker(broker, queues={queue_name, email_queue}, worker_threads=4, worker_timeout=100)
-        worker.start()
-        workers.append(worker)
+        rig.start({queue_name, email_queue}, threads=4)
 
-    yield start
-    for worker in workers:
-        worker.stop(timeout=10_000)
-    broker.close()
+    return start
 
 
 def direct(db: Database) -> Dispatcher:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import dramatiq
 import pytest
 from dramatiq.common import xq_name
 from dramatiq.middleware import CurrentMessage
@@ -18,11 +17,11 @@ from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, build_registry
 from app.dispatch.publisher import Publisher
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, dead_letters, notifications, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, ready_count
+from tests.support.worker_rig import WorkerRig
 from worker.actors import ApplyRuntime, declare_apply_actor
 
 NOTE = {"user_id": 9, "email": "lin@example.com", "subject": "Queued", "body": "later"}
@@ -41,21 +40,14 @@ def runtime(db: Database, make_database: Callable[..., Database]) -> ApplyRuntim
 
 
 @pytest.fixture
-def run_worker(runtime: ApplyRuntime, queue_name: str) -> Iterator[Callable[[], None]]:
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
-    broker.add_middleware(CurrentMessage())
-    declare_apply_actor(broker, runtime, queue_name=queue_name)
-    workers: list[dramatiq.Worker] = []
+def run_worker(runtime: ApplyRuntime, queue_name: str, make_worker_rig: Callable[..., WorkerRig]) -> Callable[[], None]:
+    rig = make_worker_rig()
+    declare_apply_actor(rig.broker, runtime, queue_name=queue_name)
 
     def start() -> None:
-        worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=2, worker_timeout=100)
-        worker.start()
-        workers.append(worker)
+        rig.start({queue_name}, threads=2)
 
-    yield start
-    for worker in workers:
-        worker.stop(timeout=10_000)
-    broker.close()
+    return start
 
 
 def queued(db: Database, publisher: Publisher, queue_name: str) -> Dispatcher:

@@ -14,13 +14,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 import pytest
 from dramatiq.common import dq_name, xq_name
-from dramatiq.middleware import CurrentMessage
 from sqlalchemy import func, select, text
 
 from app.db import Database
@@ -32,7 +31,8 @@ from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, command_conflicts, dead_letters, notifications, upgrade_database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
-from tests.support.rabbit import RABBITMQ_URL, admin_connection, ready_count, take_all
+from tests.support.rabbit import admin_connection, ready_count, take_all
+from tests.support.worker_rig import WorkerRig
 from worker.actors import ApplyRuntime, declare_apply_actor
 from worker.batched_delivery import BatchedDelivery, DeliveryBatch
 
@@ -51,11 +51,13 @@ def db(make_database: Callable[..., Database], pg_database: str) -> Database:
 
 
 @pytest.fixture
-def broker() -> Iterator[BrownoutRabbitmqBroker]:
-    broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=1000)
-    broker.add_middleware(CurrentMessage())
-    yield broker
-    broker.close()
+def rig(make_worker_rig: Callable[..., WorkerRig]) -> WorkerRig:
+    return make_worker_rig()
+
+
+@pytest.fixture
+def broker(rig: WorkerRig) -> BrownoutRabbitmqBroker:
+    return rig.broker
 
 
 @pytest.fixture
@@ -74,17 +76,11 @@ def dispatcher(db: Database, publisher: Publisher, queue_name: str) -> Dispatche
 
 
 @pytest.fixture
-def run_worker(broker: BrownoutRabbitmqBroker, queue_name: str) -> Iterator[Callable[[], None]]:
-    workers: list[dramatiq.Worker] = []
-
+def run_worker(rig: WorkerRig, queue_name: str) -> Callable[[], None]:
     def start() -> None:
-        worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=THREADS, worker_timeout=100)
-        worker.start()
-        workers.append(worker)
+        rig.start({queue_name}, threads=THREADS)
 
-    yield start
-    for worker in workers:
-        worker.stop(timeout=10_000)
+    return start
 
 
 def count(db: Database, table: Any) -> int:

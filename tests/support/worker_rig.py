@@ -1,0 +1,33 @@
+"""A Dramatiq broker and the Workers started on it, for tests that run the worker in-process.
+
+Every such test needs the same: the worker's broker class on the local RabbitMQ with
+CurrentMessage (the actors read it), Workers started on some queues, and at the end
+every Worker stopped before the broker closes. The `make_worker_rig` fixture
+(tests/conftest.py) does the teardown.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from app.dispatch.queues import BrownoutRabbitmqBroker
+from tests.support.rabbit import RABBITMQ_URL
+
+
+class WorkerRig:
+    def __init__(self, *, max_length: int = 1000) -> None:
+        self.broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=max_length)
+        self.broker.add_middleware(CurrentMessage())
+        self.workers: list[dramatiq.Worker] = []
+
+    def start(self, queues: set[str], *, threads: int) -> dramatiq.Worker:
+        worker = dramatiq.Worker(self.broker, queues=queues, worker_threads=threads, worker_timeout=100)
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(timeout=10_000)
+        self.broker.close()
