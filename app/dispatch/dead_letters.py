@@ -27,19 +27,35 @@ MAX_REASON = 2000
 
 def store(session: Session, message: dramatiq.Message[Any], reason: str) -> int:
     """Keep *message* with *reason*; commit; return the dead letter's id."""
+    raw = message.asdict()
+    body = _storable(raw)
+    if body != raw:
+        reason += " (NUL characters in the message are kept as the text \\u0000)"
     row_id = session.execute(
         dead_letters.insert()
         .values(
             message_id=message.message_id,
             queue_name=message.queue_name,
             actor_name=message.actor_name,
-            message=message.asdict(),
-            reason=reason[:MAX_REASON],
+            message=body,
+            reason=_storable(reason)[:MAX_REASON],
         )
         .returning(dead_letters.c.id)
     ).scalar_one()
     session.commit()
     return int(row_id)
+
+
+def _storable(value: Any) -> Any:
+    """*value* with NUL written out: JSONB refuses ``\\u0000``, and a message holding one (queued by a
+    release that let it through, or published by hand) must still be kept, not fail its dead-lettering."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, dict):
+        return {_storable(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_storable(item) for item in value)
+    return value
 
 
 def listing(session: Session, *, limit: int = 50) -> list[dict[str, Any]]:

@@ -87,6 +87,9 @@ def test_bad_requests_get_clear_4xx(api: RunningApi) -> None:
     assert all(error["reason"] for error in invalid.json()["errors"])
 
     assert api.client.post("/notifications", json=ADA | {"extra": 1}).status_code == 422
+    nul = api.client.post("/notifications", json=ADA | {"body": "a\u0000b"})  # PostgreSQL text cannot hold it
+    assert nul.status_code == 422 and [e["field"] for e in nul.json()["errors"]] == ["body"], nul.text
+    assert "NUL" in nul.json()["errors"][0]["reason"]
     assert api.client.get("/notifications/not-a-uuid").status_code == 422
     missing = api.client.get(f"/notifications/{uuid.uuid4()}")
     assert missing.status_code == 404 and missing.json() == {"detail": "not found"}

@@ -128,6 +128,25 @@ def test_a_poison_a_conflict_and_a_waiting_write_do_not_hold_back_their_batch(
     assert count(db, dead_letters) == 2 and ready_count(xq_name(queue_name)) == 0
 
 
+def test_a_write_holding_nul_is_kept_as_a_dead_letter_and_its_batch_goes_on(
+    db: Database, dispatcher: Dispatcher, broker: BrownoutRabbitmqBroker, runtime: ApplyRuntime, queue_name: str
+) -> None:
+    """Queued before validation refused NUL (or published by hand): PostgreSQL refuses it in a row and in JSONB."""
+    good = dispatcher.accept(CREATE, NOTE)
+    bad = good.to_message(queue_name).asdict()
+    bad["message_id"] = str(dispatcher.accept(CREATE, NOTE, idempotency_key="nul").command_id)
+    bad["args"][0]["payload"] = NOTE | {"body": "a\x00b"}
+    actor = declare_apply_actor(broker, runtime, queue_name=queue_name)
+
+    actor.fn([good.to_message(queue_name), dramatiq.Message(**bad)])
+
+    assert count(db, applied_commands) == 1
+    with db.session() as s:
+        (row,) = s.execute(select(dead_letters)).all()
+    assert row.message_id == bad["message_id"] and "NUL" in row.reason
+    assert row.message["args"][0]["payload"]["body"] == "a\\u0000b", "kept, with the NUL written out"
+
+
 def test_a_backlog_is_drained_in_batches_and_nothing_is_left_unacknowledged(
     db: Database,
     publisher: Publisher,
