@@ -13,7 +13,9 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   KeyConflict — also recorded in command_conflicts —, a permanent database
   error such as a constraint, deferrals exhausted): kept as a dead letter in
   PostgreSQL with its reason (app/dispatch/dead_letters.py) and acknowledged,
-  so the writes around it go on.
+  so the writes around it go on. Should PostgreSQL refuse the dead letter
+  itself for good, that one delivery is rejected to ``Q.XQ`` (Dramatiq's
+  dead-letter queue) and the rest of its batch acknowledged.
 - UnknownCommand (a version newer than this release, queued by a newer web
   process during a deploy) and DependencyPending (marking read a notification
   whose creation is not applied yet): deferred. The message is enqueued again
@@ -54,7 +56,7 @@ from app.dispatch.envelope import Envelope
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from worker.batched_delivery import DeliveryBatch, batched
 from worker.drain import AdaptiveDrain
-from worker.health_gate import DatabaseUnavailable, unavailable_as_hold
+from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class ApplyRuntime:
     """Told each batch's committed writes, as (item, current) pairs, current False for a duplicate
     (the read side's cache and pending entries: `AppliedElsewhere.many`)."""
     observe: Callable[[str, float], None] | None = None
-    """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, held) and
+    """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, rejected, held) and
     its batch's time."""
     on_batch: Callable[[int], None] | None = None
     """Told each batch's size before it is applied (metrics, tests)."""
@@ -159,12 +161,11 @@ def _apply_messages(broker: dramatiq.Broker, runtime: ApplyRuntime, messages: li
     try:
         with unavailable_as_hold():  # the database's fault: the health gate holds the whole batch
             _apply_slots(runtime, [slot for slot in slots if slot.pending is not None])
-            for slot in slots:
+            for index, slot in enumerate(slots):
                 if slot.defer_reason is not None:
                     _defer_or_dead_letter(broker, runtime, slot)
                 if slot.dead_reason is not None:
-                    dead_letter(runtime.database, slot.message, slot.dead_reason)
-                    slot.outcome = "dead_lettered"
+                    _dead_letter_or_reject(runtime, slot, index)
     except DatabaseUnavailable:
         for slot in slots:
             slot.outcome = "held"
@@ -235,6 +236,22 @@ def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: 
         raise DatabaseUnavailable(f"cannot keep a deferral: {describe(exc)}") from exc
     slot.outcome = "deferred"
     log.info("write %s deferred (%d) for %d ms: %s", envelope.command_id, deferrals + 1, delay, reason)
+
+
+def _dead_letter_or_reject(runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
+    """Keep the write as a dead letter; should PostgreSQL refuse even that for good, reject this one
+    delivery to Q.XQ (Dramatiq's dead-letter queue) rather than fail the whole batch."""
+    assert slot.dead_reason is not None
+    try:
+        dead_letter(runtime.database, slot.message, slot.dead_reason)
+        slot.outcome = "dead_lettered"
+    except Exception as exc:
+        current = CurrentMessage.get_current_message()
+        if is_unavailability(exc) or not isinstance(current, DeliveryBatch):
+            raise
+        log.exception("message %s: its dead letter was refused; rejected to the dead-letter queue", slot.message.message_id)
+        current.reject(index)
+        slot.outcome = "rejected"
 
 
 def dead_letter(database: Database, message: dramatiq.Message[Any], reason: str) -> int:

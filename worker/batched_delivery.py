@@ -65,7 +65,14 @@ class DeliveryBatch(MessageProxy):
         self.delivery_tags = tuple(delivery_tags)
         self.redelivered = False
         self.withdrawn = False
+        self.rejected: set[int] = set()
+        """Indexes of deliveries to reject to ``Q.XQ`` instead of acknowledging (see `reject`)."""
         self.consumer: BatchedDelivery | None = None
+
+    def reject(self, index: int) -> None:
+        """Send delivery *index* to ``Q.XQ`` when the batch is settled, the others being acknowledged: what
+        Dramatiq does with one message whose failure nothing else can keep (here: not even its dead letter)."""
+        self.rejected.add(index)
 
     def withdraw(self) -> None:
         """Leave this batch unsettled (not started: the worker is stopping); closing the channel returns it."""
@@ -151,15 +158,17 @@ class BatchedDelivery(Consumer):
         self._unsettled.add(method.delivery_tag)
         self._buffer.append((method.delivery_tag, body))
 
-    def _settle(self, tags: Sequence[int]) -> None:
-        """Ack *tags* (one batch): one frame when no older delivery is unsettled, else one each."""
+    def _settle(self, tags: Sequence[int], rejected: Sequence[int] = ()) -> None:
+        """Ack *tags* (one batch) but *rejected*: one frame when no older delivery is unsettled, else one each."""
+        self._reject(rejected)
         self._unsettled.difference_update(tags)
         top = max(tags)
-        if not self._unsettled or min(self._unsettled) > top:
+        if not rejected and (not self._unsettled or min(self._unsettled) > top):
             self.channel.basic_ack(top, multiple=True)
         else:
             for tag in tags:
-                self.channel.basic_ack(tag)
+                if tag not in rejected:
+                    self.channel.basic_ack(tag)
 
     def _reject(self, tags: Iterable[int]) -> None:
         for tag in tags:
@@ -169,7 +178,11 @@ class BatchedDelivery(Consumer):
     # -- worker threads -------------------------------------------------------------
 
     def ack(self, message: MessageProxy) -> None:
-        self._post(message, self._settle, "ack")
+        if isinstance(message, DeliveryBatch) and message.rejected:
+            rejected = [message.delivery_tags[index] for index in sorted(message.rejected)]
+            self._post(message, partial(self._settle, rejected=rejected), "ack")
+        else:
+            self._post(message, self._settle, "ack")
 
     def nack(self, message: MessageProxy) -> None:
         """Dramatiq's nack: the batch's messages go to ``Q.XQ`` (only for an error the actor did not handle)."""

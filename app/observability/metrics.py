@@ -94,7 +94,8 @@ class Metrics:
         )
         self.worker_messages = Counter(
             "brownout_worker_messages_total",
-            "Queued writes handled by the worker, by outcome: applied, superseded, duplicate, deferred, dead_lettered, held.",
+            "Queued writes handled by the worker, by outcome: applied, superseded, duplicate, deferred, dead_lettered, "
+            "rejected (to Q.XQ), held.",
             ["outcome"],
             registry=r,
         )

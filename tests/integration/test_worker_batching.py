@@ -147,6 +147,36 @@ def test_a_write_holding_nul_is_kept_as_a_dead_letter_and_its_batch_goes_on(
     assert row.message["args"][0]["payload"]["body"] == "a\\u0000b", "kept, with the NUL written out"
 
 
+def test_a_write_whose_dead_letter_is_refused_goes_alone_to_the_dead_letter_queue(
+    db: Database,
+    publisher: Publisher,
+    dispatcher: Dispatcher,
+    broker: BrownoutRabbitmqBroker,
+    runtime: ApplyRuntime,
+    queue_name: str,
+    run_worker: Callable[[], None],
+) -> None:
+    """When PostgreSQL refuses even the dead letter, that one delivery goes to Q.XQ; its batch is acknowledged."""
+    with db.session() as s:
+        s.execute(text("ALTER TABLE dead_letters ADD CONSTRAINT test_no_dead_letters CHECK (reason NOT LIKE '%test_no_poison%')"))
+        s.commit()
+    good = [dispatcher.accept(CREATE, NOTE | {"subject": f"good {n}"}) for n in range(6)]
+    poison = dispatcher.accept(CREATE, NOTE | {"subject": "poison"})  # refused by test_no_poison, then its dead letter too
+    outcomes: list[str] = []
+    runtime.observe = lambda outcome, seconds: outcomes.append(outcome)
+    declare_apply_actor(broker, runtime, queue_name=queue_name)
+    for envelope in (*good[:3], poison, *good[3:]):
+        publisher.publish(envelope.to_message(queue_name))
+
+    run_worker()
+    assert wait_until(lambda: ready_count(xq_name(queue_name)) == 1, timeout=30)
+    assert count(db, applied_commands) == 6 and count(db, dead_letters) == 0
+    (kept,) = take_all(xq_name(queue_name))
+    assert json.loads(kept[1])["message_id"] == str(poison.command_id)
+    assert wait_until(lambda: ready_count(queue_name) == 0, timeout=5)
+    assert sorted(outcomes) == sorted(["applied"] * 6 + ["rejected"])
+
+
 def test_a_backlog_is_drained_in_batches_and_nothing_is_left_unacknowledged(
     db: Database,
     publisher: Publisher,
