@@ -104,10 +104,8 @@ class ApplyRuntime:
                 lambda: apply_batch(session, [items[index] for index in order], path=self.path),
                 idempotent=True,  # every envelope that committed comes back a duplicate
             )
-        outcomes: list[Outcome] = [None] * len(items)  # type: ignore[list-item]
-        for index, outcome in zip(order, results, strict=True):
-            outcomes[index] = outcome
-        return outcomes
+        by_index = dict(zip(order, results, strict=True))
+        return [by_index[index] for index in range(len(items))]
 
     def defer_delay_ms(self, deferrals: int) -> int:
         nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0**deferrals)

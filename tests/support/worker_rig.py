@@ -27,7 +27,11 @@ class WorkerRig:
         self.workers.append(worker)
         return worker
 
+    def stop_workers(self) -> None:
+        """Stop every Worker started here: their channels close, so RabbitMQ takes back what they left unacknowledged."""
+        while self.workers:
+            self.workers.pop().stop(timeout=10_000)
+
     def close(self) -> None:
-        for worker in self.workers:
-            worker.stop(timeout=10_000)
+        self.stop_workers()
         self.broker.close()
