@@ -1,4 +1,8 @@
-"""Tables, as SQLAlchemy Core: the migrations in app/migrations create them.
+"""Tables, as SQLAlchemy Core: what the code reads and writes, and what the migrations must add up to.
+
+The migrations in app/migrations state their own DDL, frozen as of each revision (they never import
+this module); tests/integration/test_migrations.py checks that head equals these tables. A change here
+needs a new revision (`alembic revision --autogenerate`, then read and freeze what it wrote).
 
 `notifications` is the reference domain. `applied_commands` records every
 write applied (its key, payload hash, acceptance stamp and apply sequence),

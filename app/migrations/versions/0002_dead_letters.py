@@ -2,11 +2,13 @@
 
 Revision ID: 0002
 Revises: 0001
+
+The DDL is written out as of this revision, never taken from app.schema.
 """
 
+import sqlalchemy as sa
 from alembic import op
-
-from app.schema import dead_letters
+from sqlalchemy.dialects import postgresql
 
 revision = "0002"
 down_revision = "0001"
@@ -15,8 +17,20 @@ depends_on = None
 
 
 def upgrade() -> None:
-    dead_letters.create(op.get_bind())
+    op.create_table(
+        "dead_letters",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), nullable=False),
+        sa.Column("message_id", sa.Text(), nullable=False),
+        sa.Column("queue_name", sa.Text(), nullable=False),
+        sa.Column("actor_name", sa.Text(), nullable=False),
+        sa.Column("message", postgresql.JSONB(), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("failed_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("replayed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name="dead_letters_pkey"),
+    )
+    op.create_index("ix_dead_letters_message_id", "dead_letters", ["message_id"])
 
 
 def downgrade() -> None:
-    dead_letters.drop(op.get_bind())
+    op.drop_table("dead_letters")
