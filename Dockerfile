@@ -12,21 +12,29 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- build: install the project and its pinned dependencies into a virtualenv ----
+# ---- build: the project and exactly the versions in uv.lock, into a virtualenv ----
 FROM ${PYTHON_IMAGE} AS build
+# The same uv as deploy/setup.sh (tests/unit/test_deploy_files.py checks that they agree).
+ARG UV_VERSION=0.13.9
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+    PYTHONDONTWRITEBYTECODE=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
+RUN pip install "uv==${UV_VERSION}"
 WORKDIR /src
-# Everything `pip install .` reads (pyproject.toml names README.md as the readme).
-COPY pyproject.toml README.md ./
+# The dependencies first (their own layer, rebuilt only when the lock changes), then the project.
+# --frozen: exactly uv.lock, never re-resolved; --no-default-groups: no test, lint, bench or local tools.
+# Every locked runtime dependency ships a manylinux wheel: nothing is compiled, and the slim image
+# has no compiler, so a dependency that would need one fails here.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --frozen --no-default-groups --no-install-project --python /usr/local/bin/python3
 COPY app ./app
 COPY worker ./worker
-# No dev extras. Every pinned dependency ships a manylinux wheel: nothing is compiled,
-# and the slim image has no compiler, so a dependency that would need one fails here.
-RUN pip install .
+RUN uv sync --frozen --no-default-groups --no-editable --python /usr/local/bin/python3
 
 # ---- runtime: the virtualenv, the Procfile and a non-root user; no pip cache, no build tree ----
 FROM ${PYTHON_IMAGE}

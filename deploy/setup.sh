@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Set up a Debian/Ubuntu machine for Brownout: backing services (deploy/local-services.sh)
-# and the Python virtual environment at .venv with the pinned dependencies.
-# Idempotent: the venv is reinstalled only when pyproject.toml changes.
+# and the Python virtual environment at .venv, installed exactly from uv.lock.
+# Idempotent: `uv sync --frozen` installs only what differs from the lock.
+#
+#   bash deploy/setup.sh                  # every dependency group (tests, lint, bench, local run)
+#   UV_PYTHON=3.13 UV_PROJECT_ENVIRONMENT=.venv-3.13 bash deploy/setup.sh   # another interpreter
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# uv itself, from PyPI, at one version, in a virtualenv of its own (.tools/uv): never the system's pip.
+readonly UV_VERSION=0.13.9
+readonly UV=.tools/uv/bin/uv
 
 need_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo -- "$@"; fi; }
 
@@ -17,15 +24,19 @@ if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2
     need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
 
-bash deploy/local-services.sh
-
-stamp=.venv/.brownout-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [[ ! -x .venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    echo "setup: installing Python dependencies into .venv"
-    python3 -m venv .venv
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-    echo "$want" >"$stamp"
+if [[ "${BROWNOUT_SKIP_SERVICES:-}" != 1 ]]; then
+    bash deploy/local-services.sh
 fi
-echo "setup: ready (.venv, PostgreSQL, RabbitMQ, Redis)"
+
+if [[ "$("$UV" --version 2>/dev/null)" != "uv $UV_VERSION"* ]]; then
+    echo "setup: installing uv $UV_VERSION into .tools/uv"
+    rm -rf .tools/uv
+    python3 -m venv .tools/uv
+    .tools/uv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
+fi
+
+# --frozen: install what uv.lock says, never re-resolve (a stale lock fails `uv lock --check` in deploy/test.sh).
+# Without UV_PYTHON, the venv is made with this machine's python3 (the oldest supported, 3.11, on Debian 12).
+export UV_PYTHON="${UV_PYTHON:-$(command -v python3)}" UV_PYTHON_DOWNLOADS=never
+"$UV" sync --frozen --all-groups --quiet
+echo "setup: ready (${UV_PROJECT_ENVIRONMENT:-.venv} from uv.lock$([[ "${BROWNOUT_SKIP_SERVICES:-}" == 1 ]] || echo ", PostgreSQL, RabbitMQ, Redis"))"

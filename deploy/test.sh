@@ -1,11 +1,45 @@
 #!/usr/bin/env bash
 # Set everything up, then lint, type-check and run the whole test suite against the real services.
-# Extra arguments go to pytest (e.g. deploy/test.sh tests/unit -x).
+#
+#   bash deploy/test.sh                   # everything (CI): the lock, lint, types, the whole suite on the
+#                                         # oldest supported Python, then the newest Python of this machine
+#   bash deploy/test.sh tests/unit -x     # extra arguments go to pytest, on .venv only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 source deploy/local-env.sh
+
+newest_python() {  # the newest python3.N on this machine (PATH, pyenv) that is newer than python3, if any
+    local oldest best="" best_minor candidate found
+    oldest=$(python3 -c 'import sys; print(sys.version_info[1])')
+    best_minor=$oldest
+    for candidate in $(compgen -c python3. | grep -E '^python3\.[0-9]+$' | sort -u) \
+        "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3; do
+        found=$("$candidate" -c 'import sys; print(sys.version_info[1], sys.executable)' 2>/dev/null) || continue
+        if ((${found%% *} > best_minor)); then
+            best_minor=${found%% *}
+            best=${found#* }
+        fi
+    done
+    echo "$best"
+}
+
+# uv.lock must be what pyproject.toml resolves to (a dependency changed without `uv lock` fails here).
+.tools/uv/bin/uv lock --check --quiet
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 .venv/bin/mypy app worker
-exec .venv/bin/python -m pytest "$@"
+if [[ $# -gt 0 ]]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+echo "test: the whole suite on $(.venv/bin/python --version) (.venv)"
+.venv/bin/python -m pytest
+
+newest=$(newest_python)
+if [[ -n "$newest" ]]; then
+    # The newest Python this machine has: the same lock, the unit and integration tests (the fault tests,
+    # timing-bound, run once, above). Its virtualenv is .venv-newest.
+    echo "test: unit and integration tests on $("$newest" --version) (.venv-newest)"
+    UV_PYTHON="$newest" UV_PROJECT_ENVIRONMENT=.venv-newest BROWNOUT_SKIP_SERVICES=1 bash deploy/setup.sh
+    .venv-newest/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
+fi

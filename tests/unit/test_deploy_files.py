@@ -1,12 +1,12 @@
 """The deploy files agree with the Procfile and with the settings.
 
 The Procfile is where the commands live. The Dockerfile installs `run-procfile TYPE`,
-which execs the Procfile's TYPE line; docker-compose.yml and railway*.toml name a
-process type through it (or, if someone writes a command out instead, it must be the
+which execs the Procfile's TYPE line; docker-compose.yml and .railway/railway.py
+(tests/unit/test_railway_iac.py) name a process type through it (or, if someone writes a command out instead, it must be the
 Procfile's line, up to whitespace and the `$PORT` / `${PORT:-8000}` spelling).
 Environment variables given to web, worker and migrate must be ones app/settings.py
 reads (or a documented extra), published ports must be the ones the processes listen
-on, and every health check is /health (never /ready: an outage must not fail a deploy).
+on, and every health check is liveness (never /ready: an outage must not fail a deploy).
 
 Pure file checks (plus /bin/sh for the launcher): no Docker, no services.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROCFILE = ROOT / "Procfile"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
-RAILWAY_WEB = ROOT / "railway.toml"
-RAILWAY_WORKER = ROOT / "railway.worker.toml"
+SETUP = ROOT / "deploy" / "setup.sh"
 
 # Compose service -> Procfile process type.
 PROCESS_TYPES = {"web": "web", "worker": "worker", "migrate": "release"}
@@ -37,7 +35,7 @@ PROCESS_TYPES = {"web": "web", "worker": "worker", "migrate": "release"}
 # Environment variables a Brownout container may be given that are not settings fields:
 # PORT (the web's port, read by the Procfile line; Railway sets it), PROMETHEUS_MULTIPROC_DIR
 # (prometheus_client's multiprocess mode, set up by the launchers), MIGRATION_DATABASE_URL
-# (a session-mode or direct URL for `python -m app migrate`, see railway.toml).
+# (a session-mode or direct URL for `python -m app migrate`, see .railway/railway.py).
 EXTRA_ENV = {"PORT", "PROMETHEUS_MULTIPROC_DIR", "MIGRATION_DATABASE_URL"}
 
 _PORT_VARIABLE = re.compile(r"\$\{PORT(?::-[^}]*)?\}|\$PORT\b")
@@ -187,11 +185,6 @@ def settings_env_names() -> set[str]:
     return {_env_name(field) for field in Settings.model_fields}
 
 
-def railway(path: Path) -> dict[str, Any]:
-    with path.open("rb") as file:
-        return tomllib.load(file)
-
-
 # ---------------------------------------------------------------- Procfile and Dockerfile
 
 
@@ -212,21 +205,39 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert user not in ("root", "0"), users[-1]
 
 
-def test_dockerfile_exposes_8000_and_checks_health_on_health() -> None:
+def test_dockerfile_exposes_8000_and_checks_the_liveness_of_its_process_type() -> None:
     stage = final_stage()
     exposed = {port.split("/")[0] for arguments in instruction_arguments(stage, "EXPOSE") for port in arguments.split()}
     assert "8000" in exposed
     (check,) = instruction_arguments(stage, "HEALTHCHECK")
     assert "/health" in check and "/ready" not in check
-    assert "${PORT" not in check  # exec form: the port is read from the environment inside the check
 
 
-def test_dockerfile_installs_the_project_without_dev_extras_and_ships_the_procfile() -> None:
-    text = DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"pip install \.(\s|$)", text), "the project is installed with `pip install .`"
-    assert "[dev]" not in text
+def _uv_syncs(stage: list[tuple[str, str]]) -> list[list[str]]:
+    return [shlex.split(arguments) for arguments in instruction_arguments(stage, "RUN") if arguments.startswith("uv sync")]
+
+
+def test_dockerfile_installs_exactly_the_lock_without_development_groups() -> None:
+    build = dockerfile_stages()[0]
+    syncs = _uv_syncs(build)
+    assert syncs, "the build stage installs with `uv sync`"
+    for tokens in syncs:
+        assert "--frozen" in tokens and "--no-default-groups" in tokens, tokens
+        assert not any(token.startswith(("--group", "--all-groups", "--extra", "--all-extras")) for token in tokens)
+    assert "--no-editable" in syncs[-1]  # the image holds the project, not a link to /src
+    copied = " ".join(instruction_arguments(build, "COPY"))
+    assert "uv.lock" in copied
+    assert "pip install ." not in DOCKERFILE.read_text(encoding="utf-8")
     assert any(arguments.split()[0] == "Procfile" for arguments in instruction_arguments(final_stage(), "COPY"))
     assert "/app" in instruction_arguments(final_stage(), "WORKDIR")
+
+
+def test_the_image_and_the_set_up_install_the_same_uv() -> None:
+    build_args = instruction_arguments(dockerfile_stages()[0], "ARG")
+    (arg,) = [arguments for arguments in build_args if arguments.startswith("UV_VERSION=")]
+    setup = re.search(r"^readonly UV_VERSION=(\S+)$", SETUP.read_text(encoding="utf-8"), re.MULTILINE)
+    assert setup is not None
+    assert arg.split("=", 1)[1] == setup.group(1)
 
 
 def _fake_commands(tmp_path: Path) -> Path:
@@ -246,7 +257,12 @@ def _launch(tmp_path: Path, process_type: str, env: dict[str, str]) -> subproces
     script.write_text(launcher_script(), encoding="utf-8")
     return subprocess.run(
         ["/bin/sh", str(script), process_type],
-        env={"PATH": f"{_fake_commands(tmp_path)}:/usr/bin:/bin", "PROCFILE": str(PROCFILE), **env},
+        env={
+            "PATH": f"{_fake_commands(tmp_path)}:/usr/bin:/bin",
+            "PROCFILE": str(PROCFILE),
+            "BROWNOUT_PROCESS_TYPE_FILE": str(tmp_path / "process-type"),
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=30,
@@ -298,13 +314,18 @@ def test_compose_environment_names_are_settings(name: str) -> None:
     assert not unknown, f"{name} sets variables app/settings.py does not read: {sorted(unknown)}"
 
 
-def test_compose_web_publishes_the_port_it_listens_on_and_checks_health() -> None:
+def test_compose_web_publishes_the_port_it_listens_on() -> None:
     web = service("web")
     port = environment(web).get("PORT", "8000")
     assert port == "8000"
     assert container_ports(web) == {port}
-    check = " ".join(command_tokens(web["healthcheck"]["test"]))
-    assert "/health" in check and "/ready" not in check
+
+
+def test_compose_images_are_version_tags() -> None:
+    for name, svc in compose()["services"].items():
+        if "image" in svc and "build" not in svc:
+            tag = str(svc["image"]).rpartition(":")[2]
+            assert re.match(r"v?\d", tag), f"{name}: {svc['image']} is not pinned to a version"
 
 
 def test_compose_worker_publishes_its_metrics_port() -> None:
@@ -337,59 +358,11 @@ def test_compose_has_the_monitoring_services() -> None:
     assert "/etc/alertmanager/webhook_url" in " ".join(command_tokens(alertmanager["entrypoint"]))
 
 
-# ---------------------------------------------------------------- railway*.toml
-
-
-def test_railway_web_config() -> None:
-    config = railway(RAILWAY_WEB)
-    deploy = config["deploy"]
-    assert config["build"]["builder"] == "DOCKERFILE"
-    assert deploy["healthcheckPath"] == "/health"
-    assert deploy["restartPolicyType"] == "ON_FAILURE"
-    assert_runs_process(command_tokens(deploy["startCommand"]), "web", "railway.toml's startCommand")
-
-
-def test_railway_worker_config() -> None:
-    config = railway(RAILWAY_WORKER)
-    deploy = config["deploy"]
-    assert config["build"]["builder"] == "DOCKERFILE"
-    assert "healthcheckPath" not in deploy  # the worker serves no HTTP on $PORT
-    assert deploy["drainingSeconds"] >= 25  # the Procfile's comment
-    assert_runs_process(command_tokens(deploy["startCommand"]), "worker", "railway.worker.toml's startCommand")
-
-
-def _pre_deploy(path: Path) -> list[str]:
-    value = railway(path)["deploy"]["preDeployCommand"]
-    commands = [value] if isinstance(value, str) else list(value)
-    assert commands and all(isinstance(command, str) for command in commands)
-    return commands
-
-
-@pytest.mark.parametrize("path", [RAILWAY_WEB, RAILWAY_WORKER], ids=lambda path: path.name)
-@pytest.mark.parametrize("migration_url", [None, "postgresql://session-mode:5432/db"])
-def test_railway_pre_deploy_migrates_through_the_migration_url_when_set(
-    tmp_path: Path, path: Path, migration_url: str | None
-) -> None:
-    """Run the preDeployCommand's shell with a fake run-procfile that reports what it was given."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "run-procfile"
-    fake.write_text('#!/bin/sh\necho "$1 $DATABASE_URL"\n', encoding="utf-8")
-    fake.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DATABASE_URL": "postgresql://transaction-pooler:6543/db"}
-    if migration_url:
-        env["MIGRATION_DATABASE_URL"] = migration_url
-    (command,) = _pre_deploy(path)
-    tokens = command_tokens(command)
-    assert tokens[0] in ("sh", "/bin/sh")
-    result = subprocess.run(tokens, env=env, capture_output=True, text=True, timeout=30, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["release", migration_url or env["DATABASE_URL"]]
-    assert "release" in procfile() and "migrate" in procfile()["release"]
+# ---------------------------------------------------------------- health checks
 
 
 def test_no_health_check_anywhere_uses_ready() -> None:
-    for path in (DOCKERFILE, COMPOSE, RAILWAY_WEB, RAILWAY_WORKER):
+    for path in (DOCKERFILE, COMPOSE, ROOT / ".railway" / "railway.py"):
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.lstrip().startswith("#") and "/ready" in line:
                 raise AssertionError(f"{path.name} uses /ready: {line.strip()}")
