@@ -59,15 +59,18 @@ RUN printf '%s\n' \
       'procfile="${PROCFILE:-/app/Procfile}"' \
       'line="$(sed -n "s/^${type}:[[:space:]]*//p" "$procfile")"' \
       'if [ -z "$line" ]; then echo "run-procfile: no ${type}: line in ${procfile}" >&2; exit 64; fi' \
+      '# What the health check (python -m app.healthcheck) asks depends on the process type.' \
+      'printf "%s\\n" "$type" > "${BROWNOUT_PROCESS_TYPE_FILE:-/tmp/brownout-process-type}" 2>/dev/null || true' \
       'eval "exec ${line}"' \
       > /usr/local/bin/run-procfile \
     && chmod 0755 /usr/local/bin/run-procfile
 
 USER brownout:brownout
 EXPOSE 8000
-# Liveness only: /health says the process answers. Never /ready: a database or
-# RabbitMQ outage must not mark the container unhealthy (Brownout is built to serve through it).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=4)"]
+# Liveness only, of the process type run-procfile started (app/healthcheck.py): the web's /health on
+# $PORT, the worker's /metrics on BROWNOUT_METRICS_PORT, nothing for a release job. Never /ready:
+# a database or RabbitMQ outage must not mark the container unhealthy (Brownout is built to serve through it).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-m", "app.healthcheck"]
 STOPSIGNAL SIGTERM
 CMD ["run-procfile", "web"]

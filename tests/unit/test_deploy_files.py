@@ -210,7 +210,8 @@ def test_dockerfile_exposes_8000_and_checks_the_liveness_of_its_process_type() -
     exposed = {port.split("/")[0] for arguments in instruction_arguments(stage, "EXPOSE") for port in arguments.split()}
     assert "8000" in exposed
     (check,) = instruction_arguments(stage, "HEALTHCHECK")
-    assert "/health" in check and "/ready" not in check
+    assert check.endswith('CMD ["python", "-m", "app.healthcheck"]'), check
+    assert "/ready" not in check
 
 
 def _uv_syncs(stage: list[tuple[str, str]]) -> list[list[str]]:
@@ -292,6 +293,8 @@ def test_run_procfile_execs_the_procfile_line_with_its_defaults(tmp_path: Path, 
     assert result.stdout == _expanded(line, env)
     if "PORT" in line:
         assert "8123" in result.stdout
+    # What the image's health check reads to know which endpoint to ask (app/healthcheck.py).
+    assert (tmp_path / "process-type").read_text(encoding="utf-8") == f"{process_type}\n"
 
 
 def test_run_procfile_refuses_an_unknown_process_type(tmp_path: Path) -> None:
@@ -319,6 +322,11 @@ def test_compose_web_publishes_the_port_it_listens_on() -> None:
     port = environment(web).get("PORT", "8000")
     assert port == "8000"
     assert container_ports(web) == {port}
+
+
+@pytest.mark.parametrize("name", ["web", "worker"])
+def test_compose_checks_health_with_the_images_check(name: str) -> None:
+    assert command_tokens(service(name)["healthcheck"]["test"]) == ["CMD", "python", "-m", "app.healthcheck"]
 
 
 def test_compose_images_are_version_tags() -> None:
