@@ -7,8 +7,8 @@
 #
 # The commands themselves live in one place, the Procfile: `run-procfile TYPE` execs
 # the Procfile's TYPE line through /bin/sh (so ${PORT:-8000} and the other defaults
-# expand as they do under honcho). docker-compose.yml and railway*.toml name process
-# types, never commands; tests/unit/test_deploy_files.py checks that they agree.
+# expand as they do under honcho). docker-compose.yml and .railway/railway.py name process
+# types, never commands; tests/unit/test_deploy_files.py and test_railway_iac.py check that they agree.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -59,8 +59,10 @@ RUN printf '%s\n' \
       'procfile="${PROCFILE:-/app/Procfile}"' \
       'line="$(sed -n "s/^${type}:[[:space:]]*//p" "$procfile")"' \
       'if [ -z "$line" ]; then echo "run-procfile: no ${type}: line in ${procfile}" >&2; exit 64; fi' \
-      '# What the health check (python -m app.healthcheck) asks depends on the process type.' \
-      'printf "%s\\n" "$type" > "${BROWNOUT_PROCESS_TYPE_FILE:-/tmp/brownout-process-type}" 2>/dev/null || true' \
+      '# What the health check (python -m app.healthcheck) asks depends on the process type: the first' \
+      '# run-procfile of a container (its main process) records it; a later `docker exec ... run-procfile` does not.' \
+      'typefile="${BROWNOUT_PROCESS_TYPE_FILE:-/tmp/brownout-process-type}"' \
+      '[ -e "$typefile" ] || printf "%s\\n" "$type" > "$typefile" 2>/dev/null || true' \
       'eval "exec ${line}"' \
       > /usr/local/bin/run-procfile \
     && chmod 0755 /usr/local/bin/run-procfile

@@ -52,9 +52,15 @@ METRICS_PORT = 9191  # the worker's /metrics (BROWNOUT_METRICS_PORT)
 
 # Railway runs no Procfile release line: the migration is the pre-deploy command of both services (a
 # worker built from a new commit must not start on the old schema either; the second run takes the
-# advisory lock, finds the schema at head and does nothing). MIGRATION_DATABASE_URL, when set, is a
-# session-mode or direct connection: DDL and the advisory lock do not belong on a transaction pooler.
-PRE_DEPLOY = "sh -c 'DATABASE_URL=\"${MIGRATION_DATABASE_URL:-$DATABASE_URL}\" exec run-procfile release'"
+# advisory lock, finds the schema at head and does nothing). `python -m app migrate` connects with
+# MIGRATION_DATABASE_URL when it is set (a session-mode or direct connection: DDL and the advisory lock
+# do not belong on a transaction pooler), else with DATABASE_URL.
+PRE_DEPLOY = "run-procfile release"
+# The image's own entrypoint and command, refused until the password is set (see the service below).
+RABBITMQ_START = (
+    'sh -c \'if [ -z "$RABBITMQ_DEFAULT_PASS" ]; then echo "set RABBITMQ_DEFAULT_PASS first" >&2; exit 1; fi; '
+    "exec docker-entrypoint.sh rabbitmq-server'"
+)
 
 
 def _build() -> dict[str, Any]:
@@ -107,6 +113,9 @@ def main(ctx: Any = None) -> Any:
             "RABBITMQ_NODENAME": "rabbit@localhost",
         },
         volumeMounts={"/var/lib/rabbitmq": broker_data},
+        # RabbitMQ creates its user once, at first boot, and keeps it on the volume: started before its
+        # password is set, it would create the user with the image's default password ("guest") for good.
+        start=RABBITMQ_START,
         deploy={"restartPolicyType": "ALWAYS"},
     )
     web = service(

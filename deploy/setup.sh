@@ -35,8 +35,15 @@ if [[ "$("$UV" --version 2>/dev/null)" != "uv $UV_VERSION"* ]]; then
     .tools/uv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
 fi
 
+# Without UV_PYTHON, .venv gets the oldest Python Brownout supports (3.11: what CI must test) where the
+# machine has one, else python3.
+if [[ -z "${UV_PYTHON:-}" ]]; then
+    if ! UV_PYTHON=$("$UV" python find --system 3.11 2>/dev/null); then
+        UV_PYTHON=$(command -v python3)
+        echo "setup: no Python 3.11 found; .venv uses $("$UV_PYTHON" --version)" >&2
+    fi
+fi
+export UV_PYTHON UV_PYTHON_DOWNLOADS=never
 # --frozen: install what uv.lock says, never re-resolve (a stale lock fails `uv lock --check` in deploy/test.sh).
-# Without UV_PYTHON, the venv is made with this machine's python3 (the oldest supported, 3.11, on Debian 12).
-export UV_PYTHON="${UV_PYTHON:-$(command -v python3)}" UV_PYTHON_DOWNLOADS=never
 "$UV" sync --frozen --all-groups --quiet
 echo "setup: ready (${UV_PROJECT_ENVIRONMENT:-.venv} from uv.lock$([[ "${BROWNOUT_SKIP_SERVICES:-}" == 1 ]] || echo ", PostgreSQL, RabbitMQ, Redis"))"

@@ -2,22 +2,25 @@
 # Set everything up, then lint, type-check and run the whole test suite against the real services.
 #
 #   bash deploy/test.sh                   # everything (CI): the lock, lint, types, the whole suite on the
-#                                         # oldest supported Python, then the newest Python of this machine
+#                                         # oldest supported Python (3.11), then the newest Python of this machine
 #   bash deploy/test.sh tests/unit -x     # extra arguments go to pytest, on .venv only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 source deploy/local-env.sh
 
-newest_python() {  # the newest python3.N on this machine (PATH, pyenv) that is newer than python3, if any
-    local oldest best="" best_minor candidate found
-    oldest=$(python3 -c 'import sys; print(sys.version_info[1])')
+newest_python() {  # the newest final, GIL-enabled Python 3 on this machine (PATH, pyenv) newer than .venv's, if any
+    local probe='import sys, sysconfig; print(sys.version_info[1] if sys.version_info.releaselevel == "final" and not sysconfig.get_config_var("Py_GIL_DISABLED") else 0, sys.executable)'
+    local oldest best="" best_minor candidate found minor
+    oldest=$(.venv/bin/python -c 'import sys; print(sys.version_info[1])')
     best_minor=$oldest
     for candidate in $(compgen -c python3. | grep -E '^python3\.[0-9]+$' | sort -u) \
-        "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3; do
-        found=$("$candidate" -c 'import sys; print(sys.version_info[1], sys.executable)' 2>/dev/null) || continue
-        if ((${found%% *} > best_minor)); then
-            best_minor=${found%% *}
+        "${PYENV_ROOT:-${HOME:-/nonexistent}/.pyenv}"/versions/3.*/bin/python3; do
+        found=$("$candidate" -c "$probe" 2>/dev/null) || continue
+        minor=${found%% *}
+        [[ "$minor" =~ ^[0-9]+$ ]] || continue
+        if ((minor > best_minor)); then
+            best_minor=$minor
             best=${found#* }
         fi
     done

@@ -247,8 +247,11 @@ def test_web_worker_and_release_run_from_the_installed_image(
 
         assert wait_until(queued, timeout=30), "the web applied the write instead of queueing it"
         assert _count(pg_database) == 0
-        # The worker's health check fails until the worker serves its metrics.
-        assert _run(image_root, ["python", "-m", "app.healthcheck"], worker_env).returncode == 1
+        # The worker's health check fails until the worker serves its metrics (its type recorded as
+        # run-procfile will record it, so the check asks /metrics, not the web's port).
+        Path(worker_env["BROWNOUT_PROCESS_TYPE_FILE"]).write_text("worker\n", encoding="utf-8")
+        before = _run(image_root, ["python", "-m", "app.healthcheck"], worker_env)
+        assert before.returncode == 1 and f":{metrics_port}/metrics" in before.stderr, before.stderr
         with process(image_root, ["run-procfile", "worker"], worker_env):
             assert wait_until(lambda: _count(pg_database) == 1, timeout=90), "the worker did not apply the write"
             assert wait_until(

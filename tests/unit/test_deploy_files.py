@@ -244,7 +244,7 @@ def test_the_image_and_the_set_up_install_the_same_uv() -> None:
 def _fake_commands(tmp_path: Path) -> Path:
     """A bin directory where each Procfile line's program prints its name and arguments."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     for line in procfile().values():
         program = shlex.split(line)[0]
         fake = bin_dir / program
@@ -293,7 +293,11 @@ def test_run_procfile_execs_the_procfile_line_with_its_defaults(tmp_path: Path, 
     assert result.stdout == _expanded(line, env)
     if "PORT" in line:
         assert "8123" in result.stdout
-    # What the image's health check reads to know which endpoint to ask (app/healthcheck.py).
+    # What the image's health check reads to know which endpoint to ask (app/healthcheck.py)...
+    assert (tmp_path / "process-type").read_text(encoding="utf-8") == f"{process_type}\n"
+    # ...recorded by the container's main process only: a later run-procfile (docker exec) keeps it.
+    other = "release" if process_type != "release" else "web"
+    assert _launch(tmp_path, other, env).returncode == 0
     assert (tmp_path / "process-type").read_text(encoding="utf-8") == f"{process_type}\n"
 
 

@@ -102,7 +102,7 @@ def _yaml() -> Any:
     try:
         return importlib.import_module("yaml")
     except ImportError:
-        _missing("PyYAML", "the project's dev extra: pip install -e '.[dev]'")
+        _missing("PyYAML", "the project's test dependency group: bash deploy/setup.sh")
 
 
 def _load_yaml(path: Path) -> Any:

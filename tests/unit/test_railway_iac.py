@@ -162,26 +162,28 @@ def test_replicas_and_the_connection_budget_agree(resources: dict[str, Any], nam
 
 
 @pytest.mark.parametrize("name", [WEB, WORKER])
-@pytest.mark.parametrize("migration_url", [None, "postgresql://session-mode:5432/db"])
-def test_pre_deploy_migrates_through_the_migration_url_when_set(
-    tmp_path: Path, resources: dict[str, Any], name: str, migration_url: str | None
-) -> None:
-    """Run the preDeployCommand's shell with a fake run-procfile that reports what it was given."""
+def test_pre_deploy_runs_the_release_line(resources: dict[str, Any], name: str) -> None:
+    """The migration; `python -m app migrate` itself prefers MIGRATION_DATABASE_URL (tests/integration/test_migrations.py)."""
+    (command,) = node(resources, name)["deploy"]["preDeployCommand"]
+    assert_runs_process(command_tokens(command), "release", f"{name}'s preDeployCommand")
+    assert "migrate" in procfile()["release"]
+
+
+@pytest.mark.parametrize("password", ["", "0123abcd"])
+def test_rabbitmq_refuses_to_start_without_its_password(tmp_path: Path, resources: dict[str, Any], password: str) -> None:
+    """Started without it, RabbitMQ would create its user with the default password, once and for good."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "run-procfile"
-    fake.write_text('#!/bin/sh\necho "$1 $DATABASE_URL"\n', encoding="utf-8")
+    fake = bin_dir / "docker-entrypoint.sh"
+    fake.write_text('#!/bin/sh\necho "entrypoint $*"\n', encoding="utf-8")
     fake.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DATABASE_URL": "postgresql://transaction-pooler:6543/db"}
-    if migration_url:
-        env["MIGRATION_DATABASE_URL"] = migration_url
-    (command,) = node(resources, name)["deploy"]["preDeployCommand"]
-    tokens = command_tokens(command)
-    assert tokens[0] in ("sh", "/bin/sh")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RABBITMQ_DEFAULT_PASS": password}
+    tokens = command_tokens(node(resources, RABBITMQ)["deploy"]["startCommand"])
     result = subprocess.run(tokens, env=env, capture_output=True, text=True, timeout=30, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["release", migration_url or env["DATABASE_URL"]]
-    assert "migrate" in procfile()["release"]
+    if password:
+        assert (result.returncode, result.stdout.strip()) == (0, "entrypoint rabbitmq-server")
+    else:
+        assert result.returncode != 0 and "RABBITMQ_DEFAULT_PASS" in result.stderr and not result.stdout
 
 
 # ---------------------------------------------------------------- variables
