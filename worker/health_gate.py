@@ -43,11 +43,21 @@ every worker thread would spin on the head of the queue until the pause.
 
 The check is a ``SELECT 1`` on its own session with its own deadline
 (`check_db_health`), never through the breaker: it is how the worker learns
-the database is back. A passing check also closes the worker's breaker when it
-is open and not forced (the check is the recovery probe; otherwise every
-resumed message would meet CircuitOpenError until the breaker's own timer
-ran out and pause the worker again). A breaker forced open by an operator
-keeps the gate closed.
+the database is back. A passing check is also the breaker's recovery probe,
+when the breaker is open or half-open and not forced:
+
+- the worker's own breaker (``BROWNOUT_BREAKER_BACKEND=local``) is closed:
+  otherwise every resumed message would meet CircuitOpenError until the
+  breaker's own timer ran out and pause the worker again;
+- the fleet's breaker (``redis``) is only told the probe passed
+  (`SharedBreaker.on_health`: OPEN -> HALF_OPEN when probe-gated). Its trials
+  and success threshold close it, for every process: one worker's passing
+  ``SELECT 1`` must not close, for the whole fleet, a breaker the web opened
+  on a database that answers ``SELECT 1`` but fails real work. A refusal while
+  the fleet is HALF_OPEN (another process holds the trial) holds the batch and
+  pauses, but is no strike: it says nothing about the database.
+
+A breaker forced open by an operator keeps the gate closed.
 
 Timing: while healthy, one check every ``base_seconds``. While paused, wait
 before check n drawn uniformly from [nominal/2, nominal], nominal =
@@ -75,6 +85,7 @@ from dramatiq.middleware import Middleware
 from app.db import CircuitBreaker, CircuitOpenError, Database, DeadlineExceeded, check_db_health, classify, describe
 from app.db.circuit_breaker import BreakerState
 from app.db.health_check import DEFAULT_TIMEOUT_SECONDS, invalidate_pool
+from app.fleet.shared_breaker import SharedBreaker
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +105,16 @@ def is_unavailability(exc: BaseException) -> bool:
     if isinstance(exc, (DatabaseUnavailable, CircuitOpenError, DeadlineExceeded)):
         return True
     return isinstance(exc, Exception) and classify(exc).is_transient
+
+
+def _refused_by_a_trial_elsewhere(exc: BaseException) -> bool:
+    """A HALF_OPEN breaker refused the call: another process holds the trial. Not news about the database."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, CircuitOpenError):
+            return seen.state == BreakerState.HALF_OPEN.value
+        seen = seen.__cause__
+    return False
 
 
 @contextmanager
@@ -150,6 +171,7 @@ class HealthGate(Middleware):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._tripped = threading.Event()
+        self._strike_trip = True
         self._held = threading.local()
         self._worker: dramatiq.Worker | None = None
         self._thread: threading.Thread | None = None
@@ -186,8 +208,9 @@ class HealthGate(Middleware):
         nominal = min(self.cap_seconds, self.base_seconds * 2.0 ** (strike - 1))
         return self._rng.uniform(nominal / 2, nominal)
 
-    def trip(self) -> None:
-        """Pause now: an actor found the database unreachable."""
+    def trip(self, *, strike: bool = True) -> None:
+        """Pause now: an actor found the database unreachable (*strike*: count it towards the backoff)."""
+        self._strike_trip = strike
         self._tripped.set()
         self._wake.set()
 
@@ -223,7 +246,7 @@ class HealthGate(Middleware):
             self._held.message = message
             self.held += 1
             log.info("message %s held: the database is unavailable (%s)", message.message_id, exception)
-            self.trip()
+            self.trip(strike=not _refused_by_a_trial_elsewhere(exception))
         elif exception is None:
             self.strikes = 0
 
@@ -246,10 +269,11 @@ class HealthGate(Middleware):
             self._wake.clear()
             tripped = self._tripped.is_set()
             self._tripped.clear()
+            strike = True
             if tripped and not self.paused:
-                healthy = False
+                healthy, strike = False, self._strike_trip
             else:
-                healthy = self._healthy()
+                healthy = self.probe()
             if self._stopping.is_set():
                 return
             if healthy:
@@ -259,15 +283,17 @@ class HealthGate(Middleware):
                     log.warning("health gate: database is back; consuming again")
                 delay = self.base_seconds
             else:
-                self.strikes += 1
+                if strike:
+                    self.strikes += 1
                 if not self.paused:
                     log.warning("health gate: database unavailable; pausing consumption")
                     if not self._pause(worker):
                         return
-                delay = self.wait_before_check(self.strikes)
+                delay = self.wait_before_check(max(1, self.strikes))
             self._wake.wait(delay)
 
-    def _healthy(self) -> bool:
+    def probe(self) -> bool:
+        """Run the check once; True when the database answers. A pass is the breaker's recovery probe."""
         breaker = self._breaker
         if breaker is not None and breaker.forced is BreakerState.OPEN:
             return False
@@ -277,7 +303,10 @@ class HealthGate(Middleware):
             log.exception("health gate: the check itself failed")
             return False
         if healthy and breaker is not None and breaker.forced is None and breaker.state is not BreakerState.CLOSED:
-            breaker.reset()  # this check is the breaker's recovery probe
+            if isinstance(breaker, SharedBreaker) and breaker.shared:
+                breaker.on_health({"healthy": True})  # the fleet's trials decide, not this SELECT 1
+            else:
+                breaker.reset()
         return healthy
 
     def _pause(self, worker: dramatiq.Worker) -> bool:
