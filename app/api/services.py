@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.api.breaker_override import BreakerOverride
 from app.api.reads import NotificationReads
 from app.api.writes import NotificationWrites, pending_item
 from app.cache.pending import PendingWrites
@@ -20,6 +19,7 @@ from app.dispatch.dead_letters import count_unreplayed
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.queue_depth import QueueDepth
 from app.fleet.assembly import build_database, build_monitor, stop_breaker
+from app.fleet.breaker_override import BreakerOverride
 from app.observability.logs import DegradedModeLog
 from app.observability.metrics import Metrics
 from app.settings import Settings
