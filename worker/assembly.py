@@ -10,6 +10,7 @@ from __future__ import annotations
 from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
 from app.cache.applied_elsewhere import AppliedElsewhere
+from app.cache.redis_link import build_redis_link
 from app.db import Database
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
@@ -21,6 +22,7 @@ from worker.email import EmailRuntime, declare_email_actor
 from worker.health_gate import HealthGate
 from worker.metrics import WorkerMetrics
 from worker.outbox import OutboxRelayMiddleware
+from worker.override import FollowBreakerOverride
 
 
 def dramatiq_middleware() -> list[Middleware]:
@@ -56,6 +58,10 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
         cap_seconds=settings.worker_gate_cap_seconds,
         timeout=settings.health_timeout_seconds,
     )
+    override_link = build_redis_link(settings)
+    if override_link is not None:  # before the gate: the standing override applies before its first check
+        follow = FollowBreakerOverride(override_link, database.breaker, gate=gate, poll_seconds=settings.override_poll_seconds)
+        broker.add_middleware(follow)
     broker.add_middleware(gate)
     drain = AdaptiveDrain.for_database(
         database,

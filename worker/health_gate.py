@@ -208,6 +208,10 @@ class HealthGate(Middleware):
         nominal = min(self.cap_seconds, self.base_seconds * 2.0 ** (strike - 1))
         return self._rng.uniform(nominal / 2, nominal)
 
+    def check_now(self) -> None:
+        """Run the next check at once (the operator lifted an override: no need to wait out the backoff)."""
+        self._wake.set()
+
     def trip(self, *, strike: bool = True) -> None:
         """Pause now: an actor found the database unreachable (*strike*: count it towards the backoff)."""
         self._strike_trip = strike

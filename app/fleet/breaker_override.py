@@ -1,9 +1,9 @@
 """The operator's forced breaker state, for the whole fleet.
 
 `POST /admin/breaker` writes the action to Redis with a sequence number;
-every web process reads that record every `poll_seconds` (and the process
-that took the request at once) and applies an action it has not applied yet
-to its own breaker. A process that starts later applies the standing action
+every process that talks to the database (the web processes and the worker's)
+reads that record every `poll_seconds` (and the process that took the request
+at once) and applies an action it has not applied yet to its own breaker. A process that starts later applies the standing action
 when it starts.
 
 While Redis is down an operator action cannot reach the fleet, so it is
@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from app.cache.redis_link import RedisLink, RedisUnavailable
@@ -38,10 +39,19 @@ return record
 
 
 class BreakerOverride:
-    def __init__(self, link: RedisLink, breaker: CircuitBreaker, *, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        breaker: CircuitBreaker,
+        *,
+        poll_seconds: float,
+        on_applied: Callable[[Action], None] | None = None,
+    ) -> None:
+        """*on_applied* is told each action once this process has applied it (the worker's gate checks at once)."""
         self._link = link
         self._breaker = breaker
         self._poll_seconds = poll_seconds
+        self._on_applied = on_applied
         self._key = link.key("breaker", "override")
         self._set = link.client.register_script(_SET)
         self._seen: int | None = None
@@ -81,6 +91,8 @@ class BreakerOverride:
         else:
             self._breaker.reset()
         log.warning("breaker override applied: %s (fleet action #%s)", action, record["seq"])
+        if self._on_applied is not None:
+            self._on_applied(action)
 
     def start(self) -> BreakerOverride:
         self.sync()

@@ -1,0 +1,115 @@
+"""The operator's fleet-wide breaker override reaches the worker: while "open", queued writes wait in RabbitMQ.
+
+The production worker broker (worker.assembly) runs in-process on this test's queue, database and Redis
+prefix; the operator's action is recorded as `POST /admin/breaker` records it, by another process's
+BreakerOverride. Nothing here is faked: the worker learns of the override through Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from sqlalchemy import func, select
+
+from app.cache.redis_link import build_redis_link
+from app.db import BreakerState, CircuitBreaker, Database
+from app.dispatch.dispatcher import Dispatcher, Queued
+from app.dispatch.notifications import CREATE
+from app.fleet.breaker_override import Action, BreakerOverride
+from app.schema import notifications
+from app.settings import Settings
+from tests.support.polling import wait_until
+from worker.assembly import build_worker_broker
+
+
+@pytest.fixture
+def settings(api_settings: Callable[..., Settings]) -> Settings:
+    return api_settings(override_poll_seconds=0.1, worker_gate_base_seconds=0.2, worker_gate_cap_seconds=1.0)
+
+
+@pytest.fixture
+def database(settings: Settings) -> Iterator[Database]:
+    database = Database.from_settings(settings)
+    yield database
+    database.close()
+
+
+def operator(settings: Settings, action: Action) -> None:
+    """What `POST /admin/breaker` does in a web process: record the action for the fleet."""
+    link = build_redis_link(settings)
+    assert link is not None
+    BreakerOverride(link, CircuitBreaker(), poll_seconds=60).apply(action)
+
+
+def count(database: Database) -> int:
+    with database.session() as session:
+        return int(session.execute(select(func.count()).select_from(notifications)).scalar_one())
+
+
+def enqueue(settings: Settings, database: Database, key: str) -> None:
+    dispatcher = Dispatcher.from_settings(settings, database)
+    try:
+        body: dict[str, Any] = {"user_id": 5, "email": "ada@example.com", "subject": key, "body": "b"}
+        assert isinstance(dispatcher.enqueue(dispatcher.accept(CREATE, body, idempotency_key=key)), Queued)
+    finally:
+        dispatcher.close()
+
+
+def stays(predicate: Callable[[], bool], seconds: float) -> bool:
+    """*predicate* holds throughout *seconds* (several gate checks and override polls)."""
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        if not predicate():
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def start_worker(settings: Settings, make_database: Callable[..., Database]) -> Iterator[Callable[[], Database]]:
+    started: list[tuple[dramatiq.Worker, Any]] = []
+
+    def start() -> Database:
+        worker_database = make_database()  # this test's database: the worker's own pool and breaker
+        broker = build_worker_broker(settings, worker_database)
+        worker = dramatiq.Worker(broker, queues={settings.queue_name}, worker_threads=2, worker_timeout=100)
+        worker.start()
+        started.append((worker, broker))
+        return worker_database
+
+    yield start
+    for worker, broker in started:
+        worker.stop(timeout=10_000)
+        broker.close()
+
+
+def test_a_standing_open_override_keeps_queued_writes_in_rabbitmq_until_lifted(
+    settings: Settings, database: Database, start_worker: Callable[[], Database]
+) -> None:
+    operator(settings, "open")
+    enqueue(settings, database, "while-open")
+    worker_database = start_worker()
+    assert wait_until(lambda: worker_database.breaker.forced is BreakerState.OPEN, timeout=5)
+    assert stays(lambda: count(database) == 0, 1.5), "the worker applied a write while the operator held it open"
+    operator(settings, "reset")
+    assert wait_until(lambda: count(database) == 1, timeout=10)
+
+
+def test_an_open_override_during_the_run_stops_the_worker_and_close_resumes_it(
+    settings: Settings, database: Database, start_worker: Callable[[], Database]
+) -> None:
+    worker_database = start_worker()
+    enqueue(settings, database, "before")
+    assert wait_until(lambda: count(database) == 1, timeout=10)
+    operator(settings, "open")
+    assert wait_until(lambda: worker_database.breaker.forced is BreakerState.OPEN, timeout=5)
+    enqueue(settings, database, "during")
+    assert stays(lambda: count(database) == 1, 1.5), "the worker applied a write while the operator held it open"
+    lifted = time.monotonic()
+    operator(settings, "close")
+    assert wait_until(lambda: count(database) == 2, timeout=10)
+    assert time.monotonic() - lifted < 5  # the gate checked at once, not after its backoff
