@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
     listing.add_argument("--limit", type=int, default=50)
     show = actions.add_parser("show", help="one dead letter, with its message")
     show.add_argument("id", type=int)
-    replay = actions.add_parser("replay", help="publish the message again, unchanged (once its cause is fixed)")
+    replay = actions.add_parser("replay", help="publish the message again, its replay count one higher (once its cause is fixed)")
     replay.add_argument("id", type=int)
     purge = actions.add_parser("purge", help="delete dead letters older than the retention")
     purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_DEAD_LETTER_RETENTION_DAYS")
@@ -52,7 +52,7 @@ def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
     if not settings.rabbitmq_url:
         print("brownout: RABBITMQ_URL is required to replay")
         return 2
-    message = dead_letters.as_message(row)
+    message = dead_letters.for_replay(row)
     with Publisher(
         url=settings.rabbitmq_url,
         queue_name=message.queue_name,

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Sequence,
     Table,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -91,13 +92,17 @@ dead_letters = Table(
     "dead_letters",
     metadata,
     Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("message_id", Text, nullable=False, index=True),
+    Column("message_id", Text, nullable=False),
     Column("queue_name", Text, nullable=False),
     Column("actor_name", Text, nullable=False),
     Column("message", JSONB, nullable=False),  # the whole Dramatiq message, replayable as is
     Column("reason", Text, nullable=False),
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("replayed_at", DateTime(timezone=True), nullable=True),
+    # The message's replay count (app/dispatch/dead_letters.py): one row per message and attempt, so storing
+    # a dead letter again after a lost COMMIT finds the row, and a replay that fails again is a row of its own.
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    UniqueConstraint("message_id", "attempt", name="dead_letters_message_attempt"),
 )
 
 outbox = Table(

@@ -256,7 +256,8 @@ def dead_letter(database: Database, message: dramatiq.Message[Any], reason: str)
     """Keep *message* with *reason*; raises if the database cannot take it (then the message
     is held by the health gate or retried, never lost)."""
     with database.session() as session:
-        dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, message, reason), idempotent=False)
+        # Idempotent per message and attempt: a COMMIT lost with the connection is retried, never a second row.
+        dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, message, reason), idempotent=True)
     log.error("%s %s dead-lettered as #%d: %s", message.actor_name, message.message_id, dead_letter_id, reason)
     return dead_letter_id
 

@@ -6,8 +6,9 @@ release too long, or the database refused it permanently. Dramatiq's own
 dead-letter queue expires messages after 7 days, so they are kept in
 PostgreSQL instead, whole (the Dramatiq message as JSON), with the reason, for
 `BROWNOUT_DEAD_LETTER_RETENTION_DAYS` (90). `python -m app dead-letters`
-lists, shows, replays (publishes the message again, unchanged, once the cause
-is fixed: the apply step's idempotency makes a double replay harmless) and
+lists, shows, replays (publishes the message again once the cause is fixed,
+its replay count one higher: the apply step's idempotency makes a double replay
+harmless, and a replay that fails again is a dead letter of its own) and
 purges them.
 """
 
@@ -18,32 +19,57 @@ from typing import Any
 
 import dramatiq
 from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.schema import dead_letters
 
 MAX_REASON = 2000
+REPLAYS_OPTION = "brownout_replays"
+"""How many times the message was replayed from here: its dead letter's attempt, so storing it is idempotent
+per delivery (a replay republishes the same message id) and a replay that fails again is a new row."""
+
+
+def attempt_of(message: dramatiq.Message[Any]) -> int:
+    replays = message.options.get(REPLAYS_OPTION, 0)
+    return replays if isinstance(replays, int) and not isinstance(replays, bool) and replays >= 0 else 0
 
 
 def store(session: Session, message: dramatiq.Message[Any], reason: str) -> int:
-    """Keep *message* with *reason*; commit; return the dead letter's id."""
+    """Keep *message* with *reason*; commit; return the dead letter's id.
+
+    Idempotent: storing the same message and attempt again (a retry after a COMMIT whose outcome was
+    lost) returns the row already there."""
     raw = message.asdict()
     body = _storable(raw)
     if body != raw:
         reason += " (NUL characters in the message are kept as the text \\u0000)"
+    attempt = attempt_of(message)
     row_id = session.execute(
-        dead_letters.insert()
+        insert(dead_letters)
         .values(
             message_id=message.message_id,
+            attempt=attempt,
             queue_name=message.queue_name,
             actor_name=message.actor_name,
             message=body,
             reason=_storable(reason)[:MAX_REASON],
         )
+        .on_conflict_do_nothing(constraint="dead_letters_message_attempt")
         .returning(dead_letters.c.id)
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if row_id is None:
+        row_id = session.execute(
+            select(dead_letters.c.id).where(dead_letters.c.message_id == message.message_id, dead_letters.c.attempt == attempt)
+        ).scalar_one()
     session.commit()
     return int(row_id)
+
+
+def for_replay(row: dict[str, Any]) -> dramatiq.Message[Any]:
+    """The dead letter's message as it is published again: the same message, one replay more."""
+    message = as_message(row)
+    return message.copy(options={**message.options, REPLAYS_OPTION: attempt_of(message) + 1})
 
 
 def _storable(value: Any) -> Any:

@@ -69,6 +69,19 @@ def user_tables(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names()) - {"alembic_version"}
 
 
+def schema_of(engine: Engine) -> dict[str, Any]:
+    """Tables with their columns, constraints and indexes, as the database reports them."""
+    inspector = inspect(engine)
+    return {
+        table: {
+            "columns": [(column["name"], str(column["type"]), column["nullable"]) for column in inspector.get_columns(table)],
+            "unique": sorted((c["name"], tuple(c["column_names"])) for c in inspector.get_unique_constraints(table)),
+            "indexes": sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
+        }
+        for table in sorted(user_tables(engine))
+    }
+
+
 def test_the_migrations_never_import_the_models() -> None:
     """The class of defect, at its root: a migration importing app.* builds from today's models."""
     for path in sorted(VERSIONS.glob("*.py")):
@@ -134,11 +147,11 @@ def test_every_revision_walks_down_and_up_again(url: str, engine: Engine) -> Non
     assert revisions[0] == "0001" and len(revisions) >= 3
     for revision in revisions:
         command.upgrade(config, revision)
-        tables_here = user_tables(engine)
+        here = schema_of(engine)
         command.downgrade(config, "-1")
-        assert user_tables(engine) < tables_here, f"downgrading {revision} removed nothing"
+        assert schema_of(engine) != here, f"downgrading {revision} changed nothing"
         command.upgrade(config, revision)
-        assert user_tables(engine) == tables_here
+        assert schema_of(engine) == here, f"{revision} down and up again is not what it was"
     assert model_differences(engine) == []
     command.downgrade(config, "base")
     assert user_tables(engine) == set()
@@ -165,6 +178,10 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
             {"message_id": "m-1", "queue_name": "q", "actor_name": "a", "message": '{"x": 1}', "reason": "r"},
         ),
         "0003": ("outbox", {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}"}),
+        "0004": (
+            "dead_letters",
+            {"message_id": "m-2", "attempt": 1, "queue_name": "q", "actor_name": "a", "message": "{}", "reason": "again"},
+        ),
     }
     assert set(written) == set(revisions_base_to_head()), "add a row for the new revision here"
 
@@ -179,7 +196,9 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
             for revision, (table, row) in written.items():
                 if revision > up_to:
                     continue
-                found = connection.execute(text(f"SELECT {', '.join(row)} FROM {table}")).mappings().all()
+                key = next(iter(row))  # each row is found by its first column
+                query = text(f"SELECT {', '.join(row)} FROM {table} WHERE {key} = :key")
+                found = connection.execute(query, {"key": row[key]}).mappings().all()
                 assert len(found) == 1, (table, found)
                 for name, value in row.items():
                     expected = json.loads(value) if name in ("message", "payload") else value  # JSONB comes back decoded
@@ -223,3 +242,28 @@ def test_migrate_connects_with_the_migration_url_when_set(url: str, engine: Engi
     )
     assert result.returncode == 0, result.stderr
     assert user_tables(engine) == set(metadata.tables)
+
+
+def test_dead_letters_kept_before_attempts_are_numbered_in_the_order_written(url: str, engine: Engine) -> None:
+    """0004 keys dead letters by message and attempt: rows of earlier replays that failed again (same message
+    id) get attempts 0, 1, ... in the order they were written, and the constraint then holds."""
+    config = alembic_config(url)
+    command.upgrade(config, "0003")
+    insert = text(
+        "INSERT INTO dead_letters (message_id, queue_name, actor_name, message, reason) VALUES (:m, 'q', 'a', '{}', :r)"
+    )
+    with engine.begin() as connection:
+        for message_id, reason in (("m-1", "first"), ("m-2", "other"), ("m-1", "after a replay"), ("m-1", "third")):
+            connection.execute(insert, {"m": message_id, "r": reason})
+    command.upgrade(config, "0004")
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT message_id, attempt, reason FROM dead_letters ORDER BY id")).all()
+    assert [tuple(row) for row in rows] == [
+        ("m-1", 0, "first"),
+        ("m-2", 0, "other"),
+        ("m-1", 1, "after a replay"),
+        ("m-1", 2, "third"),
+    ]
+    command.downgrade(config, "0003")
+    command.upgrade(config, "head")
+    assert model_differences(engine) == []

@@ -1,0 +1,36 @@
+"""Dead letters in PostgreSQL: one row per message and attempt; a replay that fails again is a new row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import dramatiq
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.dispatch import dead_letters
+from app.schema import dead_letters as table
+from app.schema import upgrade_database
+from tests.conftest import database_url
+
+
+def test_storing_is_idempotent_per_attempt_and_a_replay_is_a_new_attempt(
+    make_database: Callable[..., Database], pg_database: str
+) -> None:
+    upgrade_database(database_url(pg_database))
+    db = make_database()
+    message = dramatiq.Message(queue_name="q", actor_name="a", args=({"x": 1},), kwargs={}, options={})
+    with db.session() as s:
+        first = dead_letters.store(s, message, "bad payload")
+        again = dead_letters.store(s, message, "bad payload (stored again after a lost COMMIT)")
+        assert again == first
+        row = dead_letters.fetch(s, first)
+        assert row is not None
+        dead_letters.mark_replayed(s, first)
+        replayed = dead_letters.for_replay(row)
+        assert replayed.message_id == message.message_id and replayed.options[dead_letters.REPLAYS_OPTION] == 1
+        second = dead_letters.store(s, replayed, "failed again")
+        assert second != first
+        assert dead_letters.count_unreplayed(s) == 1  # the new failure shows, though the message was replayed
+        assert dead_letters.for_replay(dead_letters.fetch(s, second) or {}).options[dead_letters.REPLAYS_OPTION] == 2
+        assert s.execute(select(func.count()).select_from(table)).scalar_one() == 2
