@@ -54,6 +54,7 @@ class Services:
         database.breaker.add_listener(DegradedModeLog())
         metrics.queue_max_length.set(settings.queue_max_length)
         dispatcher = Dispatcher.from_settings(settings, database)
+        dispatcher.on_publisher_restart(metrics.publisher_restarts.inc)
         cache = pending = override = None
         if link is not None:
             cache = ReadCache(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -129,6 +129,16 @@ class Dispatcher:
         """The publisher's connection state ("ready", "disconnected", ...), None without a queue."""
         state = getattr(self._publisher, "state", None)
         return None if self._publisher is None else str(getattr(state, "value", state))
+
+    @property
+    def publisher_restarts(self) -> int:
+        """Times the publisher's I/O thread was found dead and started again (0 without a queue)."""
+        return int(getattr(self._publisher, "restarts", 0))
+
+    def on_publisher_restart(self, callback: Callable[[], None]) -> None:
+        """Tell *callback* each time the publisher's I/O thread is started again (a metric)."""
+        if self._publisher is not None and hasattr(self._publisher, "on_restart"):
+            self._publisher.on_restart = callback
 
     def close(self) -> None:
         if self._owned_publisher is not None:

@@ -38,6 +38,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -131,26 +132,36 @@ class Publisher:
         self._lock = threading.Lock()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.restarts = 0
+        """Times the I/O thread was found dead and started again (`brownout_publisher_restarts_total`)."""
+        self.on_restart: Callable[[], None] | None = None
+        rng = rng or random.Random()
+        declarations = queue_declarations(queue_name, max_length=max_length, queue_type=queue_type, delivery_limit=delivery_limit)
+
+        def new_link() -> PublisherLink:
+            return PublisherLink(
+                parameters=parameters,
+                queue_name=queue_name,
+                declarations=declarations,
+                confirm_timeout=confirm_timeout,
+                connect_timeout=connect_timeout,
+                reconnect_base=reconnect_base,
+                reconnect_cap=reconnect_cap,
+                rng=rng,
+                where=mask_secrets(url),
+            )
+
+        self._new_link = new_link
         # The I/O thread's side; callers only read its state.
-        self._link = PublisherLink(
-            parameters=parameters,
-            queue_name=queue_name,
-            declarations=queue_declarations(
-                queue_name, max_length=max_length, queue_type=queue_type, delivery_limit=delivery_limit
-            ),
-            confirm_timeout=confirm_timeout,
-            connect_timeout=connect_timeout,
-            reconnect_base=reconnect_base,
-            reconnect_cap=reconnect_cap,
-            rng=rng or random.Random(),
-            where=mask_secrets(url),
-        )
+        self._link = new_link()
 
     # Caller side ---------------------------------------------------------
 
     @property
     def state(self) -> PublisherState:
-        """The connection's state, for readiness reporting."""
+        """The connection's state, for readiness reporting (a dead I/O thread is restarted on the way)."""
+        with self._lock:
+            self._restart_if_dead()
         return self._link.state
 
     def start(self) -> Publisher:
@@ -158,10 +169,28 @@ class Publisher:
         with self._lock:
             if self._thread is not None or self._closing:
                 raise RuntimeError("a Publisher is started once, before close()")
-            self._link.ioloop = IOLoop()
-            self._thread = threading.Thread(target=self._link.run, name=f"brownout-publisher-{self._queue_name}", daemon=True)
-            self._thread.start()
+            self._start_thread()
         return self
+
+    def _start_thread(self) -> None:
+        self._link.ioloop = IOLoop()
+        self._thread = threading.Thread(target=self._link.run, name=f"brownout-publisher-{self._queue_name}", daemon=True)
+        self._thread.start()
+
+    def _restart_if_dead(self) -> bool:
+        """Under _lock: when the I/O thread died (a bug in pika or in the link's recovery), start a new one on a
+        fresh link and return True. Its requests were resolved as it exited; nothing would serve new ones,
+        and a callback handed to its closed loop is accepted silently: each write would wait out its timeout."""
+        thread = self._thread
+        if thread is None or thread.is_alive() or self._closing:
+            return False
+        self.restarts += 1
+        log.error("RabbitMQ publisher I/O thread died; starting a new one (restart %d)", self.restarts)
+        self._link = self._new_link()
+        self._start_thread()
+        if self.on_restart is not None:
+            self.on_restart()
+        return True
 
     def close(self) -> None:
         """Stop publishing and disconnect, within about CLOSE_GRACE_SECONDS; safe to call twice."""
@@ -198,6 +227,8 @@ class Publisher:
         with self._lock:
             if self._closing or self._link.ioloop is None:
                 raise self._link.rejection(RejectReason.CLOSED)
+            if self._restart_if_dead():  # rejected at once: the new thread is still connecting
+                raise self._link.rejection(RejectReason.UNREACHABLE, "publisher restarting")
             self._link.incoming.append(request)
             self._link.ioloop.add_callback_threadsafe(self._link.take_incoming)
         try:

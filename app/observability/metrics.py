@@ -58,6 +58,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.publisher_restarts = Counter(
+            "brownout_publisher_restarts_total",
+            "Times a web process found its RabbitMQ publisher's I/O thread dead and started a new one.",
+            registry=r,
+        )
         self.breaker_transitions = Counter(
             "brownout_breaker_transitions_total", "Breaker transitions, by new state.", ["breaker", "to"], registry=r
         )

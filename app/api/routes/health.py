@@ -55,7 +55,11 @@ def ready(services: ServicesDep) -> JSONResponse:
         "database": database,
         "breaker": breaker.snapshot(),
         "redis": redis,
-        "rabbitmq": {"publisher": publisher, "queue": services.queue_depth.read() if services.queue_depth else None},
+        "rabbitmq": {
+            "publisher": publisher,
+            "publisher_restarts": services.dispatcher.publisher_restarts,
+            "queue": services.queue_depth.read() if services.queue_depth else None,
+        },
         "time": time.time(),
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
