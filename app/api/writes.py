@@ -75,7 +75,10 @@ class NotificationWrites:
         if isinstance(outcome, Applied):
             item = outcome.result
             self._write_through(item, created=name == CREATE)
-            return WriteResult(201 if name == CREATE else 200, public(item))
+            body = public(item)
+            if outcome.superseded:  # recorded, but a write stamped later had already set the value shown
+                body["superseded"] = True
+            return WriteResult(201 if name == CREATE else 200, body)
         if isinstance(outcome, Queued):
             self._show_pending(envelope)
             body = {"id": str(outcome.id), "command_id": str(outcome.command_id), "status": "queued"}

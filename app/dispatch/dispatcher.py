@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 import dramatiq
 from pydantic import ValidationError
+from sqlalchemy import text
 
-from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
+from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
 from app.dispatch.apply import AppliedWrite, apply_envelope
 from app.dispatch.commands import CommandError, DependencyPending, Registry
 from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
@@ -32,6 +33,10 @@ from app.dispatch.hlc import HybridClock, datetime_of
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_RECENT_HIGHEST_STAMP = text(
+    "SELECT max(accepted_stamp) FROM (SELECT accepted_stamp FROM applied_commands ORDER BY applied_at DESC LIMIT 1000) AS recent"
+)
 
 MAX_KEY_LENGTH = 200
 
@@ -97,8 +102,11 @@ class Dispatcher:
         self._owned_publisher: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, database: Database, *, registry: Registry | None = None) -> Dispatcher:
-        """The process's dispatcher with its own started publisher (closed by `close()`)."""
+    def from_settings(
+        cls, settings: Settings, database: Database, *, registry: Registry | None = None, clock: HybridClock | None = None
+    ) -> Dispatcher:
+        """The process's dispatcher with its own started publisher (closed by `close()`), its clock seeded
+        from the database (`seed_clock`)."""
         from app.dispatch.notifications import build_registry
         from app.dispatch.publisher import Publisher
 
@@ -120,9 +128,30 @@ class Dispatcher:
             queue_name=settings.queue_name,
             request_deadline=settings.request_db_deadline_seconds,
             publish_timeout=settings.publish_timeout_seconds,
+            clock=clock,
         )
         dispatcher._owned_publisher = publisher
+        dispatcher.seed_clock(deadline=max(settings.request_db_deadline_seconds, settings.health_timeout_seconds))
         return dispatcher
+
+    def seed_clock(self, *, deadline: float) -> int | None:
+        """Fold the highest stamp recently applied into the clock; return it (None: nothing, or no database).
+
+        A process that restarts on a host whose wall clock stepped back, or a replica whose clock runs
+        behind, would otherwise stamp a write below one already applied, and that write would lose
+        (superseded) though it came later. Among the 1000 most recent applies (an index scan): a write
+        applied long ago has a stamp the wall clock has long passed. A database down at start-up is
+        no reason not to start: the clock then runs on the wall clock alone, as before."""
+        try:
+            with self._database.session() as session:
+                highest = execute_with_retry(session, lambda: session.execute(_RECENT_HIGHEST_STAMP).scalar(), deadline=deadline)
+        except Exception as exc:
+            log.warning("acceptance clock not seeded from the database (%s): the wall clock alone", describe(exc))
+            return None
+        if highest is None:
+            return None
+        self.clock.observe(int(highest))
+        return int(highest)
 
     @property
     def publisher_state(self) -> str | None:
@@ -183,6 +212,7 @@ class Dispatcher:
         if self._database.breaker.refuse_now() is None:  # a refusal is counted, and the write queued
             applied = self._apply_now(envelope)
             if applied is not None:
+                self.clock.observe(int(applied.result.get("read_stamp") or 0))  # a later stamp set by another process
                 return Applied(
                     command_id=applied.command_id,
                     id=applied.entity_id,
