@@ -117,6 +117,9 @@ outbox = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("published_at", DateTime(timezone=True), nullable=True),  # NULL: not yet handed to RabbitMQ
     Index("outbox_unpublished", "created_at", postgresql_where=text("published_at IS NULL")),
+    # A relay's claim on an unpublished row while it publishes it (worker/outbox.py): no row lock is held
+    # across that network I/O; a claim that outlives its relay expires and the row is relayed again.
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
 )
 
 email_sends = Table(

@@ -4,15 +4,16 @@ What is promised: every notification's email is handed to the SMTP server at
 least once, and in all but one window exactly once. A job (published by the
 outbox relay, worker/outbox.py, possibly more than once) is handled as:
 
-1. In one transaction: lock the job's outbox row (``FOR UPDATE SKIP LOCKED``)
-   and look up the send record (``email_sends``, keyed by the Message-ID).
-   Recorded: the email went out already; acknowledge (a duplicate job, a
-   redelivery). Row locked by another thread or worker: that one is sending
-   it now; raise `SendInProgress`, so the job is retried later and then finds
-   the record.
+1. In one transaction: lock the job's outbox row (``FOR UPDATE``, waiting at
+   most ``BUSY_LOCK_TIMEOUT``: the relay holds it for milliseconds) and look
+   up the send record (``email_sends``, keyed by the Message-ID). Recorded: the
+   email went out already; acknowledge (a duplicate job, a redelivery). Row
+   still locked: another thread or worker is sending it now; raise
+   `SendInProgress`, so the job is retried later and then finds the record.
 2. Still holding the lock, send it via SMTP with ``Message-ID:
    <{notification_id}@brownout>``, the same for every attempt.
-3. Insert the send record and commit (retried up to ``record_deadline``).
+3. Insert the send record, mark the row published (the relay skips a row a
+   job holds), and commit (retried up to ``record_deadline``).
 
 **The one window for a duplicate**: the SMTP server accepted the message
 (step 2) and the process dies, or the database stays unreachable past
@@ -50,8 +51,9 @@ from urllib.parse import unquote, urlsplit
 
 import dramatiq
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.db import Database, execute_with_retry
@@ -74,6 +76,10 @@ _SCHEMES: dict[str, tuple[Security, int]] = {
 
 class EmailNotSent(Exception):
     """Raised when the SMTP server could not take the email now; Dramatiq retries it with backoff."""
+
+
+BUSY_LOCK_TIMEOUT = 0.5  # seconds a job waits for its outbox row before calling it busy
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's error code for lock_timeout
 
 
 class SendInProgress(Exception):
@@ -167,14 +173,23 @@ class _Claim(enum.Enum):
 
 
 def _claim(session: Session, job: EmailJob) -> _Claim:
-    """Lock the job's outbox row and check the send record; leaves the transaction open when MINE."""
-    locked = session.execute(
-        select(outbox.c.id).where(outbox.c.id == job.outbox_id).with_for_update(skip_locked=True)
-    ).scalar_one_or_none()
-    if locked is None:
-        exists = session.execute(select(outbox.c.id).where(outbox.c.id == job.outbox_id)).scalar_one_or_none()
+    """Lock the job's outbox row and check the send record; leaves the transaction open when MINE.
+
+    The lock is waited for briefly (BUSY_LOCK_TIMEOUT): the relay marking or claiming rows holds it for
+    milliseconds; another delivery sending this email holds it for the SMTP conversation (BUSY)."""
+    exists = session.execute(select(outbox.c.id).where(outbox.c.id == job.outbox_id)).scalar_one_or_none()
+    if exists is None:
         session.rollback()
-        return _Claim.BUSY if exists is not None else _Claim.MISSING
+        return _Claim.MISSING
+    session.execute(text(f"SET LOCAL lock_timeout = '{int(BUSY_LOCK_TIMEOUT * 1000)}ms'"))
+    try:
+        session.execute(select(outbox.c.id).where(outbox.c.id == job.outbox_id).with_for_update())
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+            raise
+        session.rollback()
+        return _Claim.BUSY
+    session.execute(text("SET LOCAL lock_timeout = 0"))
     sent = session.execute(select(email_sends.c.sent_at).where(email_sends.c.message_id == job.message_id)).first()
     if sent is not None:
         session.rollback()
@@ -218,6 +233,12 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
                 insert(email_sends)
                 .values(message_id=job.message_id, outbox_id=job.outbox_id, notification_id=job.notification_id, recipient=job.to)
                 .on_conflict_do_nothing(index_elements=["message_id"])
+            )
+            # The relay skips a row this job holds (worker/outbox.py): sent is published, whatever the relay did.
+            session.execute(
+                outbox.update()
+                .where(outbox.c.id == job.outbox_id, outbox.c.published_at.is_(None))
+                .values(published_at=func.now(), claimed_until=None)
             )
             session.commit()
 

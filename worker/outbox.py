@@ -1,18 +1,22 @@
 """The outbox relay: publish committed outbox rows as `send_email` jobs, then mark them.
 
-One pass, every ``interval`` seconds, in one transaction::
+One pass, every ``interval`` seconds, in three short steps, none holding a row lock across network I/O::
 
-    SELECT ... FROM outbox WHERE published_at IS NULL
-      ORDER BY created_at LIMIT batch FOR UPDATE SKIP LOCKED
-    publish each (durable queue, persistent, confirm awaited; message id = outbox id)
-    UPDATE outbox SET published_at = now() WHERE id IN (the confirmed ones); COMMIT
+    claim:   UPDATE outbox SET claimed_until = now() + lease
+             WHERE id IN (SELECT id ... WHERE published_at IS NULL AND claim free or expired
+                          ORDER BY created_at LIMIT batch FOR UPDATE SKIP LOCKED)   -- COMMIT
+    publish: each claimed row, in order (durable queue, persistent, confirm awaited; message id = outbox id)
+    mark:    UPDATE outbox SET published_at = now() WHERE id IN (the confirmed ones)  -- COMMIT
 
-SKIP LOCKED lets every worker process relay at once without two of them
-publishing the same row in one pass. Publish-then-mark: a crash (or a lost
-COMMIT) between the confirm and the mark leaves the row unpublished, so the
-next pass publishes it again; the duplicate job is recognisable by its message
-id and made harmless by the send record (worker/email.py). The other order
-would lose the email on that crash.
+Why claims and not ``FOR UPDATE`` held over the pass: the email job locks its row too (worker/email.py),
+and a job consumed while the relay still published the rest of its pass found its row locked, raised
+`SendInProgress` and waited for a retry, seconds later. SKIP LOCKED in the claim keeps two relays from
+claiming one row; the claim keeps the next pass of any relay off it until the lease ends.
+
+Publish-then-mark: a crash (or a lost COMMIT) between the confirm and the mark leaves the row unpublished;
+once its claim expires the next pass publishes it again; the duplicate job is recognisable by its message
+id and made harmless by the send record (worker/email.py). The other order would lose the email on that
+crash. A refused publish ends the pass and releases the claims of the rows not yet published.
 
 Never crashes its thread: a database that is down or slow (the breaker open,
 the deadline spent) or a RabbitMQ that refuses skips the pass; rows wait in
@@ -26,10 +30,11 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, or_, select
 
 from app.db import Database, describe, execute_with_retry
 from app.dispatch.outbox import EMAIL, email_message
@@ -39,14 +44,31 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_PENDING = (
-    select(outbox.c.id, outbox.c.payload)
-    .where(outbox.c.published_at.is_(None), outbox.c.kind == EMAIL)
+_CLAIMABLE = (
+    select(outbox.c.id)
+    .where(
+        outbox.c.published_at.is_(None),
+        outbox.c.kind == EMAIL,
+        or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < func.now()),
+    )
     .order_by(outbox.c.created_at)
     .limit(bindparam("batch"))
     .with_for_update(skip_locked=True)
+    .scalar_subquery()
 )
-_MARK = outbox.update().where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(published_at=func.now())
+_CLAIM = (
+    outbox.update()
+    .where(outbox.c.id.in_(_CLAIMABLE))
+    .values(claimed_until=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, bindparam("lease")))
+    .returning(outbox.c.id, outbox.c.payload, outbox.c.created_at)
+)
+# Mark and release skip a row an email job holds while it sends (worker/email.py): the relay never waits on
+# SMTP, and that job marks its row published itself when it records the send.
+_FREE_OF_THE_IDS = (
+    select(outbox.c.id).where(outbox.c.id.in_(bindparam("ids", expanding=True))).with_for_update(skip_locked=True)
+).scalar_subquery()
+_MARK = outbox.update().where(outbox.c.id.in_(_FREE_OF_THE_IDS)).values(published_at=func.now(), claimed_until=None)
+_RELEASE = outbox.update().where(outbox.c.id.in_(_FREE_OF_THE_IDS), outbox.c.published_at.is_(None)).values(claimed_until=None)
 
 
 class OutboxRelay:
@@ -76,35 +98,48 @@ class OutboxRelay:
         self._thread: threading.Thread | None = None
         self.published = 0  # jobs confirmed by RabbitMQ since start
 
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claim keeps other passes off a row: longer than a whole pass can take to publish."""
+        return self._batch * self._publish_timeout + 2 * self._db_deadline
+
     def relay_once(self) -> int:
-        """One pass: publish up to batch_size rows and mark them; return how many were marked.
+        """One pass: claim up to batch_size rows, publish them, mark them; return how many were marked.
 
         Raises what the database raises (the caller of a pass decides); a refused
         publish ends the pass early, marking only what was confirmed.
         """
         with self._database.session() as session:
-            rows = execute_with_retry(
-                session, lambda: session.execute(_PENDING, {"batch": self._batch}).mappings().all(), deadline=self._db_deadline
-            )
-            confirmed: list[uuid.UUID] = []
-            for row in rows:
-                try:
-                    self._publisher.publish(email_message(row, self._queue_name), timeout=self._publish_timeout)
-                except PublishRejected as rejected:
-                    log.warning("outbox relay: publish refused (%s); %d row(s) wait", rejected.reason, len(rows) - len(confirmed))
-                    break
-                confirmed.append(row["id"])
-                self.published += 1
-            if not confirmed:
-                session.rollback()
-                return 0
 
-            def mark() -> None:
-                session.execute(_MARK, {"ids": confirmed})
+            def claim() -> list[Any]:
+                rows = session.execute(_CLAIM, {"batch": self._batch, "lease": self.lease_seconds}).mappings().all()
                 session.commit()
+                return sorted(rows, key=lambda row: row["created_at"])
 
-            # Idempotent: marking twice is harmless. A failure here re-publishes next pass (deduplicated).
-            execute_with_retry(session, mark, deadline=self._db_deadline, idempotent=True)
+            # Idempotent: a claim that committed unseen is only a lease; its rows wait for it to end.
+            rows = execute_with_retry(session, claim, deadline=self._db_deadline, idempotent=True)
+        confirmed: list[uuid.UUID] = []
+        for row in rows:
+            try:
+                self._publisher.publish(email_message(row, self._queue_name), timeout=self._publish_timeout)
+            except PublishRejected as rejected:
+                log.warning("outbox relay: publish refused (%s); %d row(s) wait", rejected.reason, len(rows) - len(confirmed))
+                break
+            confirmed.append(row["id"])
+            self.published += 1
+        unpublished = [row["id"] for row in rows[len(confirmed) :]]
+        with self._database.session() as session:
+            for statement, ids in ((_MARK, confirmed), (_RELEASE, unpublished)):
+                if not ids:
+                    continue
+
+                def write(statement: Any = statement, ids: list[uuid.UUID] = ids) -> None:
+                    session.execute(statement, {"ids": ids})
+                    session.commit()
+
+                # Idempotent: marking or releasing twice is harmless. A failure to mark re-publishes once the
+                # claim expires (deduplicated); a failure to release only makes those rows wait for it.
+                execute_with_retry(session, write, deadline=self._db_deadline, idempotent=True)
         return len(confirmed)
 
     def start(self) -> None:

@@ -286,3 +286,17 @@ def test_rows_left_unpublished_by_a_dead_process_are_relayed_and_sent_once(
     assert sorted(smtp.recorder.message_ids()) == expected
     assert all(r["published_at"] is not None for r in outbox_rows(db))
     assert count(db, email_sends) == 2
+
+
+def test_the_relay_holds_no_row_lock_while_it_publishes_so_no_job_finds_its_row_busy(
+    db: Database, smtp: SmtpServer, processed: Processed, run_worker: Callable[[], None]
+) -> None:
+    """The relay used to keep its FOR UPDATE locks until the whole pass was published and confirmed: a job
+    consumed meanwhile found its row locked, raised SendInProgress and waited for a retry (5 s or more)."""
+    created = [direct(db).submit(CREATE, NOTE | {"subject": f"n{n}"}) for n in range(60)]
+    assert all(isinstance(outcome, Applied) for outcome in created)
+    run_worker()
+    assert wait_until(lambda: len(smtp.recorder.messages) == 60, timeout=60)
+    assert wait_until(lambda: processed.sent_ok() == 60, timeout=10)  # each job's count follows its send
+    assert processed.failed.get(SEND_EMAIL_ACTOR, 0) == 0, "jobs found their outbox row locked by the relay"
+    assert count(db, email_sends) == 60

@@ -182,6 +182,10 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
             "dead_letters",
             {"message_id": "m-2", "attempt": 1, "queue_name": "q", "actor_name": "a", "message": "{}", "reason": "again"},
         ),
+        "0005": (
+            "outbox",
+            {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}", "claimed_until": now},
+        ),
     }
     assert set(written) == set(revisions_base_to_head()), "add a row for the new revision here"
 
