@@ -165,6 +165,20 @@ class Settings(BaseSettings):
     worker_gate_cap_seconds: PositiveSeconds = Field(
         default=60.0, description="Worker health gate: longest (pre-jitter) wait between checks while the database is down."
     )
+    worker_wait_unknown_version_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=24 * 30,
+        description="How long a queued write of a version this release does not know waits for a release that "
+        "does (a rolling deploy) before it is kept as a dead letter.",
+    )
+    worker_wait_dependency_minutes: float = Field(
+        default=60.0,
+        gt=0,
+        le=24 * 60 * 7,
+        description="How long a queued mark (read/unread) waits for its notification's creation before it is "
+        "recorded as dropped.",
+    )
     worker_batch_max: int = Field(
         default=64,
         ge=1,

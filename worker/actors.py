@@ -21,8 +21,10 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   whose creation is not applied yet): deferred. The message is enqueued again
   with a delay and this delivery acknowledged, so no retry budget is spent on
   waiting. Order does not suffer from the re-enqueue: it is decided by
-  acceptance stamps, not queue position (app/dispatch/hlc.py). After
-  `max_deferrals` it becomes a dead letter.
+  acceptance stamps, not queue position (app/dispatch/hlc.py). How long each
+  may wait, and how the wait ends, is app/dispatch/waiting.py: an unknown
+  version becomes a dead letter (to replay once its release is out), a mark
+  whose notification never came is recorded ``dropped``.
 - The database unreachable (breaker open, deadline spent, a transient failure
   that outlasts the retry schedule) for the batch, or a dead letter or a
   deferral that cannot be kept: the whole batch is raised as
@@ -48,12 +50,13 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
 from app.db import Database, describe, execute_with_retry
-from app.dispatch import dead_letters
-from app.dispatch.apply import AppliedWrite, KeyConflict, Path
+from app.dispatch import dead_letters, waiting
+from app.dispatch.apply import AppliedWrite, KeyConflict, Path, record_dropped
 from app.dispatch.apply_batch import Outcome, Pending, apply_batch
 from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
 from app.dispatch.envelope import Envelope
 from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.dispatch.waiting import WaitLimits
 from worker.batched_delivery import DeliveryBatch, batched
 from worker.drain import AdaptiveDrain
 from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
@@ -62,11 +65,6 @@ log = logging.getLogger(__name__)
 
 APPLY_BATCH_ACTOR = "apply_command_batch"
 """The actor a batch of the command queue's deliveries is handed to (worker-internal: never published)."""
-DEFERRALS_OPTION = "brownout_deferrals"
-
-
-class DeferralsExhausted(Exception):
-    """Raised when a write was deferred `max_deferrals` times and still cannot apply."""
 
 
 @dataclass
@@ -75,7 +73,10 @@ class ApplyRuntime:
 
     database: Database
     registry: Registry
-    max_deferrals: int = 120
+    limits: WaitLimits = field(default_factory=WaitLimits)
+    """How long a deferred write may wait, by reason (app/dispatch/waiting.py)."""
+    wall: Callable[[], float] = time.time
+    """The wall clock a wait is measured on (tests move it instead of sleeping)."""
     defer_base_seconds: float = 1.0
     defer_cap_seconds: float = 60.0
     rng: random.Random = field(default_factory=random.Random)
@@ -220,20 +221,41 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
 
 
 def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot) -> None:
+    """Enqueue the write again with a delay, or end its wait (app/dispatch/waiting.py)."""
     message, reason, envelope = slot.message, slot.defer_reason, slot.envelope
     assert reason is not None and envelope is not None
-    deferrals = int(message.options.get(DEFERRALS_OPTION, 0))
-    if deferrals >= runtime.max_deferrals:
-        slot.dead_reason = str(DeferralsExhausted(f"write {envelope.command_id} deferred {deferrals} times: {reason}"))
+    now = runtime.wall()
+    waited = now - waiting.waiting_since(message.options, now)
+    if isinstance(reason, DependencyPending):
+        if waited >= runtime.limits.dependency_seconds:
+            _drop(runtime, slot, f"waited {waited:.0f} s for what it needs, which never came: {reason}")
+            return
+    elif waited >= runtime.limits.unknown_version_seconds:
+        slot.dead_reason = f"waited {waited:.0f} s for a release that knows it: {reason}"
         return
+    deferrals = waiting.deferrals(message.options)
     delay = runtime.defer_delay_ms(deferrals)
-    again = message.copy(options={**message.options, DEFERRALS_OPTION: deferrals + 1})
+    again = message.copy(options=waiting.deferred_options(message.options, now))
     try:
         broker.enqueue(again, delay=delay)
     except BrokerError as exc:  # RabbitMQ cannot take it now: hold the batch, lose nothing
         raise DatabaseUnavailable(f"cannot keep a deferral: {describe(exc)}") from exc
     slot.outcome = "deferred"
     log.info("write %s deferred (%d) for %d ms: %s", envelope.command_id, deferrals + 1, delay, reason)
+
+
+def _drop(runtime: ApplyRuntime, slot: _Slot, reason: str) -> None:
+    """Record the write ``dropped``, its own end: not a dead letter, not an alert."""
+    envelope = slot.envelope
+    assert envelope is not None
+    try:
+        with runtime.database.session() as session:
+            execute_with_retry(session, lambda: record_dropped(session, envelope, reason), idempotent=True)
+    except KeyConflict as conflict:
+        slot.dead_reason = str(conflict)
+        return
+    slot.outcome = "dropped"
+    log.warning("write %s dropped: %s", envelope.command_id, reason)
 
 
 def _dead_letter_or_reject(runtime: ApplyRuntime, slot: _Slot, index: int) -> None:

@@ -14,6 +14,7 @@ from app.cache.redis_link import build_redis_link
 from app.db import Database
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
+from app.dispatch.waiting import WaitLimits
 from app.observability.metrics import Metrics
 from app.settings import Settings
 from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
@@ -75,6 +76,10 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
     runtime = ApplyRuntime(
         database=database,
         registry=build_registry(),
+        limits=WaitLimits(
+            unknown_version_seconds=settings.worker_wait_unknown_version_hours * 3600,
+            dependency_seconds=settings.worker_wait_dependency_minutes * 60,
+        ),
         on_applied=tell_readers.many if tell_readers else None,
         batch_max=settings.worker_batch_max,
     )

@@ -90,7 +90,7 @@ def notification_stats(session: Session, user_id: int) -> dict[str, int]:
 
 
 def command_status(session: Session, command_id: uuid.UUID) -> dict[str, Any] | None:
-    """applied (or superseded), conflict or failed, from the database; None when it holds nothing yet."""
+    """applied (or superseded), dropped, conflict or failed, from the database; None when it holds nothing yet."""
     applied = session.execute(
         select(
             applied_commands.c.name,
@@ -107,7 +107,7 @@ def command_status(session: Session, command_id: uuid.UUID) -> dict[str, Any] | 
     if applied is not None:
         return {
             "id": str(command_id),
-            "status": "applied",
+            "status": "dropped" if applied.outcome == "dropped" else "applied",
             "command": applied.name,
             "outcome": applied.outcome,
             "path": applied.path,

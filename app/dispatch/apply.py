@@ -56,7 +56,7 @@ class AppliedWrite:
     command_id: uuid.UUID
     entity_id: uuid.UUID
     result: dict[str, Any]
-    outcome: str  # "applied" or "superseded"
+    outcome: str  # "applied", "superseded" or "dropped"
     duplicate: bool
     apply_seq: int | None
 
@@ -131,6 +131,31 @@ def applied(envelope: Envelope, effect: Effect, apply_seq: int) -> AppliedWrite:
         outcome=_outcome(effect),
         duplicate=False,
         apply_seq=apply_seq,
+    )
+
+
+def record_dropped(session: Session, envelope: Envelope, reason: str, *, path: Path = "queued") -> AppliedWrite:
+    """Record *envelope* as ``dropped`` (it waited its whole wait for a prerequisite that never came) and
+    commit: it takes no effect, and its command id is spent like an applied one's (a redelivery is a
+    duplicate). Raises KeyConflict when the id was recorded before with another body."""
+    params = {name: getattr(envelope, name) for name in _RECORD_COLUMNS}
+    params |= {"path": path, "outcome": "dropped", "result": {"dropped": reason}}
+    try:
+        seq = session.execute(RECORD, params).scalar_one_or_none()
+        if seq is None:
+            session.rollback()
+            return _already_claimed(session, envelope)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return AppliedWrite(
+        command_id=envelope.command_id,
+        entity_id=envelope.entity_id,
+        result=params["result"],
+        outcome="dropped",
+        duplicate=False,
+        apply_seq=seq,
     )
 
 

@@ -14,6 +14,7 @@ purges them.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.dispatch.waiting import fresh_options
 from app.schema import dead_letters
 
 MAX_REASON = 2000
@@ -67,9 +69,11 @@ def store(session: Session, message: dramatiq.Message[Any], reason: str) -> int:
 
 
 def for_replay(row: dict[str, Any]) -> dramatiq.Message[Any]:
-    """The dead letter's message as it is published again: the same message, one replay more."""
+    """The dead letter's message as it is published again: the same message, one replay more, its wait
+    (app/dispatch/waiting.py) starting afresh."""
     message = as_message(row)
-    return message.copy(options={**message.options, REPLAYS_OPTION: attempt_of(message) + 1})
+    # dataclasses.replace, not Message.copy: copy merges options, and the wait's options must go.
+    return dataclasses.replace(message, options={**fresh_options(message.options), REPLAYS_OPTION: attempt_of(message) + 1})
 
 
 def _storable(value: Any) -> Any:
