@@ -253,6 +253,13 @@ def test_web_worker_and_release_run_from_the_installed_image(
         before = _run(image_root, ["python", "-m", "app.healthcheck"], worker_env)
         assert before.returncode == 1 and f":{metrics_port}/metrics" in before.stderr, before.stderr
         with process(image_root, ["run-procfile", "worker"], worker_env):
+            # The worker follows the operator's override too: nothing is applied until it is lifted.
+            assert wait_until(
+                lambda: _run(image_root, ["python", "-m", "app.healthcheck"], worker_env).returncode == 0, timeout=60
+            ), "the worker did not serve its metrics"
+            assert _count(pg_database) == 0, "the worker applied a write while the operator held the breaker open"
+            lifted = httpx.post(f"{web}/admin/breaker", json={"action": "reset"}, headers=auth, timeout=10)
+            assert lifted.status_code == 200, lifted.text
             assert wait_until(lambda: _count(pg_database) == 1, timeout=90), "the worker did not apply the write"
             assert wait_until(
                 lambda: _run(image_root, ["python", "-m", "app.healthcheck"], worker_env).returncode == 0, timeout=30
