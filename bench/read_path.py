@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # `python bench/read_path.py`: tests.support impo
     sys.path.insert(0, str(ROOT))
 
 from tests.support.api_server import free_port, serve_in_thread  # noqa: E402
+from tests.support.processes import stop  # noqa: E402
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
 LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -167,12 +168,7 @@ def serve_in_process(env: dict[str, str]) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace=20)
         log.close()
 
 

@@ -27,7 +27,7 @@ The worker takes the same steps for several envelopes in one transaction
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,8 +96,13 @@ def apply_envelope(session: Session, registry: Registry, envelope: Envelope, *, 
     """Apply *envelope* once and commit; raise KeyConflict, DependencyPending or UnknownCommand."""
     command = registry.get(envelope.name)
     payload = command.parse(envelope.version, envelope.payload)
+    return _take_effect(session, envelope, lambda: command.apply(session, envelope, payload), path=path)
+
+
+def _take_effect(session: Session, envelope: Envelope, effect_of: Callable[[], Effect], *, path: Path) -> AppliedWrite:
+    """Steps 1 to 3 of the module docstring, for the effect *effect_of* makes; commits."""
     try:
-        effect = command.apply(session, envelope, payload)
+        effect = effect_of()
         seq = session.execute(RECORD, record_params(envelope, effect, path=path)).scalar_one_or_none()
         if seq is None:
             session.rollback()
@@ -138,29 +143,11 @@ def record_dropped(session: Session, envelope: Envelope, reason: str, *, path: P
     """Record *envelope* as ``dropped`` (it waited its whole wait for a prerequisite that never came) and
     commit: it takes no effect, and its command id is spent like an applied one's (a redelivery is a
     duplicate). Raises KeyConflict when the id was recorded before with another body."""
-    params = {name: getattr(envelope, name) for name in _RECORD_COLUMNS}
-    params |= {"path": path, "outcome": "dropped", "result": {"dropped": reason}}
-    try:
-        seq = session.execute(RECORD, params).scalar_one_or_none()
-        if seq is None:
-            session.rollback()
-            return _already_claimed(session, envelope)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    return AppliedWrite(
-        command_id=envelope.command_id,
-        entity_id=envelope.entity_id,
-        result=params["result"],
-        outcome="dropped",
-        duplicate=False,
-        apply_seq=seq,
-    )
+    return _take_effect(session, envelope, lambda: Effect(result={"dropped": reason}, dropped=True), path=path)
 
 
 def _outcome(effect: Effect) -> str:
-    return "superseded" if effect.superseded else "applied"
+    return "dropped" if effect.dropped else "superseded" if effect.superseded else "applied"
 
 
 def _already_claimed(session: Session, envelope: Envelope) -> AppliedWrite:

@@ -36,10 +36,11 @@ class DependencyPending(CommandError):
 
 @dataclass(frozen=True)
 class Effect:
-    """What applying did: the resulting entity, and whether a later write had already won."""
+    """What applying did: the resulting entity, and whether a later write had already won (or nothing was done)."""
 
     result: dict[str, Any]
     superseded: bool = False
+    dropped: bool = False  # no effect at all: the write waited for a prerequisite that never came
 
 
 @dataclass(frozen=True)

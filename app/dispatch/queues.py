@@ -22,7 +22,8 @@ exists keeps working. The type of an existing queue cannot change: RabbitMQ
 refuses the other declaration (`PRECONDITION_FAILED`), so switching means
 draining the queues, deleting them and letting the new release declare them.
 
-`BrownoutRabbitmqBroker` is Dramatiq's broker with these arguments, and with
+`BrownoutRabbitmqBroker` is Dramatiq's broker with these arguments, its
+consumers settling only deliveries of their own channel (`TagSafeConsumer`), and with
 ``confirm_delivery=True``: without confirms a publish to a full queue is dropped
 silently (RabbitMQ's reject-publish only tells publishers that asked for
 confirms). Nothing here connects or reads the environment at import.
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from dramatiq import Consumer
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import dq_name, xq_name
 
 OVERFLOW = "reject-publish"
@@ -160,6 +161,42 @@ def queue_declarations(
 ConsumerFactory = Callable[["BrownoutRabbitmqBroker", str, int, int], Consumer]
 
 
+class TagSafeConsumer(_RabbitmqConsumer):
+    """Dramatiq's one-message RabbitMQ consumer, settling only deliveries of its own channel.
+
+    A delivery tag means something only on the channel that delivered it, and tags restart at 1 on every
+    channel. Dramatiq's Worker settles a message through its consumer thread's *current* consumer: a job
+    still in the work queue when the connection was lost (and the consumer rebuilt) would be acknowledged
+    by its old tag on the new channel, acknowledging another job there, one that has not run, which RabbitMQ
+    then drops. Here such a settle is skipped: the closed channel already gave the job back to RabbitMQ,
+    which delivers it again (its handling is idempotent: the email's send record).
+    """
+
+    def __next__(self) -> Any:
+        message = super().__next__()  # type: ignore[no-untyped-call]
+        if message is not None:
+            message._brownout_consumer = self
+        return message
+
+    def ack(self, message: Any) -> None:
+        if self._delivered_here(message, "ack"):
+            super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if self._delivered_here(message, "nack"):
+            super().nack(message)  # type: ignore[no-untyped-call]
+
+    def _delivered_here(self, message: Any, what: str) -> bool:
+        if getattr(message, "_brownout_consumer", None) is self:
+            return True
+        self.logger.warning(
+            "not settling (%s) message %s: delivered on a closed channel, RabbitMQ delivers it again",
+            what,
+            getattr(message, "message_id", "?"),
+        )
+        return False
+
+
 class BrownoutRabbitmqBroker(RabbitmqBroker):
     """Dramatiq's RabbitMQ broker declaring the same bounded queues as the publisher.
 
@@ -191,6 +228,8 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
         self._type_arguments = quorum_arguments(delivery_limit=delivery_limit) if queue_type == "quorum" else {}
         self._consumers: dict[str, ConsumerFactory] = {}
         super().__init__(**kwargs)
+
+    consumer_class = TagSafeConsumer
 
     def consume_with(self, queue_name: str, factory: ConsumerFactory) -> None:
         """Consume *queue_name* (not its delay queue) with ``factory(broker, queue_name, prefetch, timeout_ms)``

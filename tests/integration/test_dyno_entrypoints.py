@@ -25,6 +25,7 @@ from app.schema import notifications
 from app.settings import Settings
 from tests.support.api_server import free_port, settings_env
 from tests.support.polling import wait_until
+from tests.support.processes import stop
 
 ADA = {"user_id": 8, "email": "ada@example.com", "subject": "Dyno", "body": "b"}
 
@@ -43,12 +44,7 @@ def dyno(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace=30)
 
 
 def fields_of(settings: Settings, **extra: Any) -> dict[str, Any]:

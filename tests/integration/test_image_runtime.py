@@ -35,6 +35,7 @@ from app.settings import Settings, normalise_database_url
 from tests.conftest import database_url
 from tests.support.api_server import free_port
 from tests.support.polling import wait_until
+from tests.support.processes import stop
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from tests.unit.test_deploy_files import DOCKERFILE, ROOT, dockerfile_stages, instruction_arguments, launcher_script
 
@@ -186,12 +187,7 @@ def process(image_root: Path, command: list[str], env: dict[str, str]) -> Iterat
     try:
         yield running
     finally:
-        running.terminate()
-        try:
-            running.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            running.kill()
-            running.wait()
+        stop(running, grace=30)
 
 
 def _run(image_root: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

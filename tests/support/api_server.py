@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from app.api.app import create_app
 from app.api.services import Services
 from app.settings import Settings
+from tests.support.processes import stop
 
 
 def free_port() -> int:
@@ -114,9 +115,4 @@ def serve_in_process(settings_fields: dict[str, Any]) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace=20)
