@@ -25,9 +25,12 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   may wait, and how the wait ends, is app/dispatch/waiting.py: an unknown
   version becomes a dead letter (to replay once its release is out), a mark
   whose notification never came is recorded ``dropped``.
+- A deferral RabbitMQ refuses (the delay queue full, a resource alarm): that
+  delivery alone is given back to RabbitMQ a few seconds later (`DeliveryBatch.hold`),
+  the rest of its batch goes on.
 - The database unreachable (breaker open, deadline spent, a transient failure
-  that outlasts the retry schedule) for the batch, or a dead letter or a
-  deferral that cannot be kept: the whole batch is raised as
+  that outlasts the retry schedule) for the batch, or a dead letter that
+  cannot be kept: the whole batch is raised as
   DatabaseUnavailable, which the health gate (worker/health_gate.py) holds:
   its deliveries go back to RabbitMQ in their place, the worker pauses until
   `SELECT 1` passes, and nothing is spent. Writes of the batch that did commit
@@ -162,7 +165,7 @@ def _apply_messages(broker: dramatiq.Broker, runtime: ApplyRuntime, messages: li
             _apply_slots(runtime, [slot for slot in slots if slot.pending is not None])
             for index, slot in enumerate(slots):
                 if slot.defer_reason is not None:
-                    _defer_or_dead_letter(broker, runtime, slot)
+                    _defer_or_dead_letter(broker, runtime, slot, index)
                 if slot.dead_reason is not None:
                     _dead_letter_or_reject(runtime, slot, index)
     except DatabaseUnavailable:
@@ -220,7 +223,7 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
             log.exception("after-apply hook failed for a batch of %d", len(committed))
 
 
-def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot) -> None:
+def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
     """Enqueue the write again with a delay, or end its wait (app/dispatch/waiting.py)."""
     message, reason, envelope = slot.message, slot.defer_reason, slot.envelope
     assert reason is not None and envelope is not None
@@ -238,8 +241,16 @@ def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: 
     again = message.copy(options=waiting.deferred_options(message.options, now))
     try:
         broker.enqueue(again, delay=delay)
-    except BrokerError as exc:  # RabbitMQ cannot take it now: hold the batch, lose nothing
-        raise DatabaseUnavailable(f"cannot keep a deferral: {describe(exc)}") from exc
+    except BrokerError as exc:
+        # RabbitMQ cannot take the deferral (the delay queue full, an alarm): this write stays where it is,
+        # given back to RabbitMQ a little later; the rest of its batch goes on. Nothing to do with the database.
+        current = CurrentMessage.get_current_message()
+        if not isinstance(current, DeliveryBatch):
+            raise DatabaseUnavailable(f"cannot keep a deferral: {describe(exc)}") from exc
+        current.hold(index)
+        slot.outcome = "held"
+        log.warning("write %s: its deferral was refused (%s); held back in the queue", envelope.command_id, describe(exc))
+        return
     slot.outcome = "deferred"
     log.info("write %s deferred (%d) for %d ms: %s", envelope.command_id, deferrals + 1, delay, reason)
 

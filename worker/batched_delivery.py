@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 _AMQP_ERRORS = (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 _batch_tags = itertools.count(1)  # a batch's own tag: unique in the process, never a delivery tag
+HOLD_SECONDS = 5.0
+"""How long a held delivery stays with this consumer before it goes back to RabbitMQ (requeued in place). On a
+quorum queue each return counts towards ``x-delivery-limit`` (1000 by default: about 80 minutes of holds)."""
 
 
 class DeliveryBatch(MessageProxy):
@@ -67,12 +70,20 @@ class DeliveryBatch(MessageProxy):
         self.withdrawn = False
         self.rejected: set[int] = set()
         """Indexes of deliveries to reject to ``Q.XQ`` instead of acknowledging (see `reject`)."""
+        self.held: set[int] = set()
+        """Indexes of deliveries to give back to RabbitMQ a while later instead of acknowledging (see `hold`)."""
         self.consumer: BatchedDelivery | None = None
 
     def reject(self, index: int) -> None:
         """Send delivery *index* to ``Q.XQ`` when the batch is settled, the others being acknowledged: what
         Dramatiq does with one message whose failure nothing else can keep (here: not even its dead letter)."""
         self.rejected.add(index)
+
+    def hold(self, index: int) -> None:
+        """Give delivery *index* back to RabbitMQ, in its place, `HOLD_SECONDS` after the batch is settled, the
+        others being acknowledged: one write that cannot be kept now (RabbitMQ refused its deferral) waits
+        without holding back its batch, and without spinning through the queue."""
+        self.held.add(index)
 
     def withdraw(self) -> None:
         """Leave this batch unsettled (not started: the worker is stopping); closing the channel returns it."""
@@ -158,17 +169,27 @@ class BatchedDelivery(Consumer):
         self._unsettled.add(method.delivery_tag)
         self._buffer.append((method.delivery_tag, body))
 
-    def _settle(self, tags: Sequence[int], rejected: Sequence[int] = ()) -> None:
-        """Ack *tags* (one batch) but *rejected*: one frame when no older delivery is unsettled, else one each."""
+    def _settle(self, tags: Sequence[int], rejected: Sequence[int] = (), held: Sequence[int] = ()) -> None:
+        """Ack *tags* (one batch) but *rejected* and *held*: one frame when no older delivery is unsettled,
+        else one each. A held delivery stays unsettled and goes back to RabbitMQ `HOLD_SECONDS` later."""
         self._reject(rejected)
-        self._unsettled.difference_update(tags)
+        self._unsettled.difference_update(tag for tag in tags if tag not in held)
         top = max(tags)
-        if not rejected and (not self._unsettled or min(self._unsettled) > top):
+        if not rejected and not held and (not self._unsettled or min(self._unsettled) > top):
             self.channel.basic_ack(top, multiple=True)
         else:
             for tag in tags:
-                if tag not in rejected:
+                if tag not in rejected and tag not in held:
                     self.channel.basic_ack(tag)
+        if held:
+            self.connection.call_later(HOLD_SECONDS, partial(self._give_back, list(held)))
+
+    def _give_back(self, tags: Sequence[int]) -> None:
+        """Requeue held deliveries still unsettled on this channel (a closed channel returned them already)."""
+        for tag in tags:
+            if tag in self._unsettled and self.channel.is_open:
+                self._unsettled.discard(tag)
+                self.channel.basic_nack(tag, requeue=True)
 
     def _reject(self, tags: Iterable[int]) -> None:
         for tag in tags:
@@ -178,9 +199,10 @@ class BatchedDelivery(Consumer):
     # -- worker threads -------------------------------------------------------------
 
     def ack(self, message: MessageProxy) -> None:
-        if isinstance(message, DeliveryBatch) and message.rejected:
+        if isinstance(message, DeliveryBatch) and (message.rejected or message.held):
             rejected = [message.delivery_tags[index] for index in sorted(message.rejected)]
-            self._post(message, partial(self._settle, rejected=rejected), "ack")
+            held = [message.delivery_tags[index] for index in sorted(message.held)]
+            self._post(message, partial(self._settle, rejected=rejected, held=held), "ack")
         else:
             self._post(message, self._settle, "ack")
 

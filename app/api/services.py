@@ -103,6 +103,7 @@ class Services:
             depth = self.queue_depth.read()
             if depth.get("ok"):
                 self.metrics.queue_messages.set(depth["messages"])
+                self.metrics.delay_queue_messages.set(depth.get("delayed", 0))
         now = time.monotonic()
         # Not while the breaker refuses: a scrape is no user call, it must not count as a refusal.
         due = now - self._dead_letters_read_at >= DEAD_LETTER_REFRESH_SECONDS

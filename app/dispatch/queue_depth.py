@@ -17,6 +17,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
+from dramatiq.common import dq_name
 
 from app.redaction import mask_secrets
 
@@ -37,7 +38,7 @@ class QueueDepth:
         self._last: tuple[float, dict[str, Any]] | None = None
 
     def read(self) -> dict[str, Any]:
-        """{"ok": True, "messages": n} or {"ok": False, "error": ...}; never raises."""
+        """{"ok": True, "messages": n, "consumers": c, "delayed": d} or {"ok": False, "error": ...}; never raises."""
         with self._lock:
             if self._last is not None and time.monotonic() - self._last[0] < self._cache_seconds:
                 return self._last[1]
@@ -62,7 +63,10 @@ class QueueDepth:
         try:
             channel = connection.channel()
             frame = channel.queue_declare(self._queue_name, passive=True)
-            return {"ok": True, "messages": frame.method.message_count, "consumers": frame.method.consumer_count}
+            answer = {"ok": True, "messages": frame.method.message_count, "consumers": frame.method.consumer_count}
+            # The delay queue (deferrals) has the same maximum length: full, it refuses every deferral.
+            delayed = channel.queue_declare(dq_name(self._queue_name), passive=True)
+            return answer | {"delayed": delayed.method.message_count}
         except pika.exceptions.ChannelClosedByBroker as exc:
             return {"ok": False, "error": f"queue {self._queue_name!r}: {exc.reply_text}"}
         except (pika.exceptions.AMQPError, OSError) as exc:

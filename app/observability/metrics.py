@@ -91,6 +91,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.delay_queue_messages = Gauge(
+            "brownout_delay_queue_messages",
+            "Deferred writes waiting in the delay queue (read at scrape time); same maximum length as the queue.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.queue_max_length = Gauge(
             "brownout_queue_max_length", "The command queue's maximum length.", registry=r, multiprocess_mode="max"
         )

@@ -48,6 +48,7 @@ EXPORTED = [
     "brownout_health_check_duration_seconds",
     "brownout_dispatch_total",
     "brownout_queue_messages",
+    "brownout_delay_queue_messages",
     "brownout_queue_max_length",
     "brownout_dead_letters",
     "brownout_worker_messages_total",
@@ -65,6 +66,7 @@ ALERT_NAMES = {
     "BrownoutBreakerOpen",
     "BrownoutQueueBacklogGrowing",
     "BrownoutQueueNearlyFull",
+    "BrownoutDelayQueueNearlyFull",
     "BrownoutDatabaseLatencyHigh",
     "BrownoutDeadLetters",
 }
