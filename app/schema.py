@@ -120,6 +120,10 @@ outbox = Table(
     # A relay's claim on an unpublished row while it publishes it (worker/outbox.py): no row lock is held
     # across that network I/O; a claim that outlives its relay expires and the row is relayed again.
     Column("claimed_until", DateTime(timezone=True), nullable=True),
+    # Set by the email job with its send record: a row published and never sent is published again
+    # (worker/outbox.py), found through this partial index among the few that are.
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Index("outbox_published_unsent", "published_at", postgresql_where=text("published_at IS NOT NULL AND sent_at IS NULL")),
 )
 
 email_sends = Table(

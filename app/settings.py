@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     outbox_relay_interval_seconds: PositiveSeconds = Field(
         default=1.0, description="How often the worker's relay publishes unpublished outbox rows."
     )
+    outbox_resend_after_minutes: float = Field(
+        default=60.0,
+        gt=0,
+        description="An email job published this long ago whose email was never sent (and not dead-lettered) is "
+        "published again by the relay (rows created within the last 7 days).",
+    )
     email_queue_name: str = Field(
         default="brownout-email",
         pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$",

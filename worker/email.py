@@ -237,8 +237,8 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
             # The relay skips a row this job holds (worker/outbox.py): sent is published, whatever the relay did.
             session.execute(
                 outbox.update()
-                .where(outbox.c.id == job.outbox_id, outbox.c.published_at.is_(None))
-                .values(published_at=func.now(), claimed_until=None)
+                .where(outbox.c.id == job.outbox_id)
+                .values(published_at=func.coalesce(outbox.c.published_at, func.now()), claimed_until=None, sent_at=func.now())
             )
             session.commit()
 

@@ -16,7 +16,8 @@ claiming one row; the claim keeps the next pass of any relay off it until the le
 Publish-then-mark: a crash (or a lost COMMIT) between the confirm and the mark leaves the row unpublished;
 once its claim expires the next pass publishes it again; the duplicate job is recognisable by its message
 id and made harmless by the send record (worker/email.py). The other order would lose the email on that
-crash. A refused publish ends the pass and releases the claims of the rows not yet published.
+crash. A refused publish ends the pass and releases the claims of the rows not yet published. A job
+published and never sent within ``resend_after`` is published again (`_UNSENT`).
 
 Never crashes its thread: a database that is down or slow (the breaker open,
 the deadline spent) or a RabbitMQ that refuses skips the pass; rows wait in
@@ -34,12 +35,12 @@ from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
-from sqlalchemy import bindparam, func, or_, select
+from sqlalchemy import Text, bindparam, cast, exists, func, or_, select
 
 from app.db import Database, describe, execute_with_retry
 from app.dispatch.outbox import EMAIL, email_message
 from app.dispatch.publisher import Publisher, PublishRejected
-from app.schema import outbox
+from app.schema import dead_letters, outbox
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,27 @@ _CLAIM = (
     .values(claimed_until=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, bindparam("lease")))
     .returning(outbox.c.id, outbox.c.payload, outbox.c.created_at)
 )
+# A job published and never sent (lost with a channel, or dropped by RabbitMQ after its retries) is published
+# again once `resend_after` has passed, for rows created within RESEND_HORIZON_DAYS, unless it was dead-lettered
+# (a permanent SMTP refusal). The send record makes a resend of a job that was only slow harmless.
+RESEND_HORIZON_DAYS = 7
+_UNSENT = (
+    select(outbox.c.id)
+    .where(
+        outbox.c.kind == EMAIL,
+        outbox.c.published_at.is_not(None),
+        outbox.c.sent_at.is_(None),
+        outbox.c.published_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("resend_after")),
+        outbox.c.created_at > func.now() - func.make_interval(0, 0, 0, RESEND_HORIZON_DAYS),
+        ~exists().where(dead_letters.c.message_id == cast(outbox.c.id, Text)),
+    )
+    .order_by(outbox.c.published_at)
+    .limit(bindparam("batch"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+_REOPEN = outbox.update().where(outbox.c.id.in_(_UNSENT)).values(published_at=None, claimed_until=None).returning(outbox.c.id)
+
 # Mark and release skip a row an email job holds while it sends (worker/email.py): the relay never waits on
 # SMTP, and that job marks its row published itself when it records the send.
 _FREE_OF_THE_IDS = (
@@ -84,9 +106,11 @@ class OutboxRelay:
         batch_size: int = 100,
         db_deadline: float = 5.0,
         publish_timeout: float = 2.0,
+        resend_after: float = 3600.0,
     ) -> None:
-        if interval <= 0 or db_deadline <= 0 or publish_timeout <= 0 or batch_size < 1:
-            raise ValueError("interval, deadlines and batch_size must be positive")
+        if interval <= 0 or db_deadline <= 0 or publish_timeout <= 0 or batch_size < 1 or resend_after <= 0:
+            raise ValueError("interval, deadlines, resend_after and batch_size must be positive")
+        self._resend_after = resend_after
         self._database = database
         self._publisher = publisher
         self._queue_name = queue_name
@@ -110,6 +134,16 @@ class OutboxRelay:
         publish ends the pass early, marking only what was confirmed.
         """
         with self._database.session() as session:
+
+            def reopen() -> int:
+                reopened = session.execute(_REOPEN, {"batch": self._batch, "resend_after": self._resend_after}).all()
+                session.commit()
+                return len(reopened)
+
+            reopened = execute_with_retry(session, reopen, deadline=self._db_deadline, idempotent=True)
+            if reopened:
+                log.warning("outbox relay: %d email job(s) published %.0f s ago and never sent: publishing again",
+                            reopened, self._resend_after)  # fmt: skip
 
             def claim() -> list[Any]:
                 rows = session.execute(_CLAIM, {"batch": self._batch, "lease": self.lease_seconds}).mappings().all()
@@ -202,6 +236,7 @@ class OutboxRelayMiddleware(Middleware):
                 queue_name=settings.email_queue_name,
                 interval=settings.outbox_relay_interval_seconds,
                 publish_timeout=settings.publish_timeout_seconds,
+                resend_after=settings.outbox_resend_after_minutes * 60,
             )
             return publisher, relay
 

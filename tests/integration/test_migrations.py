@@ -186,6 +186,10 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
             "outbox",
             {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}", "claimed_until": now},
         ),
+        "0006": (
+            "outbox",
+            {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}", "sent_at": now},
+        ),
     }
     assert set(written) == set(revisions_base_to_head()), "add a row for the new revision here"
 
