@@ -160,6 +160,19 @@ def queue_declarations(
 
 ConsumerFactory = Callable[["BrownoutRabbitmqBroker", str, int, int], Consumer]
 
+PUBLISH_DEADLINE_SECONDS = 10.0
+"""How long one of the worker's own publishes (a deferral, a retry) may wait on a RabbitMQ that blocks
+publishers (a memory or disk alarm) or does not answer, per attempt (Dramatiq makes up to 3)."""
+
+
+def bound_waits(parameters: Any, seconds: float) -> None:
+    """Give a Dramatiq (pika BlockingConnection) connection deadlines of its own: pika waits without one for
+    a blocked connection (a resource alarm: a deferral's publish then waited until Dramatiq's TimeLimit,
+    10 minutes, killed the whole batch) and 10 to 15 s for a connect."""
+    parameters.blocked_connection_timeout = seconds
+    parameters.socket_timeout = seconds
+    parameters.stack_timeout = seconds
+
 
 class TagSafeConsumer(_RabbitmqConsumer):
     """Dramatiq's one-message RabbitMQ consumer, settling only deliveries of its own channel.
@@ -214,6 +227,7 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
         max_length: int,
         queue_type: QueueType = "classic",
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        publish_deadline: float = PUBLISH_DEADLINE_SECONDS,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("max_priority") is not None:
@@ -228,6 +242,9 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
         self._type_arguments = quorum_arguments(delivery_limit=delivery_limit) if queue_type == "quorum" else {}
         self._consumers: dict[str, ConsumerFactory] = {}
         super().__init__(**kwargs)
+        self.publish_deadline = publish_deadline
+        for parameters in self.parameters if isinstance(self.parameters, list) else [self.parameters]:
+            bound_waits(parameters, publish_deadline)
 
     consumer_class = TagSafeConsumer
 

@@ -314,3 +314,30 @@ def test_the_first_publish_after_a_real_rabbitmq_restart_succeeds(throwaway_rabb
 
         reason, elapsed = timed_publish(publisher, queue)
         assert reason == "queued" and elapsed < 2.0
+
+
+def test_the_worker_brokers_own_publishes_end_within_their_deadline_under_an_alarm(
+    throwaway_rabbit: ThrowawayRabbit,
+) -> None:
+    """A deferral is the worker's own publish (Dramatiq's blocking connection, confirms on). Under a resource
+    alarm pika waited for the unblock without a deadline: the batch sat until Dramatiq's TimeLimit (10 min)
+    killed it, and every write of it went to Q.XQ. Now each attempt gives up at the broker's deadline and
+    the enqueue raises a BrokerError, which the apply actor turns into holding that one write."""
+    from dramatiq.errors import BrokerError
+
+    from app.dispatch.queues import BrownoutRabbitmqBroker
+
+    queue = f"bo-test-{uuid.uuid4().hex[:10]}"
+    broker = BrownoutRabbitmqBroker(url=throwaway_rabbit.url, max_length=100, publish_deadline=1.0)
+    try:
+        broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="a", args=(), kwargs={}, options={}))
+        throwaway_rabbit.ctl("set_vm_memory_high_watermark", "0")
+        started = time.monotonic()
+        try:
+            with pytest.raises(BrokerError):
+                broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="a", args=(), kwargs={}, options={}), delay=1000)
+            assert time.monotonic() - started < 3 * 1.0 + 5.0  # three attempts of 1 s, plus reconnects
+        finally:
+            throwaway_rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+    finally:
+        broker.close()

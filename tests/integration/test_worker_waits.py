@@ -120,3 +120,21 @@ def test_an_unknown_version_waits_hours_not_a_count_then_becomes_a_dead_letter_r
         replayed = dead_letter_store.for_replay(dict(row))
     assert "release that knows it" in row["reason"]
     assert DEFERRALS_OPTION not in replayed.options and SINCE_OPTION not in replayed.options  # the wait starts afresh
+
+
+def test_a_hand_published_write_with_nonsense_wait_options_waits_like_any_other(
+    db: Database, make_publisher: Callable[..., Publisher], queue_name: str, start_worker: Callable[[], None],
+    outcomes: list[str],
+) -> None:  # fmt: skip
+    """`int(options["brownout_deferrals"])` raised on a message published by hand or by a bug: the whole batch
+    failed and went to Q.XQ. The wait's options are read leniently: nonsense counts as no wait yet."""
+    publisher = make_publisher()
+    creation = dispatcher(db, publisher, queue_name).accept(CREATE, NOTE)
+    mark = dispatcher(db, publisher, queue_name).accept(MARK_READ, {"notification_id": str(creation.entity_id)})
+    message = mark.to_message(queue_name)
+    publisher.publish(message.copy(options={DEFERRALS_OPTION: "lots", SINCE_OPTION: [1, 2]}))
+    start_worker()
+    assert wait_until(lambda: outcomes.count("deferred") >= 1, timeout=20)
+    publisher.publish(creation.to_message(queue_name))
+    assert wait_until(lambda: count(db, applied_commands) == 2, timeout=20)
+    assert ready_count(xq_name(queue_name)) == 0 and count(db, dead_letters) == 0
