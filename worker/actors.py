@@ -51,6 +51,7 @@ import dramatiq
 from dramatiq.errors import BrokerError
 from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from app.db import Database, describe, execute_with_retry
 from app.dispatch import dead_letters, waiting
@@ -215,7 +216,8 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
         elif isinstance(outcome, KeyConflict):
             slot.dead_reason = str(outcome)
         else:
-            slot.dead_reason = f"permanent database error: {describe(outcome)}"
+            what = "permanent database error" if isinstance(outcome, DBAPIError) else "error while applying it"
+            slot.dead_reason = f"{what}: {describe(outcome)}"
     if committed and runtime.on_applied is not None:
         try:
             runtime.on_applied(committed)

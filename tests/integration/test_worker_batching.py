@@ -20,9 +20,11 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.common import dq_name, xq_name
+from pydantic import BaseModel
 from sqlalchemy import func, select, text
 
 from app.db import Database
+from app.dispatch.commands import Command
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
@@ -283,3 +285,37 @@ def test_an_undecodable_body_goes_to_the_dead_letter_queue_and_a_held_batch_come
     consumer.close()
     assert [body for _, body in take_all(xq_name(queue_name))] == [b"not json"]
     assert len(take_all(queue_name)) == 2, "the held batch is back in its queue"
+
+
+class _Anything(BaseModel):
+    n: int
+
+
+def _explode(session: Any, envelope: Envelope, payload: BaseModel) -> Any:
+    raise RuntimeError("a bug in this command's apply")
+
+
+def test_an_unexpected_error_in_one_writes_apply_dead_letters_that_write_alone(
+    db: Database, publisher: Publisher, broker: BrownoutRabbitmqBroker, runtime: ApplyRuntime, queue_name: str
+) -> None:
+    """Not a database error: a bug in one command. That write is kept as a dead letter saying so (it was
+    labelled a "permanent database error"), the writes beside it apply, nothing reaches Q.XQ."""
+    registry = build_registry()
+    registry.register(Command(name="test_explode", versions={1: _Anything}, scope=lambda payload: "test",
+                              entity=lambda payload, derived: derived, apply=_explode))  # fmt: skip
+    runtime.registry = registry
+    dispatcher = Dispatcher(database=db, publisher=publisher, registry=registry, queue_name=queue_name, request_deadline=2.0)
+    good = [dispatcher.accept(CREATE, NOTE | {"subject": f"good {n}"}) for n in range(3)]
+    broken = dispatcher.accept("test_explode", {"n": 1})
+    outcomes: list[str] = []
+    runtime.observe = lambda outcome, seconds: outcomes.append(outcome)
+    actor = declare_apply_actor(broker, runtime, queue_name=queue_name)
+
+    actor.fn([envelope.to_message(queue_name) for envelope in (good[0], broken, *good[1:])])  # one batch
+
+    assert sorted(outcomes) == sorted(["applied"] * 3 + ["dead_lettered"])
+    with db.session() as s:
+        (row,) = s.execute(select(dead_letters)).mappings().all()
+    assert row["message_id"] == str(broken.command_id)
+    assert row["reason"].startswith("error while applying it: RuntimeError: a bug in this command's apply")
+    assert count(db, applied_commands) == 3
