@@ -65,7 +65,10 @@ class QueueDepth:
             frame = channel.queue_declare(self._queue_name, passive=True)
             answer = {"ok": True, "messages": frame.method.message_count, "consumers": frame.method.consumer_count}
             # The delay queue (deferrals) has the same maximum length: full, it refuses every deferral.
-            delayed = channel.queue_declare(dq_name(self._queue_name), passive=True)
+            try:
+                delayed = channel.queue_declare(dq_name(self._queue_name), passive=True)
+            except pika.exceptions.ChannelClosedByBroker:  # not declared yet: nobody deferred anything
+                return answer
             return answer | {"delayed": delayed.method.message_count}
         except pika.exceptions.ChannelClosedByBroker as exc:
             return {"ok": False, "error": f"queue {self._queue_name!r}: {exc.reply_text}"}
