@@ -52,6 +52,10 @@ def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
     if not settings.rabbitmq_url:
         print("brownout: RABBITMQ_URL is required to replay")
         return 2
+    if dead_letters.kept_as_text(row):
+        print(f"brownout: dead letter #{row['id']} was kept as text (PostgreSQL refused it as JSON): `show` prints it;"
+              " publish a corrected message yourself")  # fmt: skip
+        return 1
     message = dead_letters.for_replay(row)
     with Publisher(
         url=settings.rabbitmq_url,

@@ -11,11 +11,17 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
 - Applied, superseded or duplicate: acknowledged (a redelivery is a duplicate).
 - A failure of the write's own (payload or envelope that does not validate,
   KeyConflict — also recorded in command_conflicts —, a permanent database
-  error such as a constraint, deferrals exhausted): kept as a dead letter in
-  PostgreSQL with its reason (app/dispatch/dead_letters.py) and acknowledged,
-  so the writes around it go on. Should PostgreSQL refuse the dead letter
-  itself for good, that one delivery is rejected to ``Q.XQ`` (Dramatiq's
-  dead-letter queue) and the rest of its batch acknowledged.
+  error such as a constraint, its wait over, any unexpected error while
+  reading, applying or deferring it): kept as a dead letter in PostgreSQL with
+  its reason (app/dispatch/dead_letters.py) and acknowledged, so the writes
+  around it go on. Should PostgreSQL refuse the message as JSON, the dead
+  letter keeps it as text.
+- A failure of the batch as a whole that is not the database's (Dramatiq's
+  time limit, an unexpected error outside any one write): the batch is held
+  once and each of its writes comes back in a batch of its own
+  (`DeliveryBatch.one_by_one`); a write that fails that way alone is the one
+  to blame, and is dead-lettered with the error. Nothing goes to ``Q.XQ``
+  but a body that cannot be decoded at all.
 - UnknownCommand (a version newer than this release, queued by a newer web
   process during a deploy) and DependencyPending (marking read a notification
   whose creation is not applied yet): deferred. The message is enqueued again
@@ -30,7 +36,7 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   the rest of its batch goes on.
 - The database unreachable (breaker open, deadline spent, a transient failure
   that outlasts the retry schedule) for the batch, or a dead letter that
-  cannot be kept: the whole batch is raised as
+  cannot be kept even as text: the whole batch is raised as
   DatabaseUnavailable, which the health gate (worker/health_gate.py) holds:
   its deliveries go back to RabbitMQ in their place, the worker pauses until
   `SELECT 1` passes, and nothing is spent. Writes of the batch that did commit
@@ -50,6 +56,7 @@ from typing import Any
 import dramatiq
 from dramatiq.errors import BrokerError
 from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
@@ -88,7 +95,7 @@ class ApplyRuntime:
     """Told each batch's committed writes, as (item, current) pairs, current False for a duplicate
     (the read side's cache and pending entries: `AppliedElsewhere.many`)."""
     observe: Callable[[str, float], None] | None = None
-    """Told each message's outcome (applied, superseded, duplicate, deferred, dead_lettered, rejected, held) and
+    """Told each message's outcome (applied, superseded, duplicate, dropped, deferred, dead_lettered, held) and
     its batch's time."""
     on_batch: Callable[[int], None] | None = None
     """Told each batch's size before it is applied (metrics, tests)."""
@@ -163,12 +170,14 @@ def _apply_messages(broker: dramatiq.Broker, runtime: ApplyRuntime, messages: li
         runtime.on_batch(len(slots))
     try:
         with unavailable_as_hold():  # the database's fault: the health gate holds the whole batch
-            _apply_slots(runtime, [slot for slot in slots if slot.pending is not None])
-            for index, slot in enumerate(slots):
-                if slot.defer_reason is not None:
-                    _defer_or_dead_letter(broker, runtime, slot, index)
-                if slot.dead_reason is not None:
-                    _dead_letter_or_reject(runtime, slot, index)
+            try:
+                _apply_slots(runtime, [slot for slot in slots if slot.pending is not None])
+                for index, slot in enumerate(slots):
+                    _finish(broker, runtime, slot, index)
+            except (Exception, TimeLimitExceeded) as exc:
+                if is_unavailability(exc):
+                    raise
+                _failed_as_a_whole(runtime, slots, exc)
     except DatabaseUnavailable:
         for slot in slots:
             slot.outcome = "held"
@@ -198,6 +207,9 @@ def _prepare(runtime: ApplyRuntime, message: dramatiq.Message[Any]) -> _Slot:
     except ValidationError as invalid:
         slot.dead_reason = f"invalid {envelope.name} v{envelope.version} payload: {invalid}"
         return slot
+    except Exception as exc:  # a payload model's own bug: this write's failure, not its batch's
+        slot.dead_reason = f"error while reading it: {describe(exc)}"
+        return slot
     slot.pending = Pending(envelope, command, payload)
     return slot
 
@@ -223,6 +235,38 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
             runtime.on_applied(committed)
         except Exception:  # the writes are committed: telling the cache is best effort
             log.exception("after-apply hook failed for a batch of %d", len(committed))
+
+
+def _finish(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
+    """Defer or dead-letter one write, as its outcome says; an unexpected error doing so is that write's."""
+    if slot.defer_reason is not None:
+        try:
+            _defer_or_dead_letter(broker, runtime, slot, index)
+        except Exception as exc:
+            if is_unavailability(exc):
+                raise
+            log.exception("write %s: error while deferring it", slot.message.message_id)
+            slot.dead_reason = f"error while deferring it: {describe(exc)}"
+    if slot.dead_reason is not None:
+        _dead_letter(runtime, slot)
+
+
+def _failed_as_a_whole(runtime: ApplyRuntime, slots: list[_Slot], exc: BaseException) -> None:
+    """The batch failed and no write of it can be blamed: hold it once, its writes to come back one per
+    batch; a write that fails so alone is the culprit, and a dead letter."""
+    current = CurrentMessage.get_current_message()
+    if len(slots) > 1 and isinstance(current, DeliveryBatch):
+        log.warning("%r failed as a whole (%s): held, its writes to come back one by one", current, describe(exc))
+        current.one_by_one()
+        for slot in slots:
+            slot.outcome = "held"
+        return
+    if len(slots) > 1:
+        raise exc  # not a consumer's batch (called directly): nothing to hold it with
+    (slot,) = slots
+    log.error("write %s failed alone: %s", slot.message.message_id, describe(exc), exc_info=exc)
+    slot.dead_reason = f"error while applying it alone: {describe(exc)}"
+    _dead_letter(runtime, slot)
 
 
 def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
@@ -271,20 +315,17 @@ def _drop(runtime: ApplyRuntime, slot: _Slot, reason: str) -> None:
     log.warning("write %s dropped: %s", envelope.command_id, reason)
 
 
-def _dead_letter_or_reject(runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
-    """Keep the write as a dead letter; should PostgreSQL refuse even that for good, reject this one
-    delivery to Q.XQ (Dramatiq's dead-letter queue) rather than fail the whole batch."""
+def _dead_letter(runtime: ApplyRuntime, slot: _Slot) -> None:
+    """Keep the write as a dead letter (as text if PostgreSQL refuses it as JSON). Should even that fail,
+    the batch is held like any unavailability: never sent to Q.XQ, where it would expire unseen."""
     assert slot.dead_reason is not None
     try:
         dead_letter(runtime.database, slot.message, slot.dead_reason)
-        slot.outcome = "dead_lettered"
     except Exception as exc:
-        current = CurrentMessage.get_current_message()
-        if is_unavailability(exc) or not isinstance(current, DeliveryBatch):
+        if is_unavailability(exc):
             raise
-        log.exception("message %s: its dead letter was refused; rejected to the dead-letter queue", slot.message.message_id)
-        current.reject(index)
-        slot.outcome = "rejected"
+        raise DatabaseUnavailable(f"cannot keep a dead letter: {describe(exc)}") from exc
+    slot.outcome = "dead_lettered"
 
 
 def dead_letter(database: Database, message: dramatiq.Message[Any], reason: str) -> int:

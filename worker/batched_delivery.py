@@ -17,7 +17,11 @@ its write (the batch is acknowledged once its actor returns); a batch held by
 the health gate (the database unreachable) is not acknowledged, and the
 pause that follows closes this consumer's channel, which returns every
 unsettled delivery to RabbitMQ in its place; a body Dramatiq cannot decode is
-rejected to ``Q.XQ`` as Dramatiq's own consumer does. The delay queue
+rejected to ``Q.XQ`` as Dramatiq's own consumer does, and that is all
+``Q.XQ`` receives. A batch that fails as a whole with nothing to pin the
+failure on (anything escaping the actor: Dramatiq's nack) is held once, and
+each of its deliveries comes back in a batch of its own (`DeliveryBatch.one_by_one`),
+so a failure that repeats is pinned on one write. The delay queue
 (``Q.DQ``, deferrals) keeps Dramatiq's consumer: due messages come back to
 ``Q`` and join a batch there.
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 _AMQP_ERRORS = (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 _batch_tags = itertools.count(1)  # a batch's own tag: unique in the process, never a delivery tag
 HOLD_SECONDS = 5.0
+SUSPECTS_KEPT = 10_000
 """How long a held delivery stays with this consumer before it goes back to RabbitMQ (requeued in place). On a
 quorum queue each return counts towards ``x-delivery-limit`` (1000 by default: about 80 minutes of holds)."""
 
@@ -68,22 +73,23 @@ class DeliveryBatch(MessageProxy):
         self.delivery_tags = tuple(delivery_tags)
         self.redelivered = False
         self.withdrawn = False
-        self.rejected: set[int] = set()
-        """Indexes of deliveries to reject to ``Q.XQ`` instead of acknowledging (see `reject`)."""
         self.held: set[int] = set()
         """Indexes of deliveries to give back to RabbitMQ a while later instead of acknowledging (see `hold`)."""
+        self.split = False
+        """True: the held deliveries come back one per batch (see `one_by_one`)."""
         self.consumer: BatchedDelivery | None = None
-
-    def reject(self, index: int) -> None:
-        """Send delivery *index* to ``Q.XQ`` when the batch is settled, the others being acknowledged: what
-        Dramatiq does with one message whose failure nothing else can keep (here: not even its dead letter)."""
-        self.rejected.add(index)
 
     def hold(self, index: int) -> None:
         """Give delivery *index* back to RabbitMQ, in its place, `HOLD_SECONDS` after the batch is settled, the
         others being acknowledged: one write that cannot be kept now (RabbitMQ refused its deferral) waits
         without holding back its batch, and without spinning through the queue."""
         self.held.add(index)
+
+    def one_by_one(self) -> None:
+        """Hold every delivery, and have each come back in a batch of its own: the batch failed as a whole
+        and no write can be blamed; alone, the write that fails again is the one to blame, and the others go on."""
+        self.held.update(range(len(self.delivery_tags)))
+        self.split = True
 
     def withdraw(self) -> None:
         """Leave this batch unsettled (not started: the worker is stopping); closing the channel returns it."""
@@ -123,6 +129,9 @@ class BatchedDelivery(Consumer):
         """Batches handed out and not settled; the health gate withdraws a held one (worker/health_gate.py)."""
         self._buffer: deque[tuple[int, bytes]] = deque()
         self._unsettled: set[int] = set()  # delivery tags neither acked nor rejected: this thread only
+        # Message ids of a batch that failed as a whole: each comes back in a batch of its own (this thread only;
+        # bounded, oldest forgotten first). Per process: another worker given one splits its batch in turn.
+        self._suspects: OrderedDict[str, None] = OrderedDict()
         self._known_lock = threading.Lock()
         try:
             self.connection = pika.BlockingConnection(parameters=broker.parameters)
@@ -149,14 +158,22 @@ class BatchedDelivery(Consumer):
         tags: list[int] = []
         messages: list[dramatiq.Message[Any]] = []
         while self._buffer and len(tags) < self.max_batch:
-            tag, body = self._buffer.popleft()
+            tag, body = self._buffer[0]
             try:
-                messages.append(dramatiq.Message.decode(body))
+                message = dramatiq.Message.decode(body)
             except DecodeError:
+                self._buffer.popleft()
                 log.exception("undecodable message %d on %s: rejected to its dead-letter queue", tag, self.queue_name)
                 self._reject([tag])
                 continue
+            alone = message.message_id in self._suspects
+            if alone and tags:
+                break  # it starts the next batch, alone
+            self._buffer.popleft()
+            messages.append(message)
             tags.append(tag)
+            if alone:
+                break
         if not tags:
             return None
         batch = DeliveryBatch(queue_name=self.queue_name, actor_name=self.actor_name, messages=messages, delivery_tags=tags)
@@ -169,17 +186,26 @@ class BatchedDelivery(Consumer):
         self._unsettled.add(method.delivery_tag)
         self._buffer.append((method.delivery_tag, body))
 
-    def _settle(self, tags: Sequence[int], rejected: Sequence[int] = (), held: Sequence[int] = ()) -> None:
-        """Ack *tags* (one batch) but *rejected* and *held*: one frame when no older delivery is unsettled,
-        else one each. A held delivery stays unsettled and goes back to RabbitMQ `HOLD_SECONDS` later."""
-        self._reject(rejected)
+    def _settle(
+        self, tags: Sequence[int], held: Sequence[int] = (), suspects: Sequence[str] = (), cleared: Sequence[str] = ()
+    ) -> None:
+        """Ack *tags* (one batch) but *held*: one frame when no older delivery is unsettled, else one each.
+        A held delivery stays unsettled and goes back to RabbitMQ `HOLD_SECONDS` later; *suspects* (message ids)
+        will come back one per batch, *cleared* ones no longer need to."""
+        for message_id in cleared:
+            self._suspects.pop(message_id, None)
+        for message_id in suspects:
+            self._suspects[message_id] = None
+            self._suspects.move_to_end(message_id)
+        while len(self._suspects) > SUSPECTS_KEPT:
+            self._suspects.popitem(last=False)
         self._unsettled.difference_update(tag for tag in tags if tag not in held)
         top = max(tags)
-        if not rejected and not held and (not self._unsettled or min(self._unsettled) > top):
+        if not held and (not self._unsettled or min(self._unsettled) > top):
             self.channel.basic_ack(top, multiple=True)
         else:
             for tag in tags:
-                if tag not in rejected and tag not in held:
+                if tag not in held:
                     self.channel.basic_ack(tag)
         if held:
             self.connection.call_later(HOLD_SECONDS, partial(self._give_back, list(held)))
@@ -199,16 +225,22 @@ class BatchedDelivery(Consumer):
     # -- worker threads -------------------------------------------------------------
 
     def ack(self, message: MessageProxy) -> None:
-        if isinstance(message, DeliveryBatch) and (message.rejected or message.held):
-            rejected = [message.delivery_tags[index] for index in sorted(message.rejected)]
-            held = [message.delivery_tags[index] for index in sorted(message.held)]
-            self._post(message, partial(self._settle, rejected=rejected, held=held), "ack")
-        else:
+        if not isinstance(message, DeliveryBatch):
             self._post(message, self._settle, "ack")
+            return
+        held = [message.delivery_tags[index] for index in sorted(message.held)]
+        ids = [m.message_id for m in message.messages]
+        suspects = ids if message.split else ()
+        cleared = ids if len(ids) == 1 and not message.held else ()
+        self._post(message, partial(self._settle, held=held, suspects=suspects, cleared=cleared), "ack")
 
     def nack(self, message: MessageProxy) -> None:
-        """Dramatiq's nack: the batch's messages go to ``Q.XQ`` (only for an error the actor did not handle)."""
-        self._post(message, self._reject, "nack")
+        """Dramatiq's nack (something escaped the actor, nothing to pin it on): the batch is held, then each
+        delivery comes back alone. Never ``Q.XQ``: that queue expires messages and no command lists it."""
+        if isinstance(message, DeliveryBatch):
+            log.warning("%r failed as a whole: held, its deliveries to come back one per batch", message)
+            message.one_by_one()
+        self.ack(message)
 
     def withdraw(self, batch: DeliveryBatch) -> None:
         """Neither ack nor nack *batch*: RabbitMQ takes its deliveries back when this consumer closes."""

@@ -15,6 +15,7 @@ purges them.
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.db import classify, describe
 from app.dispatch.waiting import fresh_options
 from app.schema import dead_letters
 
@@ -41,31 +43,59 @@ def store(session: Session, message: dramatiq.Message[Any], reason: str) -> int:
     """Keep *message* with *reason*; commit; return the dead letter's id.
 
     Idempotent: storing the same message and attempt again (a retry after a COMMIT whose outcome was
-    lost) returns the row already there."""
+    lost) returns the row already there. A message PostgreSQL refuses as JSON (a lone surrogate, NaN:
+    published by hand or by another client) is kept as text, ASCII only (`TEXT_KEY`): a write that
+    failed must never fail its own dead-lettering for what it holds."""
     raw = message.asdict()
     body = _storable(raw)
     if body != raw:
         reason += " (NUL characters in the message are kept as the text \\u0000)"
-    attempt = attempt_of(message)
+    try:
+        with session.begin_nested():
+            row_id = _insert(session, message, body, reason)
+    except Exception as exc:
+        if classify(exc).is_transient:
+            raise
+        text = json.dumps(raw, ensure_ascii=True, default=repr)
+        refused = f"{reason} (kept as text: PostgreSQL refused it as JSON: {describe(exc)})"
+        row_id = _insert(session, message, {TEXT_KEY: text}, refused)
+    session.commit()
+    return row_id
+
+
+TEXT_KEY = "text"
+"""A dead letter kept as text holds ``{"text": <the message as ASCII JSON>}``: shown, not replayable as is."""
+
+
+def _insert(session: Session, message: dramatiq.Message[Any], body: dict[str, Any], reason: str) -> int:
+    message_id, attempt = _text(message.message_id), attempt_of(message)
     row_id = session.execute(
         insert(dead_letters)
         .values(
-            message_id=message.message_id,
+            message_id=message_id,
             attempt=attempt,
-            queue_name=message.queue_name,
-            actor_name=message.actor_name,
+            queue_name=_text(message.queue_name),
+            actor_name=_text(message.actor_name),
             message=body,
-            reason=_storable(reason)[:MAX_REASON],
+            reason=_text(reason)[:MAX_REASON],
         )
         .on_conflict_do_nothing(constraint="dead_letters_message_attempt")
         .returning(dead_letters.c.id)
     ).scalar_one_or_none()
     if row_id is None:
         row_id = session.execute(
-            select(dead_letters.c.id).where(dead_letters.c.message_id == message.message_id, dead_letters.c.attempt == attempt)
+            select(dead_letters.c.id).where(dead_letters.c.message_id == message_id, dead_letters.c.attempt == attempt)
         ).scalar_one()
-    session.commit()
     return int(row_id)
+
+
+def kept_as_text(row: dict[str, Any]) -> bool:
+    return set(row["message"]) == {TEXT_KEY}
+
+
+def _text(value: Any) -> str:
+    """A text column's value that PostgreSQL always takes: NUL and what UTF-8 cannot hold written out."""
+    return str(value).replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def for_replay(row: dict[str, Any]) -> dramatiq.Message[Any]:

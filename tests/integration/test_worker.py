@@ -19,6 +19,7 @@ from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, 
 from app.dispatch.publisher import Publisher
 from app.schema import applied_commands, dead_letters, notifications, upgrade_database
 from tests.conftest import database_url
+from tests.support.cli import dead_letters_cli_run
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, ready_count
 from tests.support.worker_rig import WorkerRig
@@ -167,16 +168,6 @@ def test_a_poison_write_is_kept_as_a_dead_letter_and_replayed_once_fixed(
     assert wait_until(lambda: count(db, notifications) == 3)
     with db.session() as s:
         assert s.execute(select(dead_letters.c.replayed_at)).scalar_one() is not None
-
-
-def dead_letters_cli_run(settings: Any, db: Database, argv: list[str]) -> int:
-    import argparse
-
-    from app import dead_letters_cli
-
-    parser = argparse.ArgumentParser()
-    dead_letters_cli.add_parser(parser.add_subparsers(dest="command"))
-    return dead_letters_cli.run(parser.parse_args(argv), settings, db)
 
 
 def test_the_worker_broker_runs_only_the_middleware_it_uses(

@@ -1,0 +1,16 @@
+"""Running `python -m app` subcommands in-process, with a test's settings and database."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from app.db import Database
+
+
+def dead_letters_cli_run(settings: Any, db: Database, argv: list[str]) -> int:
+    from app import dead_letters_cli
+
+    parser = argparse.ArgumentParser()
+    dead_letters_cli.add_parser(parser.add_subparsers(dest="command"))
+    return dead_letters_cli.run(parser.parse_args(argv), settings, db)
