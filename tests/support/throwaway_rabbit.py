@@ -1,0 +1,96 @@
+"""A throwaway RabbitMQ node: a real alarm and a real restart, which the shared node must never see."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pika
+
+from tests.support.polling import wait_until
+
+RABBITMQ_SBIN = os.environ.get("BROWNOUT_TEST_RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin")  # the scripts, not the su wrappers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ThrowawayRabbit:
+    """A RabbitMQ node of our own (name, ports, data, cookie in a temp folder), started for
+    this module and shut down after it; `ctl` runs rabbitmqctl against it only."""
+
+    def __init__(self, folder: Path) -> None:
+        self.node = f"bo-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        (folder / "home").mkdir()
+        (folder / "env.conf").write_text("")
+        (folder / "enabled_plugins").write_text("[].\n")
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        inherited = {key: value for key, value in os.environ.items() if not key.startswith(("RABBITMQ_", "ERL_"))}
+        self.env = inherited | {
+            "HOME": str(folder / "home"),  # the node writes its Erlang cookie here; ctl reads it
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONF_ENV_FILE": str(folder / "env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(folder / "log"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        self.folder = folder
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.folder / "stdout", "wb") as output:
+            self.process = subprocess.Popen(
+                [f"{RABBITMQ_SBIN}/rabbitmq-server"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: ours to end, and only ours
+            )
+        if not wait_until(self._accepts_amqp, timeout=120, interval=0.5):
+            raise RuntimeError(f"throwaway RabbitMQ did not start; see {self.folder}")
+
+    def _accepts_amqp(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"throwaway RabbitMQ exited; see {self.folder / 'stdout'}")
+        try:
+            parameters = pika.URLParameters(self.url)
+            parameters.socket_timeout = parameters.stack_timeout = 2.0
+            pika.BlockingConnection(parameters).close()
+            return True
+        except pika.exceptions.AMQPError:
+            return False
+
+    def ctl(self, *arguments: str) -> None:
+        subprocess.run(
+            [f"{RABBITMQ_SBIN}/rabbitmqctl", "-n", self.node, *arguments],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            self.ctl("shutdown")
+            self.process.wait(20)
+        except (subprocess.SubprocessError, OSError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
