@@ -29,6 +29,9 @@ class FollowBreakerOverride(Middleware):
         if action != "open":
             self._gate.check_now()
 
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.override.sync()  # before Dramatiq starts the consumers: a standing "open" holds from the first delivery
+
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.override.start()
 

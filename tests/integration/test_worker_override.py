@@ -13,6 +13,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+from dramatiq.middleware import Middleware
 from sqlalchemy import func, select
 
 from app.cache.redis_link import build_redis_link
@@ -69,6 +70,27 @@ def stays(predicate: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
+class SeenByTheActor(Middleware):
+    """The breaker's forced state when each batch reaches the actor (the last middleware before it)."""
+
+    seen: list[BreakerState | None] = []
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        SeenByTheActor.seen = []
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message[Any]) -> None:
+        SeenByTheActor.seen.append(self.breaker.forced)
+
+
+class SlowBoot(Middleware):
+    """An `after_worker_boot` hook that takes a while (starting a metrics server, say): Dramatiq's consumers
+    already run by then, so whatever another middleware does in that hook comes after the first deliveries."""
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        time.sleep(1.0)
+
+
 @pytest.fixture
 def start_worker(settings: Settings, make_database: Callable[..., Database]) -> Iterator[Callable[[], Database]]:
     started: list[tuple[dramatiq.Worker, Any]] = []
@@ -76,6 +98,8 @@ def start_worker(settings: Settings, make_database: Callable[..., Database]) -> 
     def start() -> Database:
         worker_database = make_database()  # this test's database: the worker's own pool and breaker
         broker = build_worker_broker(settings, worker_database)
+        broker.add_middleware(SeenByTheActor(worker_database.breaker))
+        broker.add_middleware(SlowBoot())  # "after" hooks run last-added first: this one before the override's
         worker = dramatiq.Worker(broker, queues={settings.queue_name}, worker_threads=2, worker_timeout=100)
         worker.start()
         started.append((worker, broker))
@@ -95,6 +119,9 @@ def test_a_standing_open_override_keeps_queued_writes_in_rabbitmq_until_lifted(
     worker_database = start_worker()
     assert wait_until(lambda: worker_database.breaker.forced is BreakerState.OPEN, timeout=5)
     assert stays(lambda: count(database) == 0, 1.5), "the worker applied a write while the operator held it open"
+    # From the first delivery on: the standing override is applied before Dramatiq starts consuming (it was
+    # applied after, and a delivery already in RabbitMQ could reach the actor first and be applied).
+    assert SeenByTheActor.seen and set(SeenByTheActor.seen) == {BreakerState.OPEN}, SeenByTheActor.seen
     operator(settings, "reset")
     assert wait_until(lambda: count(database) == 1, timeout=10)
 
