@@ -238,8 +238,11 @@ class BatchedDelivery(Consumer):
         """Dramatiq's nack (something escaped the actor, nothing to pin it on): the batch is held, then each
         delivery comes back alone. Never ``Q.XQ``: that queue expires messages and no command lists it."""
         if isinstance(message, DeliveryBatch):
-            log.warning("%r failed as a whole: held, its deliveries to come back one per batch", message)
-            message.one_by_one()
+            with self._known_lock:
+                settled_here = not message.withdrawn and message._tag in self.known_tags
+            if settled_here:  # not a batch the health gate holds (that one goes back with the channel)
+                log.warning("%r failed as a whole: held, its deliveries to come back one per batch", message)
+                message.one_by_one()
         self.ack(message)
 
     def withdraw(self, batch: DeliveryBatch) -> None:
