@@ -22,6 +22,15 @@ Protocol for a guarded call::
 `permit` is 0 for an ordinary call and a positive id for the single HALF_OPEN
 trial; a trial whose holder vanished is replaced after `open_seconds`, and the
 late verdict of a replaced trial is ignored.
+
+**Wary** (CLOSED, after a transient failure of this process's own): at most
+one new call at a time goes to the database (its permit is negative) until a
+call succeeds or the breaker opens; the others are refused at once, like an
+OPEN breaker's refusals, so they take the degraded path. Without it, every
+call a process starts between the database's failure and the breaker's
+opening (locally, or as news from the fleet) reaches a dead database: with a
+fleet breaker that was twice the threshold. The cost on a healthy database is
+one round trip after a blip during which concurrent calls are refused.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NOT_TRIAL = 0
-# What CircuitOpenError.retry_after says while another caller holds the trial.
+# What CircuitOpenError.retry_after says while another caller holds the trial (or the wary call).
 _TRIAL_BUSY_RETRY_AFTER = 1.0
 
 
@@ -77,6 +86,7 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         listeners: Iterable[BreakerListener] = (),
+        wary: bool = True,
     ) -> None:
         if failure_threshold < 1 or success_threshold < 1:
             raise ValueError("failure_threshold and success_threshold must be >= 1")
@@ -101,12 +111,22 @@ class CircuitBreaker:
         self._trial_started = 0.0
         self._trial_active = False
         self._forced: BreakerState | None = None
+        self.wary_after_failure = wary
+        self._wary = False  # CLOSED after a failure of this process's own: one call at a time
+        self._wary_permit = NOT_TRIAL  # the wary call in flight (negative), or none
+        self._wary_seq = 0
+        self._wary_started = 0.0
 
     # -- inspection ---------------------------------------------------------
 
     @property
     def state(self) -> BreakerState:
         return self._state
+
+    @property
+    def wary(self) -> bool:
+        """CLOSED, after a failure of this process's own: one call at a time (see the module docstring)."""
+        return self._wary
 
     @property
     def forced(self) -> BreakerState | None:
@@ -121,6 +141,8 @@ class CircuitBreaker:
             return max(0.0, self._open_until - self._clock())
         if self._state is BreakerState.HALF_OPEN and self._trial_active:
             return _TRIAL_BUSY_RETRY_AFTER
+        if self._state is BreakerState.CLOSED and self._wary and self._wary_permit != NOT_TRIAL:
+            return _TRIAL_BUSY_RETRY_AFTER
         return 0.0
 
     def snapshot(self) -> dict[str, object]:
@@ -132,6 +154,7 @@ class CircuitBreaker:
                 "forced": self._forced.value if self._forced else None,
                 "consecutive_failures": self._failures,
                 "half_open_successes": self._successes,
+                "wary": self._wary,
                 "retry_after_seconds": round(self.retry_after(), 3),
             }
 
@@ -140,17 +163,19 @@ class CircuitBreaker:
 
     # -- the call protocol --------------------------------------------------
 
-    def before_call(self) -> int:
-        """Return a permit (0, or a trial id in HALF_OPEN); raise CircuitOpenError if refused."""
-        if self._state is BreakerState.CLOSED:
+    def before_call(self, *, casualty: bool = False) -> int:
+        """Return a permit (0, a trial id in HALF_OPEN, a negative id while wary); raise CircuitOpenError if
+        refused. *casualty*: the retry of a call lost to an incident already counted (app/db/incidents.py: an
+        SSL kill dropping the pool), which goes to a fresh connection whether or not the breaker is wary."""
+        if self._state is BreakerState.CLOSED and (not self._wary or casualty):
             return NOT_TRIAL
-        return self._before_call_slow()
+        return self._before_call_slow(casualty)
 
     def refuse_now(self) -> CircuitOpenError | None:
         """The refusal a call would get now, counted as one (listeners told), without taking a
         permit; None when a call could go through (CLOSED, or a trial is due). For callers that
         have somewhere else to go (a queue, a stale copy) and should not even try."""
-        if self._state is BreakerState.CLOSED or self.retry_after() == 0:
+        if (self._state is BreakerState.CLOSED and not self._wary) or self.retry_after() == 0:
             return None
         with self._lock:
             refused = self._refusal(self._clock())
@@ -159,11 +184,12 @@ class CircuitBreaker:
         return refused
 
     def record_success(self, permit: int) -> None:
-        if permit == NOT_TRIAL:
-            if self._failures and self._forced is None:
+        if permit <= NOT_TRIAL:  # an ordinary call, or the wary one: the database answers
+            if (self._failures or self._wary) and self._forced is None:
                 with self._lock:
                     if self._state is BreakerState.CLOSED:
                         self._failures = 0
+                        self._end_wary()
             return
         transition = None
         with self._lock:
@@ -183,7 +209,7 @@ class CircuitBreaker:
         transition = None
         with self._lock:
             if self._forced is None:
-                if permit != NOT_TRIAL:
+                if permit > NOT_TRIAL:
                     if permit == self._trial_id and self._trial_active:
                         self._trial_active = False
                         transition = self._open()
@@ -191,6 +217,8 @@ class CircuitBreaker:
                     self._failures += 1
                     if self._failures >= self.failure_threshold:
                         transition = self._open()
+                    else:
+                        self._become_wary(permit)
         for listener in self._listeners:
             self._safely(listener.on_failure, self, kind)
         self._notify_transition(transition)
@@ -200,7 +228,10 @@ class CircuitBreaker:
         if permit == NOT_TRIAL:
             return
         with self._lock:
-            if permit == self._trial_id:
+            if permit < NOT_TRIAL:
+                if permit == self._wary_permit:
+                    self._wary_permit = NOT_TRIAL
+            elif permit == self._trial_id:
                 self._trial_active = False
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -242,14 +273,22 @@ class CircuitBreaker:
 
     # -- internals (the only place transitions happen) ----------------------
 
-    def _before_call_slow(self) -> int:
+    def _before_call_slow(self, casualty: bool = False) -> int:
         transition = None
         with self._lock:
             now = self._clock()
             state = self._state
             if state is BreakerState.CLOSED:
-                return NOT_TRIAL
-            if self._forced is None:
+                if not self._wary or self._forced is not None or casualty:
+                    return NOT_TRIAL
+                # The one call allowed while wary; a holder that vanished is replaced, as a trial's is.
+                if self._wary_permit == NOT_TRIAL or now - self._wary_started >= self.open_seconds:
+                    self._wary_seq -= 1
+                    self._wary_permit = self._wary_seq
+                    self._wary_started = now
+                    return self._wary_permit
+                refused = self._refusal(now)
+            elif self._forced is None:
                 if state is BreakerState.OPEN and now >= self._open_until:
                     transition = self._move(BreakerState.HALF_OPEN)
                     state = BreakerState.HALF_OPEN
@@ -272,23 +311,36 @@ class CircuitBreaker:
 
     def _refusal(self, now: float) -> CircuitOpenError:
         if self._state is BreakerState.OPEN and self._forced is None:
-            wait = self._open_until - now
+            wait = max(0.0, self._open_until - now)
         elif self._state is BreakerState.OPEN:
             wait = self.open_seconds
         else:
             wait = _TRIAL_BUSY_RETRY_AFTER
-        return CircuitOpenError(self.name, wait, self._state.value)
+        state = "wary" if self._state is BreakerState.CLOSED else self._state.value  # closed, one call at a time
+        return CircuitOpenError(self.name, wait, state)
 
     def _open(self) -> tuple[BreakerState, BreakerState] | None:
         stretch = 1.0 + self.open_jitter * self._rng.random()
         self._open_until = self._clock() + self.open_seconds * stretch
         return self._move(BreakerState.OPEN)
 
+    def _become_wary(self, permit: int) -> None:
+        """A failure in CLOSED that did not open the breaker: one call at a time from now (lock held)."""
+        if permit == self._wary_permit:
+            self._wary_permit = NOT_TRIAL  # its verdict is in: the next call may go
+        if self.wary_after_failure:
+            self._wary = True
+
+    def _end_wary(self) -> None:
+        self._wary = False
+        self._wary_permit = NOT_TRIAL
+
     def _move(self, new: BreakerState) -> tuple[BreakerState, BreakerState] | None:
         old = self._state
         self._failures = 0
         self._successes = 0
         self._trial_active = False
+        self._end_wary()
         self._state = new
         return None if old is new else (old, new)
 

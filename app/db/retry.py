@@ -168,10 +168,11 @@ def execute_with_retry(
         res.budget.record_call()
     attempt = 0
     last_error: Exception | None = None
+    casualty = False  # the last attempt was lost to an incident already counted
     while True:
         attempt += 1
         try:
-            permit = breaker.before_call()
+            permit = breaker.before_call(casualty=casualty)
         except CircuitOpenError as refused:
             if attempt > 1:
                 raise refused from last_error
@@ -189,7 +190,8 @@ def execute_with_retry(
             commit_sent = _commits_sent() != commits_before
             kind = classify(exc)
             _tell(res.observers, "on_attempt", time.perf_counter() - started, kind)
-            if (kind.is_disconnect or is_slow_connect(exc)) and incidents.take_casualty():
+            casualty = bool((kind.is_disconnect or is_slow_connect(exc)) and incidents.take_casualty())
+            if casualty:
                 breaker.release(permit)  # this incident was counted already (incidents.py)
             else:
                 breaker.record_failure(permit, kind)

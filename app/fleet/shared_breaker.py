@@ -108,18 +108,18 @@ class SharedBreaker(CircuitBreaker):
 
     # -- the call protocol, shared --------------------------------------------
 
-    def _before_call_slow(self) -> int:
-        if not self._usable() or self._forced is not None:
-            return super()._before_call_slow()
+    def _before_call_slow(self, casualty: bool = False) -> int:
+        if not self._usable() or self._forced is not None or self._state is BreakerState.CLOSED:
+            return super()._before_call_slow(casualty)  # CLOSED here: wary, decided by this process alone
         if self._state is BreakerState.OPEN and (self.probe_gated or self._clock() < self._open_until):
             return self._refuse()
         token = uuid.uuid4().hex
         answer = self._run("trial", token, self._lease_ms, "1" if self.probe_gated else "0")
         if answer is None:
-            return super()._before_call_slow()
+            return super()._before_call_slow(casualty)
         self._adopt(answer[:3], remote=False)
         if not int(answer[3]):
-            if self._state is BreakerState.CLOSED:
+            if self.state is BreakerState.CLOSED:  # the fleet's, just adopted
                 return NOT_TRIAL
             return self._refuse()
         with self._lock:
@@ -133,7 +133,7 @@ class SharedBreaker(CircuitBreaker):
         if not kind.is_transient or self._forced is not None or not self._usable():
             super().record_failure(permit, kind)
             return
-        if permit != NOT_TRIAL:
+        if permit > NOT_TRIAL:
             answer = self._verdict(permit, "fail")
         else:
             member = f"{self._member}-{next(self._failure_seq)}"  # itertools.count: atomic under the GIL
@@ -148,11 +148,15 @@ class SharedBreaker(CircuitBreaker):
             super().record_failure(permit, kind)
             return
         self._adopt(answer, remote=False)
+        if permit <= NOT_TRIAL:
+            with self._lock:
+                if self._state is BreakerState.CLOSED:
+                    self._become_wary(permit)  # the fleet has not opened (yet): one call at a time here
         for listener in self._listeners:
             self._safely(listener.on_failure, self, kind)
 
     def record_success(self, permit: int) -> None:
-        if permit == NOT_TRIAL or self._forced is not None or not self._usable():
+        if permit <= NOT_TRIAL or self._forced is not None or not self._usable():
             super().record_success(permit)
             return
         answer = self._verdict(permit, "ok")
@@ -162,7 +166,7 @@ class SharedBreaker(CircuitBreaker):
             self._adopt(answer, remote=False)
 
     def release(self, permit: int) -> None:
-        if permit != NOT_TRIAL and self._usable():
+        if permit > NOT_TRIAL and self._usable():
             self._verdict(permit, "release")
         super().release(permit)
 

@@ -15,7 +15,16 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.db import BreakerListener, BreakerState, CircuitBreaker, Database, DeadlineExceeded, ErrorKind, execute_with_retry
+from app.db import (
+    BreakerListener,
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    Database,
+    DeadlineExceeded,
+    ErrorKind,
+    execute_with_retry,
+)
 from tests.support.tcp_proxy import FaultProxy
 
 THREADS = 4
@@ -52,6 +61,10 @@ def at_once(database: Database, deadline: float) -> list[BaseException | None]:
     return results
 
 
+def _wary_refusal(exc: BaseException | None) -> bool:
+    return isinstance(exc, CircuitOpenError) and exc.state == "wary"
+
+
 def build(proxied: Any) -> tuple[Database, FailureLog]:
     # Retries come at once (10 ms), so each thread's retry is a connect that meets the silence.
     database = proxied(retry_base_seconds=0.01, breaker_failure_threshold=THREADS)
@@ -69,7 +82,9 @@ def test_slow_reconnects_right_after_an_incident_count_once(proxied: Any, proxy:
     proxy.reset_existing()  # the incident: every pooled connection dies at once
 
     results = at_once(database, deadline=1.0)
-    assert all(isinstance(exc, DeadlineExceeded) for exc in results), results
+    # Cut by the deadline; or refused at once: a thread whose own failure counted retries only with the
+    # breaker's one wary call (app/db/circuit_breaker.py), which another thread may hold.
+    assert all(isinstance(exc, DeadlineExceeded) or _wary_refusal(exc) for exc in results), results
     assert len(failures.kinds) == 1, failures.kinds  # the incident; its slow reconnects are excused
     assert database.breaker.state is BreakerState.CLOSED
 

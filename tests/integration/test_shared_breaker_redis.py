@@ -133,3 +133,21 @@ def test_the_fleet_follows_redis_when_it_lost_the_breaker(pair: Pair, redis_pref
     first._link.client.delete(*first._keys)  # the breaker's hash is gone, as after a restart
     fail(second, 3)  # Redis says OPEN at epoch 1, older than what both have seen
     assert wait_until(lambda: first.state is BreakerState.OPEN and second.state is BreakerState.OPEN, timeout=5)
+
+
+def test_after_its_own_failure_a_process_sends_one_call_at_a_time_until_the_fleet_opens(pair: Pair) -> None:
+    """The bound on a fleet's overshoot: each process that saw a failure of its own has at most one call at the
+    database until it succeeds or the fleet opens, so news of the opening arriving late costs at most one
+    attempt per process, not every call it starts meanwhile."""
+    first, second = pair()  # threshold 3
+    fail(first, 1)
+    in_flight = first.before_call()
+    for _ in range(10):
+        with pytest.raises(CircuitOpenError):
+            first.before_call()  # concurrent calls in `first`: refused, not sent
+    assert second.before_call() == 0 and second.before_call() == 0, "a process with no failure of its own is free"
+    first.record_failure(in_flight, ErrorKind.DISCONNECT)  # 2 fleet-wide
+    fail(second, 1)  # 3: the fleet opens
+    assert second.state is BreakerState.OPEN
+    assert wait_until(lambda: first.state is BreakerState.OPEN, timeout=5)
+    assert not first.wary and not second.wary

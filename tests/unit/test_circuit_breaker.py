@@ -514,6 +514,7 @@ def test_snapshot_fields(breaker: CircuitBreaker, clock: FakeClock) -> None:
         "forced": None,
         "consecutive_failures": 0,
         "half_open_successes": 0,
+        "wary": False,
         "retry_after_seconds": 0.0,
     }
     fail(breaker, 5)
@@ -524,6 +525,7 @@ def test_snapshot_fields(breaker: CircuitBreaker, clock: FakeClock) -> None:
         "forced": None,
         "consecutive_failures": 0,
         "half_open_successes": 0,
+        "wary": False,
         "retry_after_seconds": 47.654,
     }
     clock.advance(60)
@@ -680,3 +682,68 @@ def test_trial_call_is_not_under_the_lock(breaker: CircuitBreaker, clock: FakeCl
         t.join(timeout=10)
     assert outcome["trial"] == "trial"
     assert breaker.snapshot()["half_open_successes"] == 1
+
+
+# -- wary: one call at a time after a failure of this process's own -------------------
+
+
+def test_after_a_failure_one_call_at_a_time_until_one_succeeds(breaker: CircuitBreaker, listener: RecordingListener) -> None:
+    fail(breaker)
+    assert breaker.state is CLOSED and breaker.wary
+    first = breaker.before_call()
+    assert first < 0, "the wary call's own permit"
+    with pytest.raises(CircuitOpenError) as refused:
+        breaker.before_call()  # a second call while the first is in flight: refused, not sent
+    assert refused.value.state == "wary" and refused.value.retry_after > 0
+    assert ("rejected", "db") in listener.events
+    breaker.record_success(first)
+    assert not breaker.wary
+    permits = [breaker.before_call() for _ in range(3)]
+    assert permits == [0, 0, 0], "a success ends it: calls flow again"
+
+
+def test_the_wary_calls_failures_are_sequential_and_still_open_it(breaker: CircuitBreaker) -> None:
+    fail(breaker)
+    for _ in range(breaker.failure_threshold - 1):
+        permit = breaker.before_call()
+        with pytest.raises(CircuitOpenError):
+            breaker.before_call()
+        breaker.record_failure(permit, ErrorKind.DISCONNECT)  # its verdict frees the slot for the next call
+    assert breaker.state is OPEN and not breaker.wary
+
+
+def test_a_success_of_an_older_call_ends_it_too(breaker: CircuitBreaker) -> None:
+    older = breaker.before_call()  # in flight before the failure
+    fail(breaker)
+    breaker.record_success(older)
+    assert not breaker.wary and breaker.before_call() == 0
+
+
+def test_a_released_wary_call_frees_the_slot_and_a_vanished_one_is_replaced(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    fail(breaker)
+    breaker.release(breaker.before_call())  # cancelled, or a permanent error: no verdict, the slot is free
+    breaker.before_call()  # taken, and its holder never comes back
+    with pytest.raises(CircuitOpenError):
+        breaker.before_call()
+    clock.advance(breaker.open_seconds)
+    assert breaker.before_call() < 0, "replaced after open_seconds, as a trial is"
+
+
+def test_wary_can_be_turned_off_and_does_not_apply_when_forced_closed(clock: FakeClock) -> None:
+    plain = CircuitBreaker(name="db", clock=clock, wary=False)
+    fail(plain)
+    assert not plain.wary and plain.before_call() == 0 and plain.before_call() == 0
+    forced = CircuitBreaker(name="db", clock=clock)
+    forced.force_closed()
+    fail(forced)
+    assert forced.before_call() == 0 and forced.before_call() == 0
+
+
+def test_the_retry_of_a_call_lost_to_a_counted_incident_is_not_held_back(breaker: CircuitBreaker) -> None:
+    """An SSL kill drops the pool: the first disconnect counts (wary), the others are its casualties, retried on
+    fresh connections at once (app/db/incidents.py) even while another thread holds the wary call."""
+    fail(breaker)
+    breaker.before_call()  # the wary call, in flight
+    assert breaker.before_call(casualty=True) == 0
+    with pytest.raises(CircuitOpenError):
+        breaker.before_call()
