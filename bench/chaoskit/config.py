@@ -41,7 +41,7 @@ TARGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    kind: str  # ssl_kills | db_outage | rabbit_outage | redis_outage | worker_kill
+    kind: str  # ssl_kills | db_outage | rabbit_outage | rabbit_alarm | publisher_kill | redis_outage | worker_kill
     start: float  # seconds after the load starts
     duration: float
     every: float = 0.0  # ssl_kills: seconds between two kills
@@ -56,6 +56,8 @@ class Fault:
             "ssl_kills": f"SSL kills every {self.every:g} s",
             "db_outage": f"database outage {self.duration:g} s",
             "rabbit_outage": f"RabbitMQ outage {self.duration:g} s",
+            "rabbit_alarm": f"RabbitMQ memory alarm {self.duration:g} s",
+            "publisher_kill": "publisher I/O threads killed",
             "redis_outage": f"Redis down {self.duration:g} s",
             "worker_kill": f"database outage {self.duration:g} s + worker SIGKILL mid-drain",
         }[self.kind]
@@ -98,6 +100,8 @@ SCENARIOS = {
             ("ssl_kills", 15, 10),
             ("db_outage", 30, 20),
             ("rabbit_outage", 15, 10),
+            ("rabbit_alarm", 10, 10),
+            ("publisher_kill", 0, 10),
             ("redis_outage", 15, 10),
             ("worker_kill", 10, 0),
         ),
@@ -116,6 +120,8 @@ SCENARIOS = {
             ("ssl_kills", 6, 2),
             ("db_outage", 10, 12),
             ("rabbit_outage", 5, 3),
+            ("rabbit_alarm", 5, 3),
+            ("publisher_kill", 0, 4),
             ("redis_outage", 5, 8),  # > BROWNOUT_REDIS_SKIP_SECONDS: Redis is skipped for that long after it is back
             ("worker_kill", 6, 0),
         ),

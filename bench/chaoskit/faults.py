@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import signal
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 from bench.chaoskit.config import Fault
 from bench.chaoskit.helpers import now, wait_for
@@ -109,6 +114,59 @@ class FaultTimeline(ModeStage):
     def _fault_rabbit_outage(self, fault: Fault, record: FaultRecord) -> None:
         self._outage("rabbit", fault.duration, record)
 
+    @staticmethod
+    def _queued_applied(conn: Any) -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM applied_commands WHERE path = 'queued'")
+            return int(cur.fetchone()[0])
+
+    def _fault_rabbit_alarm(self, fault: Fault, record: FaultRecord) -> None:
+        """A memory alarm: RabbitMQ blocks every publishing connection (consumers go on) until it clears."""
+        node = self.alarm_node
+        end = now() - self.t0 + fault.duration
+        if node is None:
+            record.details["via"] = "not played (no RabbitMQ node of the run's own)"
+            self._sleep_until(end)
+            record.end = now() - self.t0
+            return
+        record.details["via"] = "rabbitmqctl set_vm_memory_high_watermark 0 on the run's own node"
+        node.ctl("set_vm_memory_high_watermark", "0")
+        try:
+            self._sleep_until(end)
+        finally:
+            node.ctl("set_vm_memory_high_watermark", "0.4")
+            record.end = now() - self.t0
+
+    def _fault_publisher_kill(self, fault: Fault, record: FaultRecord) -> None:
+        """Each web dyno's publisher I/O thread dies (bench/chaoskit/inject/sitecustomize.py); it must be restarted."""
+        if self.mode != "brownout":
+            record.details["via"] = "not used by this mode"
+            record.end = now() - self.t0
+            return
+        before = {web.name: self._publisher_restarts(web.url) for web in self.webs}
+        for web in self.webs:
+            if web.alive and web.process is not None:
+                os.kill(web.process.pid, signal.SIGUSR2)  # the uvicorn process itself (one per replica)
+        record.details["via"] = "SIGUSR2 to each web dyno"
+        restarted = {
+            web.name: wait_for(lambda web=web: (self._publisher_restarts(web.url) or 0) > (before[web.name] or 0), 15, 0.2)
+            for web in self.webs
+        }
+        record.details["restarted"] = restarted
+        record.details["restarts"] = {web.name: self._publisher_restarts(web.url) for web in self.webs}
+        record.end = now() - self.t0
+
+    @staticmethod
+    def _publisher_restarts(url: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as answer:
+                body = json.load(answer)
+        except urllib.error.HTTPError as error:  # 503 while not ready: the body still says
+            body = json.load(error)
+        except (OSError, ValueError):
+            return None
+        return int(body["rabbitmq"]["publisher_restarts"])
+
     def _fault_redis_outage(self, fault: Fault, record: FaultRecord) -> None:
         self._outage("redis", fault.duration, record)
 
@@ -118,12 +176,21 @@ class FaultTimeline(ModeStage):
         if self.worker is None or self.backlog is None:
             record.details["kill"] = "no worker in this mode"
             return
-        # Mid-drain: once the worker has applied some of the backlog, and while some is left.
+        # Mid-drain: once the worker has committed its first queued writes, while some are left. Watched on a
+        # connection of its own every 10 ms: the batched worker drains a few hundred writes in a fraction of a
+        # second, between two of the backlog's samples (0.25 s).
         peak = max(self.backlog.current, 1)
-        mid = wait_for(lambda: 0 < self.backlog.current <= 0.85 * peak or self._stop.is_set(), 20, 0.05)  # type: ignore[union-attr]
+        conn = admin_connect(self.base_db, self.dbname)
+        try:
+            applied_before = self._queued_applied(conn)
+            started = wait_for(lambda: self._queued_applied(conn) > applied_before or self._stop.is_set(), 20, 0.01)
+            applied = self._queued_applied(conn) - applied_before
+        finally:
+            conn.close()
         if self._stop.is_set():
             return
-        record.details |= {"backlog_at_kill": self.backlog.current, "peak_before": peak, "mid_drain": mid}
+        mid = started and 0 < applied < peak
+        record.details |= {"backlog_at_kill": peak - applied, "peak_before": peak, "mid_drain": mid}
         record.details["killed_at"] = now() - self.t0
         self.worker.kill(signal.SIGKILL)
         self.worker.process.wait(timeout=10)  # type: ignore[union-attr]

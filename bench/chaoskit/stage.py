@@ -34,6 +34,9 @@ from bench.chaoskit.progress import Live
 from bench.chaoskit.proxies import ProxyProcess
 from bench.chaoskit.results import FaultRecord
 from bench.chaoskit.urls import admin_connect, loopback_only, pg_url, port_of, with_port
+from tests.support.throwaway_rabbit import RABBITMQ_SBIN, ThrowawayRabbit
+
+INJECT = ROOT / "bench" / "chaoskit" / "inject"  # sitecustomize.py: the publisher I/O thread's killer
 
 
 class ModeStage:
@@ -70,6 +73,7 @@ class ModeStage:
         self.settings: dict[str, str] = {}
         self._stop = threading.Event()
         self._down: set[str] = set()  # operator commands run "down" and not yet "up"
+        self.alarm_node: ThrowawayRabbit | None = None  # a RabbitMQ node of the run's own, for the memory alarm
         self._main_calls: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
 
     # -- set-up and tear-down ---------------------------------------------------
@@ -82,6 +86,7 @@ class ModeStage:
         conn.close()
         stack.callback(self._drop_database)
         if self.mode == "brownout":
+            self._start_alarm_node(stack)
             stack.callback(self._delete_queues)
             stack.callback(self._delete_redis_keys)
         lines = procfile()
@@ -118,6 +123,8 @@ class ModeStage:
                 argv = [sys.executable, "-m", "uvicorn", "--factory", "bench.chaoskit.naive_app:naive_app", "--host", "127.0.0.1"]
                 argv += ["--port", str(port), "--no-access-log"]
             web_env = env | {"PORT": str(port)}
+            if self.mode == "brownout" and any(fault.kind == "publisher_kill" for fault in self.faults):
+                web_env["PYTHONPATH"] = os.pathsep.join((str(INJECT), env["PYTHONPATH"]))  # SIGUSR2 kills the publisher
             if self.mode == "naive":  # identified by its URL: naive_app knows no Brownout setting
                 web_env["DATABASE_URL"] = pg_url(db_url, app_name=self.app_name)
             web = Dyno(f"web{index + 1}", argv, web_env, log_dir, self.tracker)
@@ -141,6 +148,22 @@ class ModeStage:
             f"[{self.mode}] database {self.dbname}, {len(self.webs)} web replica(s)"
             + (f", worker, queue {self.queue}, Redis prefix {self.prefix}" if self.mode == "brownout" else " (naive_app)")
         )
+
+    def _start_alarm_node(self, stack: contextlib.ExitStack) -> None:
+        """A memory alarm must never be raised on the machine's shared RabbitMQ: with one in the timeline, the
+        run gets a node of its own (the operator's RABBITMQ_URL is then not used for this mode)."""
+        if not any(fault.kind == "rabbit_alarm" for fault in self.faults):
+            return
+        if not os.path.exists(f"{RABBITMQ_SBIN}/rabbitmq-server"):
+            self.config.echo(f"[{self.mode}] no RabbitMQ scripts in {RABBITMQ_SBIN}: the memory alarm will not be played")
+            return
+        folder = self.out_dir / f"rabbitmq-{self.mode}"
+        folder.mkdir(parents=True, exist_ok=True)
+        node = ThrowawayRabbit(folder)
+        stack.callback(node.stop)
+        node.start()
+        self.alarm_node, self.base_rabbit = node, node.url
+        self.config.echo(f"[{self.mode}] RabbitMQ: a throwaway node on port {node.port} (the memory alarm is raised there)")
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BROWNOUT_", "UVICORN_"))}

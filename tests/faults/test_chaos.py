@@ -1,5 +1,6 @@
 """The chaos harness's short scenario, for real: the Procfile's dynos under load while
-PostgreSQL, RabbitMQ and Redis fail (through proxies) and the worker is SIGKILLed.
+PostgreSQL, RabbitMQ and Redis fail (through proxies), RabbitMQ raises a memory alarm (on a node of the
+run's own), the web dynos' publisher I/O threads die and the worker is SIGKILLed.
 
 What is asserted comes from the database itself (bench/chaos.py's audit): no
 acknowledged write lost, none applied twice, none applied out of acceptance order
@@ -34,7 +35,9 @@ def test_short_chaos_scenario_loses_nothing(tmp_path: Path) -> None:
     assert audit["toggled_entities"] > 0  # the writes whose order shows were there
 
     faults = {fault.kind: fault for fault in run.faults}
-    assert set(faults) == {"ssl_kills", "db_outage", "rabbit_outage", "redis_outage", "worker_kill"}
+    assert set(faults) == {
+        "ssl_kills", "db_outage", "rabbit_outage", "rabbit_alarm", "publisher_kill", "redis_outage", "worker_kill"
+    }  # fmt: skip
     assert sum(faults["ssl_kills"].details["killed_per_round"]) > 0, "no backend was terminated"
     outage = next(t for t in run.timings if t["kind"] == "db_outage")
     assert faults["db_outage"].details["via"].startswith("proxy")
@@ -44,6 +47,9 @@ def test_short_chaos_scenario_loses_nothing(tmp_path: Path) -> None:
     assert audit["acknowledged_queued"] > 0, "no write was queued"
     assert audit["applied_via_queue"] > 0, "the worker applied nothing"
     assert run.drained_after_load is not None, "the backlog did not drain"
+
+    assert faults["rabbit_alarm"].details["via"].startswith("rabbitmqctl"), faults["rabbit_alarm"].details
+    assert all(faults["publisher_kill"].details["restarted"].values()), faults["publisher_kill"].details
 
     kill = faults["worker_kill"].details
     assert kill.get("killed_at") is not None, "the worker was not killed"
