@@ -2,7 +2,7 @@
 
 Nothing here runs at import time: `load_settings()` reads the environment when an
 entry point (CLI, web, worker, test) asks for it. Every tunable is a
-`BROWNOUT_*` variable with the seed's default (see design.md); connection URLs
+`BROWNOUT_*` variable with its default; connection URLs
 keep their conventional names (`DATABASE_URL`).
 """
 
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     retry_budget_min_retries: int = Field(
         default=10,
         ge=0,
-        description="Retry budget: retries always allowed per window (a quiet process keeps the seed's retries).",
+        description="Retry budget: retries always allowed per window (a quiet process keeps the default schedule).",
     )
     breaker_backend: Literal["local", "redis"] = Field(
         default="local",

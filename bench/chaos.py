@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--faults", help="comma-separated subset: ssl_kills,db_outage,rabbit_outage,redis_outage,worker_kill")
     parser.add_argument("--modes", default="brownout,naive", help="brownout,naive (default) or one of them")
     parser.add_argument("--web", type=int, default=2, help="web replicas (default 2)")
-    parser.add_argument("--seed-defaults", action="store_true", help="keep the seed's breaker, health and gate settings")
+    parser.add_argument("--default-settings", action="store_true", help="keep the default breaker, health and gate settings")
     parser.add_argument("--outage-style", choices=("refuse", "silence"), default="refuse")
     parser.add_argument("--out", type=Path, help="output folder (default bench/out/chaos-<time>)")
     parser.add_argument("--no-progress", action="store_true")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         faults=set(args.faults.split(",")) if args.faults else None,
         modes=modes,
         web=args.web,
-        seed_defaults=args.seed_defaults,
+        default_settings=args.default_settings,
         outage_style=args.outage_style,
         out_dir=args.out,
         progress=False if args.no_progress else None,

@@ -119,7 +119,7 @@ def backend_pids(dbname: str, app_name: str) -> set[int]:
 
 
 def terminate_backends(dbname: str, app_name: str) -> set[int]:
-    """pg_terminate_backend over an sslmode=require admin link: the seed's SSL error, for real."""
+    """pg_terminate_backend over an sslmode=require admin link: the SSL error, for real."""
     pids = backend_pids(dbname, app_name)
     with admin_cursor() as cur:
         for pid in pids:

@@ -62,7 +62,7 @@ class ClosingSession(Session):
 
     Why: close() rolls the transaction back. When the server ends the connection
     between the caller's last statement and the close (pg_terminate_backend, a
-    pooler restart: the seed's "SSL connection has been closed unexpectedly"),
+    pooler restart: "SSL connection has been closed unexpectedly"),
     SQLAlchemy invalidates the connection and re-raises, so work that had
     succeeded (a read, a committed write) surfaced as an error, a 500 in the API.
     A dead connection has nothing left to roll back: the error is logged and the

@@ -1,4 +1,4 @@
-"""The engine: the seed's pool, bounded I/O, and SSL-aware pool invalidation.
+"""The engine: the default pool, bounded I/O, and SSL-aware pool invalidation.
 
 What SQLAlchemy already does, and is relied on as is:
 - the psycopg2 dialect's `is_disconnect` recognises libpq's disconnect texts
@@ -14,7 +14,7 @@ What this module adds, in the `handle_error` event:
 - a per-error decision on the scope of invalidation:
   * direct to PostgreSQL (`BROWNOUT_DATABASE_POOLER=none`): a disconnect
     invalidates the whole pool: a failover or a dropped TLS middlebox kills
-    every connection at once, and the seed wants none of them reused;
+    every connection at once, and none of them may be reused;
   * behind a transaction-mode pooler (`transaction`): a dead *server*
     connection is reported by the pooler closing that one client link (seen
     with PgBouncer 1.18: the client gets "SSL connection has been closed

@@ -63,7 +63,7 @@ class CommitOutcomeUnknown(BrownoutDbError):
 class ErrorKind(StrEnum):
     """How a failure should be treated. Values double as metric labels."""
 
-    SSL = "ssl"  # transient disconnect on a TLS link (the seed's error)
+    SSL = "ssl"  # transient disconnect on a TLS link ("SSL connection has been closed unexpectedly")
     DISCONNECT = "disconnect"  # transient: the connection is gone
     TRANSIENT = "transient"  # transient: the connection is fine, try again
     PERMANENT = "permanent"  # a bug, bad data or a constraint: retrying cannot help
@@ -100,7 +100,7 @@ _SQLSTATES: dict[str, ErrorKind] = {
 # libpq's "SSL connection has been closed unexpectedly". When the pooler says
 # the database is merely busy (a full pool, a wait timeout), that is the label;
 # when it says a server connection died, the client's TLS link died with it,
-# and it is the seed's SSL error.
+# and it is the SSL error.
 _BUSY_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
     ("query_wait_timeout", ErrorKind.TRANSIENT),
     ("no more connections allowed", ErrorKind.TRANSIENT),

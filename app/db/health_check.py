@@ -96,7 +96,7 @@ def periodic_health_check(
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
-    """The seed's call: check at most once per *interval_seconds* per engine, else the last result.
+    """Check at most once per *interval_seconds* per engine, else the last result.
 
     Cheap enough to call from anywhere; a failed check invalidates the pool.
     For a check that runs on its own, use HealthMonitor.

@@ -1,19 +1,19 @@
-"""`execute_with_retry(db, fn)`: the seed's entry point, with the breaker inside.
+"""`execute_with_retry(db, fn)`: the entry point, with the breaker inside.
 
 Backoff: capped exponential with **Full Jitter** (AWS Architecture Blog,
 "Exponential Backoff And Jitter", 2015): before retry n the wait is drawn
 uniformly from [0, min(cap, base * 2**(n-1))], i.e. up to 0.5, 1, 2, 3 s with
-the seed's settings. Of the schemes that study compared, Full Jitter did the
+the default settings. Of the schemes that study compared, Full Jitter did the
 least work and finished soonest under contention; here the contention is a
 fleet of processes that all saw the same failover (or the same pool
 invalidation) at the same instant, and spreading their retries over the whole
 window is the point.
 
-SSL errors get no special delay (the seed's "delays adapted for SSL errors").
-The seed lengthened waits because a stale TLS connection would fail again; here
-a disconnect invalidates the pool (see engine.py) and the retry runs on a fresh
-connection, so a longer wait would only add latency, and a shorter, unjittered
-one would line every process up on a database that may be failing over.
+SSL errors get no special delay. Longer waits after an SSL error would assume
+a stale TLS connection fails again; here a disconnect invalidates the pool
+(see engine.py) and the retry runs on a fresh connection, so a longer wait
+would only add latency, and a shorter, unjittered one would line every process
+up on a database that may be failing over.
 
 Why tenacity is not used: the retry decision needs the breaker's permit, the
 commit-in-flight flag and the deadline together at each attempt, and the hot

@@ -1,11 +1,12 @@
 """Acceptance stamps: a hybrid logical clock, so order needs no shared state.
 
-Per-entity order (design.md, invariant 3) is last-writer-wins on the stamp a
-write receives when it is accepted, compared inside the database at apply
-time. Nothing in Redis or in process memory has to survive for order to hold:
-the stamp travels with the write (in the queue message or the direct call)
-and the entity's row keeps the stamp of the write that last set it. A write
-that was accepted and then rejected (a 503) leaves no gap to wait for.
+Per-entity order (an acknowledged write takes effect in order per entity) is
+last-writer-wins on the stamp a write receives when it is accepted, compared
+inside the database at apply time. Nothing in Redis or in process memory has
+to survive for order to hold: the stamp travels with the write (in the queue
+message or the direct call) and the entity's row keeps the stamp of the write
+that last set it. A write that was accepted and then rejected (a 503) leaves
+no gap to wait for.
 
 A stamp is one signed 64-bit integer, so PostgreSQL compares it natively:
 

@@ -1,7 +1,7 @@
 """Logging for every entry point: text or JSON lines, a production and a dev profile.
 
-Same values everywhere, more detail in dev (the seed: staging mirrors
-production, with more logging): `BROWNOUT_LOG_PROFILE=dev` turns Brownout's own
+Same values everywhere, more detail in dev (staging mirrors production,
+with more logging): `BROWNOUT_LOG_PROFILE=dev` turns Brownout's own
 loggers to DEBUG. `BROWNOUT_LOG_FORMAT=json` writes one JSON object per line
 (python-json-logger), for log pipelines. The lines operators watch for:
 breaker transitions (app.db.circuit_breaker), pool invalidations

@@ -15,7 +15,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 HARNESS_APP_NAME = "bo-chaos-harness"
 
 
-# The short settings of the run (printed); --seed-defaults keeps the seed's own.
+# The short settings of the run (printed); --default-settings keeps the defaults.
 RUN_SETTINGS = {
     "BROWNOUT_BREAKER_OPEN_SECONDS": "5",
     "BROWNOUT_HEALTH_INTERVAL_SECONDS": "1",
@@ -142,7 +142,7 @@ class ChaosConfig:
     faults: set[str] | None = None  # a subset of the kinds; None: all
     modes: tuple[str, ...] = ("brownout", "naive")
     web: int = 2  # web replicas (one uvicorn process each)
-    seed_defaults: bool = False  # keep the seed's breaker, health and gate settings
+    default_settings: bool = False  # keep the default breaker, health and gate settings
     outage_style: str = "refuse"  # refuse (PostgreSQL down) or silence (a black hole)
     out_dir: Path | None = None
     progress: bool | None = None  # None: a live line on a terminal, a plain line every 5 s otherwise

@@ -99,7 +99,7 @@ class FaultTimeline(ModeStage):
     def _terminate_backends(self) -> int:
         conn = admin_connect(self.base_db, "postgres")
         try:
-            with conn.cursor() as cur:  # an sslmode=require admin link, as the seed's error came
+            with conn.cursor() as cur:  # an sslmode=require admin link, as the SSL error comes
                 cur.execute(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
                     (self.dbname, self.app_name),

@@ -88,7 +88,7 @@ def report_markdown(results: dict[str, ModeResult], config: ChaosConfig, started
         f"{first.writes_rate:g} writes/s + {first.reads_rate:g} reads/s for {first.duration:g} s, "
         f"{config.web} web replica(s) (`python -m app.api.serve`) and one worker (`python -m worker.serve`); "
         f"settings: {', '.join(f'`{k}={v}`' for k, v in first.settings.items() if k in RUN_SETTINGS or k in FIXED_SETTINGS)}"
-        ", the seed's defaults otherwise.",
+        ", the default settings otherwise.",
         "",
         "**Audit, from the database** (acknowledged = 201/200 applied or 202 queued):",
         "",

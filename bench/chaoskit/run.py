@@ -40,7 +40,7 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
         f"chaos: scenario {config.scenario}, {duration:g} s per mode, modes {', '.join(config.modes)}; timeline: "
         + "; ".join(f"{f.start:g}-{f.end:g} s {f.label}" for f in kept)
     )
-    if not config.seed_defaults:
+    if not config.default_settings:
         config.echo("chaos: run settings " + " ".join(f"{k}={v}" for k, v in (RUN_SETTINGS | FIXED_SETTINGS).items()))
     results: dict[str, ModeResult] = {}
     for mode in config.modes:

@@ -173,7 +173,7 @@ class ModeStage:
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         settings = dict(FIXED_SETTINGS)
         if self.mode == "brownout":
-            if not self.config.seed_defaults:
+            if not self.config.default_settings:
                 settings |= RUN_SETTINGS
             settings |= {
                 "BROWNOUT_DB_APPLICATION_NAME": self.app_name,

@@ -2,7 +2,7 @@
 
 A real Dramatiq Worker (8 threads) runs the real apply actor behind the
 HealthGate and the AdaptiveDrain, on a real queue and database. The backlog
-(scaled down from the issue's 10,000 to BACKLOG, so the test runs in well
+(scaled down from a production-size 10,000 to BACKLOG, so the test runs in well
 under a minute on two cores; the mechanism is the same) is queued through a
 Dispatcher whose breaker is forced open. Once the drain has ramped up, another
 connection takes `LOCK TABLE notifications IN EXCLUSIVE MODE` for

@@ -1,4 +1,4 @@
-"""The seed's error, for real: backends killed with pg_terminate_backend under TLS."""
+"""The SSL error, for real: backends killed with pg_terminate_backend under TLS."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from app.db.pre_ping import CheckoutPinger
 from app.db.retry import Resilience, RetryPolicy
 
 
-def test_seed_pool_settings(make_database: Callable[..., Database], app_name: str) -> None:
+def test_default_pool_settings(make_database: Callable[..., Database], app_name: str) -> None:
     database = make_database()
     pool = database.engine.pool
     assert pool.size() == 10

@@ -104,7 +104,7 @@ def open_breaker(breaker: CircuitBreaker) -> None:
 # -- CLOSED ------------------------------------------------------------------
 
 
-def test_defaults_are_the_seeds() -> None:
+def test_defaults_are_the_documented_ones() -> None:
     b = CircuitBreaker()
     assert (b.failure_threshold, b.open_seconds, b.success_threshold) == (5, 60.0, 2)
     assert b.state is CLOSED and b.forced is None

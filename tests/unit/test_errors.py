@@ -28,7 +28,7 @@ OpErr, IfaceErr = psycopg2.OperationalError, psycopg2.InterfaceError
 
 # (id, the driver's exception, expected kind)
 DRIVER_TABLE: list[tuple[str, psycopg2.Error, ErrorKind]] = [
-    # TLS link lost (the seed's error) - client-side, no SQLSTATE.
+    # TLS link lost - client-side, no SQLSTATE.
     ("ssl-closed", OpErr("SSL connection has been closed unexpectedly\n"), SSL),
     ("ssl-syscall", OpErr("SSL SYSCALL error: EOF detected\n"), SSL),
     ("ssl-bad-mac", OpErr("SSL error: decryption failed or bad record mac\n"), SSL),

@@ -28,7 +28,7 @@ from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy, execute_with_r
 from app.db.waiting import DatabaseDeadlineReached
 from tests.support.fakes import LOWER, UPPER, FakeClock, ScriptedRandom, pg_error
 
-SEED_NOMINAL = [0.5, 1.0, 2.0, 3.0]
+DEFAULT_NOMINAL = [0.5, 1.0, 2.0, 3.0]
 
 
 def ssl_error() -> psycopg2.OperationalError:
@@ -123,7 +123,7 @@ def h() -> Harness:
 # -- the policy's maths -------------------------------------------------------------
 
 
-def test_nominal_delays_with_the_seeds_defaults() -> None:
+def test_nominal_delays_with_the_default_settings() -> None:
     policy = RetryPolicy()
     assert (policy.max_retries, policy.base_seconds, policy.cap_seconds) == (4, 0.5, 3.0)
     assert [policy.nominal_delay(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
@@ -136,7 +136,7 @@ def test_nominal_delays_double_until_the_cap() -> None:
 
 def test_full_jitter_bounds() -> None:
     policy = RetryPolicy()
-    assert [policy.delay(n, ScriptedRandom(UPPER)) for n in range(1, 5)] == SEED_NOMINAL
+    assert [policy.delay(n, ScriptedRandom(UPPER)) for n in range(1, 5)] == DEFAULT_NOMINAL
     assert [policy.delay(n, ScriptedRandom(LOWER)) for n in range(1, 5)] == [0.0] * 4
     assert policy.delay(3, ScriptedRandom(0.25)) == 0.5
     rng = random.Random(1234)
@@ -159,7 +159,7 @@ def test_exact_delays_at_the_upper_bound_then_success(h: Harness) -> None:
     fn = Script(*(ssl_error() for _ in range(4)), result="ok")
     assert h.run(fn) == "ok"
     assert fn.calls == 5
-    assert h.delays == SEED_NOMINAL
+    assert h.delays == DEFAULT_NOMINAL
     assert h.db.rollbacks == 4  # once after each failed attempt
     assert h.breaker.state is BreakerState.CLOSED
     assert h.failures() == 0  # the final success reset the count
@@ -177,7 +177,7 @@ def test_seeded_delays_lie_within_their_window(seed: int) -> None:
     h = Harness(rng=random.Random(seed))
     h.run(Script(*(ssl_error() for _ in range(4))))
     assert len(h.delays) == 4
-    for delay, nominal in zip(h.delays, SEED_NOMINAL, strict=True):
+    for delay, nominal in zip(h.delays, DEFAULT_NOMINAL, strict=True):
         assert 0.0 <= delay <= nominal
 
 
@@ -193,9 +193,9 @@ def test_five_calls_at_most_then_the_last_error_is_raised(h: Harness) -> None:
         h.run(fn)
     assert fn.calls == 5
     assert info.value is fn.raised[-1]
-    assert h.delays == SEED_NOMINAL  # no wait after the last attempt
+    assert h.delays == DEFAULT_NOMINAL  # no wait after the last attempt
     assert h.db.rollbacks == 5
-    # With the seed's numbers, a call that spends its whole budget opens the breaker.
+    # With the default settings, a call that spends its whole budget opens the breaker.
     assert h.breaker.state is BreakerState.OPEN
 
 

@@ -1,4 +1,4 @@
-"""load_settings(): the seed's defaults, environment overrides, and refusals that name the variable."""
+"""load_settings(): the defaults, environment overrides, and refusals that name the variable."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def refusal(**overrides: object) -> str:
     return str(info.value)
 
 
-def test_seed_defaults(env: pytest.MonkeyPatch) -> None:
+def test_defaults(env: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert (s.breaker_failure_threshold, s.breaker_open_seconds, s.breaker_success_threshold) == (5, 60.0, 2)
     assert (s.retry_max_retries, s.retry_base_seconds, s.retry_cap_seconds) == (4, 0.5, 3.0)

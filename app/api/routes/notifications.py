@@ -1,4 +1,4 @@
-"""The reference domain over HTTP (design.md, "HTTP contract")."""
+"""The reference domain over HTTP."""
 
 from __future__ import annotations
 
