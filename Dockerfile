@@ -32,6 +32,7 @@ WORKDIR /src
 # has no compiler, so a dependency that would need one fails here.
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-default-groups --no-install-project --python /usr/local/bin/python3
+COPY src ./src
 COPY app ./app
 COPY worker ./worker
 RUN uv sync --frozen --no-default-groups --no-editable --python /usr/local/bin/python3

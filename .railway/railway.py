@@ -16,7 +16,7 @@ creates and manages the five resources below and leaves every other resource alo
 On the services declared here, Railway deletes every variable this file does not name. Secrets are named
 with `preserve()`: the file never holds them, and apply keeps what was set with `railway variables`. A setting
 of your own (any `BROWNOUT_*` variable of the README's configuration table) goes in `_shared_variables()` below.
-tests/unit/test_railway_iac.py checks every field against the Procfile, app/settings.py and the ports.
+tests/unit/test_railway_iac.py checks every field against the Procfile, src/brownout/_settings.py and the ports.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _rabbitmq_url() -> str:
 
 
 def _shared_variables(cache: Any) -> dict[str, Any]:
-    """What the web and the worker both read (names from app/settings.py)."""
+    """What the web and the worker both read (names from src/brownout/_settings.py)."""
     return {
         # Secrets: set with `railway variables --service <name> --set ...`, never written here.
         "DATABASE_URL": preserve(),  # Supabase's transaction pooler, port 6543, sslmode=verify-full

@@ -9,10 +9,10 @@ import sys
 from datetime import timedelta
 
 from app import dead_letters_cli
-from app.db import Database, check_db_health
 from app.dispatch.retention import purge_applied
 from app.schema import upgrade_database
-from app.settings import ConfigurationError, load_settings
+from brownout._db import Database, check_db_health
+from brownout._settings import ConfigurationError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

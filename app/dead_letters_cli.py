@@ -7,9 +7,9 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from app.db import Database
 from app.dispatch import dead_letters
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 
 
 def add_parser(sub: Any) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from app.settings import Settings, _env_name
+from brownout._settings import Settings, _env_name
 
 log = logging.getLogger(__name__)
 

@@ -45,12 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/fleet_breaker.py`: tests.support importable
     sys.path.insert(0, str(ROOT))
 
-from app.db import CircuitOpenError, execute_with_retry  # noqa: E402
-from app.db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker  # noqa: E402
-from app.db.errors import ErrorKind  # noqa: E402
-from app.db.retry import CallObserver  # noqa: E402
 from app.fleet.assembly import build_database, build_monitor, stop_breaker  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from brownout._db import CircuitOpenError, execute_with_retry  # noqa: E402
+from brownout._db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker  # noqa: E402
+from brownout._db.errors import ErrorKind  # noqa: E402
+from brownout._db.retry import CallObserver  # noqa: E402
+from brownout._settings import Settings  # noqa: E402
 from tests.support.tcp_proxy import FaultProxy  # noqa: E402
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"

@@ -28,10 +28,10 @@ import tenacity
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.db import Database, execute_with_retry, waiting
-from app.db.database import build_resilience
 from app.fleet.assembly import build_fleet_breaker, stop_breaker
-from app.settings import load_settings
+from brownout._db import Database, execute_with_retry, waiting
+from brownout._db.database import build_resilience
+from brownout._settings import load_settings
 
 LOCAL_URL = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"

@@ -43,10 +43,10 @@ import redis
 from sqlalchemy.engine import make_url
 
 from app.api.services import Services
-from app.db import BreakerState
 from app.dispatch.queues import queue_declarations
 from app.schema import upgrade_database
-from app.settings import Settings, load_settings
+from brownout._db import BreakerState
+from brownout._settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/read_path.py`: tests.support importable

@@ -41,12 +41,12 @@ import psycopg2
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from app.db import Database
 from app.dispatch.dispatcher import Applied, Dispatcher, Queued
 from app.dispatch.notifications import CREATE
 from app.dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
 from app.schema import applied_commands, upgrade_database
-from app.settings import Settings, load_settings
+from brownout._db import Database
+from brownout._settings import Settings, load_settings
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
 LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"

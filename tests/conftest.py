@@ -17,9 +17,9 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.db import Database, waiting
 from app.dispatch.publisher import Publisher
-from app.settings import Settings
+from brownout._db import Database, waiting
+from brownout._settings import Settings
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from tests.support.worker_rig import WorkerRig
 

@@ -60,7 +60,6 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from app.db import Database, describe, execute_with_retry
 from app.dispatch import dead_letters, waiting
 from app.dispatch.apply import AppliedWrite, KeyConflict, Path, record_dropped
 from app.dispatch.apply_batch import Outcome, Pending, apply_batch
@@ -68,6 +67,7 @@ from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
 from app.dispatch.envelope import Envelope
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.dispatch.waiting import WaitLimits
+from brownout._db import Database, describe, execute_with_retry
 from worker.batched_delivery import DeliveryBatch, batched
 from worker.drain import AdaptiveDrain
 from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold

@@ -11,12 +11,12 @@ from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
 from app.cache.applied_elsewhere import AppliedElsewhere
 from app.cache.redis_link import build_redis_link
-from app.db import Database
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.dispatch.waiting import WaitLimits
 from app.observability.metrics import Metrics
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain
 from worker.email import EmailRuntime, declare_email_actor

@@ -50,9 +50,9 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from app.db import CircuitBreaker, Database
-from app.db.circuit_breaker import BreakerListener
-from app.db.errors import ErrorKind
+from brownout._db import CircuitBreaker, Database
+from brownout._db.circuit_breaker import BreakerListener
+from brownout._db.errors import ErrorKind
 from worker.health_gate import DatabaseUnavailable
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ Failures:
 - The database unreachable: `DatabaseUnavailable`, held by the health gate
   like the apply actor's (worker/health_gate.py): no retry spent.
 
-Passwords are masked in every log line and error (app.redaction).
+Passwords are masked in every log line and error (brownout._redaction).
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import Database, execute_with_retry
 from app.dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
-from app.redaction import mask_secrets
 from app.schema import email_sends, outbox
-from app.settings import Settings
+from brownout._db import Database, execute_with_retry
+from brownout._redaction import mask_secrets
+from brownout._settings import Settings
 from worker.actors import dead_letter_current
 from worker.health_gate import DatabaseUnavailable, unavailable_as_hold
 

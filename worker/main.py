@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dramatiq
 
-from app.db import Database
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.fleet.assembly import build_database, build_monitor
 from app.fleet.shared_breaker import SharedBreaker
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.observability.sentry import init_sentry
-from app.settings import load_settings
+from brownout._db import Database
+from brownout._settings import load_settings
 from worker.assembly import build_worker_broker
 
 

@@ -37,11 +37,11 @@ import dramatiq
 from dramatiq.middleware import Middleware
 from sqlalchemy import Text, bindparam, cast, exists, func, or_, select
 
-from app.db import Database, describe, execute_with_retry
 from app.dispatch.outbox import EMAIL, email_message
 from app.dispatch.publisher import Publisher, PublishRejected
 from app.schema import dead_letters, outbox
-from app.settings import Settings
+from brownout._db import Database, describe, execute_with_retry
+from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import dramatiq
 from dramatiq.middleware import Middleware
 
 from app.cache.redis_link import RedisLink
-from app.db import CircuitBreaker
 from app.fleet.breaker_override import Action, BreakerOverride
+from brownout._db import CircuitBreaker
 from worker.health_gate import HealthGate
 
 

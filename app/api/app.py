@@ -20,7 +20,7 @@ from app.api.routes import admin, commands, health, notifications
 from app.api.routes import metrics as metrics_route
 from app.api.services import Services
 from app.observability.metrics import Metrics
-from app.settings import Settings
+from brownout._settings import Settings
 
 
 def create_app(

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 
 from app.api.errors import Shed
 from app.api.services import Services
-from app.db import BreakerState
+from brownout._db import BreakerState
 
 
 def get_services(request: Request) -> Services:

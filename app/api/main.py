@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.api.app import create_app
-from app.db import CircuitBreaker
 from app.observability.logs import configure_logging
 from app.observability.sentry import init_sentry
-from app.settings import load_settings
+from brownout._db import CircuitBreaker
+from brownout._settings import load_settings
 
 
 def app_from_environment() -> FastAPI:

@@ -31,7 +31,7 @@ from app.cache.pending import PendingWrites
 from app.cache.read_cache import Entry, Lookup, ReadCache
 from app.cache.redis_link import RedisUnavailable
 from app.cache.single_flight import SingleFlight
-from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
+from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import sys
 from app import metrics_dir
 from app.observability.logs import configure_logging
 from app.pool_budget import warn_if_over_budget
-from app.settings import ConfigurationError, load_settings
+from brownout._settings import ConfigurationError, load_settings
 
 
 def command(port: str, processes: int) -> list[str]:

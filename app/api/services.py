@@ -13,8 +13,6 @@ from app.cache.pending import PendingWrites
 from app.cache.pending_replay import PendingReplay
 from app.cache.read_cache import ReadCache
 from app.cache.redis_link import RedisLink, build_redis_link
-from app.db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
-from app.db.health_check import pool_figures
 from app.dispatch.dead_letters import count_unreplayed
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.queue_depth import QueueDepth
@@ -22,7 +20,9 @@ from app.fleet.assembly import build_database, build_monitor, stop_breaker
 from app.fleet.breaker_override import BreakerOverride
 from app.observability.logs import DegradedModeLog
 from app.observability.metrics import Metrics
-from app.settings import Settings
+from brownout._db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
+from brownout._db.health_check import pool_figures
+from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 from app.cache.pending import PendingWrites
 from app.cache.read_cache import ReadCache
 from app.cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
-from app.settings import Settings
+from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
 

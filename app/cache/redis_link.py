@@ -33,8 +33,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.redaction import mask_secrets
-from app.settings import Settings
+from brownout._redaction import mask_secrets
+from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
 

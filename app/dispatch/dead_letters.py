@@ -24,9 +24,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.db import classify, describe
 from app.dispatch.waiting import fresh_options
 from app.schema import dead_letters
+from brownout._db import classify, describe
 
 MAX_REASON = 2000
 REPLAYS_OPTION = "brownout_replays"

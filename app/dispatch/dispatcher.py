@@ -25,12 +25,12 @@ import dramatiq
 from pydantic import ValidationError
 from sqlalchemy import text
 
-from app.db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
 from app.dispatch.apply import AppliedWrite, apply_envelope
 from app.dispatch.commands import CommandError, DependencyPending, Registry
 from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
 from app.dispatch.hlc import HybridClock, datetime_of
-from app.settings import Settings
+from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
+from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
 

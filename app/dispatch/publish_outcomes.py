@@ -19,7 +19,7 @@ from concurrent.futures import Future, InvalidStateError
 
 import pika
 
-from app.redaction import mask_secrets
+from brownout._redaction import mask_secrets
 
 
 class BrownoutDispatchError(Exception):

@@ -56,7 +56,7 @@ from app.dispatch.publisher_link import (
     reconnect_delay,
 )
 from app.dispatch.queues import DEFAULT_DELIVERY_LIMIT, QueueType, queue_declarations
-from app.redaction import mask_secrets
+from brownout._redaction import mask_secrets
 
 __all__ = [
     "BLOCKED_CONNECTION_SECONDS",

@@ -41,7 +41,7 @@ from pika.adapters.select_connection import IOLoop
 
 from app.dispatch.publish_outcomes import RETRY_AFTER, PublishRejected, PublishRequest, RejectReason, resolve
 from app.dispatch.queues import QueueDeclaration
-from app.redaction import mask_secrets
+from brownout._redaction import mask_secrets
 
 # The publisher's logger, as before the I/O thread had its own module: one name to configure.
 log = logging.getLogger("app.dispatch.publisher")

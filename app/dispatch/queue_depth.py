@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 from dramatiq.common import dq_name
 
-from app.redaction import mask_secrets
+from brownout._redaction import mask_secrets
 
 
 class QueueDepth:

@@ -8,10 +8,10 @@ from typing import Any
 import redis
 
 from app.cache.redis_link import RedisLink, build_redis_link
-from app.db import BreakerState, CircuitBreaker, Database, HealthMonitor
-from app.db.database import build_breaker, build_resilience
 from app.fleet.shared_breaker import SharedBreaker
-from app.settings import ConfigurationError, Settings
+from brownout._db import BreakerState, CircuitBreaker, Database, HealthMonitor
+from brownout._db.database import build_breaker, build_resilience
+from brownout._settings import ConfigurationError, Settings
 
 
 def build_fleet_breaker(settings: Settings, *, link: RedisLink | None = None) -> CircuitBreaker:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from app.cache.redis_link import RedisLink, RedisUnavailable
-from app.db import CircuitBreaker
+from brownout._db import CircuitBreaker
 
 log = logging.getLogger(__name__)
 

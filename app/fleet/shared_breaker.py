@@ -39,9 +39,9 @@ from typing import Any
 import redis
 
 from app.cache.redis_link import RedisLink, RedisUnavailable
-from app.db.circuit_breaker import NOT_TRIAL, BreakerListener, BreakerState, CircuitBreaker
-from app.db.errors import ErrorKind
 from app.fleet import scripts
+from brownout._db.circuit_breaker import NOT_TRIAL, BreakerListener, BreakerState, CircuitBreaker
+from brownout._db.errors import ErrorKind
 
 log = logging.getLogger(__name__)
 

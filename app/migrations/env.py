@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from app.schema import metadata
-from app.settings import load_settings, normalise_database_url
+from brownout._settings import load_settings, normalise_database_url
 
 config = context.config
 

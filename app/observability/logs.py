@@ -4,8 +4,8 @@ Same values everywhere, more detail in dev (staging mirrors production,
 with more logging): `BROWNOUT_LOG_PROFILE=dev` turns Brownout's own
 loggers to DEBUG. `BROWNOUT_LOG_FORMAT=json` writes one JSON object per line
 (python-json-logger), for log pipelines. The lines operators watch for:
-breaker transitions (app.db.circuit_breaker), pool invalidations
-(app.db.engine), and the degraded modes below, entered and left.
+breaker transitions (brownout._db.circuit_breaker), pool invalidations
+(brownout._db.engine), and the degraded modes below, entered and left.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-from app.db import BreakerListener, BreakerState, CircuitBreaker
-from app.settings import Settings
+from brownout._db import BreakerListener, BreakerState, CircuitBreaker
+from brownout._settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 OWN_LOGGERS = ("app", "worker")

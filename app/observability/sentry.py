@@ -17,9 +17,9 @@ from sentry_sdk.integrations.fastapi import FastApiIntegration
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
-from app.db import CircuitBreaker
-from app.redaction import mask_secrets
-from app.settings import Settings
+from brownout._db import CircuitBreaker
+from brownout._redaction import mask_secrets
+from brownout._settings import Settings
 
 SECRET_HEADERS = {"authorization", "cookie", "x-api-key", "proxy-authorization"}
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from app.db import Database
-from app.db.database import build_breaker, build_resilience
+from brownout._db import Database
+from brownout._db.database import build_breaker, build_resilience
 from tests.conftest import database_url
 from tests.support.fakes import FakeClock
 from tests.support.tcp_proxy import FaultProxy

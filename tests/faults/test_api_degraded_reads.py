@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.cache.pending import PendingWrites
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support.api_server import RunningApi, serve_in_thread
 from tests.support.fakes import JumpingWallClock

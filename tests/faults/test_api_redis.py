@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from app.cache.redis_link import RedisLink
-from app.db import BreakerState
-from app.settings import Settings
+from brownout._db import BreakerState
+from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support.api_server import RunningApi, serve_in_thread
 from tests.support.polling import wait_until

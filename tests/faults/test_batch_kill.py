@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import pytest
 
-from app.db import Database
 from app.dispatch.notifications import build_registry
 from app.dispatch.publisher import Publisher
 from app.schema import applied_commands, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url, terminate_backends
 from tests.faults.test_worker_signals import (
     MAX_LENGTH,

@@ -24,13 +24,13 @@ from dramatiq.middleware import TimeLimit
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from app.db import Database
 from app.dispatch.commands import Command, Effect
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, build_registry
 from app.dispatch.publisher import Publisher
 from app.schema import applied_commands, dead_letters, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count

@@ -19,11 +19,11 @@ import pytest
 from dramatiq.common import dq_name, xq_name
 from sqlalchemy import func, select
 
-from app.db import Database
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
 from app.dispatch.publisher import Publisher
 from app.schema import applied_commands, dead_letters, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count

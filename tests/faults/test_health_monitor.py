@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.db import ErrorKind, HealthMonitor, periodic_health_check
+from brownout._db import ErrorKind, HealthMonitor, periodic_health_check
 from tests.support.fakes import FakeClock
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy

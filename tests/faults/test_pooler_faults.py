@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import (
+from brownout._db import (
     BreakerListener,
     BreakerState,
     CircuitBreaker,
@@ -34,9 +34,9 @@ from app.db import (
     classify,
     execute_with_retry,
 )
-from app.db.database import build_breaker, build_resilience
-from app.db.retry import Resilience, RetryPolicy
-from app.settings import Settings
+from brownout._db.database import build_breaker, build_resilience
+from brownout._db.retry import Resilience, RetryPolicy
+from brownout._settings import Settings
 from tests.conftest import admin_cursor
 from tests.support.fakes import FakeClock
 from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip

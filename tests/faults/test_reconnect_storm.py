@@ -1,4 +1,4 @@
-"""A reconnect storm after an incident counts once on the breaker (app/db/incidents.py).
+"""A reconnect storm after an incident counts once on the breaker (src/brownout/_db/incidents.py).
 
 After an SSL kill every busy thread of a process reconnects at once over TLS;
 on a loaded host some of those connects run past the request deadline. They
@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.db import (
+from brownout._db import (
     BreakerListener,
     BreakerState,
     CircuitBreaker,
@@ -83,7 +83,7 @@ def test_slow_reconnects_right_after_an_incident_count_once(proxied: Any, proxy:
 
     results = at_once(database, deadline=1.0)
     # Cut by the deadline; or refused at once: a thread whose own failure counted retries only with the
-    # breaker's one wary call (app/db/circuit_breaker.py), which another thread may hold.
+    # breaker's one wary call (src/brownout/_db/circuit_breaker.py), which another thread may hold.
     assert all(isinstance(exc, DeadlineExceeded) or _wary_refusal(exc) for exc in results), results
     assert len(failures.kinds) == 1, failures.kinds  # the incident; its slow reconnects are excused
     assert database.breaker.state is BreakerState.CLOSED

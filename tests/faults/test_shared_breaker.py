@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support import fleet_process
 from tests.support.api_server import free_port

@@ -8,8 +8,8 @@ from contextlib import ExitStack
 
 from sqlalchemy import text
 
-from app.db import BreakerListener, BreakerState, CircuitBreaker, Database, ErrorKind, execute_with_retry
-from app.db.retry import Resilience, RetryPolicy
+from brownout._db import BreakerListener, BreakerState, CircuitBreaker, Database, ErrorKind, execute_with_retry
+from brownout._db.retry import Resilience, RetryPolicy
 from tests.conftest import admin_cursor, backend_pids, terminate_backends
 from tests.support.polling import wait_until
 

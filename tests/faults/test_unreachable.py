@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from app.db import (
+from brownout._db import (
     BreakerState,
     CircuitOpenError,
     Database,
@@ -21,7 +21,7 @@ from app.db import (
     check_db_health,
     execute_with_retry,
 )
-from app.db.errors import BrownoutDbError
+from brownout._db.errors import BrownoutDbError
 from tests.faults.conftest import FakeClock
 from tests.support.tcp_proxy import FaultProxy
 

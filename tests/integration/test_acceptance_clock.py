@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import text
 
 from app.api.writes import NotificationWrites
-from app.db import Database
 from app.dispatch.dispatcher import Applied, Dispatcher
 from app.dispatch.hlc import HybridClock
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 
 NOW = 1_800_000_000.0
 NOTE = {"user_id": 3, "email": "ada@example.com", "subject": "clock", "body": "b"}

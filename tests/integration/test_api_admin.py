@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.support.api_server import serve_in_process, serve_in_thread
 from tests.support.polling import wait_until
 

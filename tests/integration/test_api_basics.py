@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.support.api_server import RunningApi, serve_in_thread
 
 ADA = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.support.api_server import RunningApi, serve_in_thread
 
 ADA = {"user_id": 7, "email": "ada@example.com", "subject": "Coherence", "body": "b"}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.support.api_server import serve_in_thread
 
 ADA = {"user_id": 3, "email": "ada@example.com", "subject": "Metrics", "body": "b"}

@@ -19,12 +19,12 @@ import redis
 from sqlalchemy import select
 
 from app.cache.applied_elsewhere import AppliedElsewhere
-from app.db import Database
 from app.dispatch.apply import apply_envelope
 from app.dispatch.envelope import Envelope, command_id_for, entity_id_for
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 from tests.conftest import REDIS_URL
 from tests.support.api_server import RunningApi, serve_in_thread
 from tests.support.polling import wait_until

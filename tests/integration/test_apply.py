@@ -11,13 +11,13 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select, text
 
-from app.db import Database
 from app.dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
 from app.dispatch.commands import DependencyPending, UnknownCommand
 from app.dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Rejected
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.schema import MIGRATIONS, applied_commands, command_conflicts, notifications, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 
 NOTE = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}

@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from app.db import Database
 from app.dispatch.apply import AppliedWrite, KeyConflict
 from app.dispatch.apply_batch import Outcome, Pending, apply_batch
 from app.dispatch.commands import DependencyPending
@@ -23,6 +22,7 @@ from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.schema import applied_commands, command_conflicts, notifications, outbox, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from worker.actors import ApplyRuntime
 

@@ -10,10 +10,10 @@ from typing import Any
 import dramatiq
 from sqlalchemy import func, select
 
-from app.db import Database
 from app.dispatch import dead_letters
 from app.schema import dead_letters as table
 from app.schema import upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run
 

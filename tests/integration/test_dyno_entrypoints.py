@@ -18,11 +18,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from app.db import Database
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE
 from app.schema import notifications
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 from tests.support.api_server import free_port, settings_env
 from tests.support.polling import wait_until
 from tests.support.processes import stop

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import event, text
 
-from app.db import Database, DeadlineExceeded, ErrorKind, classify, execute_with_retry
-from app.db.pre_ping import CheckoutPinger
-from app.db.retry import Resilience, RetryPolicy
+from brownout._db import Database, DeadlineExceeded, ErrorKind, classify, execute_with_retry
+from brownout._db.pre_ping import CheckoutPinger
+from brownout._db.retry import Resilience, RetryPolicy
 
 
 def test_default_pool_settings(make_database: Callable[..., Database], app_name: str) -> None:

@@ -11,7 +11,7 @@ import psycopg2
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from app.db.errors import ErrorKind, classify
+from brownout._db.errors import ErrorKind, classify
 from tests.conftest import admin_cursor, database_url
 
 

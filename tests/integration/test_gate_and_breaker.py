@@ -16,10 +16,10 @@ import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
 
-from app.db import BreakerState, CircuitBreaker, CircuitOpenError, ErrorKind
 from app.fleet.assembly import build_fleet_breaker, stop_breaker
 from app.fleet.shared_breaker import SharedBreaker
-from app.settings import Settings
+from brownout._db import BreakerState, CircuitBreaker, CircuitOpenError, ErrorKind
+from brownout._settings import Settings
 from tests.support.polling import wait_until
 from worker.health_gate import DatabaseUnavailable, HealthGate
 

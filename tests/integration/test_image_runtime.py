@@ -31,7 +31,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from app.schema import notifications
-from app.settings import Settings, normalise_database_url
+from brownout._settings import Settings, normalise_database_url
 from tests.conftest import database_url
 from tests.support.api_server import free_port
 from tests.support.polling import wait_until
@@ -136,7 +136,7 @@ def image_root() -> Iterator[Path]:
 def test_the_image_holds_the_project_and_its_runtime_dependencies_only(image_root: Path) -> None:
     venv_python = image_root / "venv" / "bin" / "python"
     result = subprocess.run(
-        [str(venv_python), "-c", "import app, worker, fastapi, dramatiq; print(app.__file__)"],
+        [str(venv_python), "-c", "import brownout, app, worker, fastapi, dramatiq; print(app.__file__)"],
         cwd="/",
         capture_output=True,
         text=True,

@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine
 
 from app.schema import MIGRATIONS, metadata
-from app.settings import normalise_database_url
+from brownout._settings import normalise_database_url
 from tests.conftest import admin_cursor, database_url
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,14 +21,14 @@ from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import ConnectionClosed
 from sqlalchemy import func, select
 
-from app.db import Database
 from app.dispatch import dead_letters as dead_letter_store
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE
 from app.dispatch.publisher import Publisher, PublisherState, PublishRejected, RejectReason
 from app.dispatch.queues import BrownoutRabbitmqBroker, dead_letter_queue_arguments, queue_arguments, queue_declarations
 from app.schema import applied_commands, notifications, upgrade_database
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, admin_connection, queue_types, ready_count, take_all

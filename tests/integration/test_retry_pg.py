@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from app.db import BreakerState, Database, execute_with_retry
-from app.db.retry import Resilience, RetryPolicy
+from brownout._db import BreakerState, Database, execute_with_retry
+from brownout._db.retry import Resilience, RetryPolicy
 from tests.conftest import terminate_backends
 
 

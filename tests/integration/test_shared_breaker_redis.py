@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.db import BreakerState, CircuitOpenError, ErrorKind
 from app.fleet.assembly import build_fleet_breaker, stop_breaker
 from app.fleet.shared_breaker import SharedBreaker
-from app.settings import Settings
+from brownout._db import BreakerState, CircuitOpenError, ErrorKind
+from brownout._settings import Settings
 from tests.support.polling import wait_until
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -12,12 +12,12 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import Field
 from sqlalchemy import func, select
 
-from app.db import Database
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, build_registry
 from app.dispatch.publisher import Publisher
 from app.schema import applied_commands, dead_letters, notifications, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run
 from tests.support.polling import wait_until

@@ -23,7 +23,6 @@ from dramatiq.common import dq_name, xq_name
 from pydantic import BaseModel, field_validator
 from sqlalchemy import func, select, text
 
-from app.db import Database
 from app.dispatch.commands import Command
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.envelope import Envelope
@@ -31,6 +30,7 @@ from app.dispatch.notifications import CREATE, MARK_READ, build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import applied_commands, command_conflicts, dead_letters, notifications, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import admin_connection, ready_count, take_all

@@ -17,12 +17,12 @@ from dramatiq.middleware import Middleware
 from sqlalchemy import func, select
 
 from app.cache.redis_link import build_redis_link
-from app.db import BreakerState, CircuitBreaker, Database
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE
 from app.fleet.breaker_override import Action, BreakerOverride
 from app.schema import notifications
-from app.settings import Settings
+from brownout._db import BreakerState, CircuitBreaker, Database
+from brownout._settings import Settings
 from tests.support.polling import wait_until
 from worker.assembly import build_worker_broker
 

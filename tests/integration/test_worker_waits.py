@@ -14,7 +14,6 @@ from dramatiq.common import xq_name
 from sqlalchemy import func, select
 
 from app.api.queries import command_status
-from app.db import Database
 from app.dispatch import dead_letters as dead_letter_store
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.envelope import Envelope
@@ -22,6 +21,7 @@ from app.dispatch.notifications import CREATE, MARK_READ, build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.waiting import DEFERRALS_OPTION, SINCE_OPTION, WaitLimits
 from app.schema import applied_commands, dead_letters, upgrade_database
+from brownout._db import Database
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count

@@ -15,10 +15,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.db import Database
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD
 from app.schema import applied_commands, notifications, upgrade_database
-from app.settings import Settings
+from brownout._db import Database
+from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support import web_process
 from tests.support.rabbit import apply_backlog

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from app.api.app import create_app
 from app.api.services import Services
-from app.settings import Settings
+from brownout._settings import Settings
 from tests.support.processes import stop
 
 

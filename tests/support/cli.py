@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from app.db import Database
+from brownout._db import Database
 
 
 def dead_letters_cli_run(settings: Any, db: Database, argv: list[str]) -> int:

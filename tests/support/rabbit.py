@@ -11,12 +11,12 @@ from typing import Any
 import pika
 from dramatiq.common import dq_name, xq_name
 
-from app.db import Database
 from app.dispatch.apply import apply_envelope
 from app.dispatch.commands import DependencyPending
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker
+from brownout._db import Database
 
 RABBITMQ_URL = os.environ.get("BROWNOUT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 
 def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
-    from app.db import Database
     from app.dispatch.dispatcher import Dispatcher
-    from app.settings import Settings
+    from brownout._db import Database
+    from brownout._settings import Settings
 
     settings = Settings(**settings_fields)
     database = Database.from_settings(settings)

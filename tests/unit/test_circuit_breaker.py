@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import sqlalchemy.exc
 
-from app.db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker
-from app.db.errors import CircuitOpenError, ErrorKind
+from brownout._db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker
+from brownout._db.errors import CircuitOpenError, ErrorKind
 from tests.support.fakes import FakeClock, ScriptedRandom
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -741,7 +741,7 @@ def test_wary_can_be_turned_off_and_does_not_apply_when_forced_closed(clock: Fak
 
 def test_the_retry_of_a_call_lost_to_a_counted_incident_is_not_held_back(breaker: CircuitBreaker) -> None:
     """An SSL kill drops the pool: the first disconnect counts (wary), the others are its casualties, retried on
-    fresh connections at once (app/db/incidents.py) even while another thread holds the wary call."""
+    fresh connections at once (src/brownout/_db/incidents.py) even while another thread holds the wary call."""
     fail(breaker)
     breaker.before_call()  # the wary call, in flight
     assert breaker.before_call(casualty=True) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from app.db.deadline import current_deadline, deadline_scope, remaining
+from brownout._db.deadline import current_deadline, deadline_scope, remaining
 from tests.support.fakes import FakeClock
 
 

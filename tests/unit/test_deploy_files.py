@@ -4,7 +4,7 @@ The Procfile is where the commands live. The Dockerfile installs `run-procfile T
 which execs the Procfile's TYPE line; docker-compose.yml and .railway/railway.py
 (tests/unit/test_railway_iac.py) name a process type through it (or, if someone writes a command out instead, it must be the
 Procfile's line, up to whitespace and the `$PORT` / `${PORT:-8000}` spelling).
-Environment variables given to web, worker and migrate must be ones app/settings.py
+Environment variables given to web, worker and migrate must be ones src/brownout/_settings.py
 reads (or a documented extra), published ports must be the ones the processes listen
 on, and every health check is liveness (never /ready: an outage must not fail a deploy).
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from app.settings import Settings, _env_name
+from brownout._settings import Settings, _env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCFILE = ROOT / "Procfile"
@@ -318,7 +318,7 @@ def test_compose_commands_are_the_procfile_lines(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(PROCESS_TYPES))
 def test_compose_environment_names_are_settings(name: str) -> None:
     unknown = set(environment(service(name))) - settings_env_names() - EXTRA_ENV
-    assert not unknown, f"{name} sets variables app/settings.py does not read: {sorted(unknown)}"
+    assert not unknown, f"{name} sets variables src/brownout/_settings.py does not read: {sorted(unknown)}"
 
 
 def test_compose_web_publishes_the_port_it_listens_on() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from app.db.circuit_breaker import CircuitBreaker
-from app.db.errors import ErrorKind
+from brownout._db.circuit_breaker import CircuitBreaker
+from brownout._db.errors import ErrorKind
 from tests.support.fakes import FakeClock
 from worker.drain import AdaptiveDrain, AimdController, Limiter, p90
 from worker.health_gate import DatabaseUnavailable

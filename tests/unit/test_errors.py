@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 import sqlalchemy.exc
 
-from app.db.errors import (
+from brownout._db.errors import (
     BrownoutDbError,
     CircuitOpenError,
     CommitOutcomeUnknown,

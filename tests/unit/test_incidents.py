@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.db import incidents
-from app.db.incidents import EPOCH_KEY, DisconnectEpochs
+from brownout._db import incidents
+from brownout._db.incidents import EPOCH_KEY, DisconnectEpochs
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,11 @@ from typing import Any
 import sentry_sdk
 from prometheus_client import CollectorRegistry
 
-from app.db import BreakerState, CircuitBreaker, ErrorKind
 from app.observability.logs import DegradedModeLog, configure_logging
 from app.observability.metrics import BreakerMetrics, DbCallMetrics, Metrics, metric_names
 from app.observability.sentry import init_sentry, scrubber
-from app.settings import Settings
+from brownout._db import BreakerState, CircuitBreaker, ErrorKind
+from brownout._settings import Settings
 from tests.support.fakes import FakeClock
 
 URL = "postgresql://u:pw@localhost/db"

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from app.pool_budget import Budget, PoolSuggestion, connection_budget, warn_if_over_budget
-from app.settings import Settings
+from brownout._settings import Settings
 
 URL = "postgresql://app:hunter2@pooler.example.com:6543/postgres?sslmode=require"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from app.db.incidents import DisconnectEpochs
-from app.db.pre_ping import CheckoutPinger
+from brownout._db.incidents import DisconnectEpochs
+from brownout._db.pre_ping import CheckoutPinger
 from tests.support.fakes import FakeClock
 
 

@@ -17,7 +17,7 @@ from app.dispatch.queues import (
     queue_arguments,
     queue_declarations,
 )
-from app.settings import Settings
+from brownout._settings import Settings
 
 URL = "amqp://guest:guest@127.0.0.1:5672/%2F"  # never connected to: building a broker does not connect
 

@@ -3,7 +3,7 @@
 The CLI runs `python3 -c <script> .railway/railway.py`: it loads the file as a module, reads PARTIAL, calls
 `main` and prints the graph as JSON. EVALUATE below is that script, run with this interpreter (which has the
 pinned railway-sdk). Every field is then held against what it must agree with: the Procfile's lines, the
-names app/settings.py reads (and a validation of the literal values by Settings itself), the ports the
+names src/brownout/_settings.py reads (and a validation of the literal values by Settings itself), the ports the
 processes listen on, docker-compose.yml's RabbitMQ, and the rule that secrets are preserved, never written.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from app.settings import Settings, load_settings
+from brownout._settings import Settings, load_settings
 from tests.unit.test_deploy_files import (
     EXTRA_ENV,
     ROOT,
@@ -193,7 +193,7 @@ def test_rabbitmq_refuses_to_start_without_its_password(tmp_path: Path, resource
 def test_variables_are_settings_and_the_required_ones_are_there(resources: dict[str, Any], name: str) -> None:
     names = set(variables(node(resources, name)))
     unknown = names - settings_env_names() - EXTRA_ENV
-    assert not unknown, f"{name} sets variables app/settings.py does not read: {sorted(unknown)}"
+    assert not unknown, f"{name} sets variables src/brownout/_settings.py does not read: {sorted(unknown)}"
     assert {"DATABASE_URL", "RABBITMQ_URL", "REDIS_URL", "BROWNOUT_DATABASE_POOLER", *BUDGET} <= names
     assert literal(node(resources, name), "BROWNOUT_DATABASE_POOLER") == "transaction"  # Supabase's :6543
 

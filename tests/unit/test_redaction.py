@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.redaction import MASK, mask_secrets
+from brownout._redaction import MASK, mask_secrets
 
 
 @pytest.mark.parametrize(

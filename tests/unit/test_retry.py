@@ -19,13 +19,13 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
 
-from app.db import incidents
-from app.db import retry as retry_module
-from app.db.circuit_breaker import BreakerState, CircuitBreaker
-from app.db.deadline import current_deadline
-from app.db.errors import CircuitOpenError, CommitOutcomeUnknown, DeadlineExceeded, classify
-from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy, execute_with_retry
-from app.db.waiting import DatabaseDeadlineReached
+from brownout._db import incidents
+from brownout._db import retry as retry_module
+from brownout._db.circuit_breaker import BreakerState, CircuitBreaker
+from brownout._db.deadline import current_deadline
+from brownout._db.errors import CircuitOpenError, CommitOutcomeUnknown, DeadlineExceeded, classify
+from brownout._db.retry import RESILIENCE_KEY, Resilience, RetryPolicy, execute_with_retry
+from brownout._db.waiting import DatabaseDeadlineReached
 from tests.support.fakes import LOWER, UPPER, FakeClock, ScriptedRandom, pg_error
 
 DEFAULT_NOMINAL = [0.5, 1.0, 2.0, 3.0]
@@ -461,7 +461,7 @@ def test_retry_log_masks_the_password(h: Harness, caplog: pytest.LogCaptureFixtu
     error = psycopg2.OperationalError(
         'connection to server at "db" failed: timeout expired (postgresql://app:hunter2@db:6543/postgres)\n'
     )
-    with caplog.at_level(logging.WARNING, logger="app.db.retry"):
+    with caplog.at_level(logging.WARNING, logger="brownout._db.retry"):
         h.run(Script(error))
     assert "retry 1/4" in caplog.text
     assert "hunter2" not in caplog.text

@@ -7,8 +7,8 @@ import random
 import psycopg2
 import pytest
 
-from app.db import CircuitBreaker, Resilience, RetryPolicy, execute_with_retry
-from app.db.retry_budget import RetryBudget
+from brownout._db import CircuitBreaker, Resilience, RetryPolicy, execute_with_retry
+from brownout._db.retry_budget import RetryBudget
 from tests.support.fakes import FakeClock, pg_error
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from app.settings import ConfigurationError, Settings, load_settings
+from brownout._settings import ConfigurationError, Settings, load_settings
 
 URL = "postgresql://app:hunter2@db.example.com:6543/postgres?sslmode=require"
 
@@ -174,7 +174,7 @@ def test_readme_documents_every_setting() -> None:
     """The README's configuration table names every variable the settings read."""
     from pathlib import Path
 
-    from app.settings import _env_name
+    from brownout._settings import _env_name
 
     readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
     table = readme[readme.index("## Configuration") :]

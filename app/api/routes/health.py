@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.api.deps import ServicesDep
-from app.db import BreakerState
+from brownout._db import BreakerState
 
 router = APIRouter(tags=["health"])
 

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import TypeVar
 
-from app.db.errors import CircuitOpenError, ErrorKind, classify
+from brownout._db.errors import CircuitOpenError, ErrorKind, classify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,7 +165,7 @@ class CircuitBreaker:
 
     def before_call(self, *, casualty: bool = False) -> int:
         """Return a permit (0, a trial id in HALF_OPEN, a negative id while wary); raise CircuitOpenError if
-        refused. *casualty*: the retry of a call lost to an incident already counted (app/db/incidents.py: an
+        refused. *casualty*: the retry of a call lost to an incident already counted (src/brownout/_db/incidents.py: an
         SSL kill dropping the pool), which goes to a fresh connection whether or not the breaker is wary."""
         if self._state is BreakerState.CLOSED and (not self._wary or casualty):
             return NOT_TRIAL

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.redaction import mask_secrets
+from brownout._redaction import mask_secrets
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 

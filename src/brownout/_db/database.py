@@ -12,12 +12,12 @@ import sqlalchemy.exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.circuit_breaker import BreakerListener, CircuitBreaker
-from app.db.engine import build_engine
-from app.db.errors import classify
-from app.db.retry import RESILIENCE_KEY, Resilience, RetryPolicy
-from app.db.retry_budget import RetryBudget
-from app.settings import Settings
+from brownout._db.circuit_breaker import BreakerListener, CircuitBreaker
+from brownout._db.engine import build_engine
+from brownout._db.errors import classify
+from brownout._db.retry import RESILIENCE_KEY, Resilience, RetryPolicy
+from brownout._db.retry_budget import RetryBudget
+from brownout._settings import Settings
 
 
 def build_breaker(

@@ -3,9 +3,9 @@
 Knows nothing of HTTP, queues or caches; those layers use it.
 """
 
-from app.db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker
-from app.db.database import Database, build_breaker, build_resilience, make_session_factory
-from app.db.errors import (
+from brownout._db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker
+from brownout._db.database import Database, build_breaker, build_resilience, make_session_factory
+from brownout._db.errors import (
     BrownoutDbError,
     CircuitOpenError,
     CommitOutcomeUnknown,
@@ -14,8 +14,8 @@ from app.db.errors import (
     classify,
     describe,
 )
-from app.db.health_check import HealthMonitor, check_db_health, periodic_health_check
-from app.db.retry import CallObserver, Resilience, RetryPolicy, execute_with_retry
+from brownout._db.health_check import HealthMonitor, check_db_health, periodic_health_check
+from brownout._db.retry import CallObserver, Resilience, RetryPolicy, execute_with_retry
 
 __all__ = [
     "BreakerListener",

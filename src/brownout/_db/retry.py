@@ -34,10 +34,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from app.db import incidents
-from app.db.circuit_breaker import BreakerState, CircuitBreaker
-from app.db.deadline import deadline_scope
-from app.db.errors import (
+from brownout._db import incidents
+from brownout._db.circuit_breaker import BreakerState, CircuitBreaker
+from brownout._db.deadline import deadline_scope
+from brownout._db.errors import (
     CircuitOpenError,
     CommitOutcomeUnknown,
     DeadlineExceeded,
@@ -46,7 +46,7 @@ from app.db.errors import (
     describe,
     is_slow_connect,
 )
-from app.db.retry_budget import RetryBudget
+from brownout._db.retry_budget import RetryBudget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,7 +158,7 @@ def execute_with_retry(
     if res is None:
         raise TypeError(
             "execute_with_retry: this Session has no Resilience; make sessions with "
-            "app.db.make_session_factory(...) or pass resilience="
+            "brownout._db.make_session_factory(...) or pass resilience="
         )
     if not _commit_listener_installed:
         _install_commit_listener()

@@ -21,9 +21,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-from app.db.deadline import deadline_scope
-from app.db.errors import classify, describe
-from app.db.retry import RESILIENCE_KEY
+from brownout._db.deadline import deadline_scope
+from brownout._db.errors import classify, describe
+from brownout._db.retry import RESILIENCE_KEY
 
 log = logging.getLogger(__name__)
 

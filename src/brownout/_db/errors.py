@@ -25,8 +25,8 @@ from enum import StrEnum
 import psycopg2
 import sqlalchemy.exc
 
-from app.db.waiting import DatabaseDeadlineReached
-from app.redaction import mask_secrets
+from brownout._db.waiting import DatabaseDeadlineReached
+from brownout._redaction import mask_secrets
 
 
 class BrownoutDbError(Exception):

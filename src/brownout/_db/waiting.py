@@ -10,7 +10,7 @@ commit, pre-ping) to Python, so one `poll()` with a timeout bounds it. (A
 `poll` object, not `selectors`: an epoll descriptor opened and closed per
 wait cost more CPU than the query itself on short statements.)
 
-The bound is the current call's deadline (`app.db.deadline`) when one is set
+The bound is the current call's deadline (`brownout._db.deadline`) when one is set
 (the HTTP request path), otherwise the process-wide background bounds.
 
 When the bound is reached the callback raises `DatabaseDeadlineReached`;
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import psycopg2
 import psycopg2.extensions as ext
 
-from app.db.deadline import current_deadline
+from brownout._db.deadline import current_deadline
 
 
 class DatabaseDeadlineReached(psycopg2.OperationalError):  # type: ignore[misc]

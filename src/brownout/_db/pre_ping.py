@@ -32,9 +32,9 @@ from typing import Any
 import psycopg2
 from sqlalchemy import exc as sa_exc
 
-from app.db.errors import classify, describe
-from app.db.incidents import DisconnectEpochs
-from app.db.waiting import DatabaseDeadlineReached
+from brownout._db.errors import classify, describe
+from brownout._db.incidents import DisconnectEpochs
+from brownout._db.waiting import DatabaseDeadlineReached
 
 _FRESH_KEY = "brownout.fresh"
 _RETURNED_AT_KEY = "brownout.returned_at"

@@ -43,12 +43,12 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.pool import QueuePool
 
-from app.db import waiting
-from app.db.deadline import remaining
-from app.db.errors import classify, describe
-from app.db.incidents import DisconnectEpochs
-from app.db.pre_ping import CheckoutPinger
-from app.settings import Settings
+from brownout._db import waiting
+from brownout._db.deadline import remaining
+from brownout._db.errors import classify, describe
+from brownout._db.incidents import DisconnectEpochs
+from brownout._db.pre_ping import CheckoutPinger
+from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
 
