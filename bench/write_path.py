@@ -42,10 +42,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from app.dispatch.dispatcher import Applied, Dispatcher, Queued
-from app.dispatch.notifications import CREATE
+from app.dispatch.notifications import CREATE, build_registry
 from app.dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
-from app.schema import applied_commands, upgrade_database
+from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands
 from brownout._settings import Settings, load_settings
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
@@ -90,7 +91,7 @@ def raw_insert_rate(url: str, count: int) -> float:
 
 def queue_backlog(settings: Settings, database: Database, backlog: int) -> None:
     """Submit *backlog* creates to *settings*' queue with the breaker open (all queued)."""
-    dispatcher = Dispatcher.from_settings(settings, database)
+    dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
     try:
         database.breaker.force_open()
         for _ in range(backlog):
@@ -250,7 +251,7 @@ def main() -> None:
     try:
         upgrade_database(settings.database_url)
         database = Database.from_settings(settings)
-        dispatcher = Dispatcher.from_settings(settings, database)
+        dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
         results: dict[str, Any] = {}
 
         database.breaker.force_open()

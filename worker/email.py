@@ -57,9 +57,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
-from app.schema import email_sends, outbox
 from brownout._db import Database, execute_with_retry
 from brownout._redaction import mask_secrets
+from brownout._schema import email_sends, outbox
 from brownout._settings import Settings
 from worker.actors import dead_letter_current
 from worker.health_gate import DatabaseUnavailable, unavailable_as_hold

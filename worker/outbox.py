@@ -39,8 +39,8 @@ from sqlalchemy import Text, bindparam, cast, exists, func, or_, select
 
 from app.dispatch.outbox import EMAIL, email_message
 from app.dispatch.publisher import Publisher, PublishRejected
-from app.schema import dead_letters, outbox
 from brownout._db import Database, describe, execute_with_retry
+from brownout._schema import dead_letters, outbox
 from brownout._settings import Settings
 
 log = logging.getLogger(__name__)

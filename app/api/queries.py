@@ -18,7 +18,8 @@ from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.dispatch.notifications import row_to_json
-from app.schema import applied_commands, command_conflicts, dead_letters, notifications
+from app.schema import notifications
+from brownout._schema import applied_commands, command_conflicts, dead_letters
 
 MAX_PAGE = 100
 

@@ -15,6 +15,7 @@ from app.cache.read_cache import ReadCache
 from app.cache.redis_link import RedisLink, build_redis_link
 from app.dispatch.dead_letters import count_unreplayed
 from app.dispatch.dispatcher import Dispatcher
+from app.dispatch.notifications import build_registry
 from app.dispatch.queue_depth import QueueDepth
 from app.fleet.assembly import build_database, build_monitor, stop_breaker
 from app.fleet.breaker_override import BreakerOverride
@@ -53,7 +54,7 @@ class Services:
         metrics.attach_resilience(database.resilience)
         database.breaker.add_listener(DegradedModeLog())
         metrics.queue_max_length.set(settings.queue_max_length)
-        dispatcher = Dispatcher.from_settings(settings, database)
+        dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
         dispatcher.on_publisher_restart(metrics.publisher_restarts.inc)
         cache = pending = override = None
         if link is not None:

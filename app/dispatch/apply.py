@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from app.dispatch.bulk import insert_rows, rows_param
 from app.dispatch.commands import CommandError, Effect, Registry
 from app.dispatch.envelope import Envelope
-from app.schema import applied_commands, apply_sequence, command_conflicts
+from brownout._schema import applied_commands, apply_sequence, command_conflicts
 
 Path = Literal["direct", "queued"]
 

@@ -25,8 +25,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.dispatch.waiting import fresh_options
-from app.schema import dead_letters
 from brownout._db import classify, describe
+from brownout._schema import dead_letters
 
 MAX_REASON = 2000
 REPLAYS_OPTION = "brownout_replays"

@@ -103,11 +103,10 @@ class Dispatcher:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, database: Database, *, registry: Registry | None = None, clock: HybridClock | None = None
+        cls, settings: Settings, database: Database, *, registry: Registry, clock: HybridClock | None = None
     ) -> Dispatcher:
-        """The process's dispatcher with its own started publisher (closed by `close()`), its clock seeded
-        from the database (`seed_clock`)."""
-        from app.dispatch.notifications import build_registry
+        """The process's dispatcher for *registry*'s commands, with its own started publisher (closed by
+        `close()`), its clock seeded from the database (`seed_clock`)."""
         from app.dispatch.publisher import Publisher
 
         publisher = None
@@ -124,7 +123,7 @@ class Dispatcher:
         dispatcher = cls(
             database=database,
             publisher=publisher,
-            registry=registry or build_registry(),
+            registry=registry,
             queue_name=settings.queue_name,
             request_deadline=settings.request_db_deadline_seconds,
             publish_timeout=settings.publish_timeout_seconds,

@@ -23,7 +23,7 @@ from sqlalchemy import bindparam
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.schema import outbox
+from brownout._schema import outbox
 
 SEND_EMAIL_ACTOR = "send_email"
 EMAIL = "email"

@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.schema import applied_commands, command_conflicts
+from brownout._schema import applied_commands, command_conflicts
 
 
 def purge_applied(session: Session, *, older_than: timedelta, batch_size: int = 5000) -> int:

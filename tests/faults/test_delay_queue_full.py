@@ -22,8 +22,9 @@ from sqlalchemy import func, select
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
 from app.dispatch.publisher import Publisher
-from app.schema import applied_commands, dead_letters, upgrade_database
+from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands, dead_letters
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count

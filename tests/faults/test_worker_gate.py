@@ -23,8 +23,9 @@ from sqlalchemy import func, select
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.dispatch.publisher import Publisher
-from app.schema import applied_commands, notifications, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import admin_connection, ready_count

@@ -38,8 +38,9 @@ from sqlalchemy import func, select, text
 from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.dispatch.publisher import Publisher
-from app.schema import applied_commands, command_conflicts, dead_letters, notifications, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands, command_conflicts, dead_letters
 from tests.conftest import admin_cursor, backend_pids, database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, ready_count

@@ -36,7 +36,9 @@ def dispatchers(settings: Settings, make_database: Callable[..., Database]) -> I
 
     def start(wall: float) -> Dispatcher:
         """A web process starting now on a host whose wall clock reads *wall*."""
-        dispatcher = Dispatcher.from_settings(settings, make_database(), clock=HybridClock(wall=lambda: wall))
+        dispatcher = Dispatcher.from_settings(
+            settings, make_database(), registry=build_registry(), clock=HybridClock(wall=lambda: wall)
+        )
         built.append(dispatcher)
         return dispatcher
 

@@ -16,8 +16,9 @@ from app.dispatch.commands import DependencyPending, UnknownCommand
 from app.dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Rejected
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
-from app.schema import MIGRATIONS, applied_commands, command_conflicts, notifications, upgrade_database
+from app.schema import MIGRATIONS, notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands, command_conflicts
 from tests.conftest import database_url
 
 NOTE = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}

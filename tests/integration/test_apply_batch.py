@@ -21,8 +21,9 @@ from app.dispatch.commands import DependencyPending
 from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
-from app.schema import applied_commands, command_conflicts, notifications, outbox, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands, command_conflicts, outbox
 from tests.conftest import database_url
 from worker.actors import ApplyRuntime
 

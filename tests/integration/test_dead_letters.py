@@ -11,9 +11,9 @@ import dramatiq
 from sqlalchemy import func, select
 
 from app.dispatch import dead_letters
-from app.schema import dead_letters as table
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._schema import dead_letters as table
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from app.dispatch.dispatcher import Dispatcher, Queued
-from app.dispatch.notifications import CREATE
+from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
 from brownout._db import Database
 from brownout._settings import Settings
@@ -71,7 +71,7 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
 def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings]) -> None:
     settings = api_settings()
     database = Database.from_settings(settings)
-    dispatcher = Dispatcher.from_settings(settings, database)
+    dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
     try:
         queued = dispatcher.enqueue(dispatcher.accept(CREATE, ADA, idempotency_key="dyno-1"))
         assert isinstance(queued, Queued)

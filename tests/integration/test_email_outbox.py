@@ -20,8 +20,9 @@ from app.dispatch.dispatcher import Applied, Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
 from app.dispatch.outbox import SEND_EMAIL_ACTOR, email_message
 from app.dispatch.publisher import Publisher
-from app.schema import dead_letters, email_sends, notifications, outbox, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import dead_letters, email_sends, outbox
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set

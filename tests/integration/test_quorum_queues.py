@@ -23,11 +23,12 @@ from sqlalchemy import func, select
 
 from app.dispatch import dead_letters as dead_letter_store
 from app.dispatch.dispatcher import Dispatcher, Queued
-from app.dispatch.notifications import CREATE
+from app.dispatch.notifications import CREATE, build_registry
 from app.dispatch.publisher import Publisher, PublisherState, PublishRejected, RejectReason
 from app.dispatch.queues import BrownoutRabbitmqBroker, dead_letter_queue_arguments, queue_arguments, queue_declarations
-from app.schema import applied_commands, notifications, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands
 from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support.polling import wait_until
@@ -115,7 +116,9 @@ def test_the_publisher_declares_quorum_queues_and_publishes_with_confirms(make_p
 def test_the_worker_declares_the_same_quorum_queues_and_applies_what_the_web_queued(
     quorum_settings: Settings, db: Database, worker_broker: BrownoutRabbitmqBroker, queue_name: str
 ) -> None:
-    dispatcher = Dispatcher.from_settings(quorum_settings, db)  # the web's publisher, from the same settings
+    dispatcher = Dispatcher.from_settings(
+        quorum_settings, db, registry=build_registry()
+    )  # the web's publisher, from the same settings
     try:
         db.breaker.force_open()
         queued = dispatcher.submit(CREATE, NOTE, idempotency_key="quorum-1")

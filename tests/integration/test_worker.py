@@ -16,8 +16,9 @@ from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, build_registry
 from app.dispatch.publisher import Publisher
-from app.schema import applied_commands, dead_letters, notifications, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands, dead_letters
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run
 from tests.support.polling import wait_until

@@ -29,8 +29,9 @@ from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
 from app.dispatch.publisher import Publisher
 from app.dispatch.queues import BrownoutRabbitmqBroker
-from app.schema import applied_commands, command_conflicts, dead_letters, notifications, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands, command_conflicts, dead_letters
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import admin_connection, ready_count, take_all

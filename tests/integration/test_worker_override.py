@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from app.cache.redis_link import build_redis_link
 from app.dispatch.dispatcher import Dispatcher, Queued
-from app.dispatch.notifications import CREATE
+from app.dispatch.notifications import CREATE, build_registry
 from app.fleet.breaker_override import Action, BreakerOverride
 from app.schema import notifications
 from brownout._db import BreakerState, CircuitBreaker, Database
@@ -52,7 +52,7 @@ def count(database: Database) -> int:
 
 
 def enqueue(settings: Settings, database: Database, key: str) -> None:
-    dispatcher = Dispatcher.from_settings(settings, database)
+    dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
     try:
         body: dict[str, Any] = {"user_id": 5, "email": "ada@example.com", "subject": key, "body": "b"}
         assert isinstance(dispatcher.enqueue(dispatcher.accept(CREATE, body, idempotency_key=key)), Queued)

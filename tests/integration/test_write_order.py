@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import select
 
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD
-from app.schema import applied_commands, notifications, upgrade_database
+from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._schema import applied_commands
 from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support import web_process

@@ -14,12 +14,13 @@ from typing import Any
 
 def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
     from app.dispatch.dispatcher import Dispatcher
+    from app.dispatch.notifications import build_registry
     from brownout._db import Database
     from brownout._settings import Settings
 
     settings = Settings(**settings_fields)
     database = Database.from_settings(settings)
-    dispatcher = Dispatcher.from_settings(settings, database)
+    dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
     try:
         while True:
             command = commands.get()
