@@ -34,7 +34,7 @@ GITHUB_REPOSITORY: str | None = None
 GITHUB_BRANCH = "main"
 
 # The fleet's shape: Railway's replica counts and the connection budget every process checks at start-up
-# (app/pool_budget.py) come from the same numbers, so they cannot drift apart.
+# (src/brownout/_pool_budget.py) come from the same numbers, so they cannot drift apart.
 WEB_REPLICAS = 1
 WEB_PROCESSES = 1
 WORKER_REPLICAS = 1

@@ -7,8 +7,8 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from app.dispatch import dead_letters
 from brownout._db import Database
+from brownout._dispatch import dead_letters
 from brownout._settings import Settings
 
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, settings: Settings, database: Database) -> int
 
 
 def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
-    from app.dispatch.publisher import Publisher, PublishRejected
+    from brownout._dispatch.publisher import Publisher, PublishRejected
 
     if not settings.rabbitmq_url:
         print("brownout: RABBITMQ_URL is required to replay")

@@ -4,7 +4,7 @@
     .venv/bin/python bench/fleet_breaker.py --outage-seconds 10 --modes local,redis
 
 N processes (multiprocessing "spawn"; engine, breaker and health monitor built by
-app/fleet/assembly.py as the web's are) call `execute_with_retry(session, SELECT 1,
+src/brownout/_fleet/assembly.py as the web's are) call `execute_with_retry(session, SELECT 1,
 deadline=0.3)` at a steady, open-loop rate, like a request path, to PostgreSQL
 through this process's FaultProxy: warm-up (3 s, and until every breaker is CLOSED),
 outage (new and open connections reset), recovery (pass-through, until all CLOSED, or 90 s).
@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/fleet_breaker.py`: tests.support importable
     sys.path.insert(0, str(ROOT))
 
-from app.fleet.assembly import build_database, build_monitor, stop_breaker  # noqa: E402
 from brownout._db import CircuitOpenError, execute_with_retry  # noqa: E402
 from brownout._db.circuit_breaker import BreakerListener, BreakerState, CircuitBreaker  # noqa: E402
 from brownout._db.errors import ErrorKind  # noqa: E402
 from brownout._db.retry import CallObserver  # noqa: E402
+from brownout._fleet.assembly import build_database, build_monitor, stop_breaker  # noqa: E402
 from brownout._settings import Settings  # noqa: E402
 from tests.support.tcp_proxy import FaultProxy  # noqa: E402
 

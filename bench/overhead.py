@@ -28,9 +28,9 @@ import tenacity
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.fleet.assembly import build_fleet_breaker, stop_breaker
 from brownout._db import Database, execute_with_retry, waiting
 from brownout._db.database import build_resilience
+from brownout._fleet.assembly import build_fleet_breaker, stop_breaker
 from brownout._settings import load_settings
 
 LOCAL_URL = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"

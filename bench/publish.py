@@ -24,7 +24,7 @@ import dramatiq
 import pika
 from dramatiq.common import dq_name, xq_name
 
-from app.dispatch.publisher import Publisher
+from brownout._dispatch.publisher import Publisher
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 

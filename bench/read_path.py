@@ -43,9 +43,9 @@ import redis
 from sqlalchemy.engine import make_url
 
 from app.api.services import Services
-from app.dispatch.queues import queue_declarations
 from app.schema import upgrade_database
 from brownout._db import BreakerState
+from brownout._dispatch.queues import queue_declarations
 from brownout._settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

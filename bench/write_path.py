@@ -41,11 +41,11 @@ import psycopg2
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from app.dispatch.dispatcher import Applied, Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
+from brownout._dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
 from brownout._schema import applied_commands
 from brownout._settings import Settings, load_settings
 

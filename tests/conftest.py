@@ -17,8 +17,8 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.dispatch.publisher import Publisher
 from brownout._db import Database, waiting
+from brownout._dispatch.publisher import Publisher
 from brownout._settings import Settings
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from tests.support.worker_rig import WorkerRig

@@ -2,7 +2,7 @@
 
 The command queue is consumed in batches (worker/batched_delivery.py): one
 call of this actor gets every delivery the consumer had, up to `batch_max`,
-and applies them in one transaction (app/dispatch/apply_batch.py), in
+and applies them in one transaction (src/brownout/_dispatch/apply_batch.py), in
 entity-key order (stable: a creation stays before the writes that need it),
 so batches of several worker processes lock rows in the same order and
 cannot deadlock one another. The batch is acknowledged once the actor
@@ -13,7 +13,7 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   KeyConflict — also recorded in command_conflicts —, a permanent database
   error such as a constraint, its wait over, any unexpected error while
   reading, applying or deferring it): kept as a dead letter in PostgreSQL with
-  its reason (app/dispatch/dead_letters.py) and acknowledged, so the writes
+  its reason (src/brownout/_dispatch/dead_letters.py) and acknowledged, so the writes
   around it go on. Should PostgreSQL refuse the message as JSON, the dead
   letter keeps it as text.
 - A failure of the batch as a whole that is not the database's (Dramatiq's
@@ -27,8 +27,8 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   whose creation is not applied yet): deferred. The message is enqueued again
   with a delay and this delivery acknowledged, so no retry budget is spent on
   waiting. Order does not suffer from the re-enqueue: it is decided by
-  acceptance stamps, not queue position (app/dispatch/hlc.py). How long each
-  may wait, and how the wait ends, is app/dispatch/waiting.py: an unknown
+  acceptance stamps, not queue position (src/brownout/_dispatch/hlc.py). How long each
+  may wait, and how the wait ends, is src/brownout/_dispatch/waiting.py: an unknown
   version becomes a dead letter (to replay once its release is out), a mark
   whose notification never came is recorded ``dropped``.
 - A deferral RabbitMQ refuses (the delay queue full, a resource alarm): that
@@ -60,14 +60,14 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from app.dispatch import dead_letters, waiting
-from app.dispatch.apply import AppliedWrite, KeyConflict, Path, record_dropped
-from app.dispatch.apply_batch import Outcome, Pending, apply_batch
-from app.dispatch.commands import DependencyPending, Registry, UnknownCommand
-from app.dispatch.envelope import Envelope
-from app.dispatch.queues import BrownoutRabbitmqBroker
-from app.dispatch.waiting import WaitLimits
 from brownout._db import Database, describe, execute_with_retry
+from brownout._dispatch import dead_letters, waiting
+from brownout._dispatch.apply import AppliedWrite, KeyConflict, Path, record_dropped
+from brownout._dispatch.apply_batch import Outcome, Pending, apply_batch
+from brownout._dispatch.commands import DependencyPending, Registry, UnknownCommand
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
+from brownout._dispatch.waiting import WaitLimits
 from worker.batched_delivery import DeliveryBatch, batched
 from worker.drain import AdaptiveDrain
 from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
@@ -85,7 +85,7 @@ class ApplyRuntime:
     database: Database
     registry: Registry
     limits: WaitLimits = field(default_factory=WaitLimits)
-    """How long a deferred write may wait, by reason (app/dispatch/waiting.py)."""
+    """How long a deferred write may wait, by reason (src/brownout/_dispatch/waiting.py)."""
     wall: Callable[[], float] = time.time
     """The wall clock a wait is measured on (tests move it instead of sleeping)."""
     defer_base_seconds: float = 1.0
@@ -270,7 +270,7 @@ def _failed_as_a_whole(runtime: ApplyRuntime, slots: list[_Slot], exc: BaseExcep
 
 
 def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
-    """Enqueue the write again with a delay, or end its wait (app/dispatch/waiting.py)."""
+    """Enqueue the write again with a delay, or end its wait (src/brownout/_dispatch/waiting.py)."""
     message, reason, envelope = slot.message, slot.defer_reason, slot.envelope
     assert reason is not None and envelope is not None
     now = runtime.wall()

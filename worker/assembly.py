@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
-from app.cache.applied_elsewhere import AppliedElsewhere
-from app.cache.redis_link import build_redis_link
 from app.dispatch.notifications import build_registry
-from app.dispatch.queues import BrownoutRabbitmqBroker
-from app.dispatch.waiting import WaitLimits
-from app.observability.metrics import Metrics
+from brownout._cache.applied_elsewhere import AppliedElsewhere
+from brownout._cache.redis_link import build_redis_link
 from brownout._db import Database
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
+from brownout._dispatch.waiting import WaitLimits
+from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
 from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
 from worker.drain import AdaptiveDrain

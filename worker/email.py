@@ -56,8 +56,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
 from brownout._db import Database, execute_with_retry
+from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
 from brownout._redaction import mask_secrets
 from brownout._schema import email_sends, outbox
 from brownout._settings import Settings

@@ -82,10 +82,10 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from app.fleet.shared_breaker import SharedBreaker
 from brownout._db import CircuitBreaker, CircuitOpenError, Database, DeadlineExceeded, check_db_health, classify, describe
 from brownout._db.circuit_breaker import BreakerState
 from brownout._db.health_check import DEFAULT_TIMEOUT_SECONDS, invalidate_pool
+from brownout._fleet.shared_breaker import SharedBreaker
 
 log = logging.getLogger(__name__)
 

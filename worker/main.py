@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dramatiq
 
-from app.dispatch.queues import BrownoutRabbitmqBroker
-from app.fleet.assembly import build_database, build_monitor
-from app.fleet.shared_breaker import SharedBreaker
-from app.observability.logs import configure_logging
-from app.observability.metrics import Metrics
-from app.observability.sentry import init_sentry
 from brownout._db import Database
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
+from brownout._fleet.assembly import build_database, build_monitor
+from brownout._fleet.shared_breaker import SharedBreaker
+from brownout._observability.logs import configure_logging
+from brownout._observability.metrics import Metrics
+from brownout._observability.sentry import init_sentry
 from brownout._settings import load_settings
 from worker.assembly import build_worker_broker
 

@@ -17,7 +17,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from app.observability.metrics import Metrics, multiprocess_dir, render
+from brownout._observability.metrics import Metrics, multiprocess_dir, render
 from worker.drain import AdaptiveDrain
 
 log = logging.getLogger(__name__)

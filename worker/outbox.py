@@ -37,9 +37,9 @@ import dramatiq
 from dramatiq.middleware import Middleware
 from sqlalchemy import Text, bindparam, cast, exists, func, or_, select
 
-from app.dispatch.outbox import EMAIL, email_message
-from app.dispatch.publisher import Publisher, PublishRejected
 from brownout._db import Database, describe, execute_with_retry
+from brownout._dispatch.outbox import EMAIL, email_message
+from brownout._dispatch.publisher import Publisher, PublishRejected
 from brownout._schema import dead_letters, outbox
 from brownout._settings import Settings
 

@@ -1,6 +1,6 @@
 """The operator's fleet-wide breaker override (`POST /admin/breaker`), followed by the worker too.
 
-The override is recorded in Redis (app/fleet/breaker_override.py). A worker that ignored it would go on
+The override is recorded in Redis (src/brownout/_fleet/breaker_override.py). A worker that ignored it would go on
 applying queued writes against the database an operator forced the breaker open to spare. Followed here,
 a forced-open breaker refuses the worker's batches (held, back in RabbitMQ) and keeps the health gate
 closed (worker/health_gate.py) until the override is lifted; the gate then checks at once.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from app.cache.redis_link import RedisLink
-from app.fleet.breaker_override import Action, BreakerOverride
+from brownout._cache.redis_link import RedisLink
 from brownout._db import CircuitBreaker
+from brownout._fleet.breaker_override import Action, BreakerOverride
 from worker.health_gate import HealthGate
 
 

@@ -19,7 +19,7 @@ from app.api.http_metrics import HttpMetrics
 from app.api.routes import admin, commands, health, notifications
 from app.api.routes import metrics as metrics_route
 from app.api.services import Services
-from app.observability.metrics import Metrics
+from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
 
 

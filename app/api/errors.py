@@ -26,8 +26,8 @@ from app.api.body_limit import BodyTooLarge
 from app.api.queries import BadCursor
 from app.api.reads import DatabaseUnavailable, NotFound
 from app.api.writes import KeyReused
-from app.dispatch.commands import UnknownCommand
-from app.dispatch.dispatcher import InvalidCommand
+from brownout._dispatch.commands import UnknownCommand
+from brownout._dispatch.dispatcher import InvalidCommand
 
 log = logging.getLogger(__name__)
 

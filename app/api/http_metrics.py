@@ -10,7 +10,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.observability.metrics import Metrics
+from brownout._observability.metrics import Metrics
 
 
 class HttpMetrics:

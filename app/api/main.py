@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.api.app import create_app
-from app.observability.logs import configure_logging
-from app.observability.sentry import init_sentry
 from brownout._db import CircuitBreaker
+from brownout._observability.logs import configure_logging
+from brownout._observability.sentry import init_sentry
 from brownout._settings import load_settings
 
 

@@ -8,7 +8,7 @@
     Redis down                    -> straight to the database; both down -> 503
 
 Whatever the source, queued writes this service accepted are laid over the
-answer (app/cache/pending.py): a pending creation appears with status
+answer (src/brownout/_cache/pending.py): a pending creation appears with status
 "pending", a pending mark-read shows as read. A database row supersedes a
 pending entry by id (and clears it); entries expire on their own anyway.
 """
@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session
 
 from app.api import queries
 from app.api.queries import Position
-from app.cache.pending import PendingWrites
-from app.cache.read_cache import Entry, Lookup, ReadCache
-from app.cache.redis_link import RedisUnavailable
-from app.cache.single_flight import SingleFlight
+from brownout._cache.pending import PendingWrites
+from brownout._cache.read_cache import Entry, Lookup, ReadCache
+from brownout._cache.redis_link import RedisUnavailable
+from brownout._cache.single_flight import SingleFlight
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class NotificationReads:
         # A seam for tests that force an interleaving between a fill's database read and its store.
         self.after_load = after_load
         self.on_read: Callable[[str], None] | None = None  # metrics: hit, miss, stale, bypass
-        # A queued creation this process accepted but Redis missed (app/cache/pending_replay.py).
+        # A queued creation this process accepted but Redis missed (src/brownout/_cache/pending_replay.py).
         self.unrecorded: Callable[[str], dict[str, Any] | None] | None = None
 
     # -- keys ---------------------------------------------------------------

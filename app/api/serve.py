@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-from app import metrics_dir
-from app.observability.logs import configure_logging
-from app.pool_budget import warn_if_over_budget
+from brownout import _metrics_dir as metrics_dir
+from brownout._observability.logs import configure_logging
+from brownout._pool_budget import warn_if_over_budget
 from brownout._settings import ConfigurationError, load_settings
 
 

@@ -9,20 +9,20 @@ from dataclasses import dataclass, field
 
 from app.api.reads import NotificationReads
 from app.api.writes import NotificationWrites, pending_item
-from app.cache.pending import PendingWrites
-from app.cache.pending_replay import PendingReplay
-from app.cache.read_cache import ReadCache
-from app.cache.redis_link import RedisLink, build_redis_link
-from app.dispatch.dead_letters import count_unreplayed
-from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.notifications import build_registry
-from app.dispatch.queue_depth import QueueDepth
-from app.fleet.assembly import build_database, build_monitor, stop_breaker
-from app.fleet.breaker_override import BreakerOverride
-from app.observability.logs import DegradedModeLog
-from app.observability.metrics import Metrics
+from brownout._cache.pending import PendingWrites
+from brownout._cache.pending_replay import PendingReplay
+from brownout._cache.read_cache import ReadCache
+from brownout._cache.redis_link import RedisLink, build_redis_link
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
 from brownout._db.health_check import pool_figures
+from brownout._dispatch.dead_letters import count_unreplayed
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.queue_depth import QueueDepth
+from brownout._fleet.assembly import build_database, build_monitor, stop_breaker
+from brownout._fleet.breaker_override import BreakerOverride
+from brownout._observability.logs import DegradedModeLog
+from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
 
 log = logging.getLogger(__name__)

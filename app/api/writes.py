@@ -20,14 +20,14 @@ from typing import Any
 
 from app.api.queries import Position
 from app.api.reads import public
-from app.cache.pending import PendingWrites
-from app.cache.pending_replay import PendingReplay
-from app.cache.read_cache import ReadCache
-from app.cache.redis_link import RedisLink, RedisUnavailable
-from app.dispatch.apply import KeyConflict
-from app.dispatch.dispatcher import Applied, Dispatcher, Queued
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ
+from brownout._cache.pending import PendingWrites
+from brownout._cache.pending_replay import PendingReplay
+from brownout._cache.read_cache import ReadCache
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
+from brownout._dispatch.apply import KeyConflict
+from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
+from brownout._dispatch.envelope import Envelope
 
 log = logging.getLogger(__name__)
 

@@ -1,2 +1,1 @@
-"""The write path: writes as named, versioned commands; the dispatcher that applies
-them now or queues them durably; the apply step the worker shares."""
+"""The reference service's writes: the notification commands (notifications.py)."""

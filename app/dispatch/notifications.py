@@ -7,7 +7,7 @@ Marking read a notification whose creation is not applied yet raises
 DependencyPending: the write waits instead of failing.
 
 Creating a notification also adds its email to the outbox in the same
-transaction (app/dispatch/outbox.py): committed together or not at all.
+transaction (src/brownout/_dispatch/outbox.py): committed together or not at all.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.dispatch.bulk import recordset, rows_param
-from app.dispatch.commands import Command, DependencyPending, Effect, Registry
-from app.dispatch.envelope import Envelope
-from app.dispatch.outbox import add_email, email_row, emails_of
 from app.schema import notifications
+from brownout._dispatch.bulk import recordset, rows_param
+from brownout._dispatch.commands import Command, DependencyPending, Effect, Registry
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.outbox import add_email, email_row, emails_of
 
 CREATE = "create_notification"
 MARK_READ = "mark_notification_read"
@@ -131,7 +131,7 @@ def _create_many(session: Session, items: Sequence[tuple[Envelope, BaseModel]]) 
     """`_create` for several envelopes in one statement (plus a SELECT for replays only).
 
     Why: the worker applies a backlog in batches, and each statement costs a round trip and its
-    overhead under the GIL; the rows travel as one JSON parameter (app/dispatch/bulk.py)."""
+    overhead under the GIL; the rows travel as one JSON parameter (src/brownout/_dispatch/bulk.py)."""
     values: dict[str, dict[str, Any]] = {}
     for envelope, payload in items:
         assert isinstance(payload, CreateNotificationV1)

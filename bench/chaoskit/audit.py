@@ -5,9 +5,9 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import Any
 
-from app.dispatch.envelope import command_id_for
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD
 from bench.chaoskit.urls import admin_connect
+from brownout._dispatch.envelope import command_id_for
 
 ACK = (200, 201, 202)
 

@@ -76,7 +76,7 @@ dead_letters = Table(
     Column("reason", Text, nullable=False),
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("replayed_at", DateTime(timezone=True), nullable=True),
-    # The message's replay count (app/dispatch/dead_letters.py): one row per message and attempt, so storing
+    # The message's replay count (src/brownout/_dispatch/dead_letters.py): one row per message and attempt, so storing
     # a dead letter again after a lost COMMIT finds the row, and a replay that fails again is a row of its own.
     Column("attempt", Integer, nullable=False, server_default="0"),
     UniqueConstraint("message_id", "attempt", name="dead_letters_message_attempt"),
@@ -85,7 +85,7 @@ dead_letters = Table(
 outbox = Table(
     "outbox",
     metadata,
-    # uuid5 of the kind and the notification id (app/dispatch/outbox.py): a replayed
+    # uuid5 of the kind and the notification id (src/brownout/_dispatch/outbox.py): a replayed
     # creation finds the row already there, and the relay's job carries it as message id.
     Column("id", UUID(as_uuid=True), primary_key=True),
     Column("notification_id", UUID(as_uuid=True), nullable=False),

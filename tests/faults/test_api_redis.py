@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.cache.redis_link import RedisLink
+from brownout._cache.redis_link import RedisLink
 from brownout._db import BreakerState
 from brownout._settings import Settings
 from tests.conftest import database_url

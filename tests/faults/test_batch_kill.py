@@ -17,9 +17,9 @@ from collections.abc import Callable
 import pytest
 
 from app.dispatch.notifications import build_registry
-from app.dispatch.publisher import Publisher
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands
 from tests.conftest import database_url, terminate_backends
 from tests.faults.test_worker_signals import (

@@ -24,13 +24,13 @@ from dramatiq.middleware import TimeLimit
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from app.dispatch.commands import Command, Effect
-from app.dispatch.dispatcher import Dispatcher
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.publisher import Publisher
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._dispatch.commands import Command, Effect
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
 from tests.conftest import database_url
 from tests.support.polling import wait_until

@@ -16,11 +16,11 @@ import pytest
 from dramatiq.common import xq_name
 from sqlalchemy import func, select, text
 
-from app.dispatch.dispatcher import Dispatcher
 from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.publisher import Publisher
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
 from tests.conftest import database_url
 from tests.support.polling import wait_until

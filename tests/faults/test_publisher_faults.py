@@ -18,7 +18,7 @@ import dramatiq
 import pika
 import pytest
 
-from app.dispatch.publisher import Publisher, PublisherState, PublishRejected
+from brownout._dispatch.publisher import Publisher, PublisherState, PublishRejected
 from tests.integration.test_publisher import message
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, take_all
@@ -237,7 +237,7 @@ def test_the_worker_brokers_own_publishes_end_within_their_deadline_under_an_ala
     the enqueue raises a BrokerError, which the apply actor turns into holding that one write."""
     from dramatiq.errors import BrokerError
 
-    from app.dispatch.queues import BrownoutRabbitmqBroker
+    from brownout._dispatch.queues import BrownoutRabbitmqBroker
 
     queue = f"bo-test-{uuid.uuid4().hex[:10]}"
     broker = BrownoutRabbitmqBroker(url=throwaway_rabbit.url, max_length=100, publish_deadline=1.0)

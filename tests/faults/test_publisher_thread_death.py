@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from app.dispatch.publisher import Publisher, PublisherState, PublishRejected, RejectReason
-from app.dispatch.publisher_link import PublisherLink
+from brownout._dispatch.publisher import Publisher, PublisherState, PublishRejected, RejectReason
+from brownout._dispatch.publisher_link import PublisherLink
 from tests.integration.test_publisher import message
 from tests.support.polling import wait_until
 from tests.support.rabbit import take_all

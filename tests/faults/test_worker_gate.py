@@ -20,11 +20,11 @@ import pytest
 from dramatiq.common import dq_name, xq_name
 from sqlalchemy import func, select
 
-from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
-from app.dispatch.publisher import Publisher
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Dispatcher, Queued
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands
 from tests.conftest import database_url
 from tests.support.polling import wait_until

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import text
 
 from app.api.writes import NotificationWrites
-from app.dispatch.dispatcher import Applied, Dispatcher
-from app.dispatch.hlc import HybridClock
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Applied, Dispatcher
+from brownout._dispatch.hlc import HybridClock
 from brownout._settings import Settings
 
 NOW = 1_800_000_000.0

@@ -18,12 +18,12 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from app.cache.applied_elsewhere import AppliedElsewhere
-from app.dispatch.apply import apply_envelope
-from app.dispatch.envelope import Envelope, command_id_for, entity_id_for
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
+from brownout._cache.applied_elsewhere import AppliedElsewhere
 from brownout._db import Database
+from brownout._dispatch.apply import apply_envelope
+from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for
 from brownout._settings import Settings
 from tests.conftest import REDIS_URL
 from tests.support.api_server import RunningApi, serve_in_thread

@@ -11,13 +11,13 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select, text
 
-from app.dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
-from app.dispatch.commands import DependencyPending, UnknownCommand
-from app.dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Rejected
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.schema import MIGRATIONS, notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
+from brownout._dispatch.commands import DependencyPending, UnknownCommand
+from brownout._dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Rejected
+from brownout._dispatch.envelope import Envelope
 from brownout._schema import applied_commands, command_conflicts
 from tests.conftest import database_url
 
@@ -179,7 +179,7 @@ def test_breaker_open_and_no_queue_is_rejected_without_touching_the_database(db:
 def test_purge_removes_only_old_keys(db: Database, dispatcher: Dispatcher) -> None:
     from datetime import timedelta
 
-    from app.dispatch.retention import purge_applied
+    from brownout._dispatch.retention import purge_applied
 
     dispatcher.submit(CREATE, NOTE, idempotency_key="old")
     dispatcher.submit(CREATE, NOTE, idempotency_key="new")

@@ -1,4 +1,4 @@
-"""The batched apply step (app/dispatch/apply_batch.py) and its group commit, on the real PostgreSQL.
+"""The batched apply step (src/brownout/_dispatch/apply_batch.py) and its group commit, on the real PostgreSQL.
 
 One envelope's error, duplicate, conflict or missing prerequisite costs only
 that envelope; the others commit together; a write is visible (committed)
@@ -15,14 +15,14 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from app.dispatch.apply import AppliedWrite, KeyConflict
-from app.dispatch.apply_batch import Outcome, Pending, apply_batch
-from app.dispatch.commands import DependencyPending
-from app.dispatch.dispatcher import Dispatcher
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.apply import AppliedWrite, KeyConflict
+from brownout._dispatch.apply_batch import Outcome, Pending, apply_batch
+from brownout._dispatch.commands import DependencyPending
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.envelope import Envelope
 from brownout._schema import applied_commands, command_conflicts, outbox
 from tests.conftest import database_url
 from worker.actors import ApplyRuntime

@@ -10,9 +10,9 @@ from typing import Any
 import dramatiq
 from sqlalchemy import func, select
 
-from app.dispatch import dead_letters
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._dispatch import dead_letters
 from brownout._schema import dead_letters as table
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run

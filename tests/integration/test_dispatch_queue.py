@@ -10,12 +10,12 @@ import dramatiq
 import pytest
 from sqlalchemy import func, select
 
-from app.dispatch.dispatcher import Applied, Dispatcher, Queued, Rejected
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.publisher import Publisher
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued, Rejected
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, command_conflicts
 from tests.conftest import database_url
 from tests.support.rabbit import apply_backlog, take_all

@@ -18,10 +18,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._settings import Settings
 from tests.support.api_server import free_port, settings_env
 from tests.support.polling import wait_until

@@ -16,12 +16,12 @@ from aiosmtpd.controller import Controller
 from dramatiq.middleware import Middleware
 from sqlalchemy import func, select, text
 
-from app.dispatch.dispatcher import Applied, Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.outbox import SEND_EMAIL_ACTOR, email_message
-from app.dispatch.publisher import Publisher
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
+from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, email_message
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import dead_letters, email_sends, outbox
 from tests.conftest import database_url
 from tests.support.polling import wait_until

@@ -16,9 +16,9 @@ import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
 
-from app.fleet.assembly import build_fleet_breaker, stop_breaker
-from app.fleet.shared_breaker import SharedBreaker
 from brownout._db import BreakerState, CircuitBreaker, CircuitOpenError, ErrorKind
+from brownout._fleet.assembly import build_fleet_breaker, stop_breaker
+from brownout._fleet.shared_breaker import SharedBreaker
 from brownout._settings import Settings
 from tests.support.polling import wait_until
 from worker.health_gate import DatabaseUnavailable, HealthGate

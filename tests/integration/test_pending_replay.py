@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from app.cache.pending_replay import PendingReplay
-from app.cache.redis_link import RedisLink, RedisUnavailable
+from brownout._cache.pending_replay import PendingReplay
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
 from tests.conftest import REDIS_URL
 from tests.support.polling import wait_until
 

@@ -6,8 +6,8 @@ import uuid
 
 import redis
 
-from app.cache.pending import PendingWrites
-from app.cache.redis_link import RedisLink
+from brownout._cache.pending import PendingWrites
+from brownout._cache.redis_link import RedisLink
 from tests.conftest import REDIS_URL
 
 

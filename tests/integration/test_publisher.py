@@ -16,8 +16,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from app.dispatch.publisher import Publisher, PublisherState, PublishRejected
-from app.dispatch.queues import BrownoutRabbitmqBroker, queue_arguments, queue_declarations
+from brownout._dispatch.publisher import Publisher, PublisherState, PublishRejected
+from brownout._dispatch.queues import BrownoutRabbitmqBroker, queue_arguments, queue_declarations
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, admin_connection, take_all
 from tests.support.tcp_proxy import FaultProxy

@@ -21,13 +21,13 @@ from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import ConnectionClosed
 from sqlalchemy import func, select
 
-from app.dispatch import dead_letters as dead_letter_store
-from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
-from app.dispatch.publisher import Publisher, PublisherState, PublishRejected, RejectReason
-from app.dispatch.queues import BrownoutRabbitmqBroker, dead_letter_queue_arguments, queue_arguments, queue_declarations
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch import dead_letters as dead_letter_store
+from brownout._dispatch.dispatcher import Dispatcher, Queued
+from brownout._dispatch.publisher import Publisher, PublisherState, PublishRejected, RejectReason
+from brownout._dispatch.queues import BrownoutRabbitmqBroker, dead_letter_queue_arguments, queue_arguments, queue_declarations
 from brownout._schema import applied_commands
 from brownout._settings import Settings
 from tests.conftest import database_url

@@ -9,7 +9,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.cache.redis_link import RedisLink, RedisUnavailable
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
 from tests.conftest import REDIS_URL
 from tests.support.tcp_proxy import FaultProxy
 

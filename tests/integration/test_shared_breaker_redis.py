@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.fleet.assembly import build_fleet_breaker, stop_breaker
-from app.fleet.shared_breaker import SharedBreaker
 from brownout._db import BreakerState, CircuitOpenError, ErrorKind
+from brownout._fleet.assembly import build_fleet_breaker, stop_breaker
+from brownout._fleet.shared_breaker import SharedBreaker
 from brownout._settings import Settings
 from tests.support.polling import wait_until
 

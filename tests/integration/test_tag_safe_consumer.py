@@ -16,7 +16,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.rabbitmq import _RabbitmqConsumer
 
-from app.dispatch.queues import BrownoutRabbitmqBroker, TagSafeConsumer
+from brownout._dispatch.queues import BrownoutRabbitmqBroker, TagSafeConsumer
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, ready_count
 

@@ -12,12 +12,12 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import Field
 from sqlalchemy import func, select
 
-from app.dispatch.dispatcher import Dispatcher, Queued
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, CreateNotificationV1, build_registry
-from app.dispatch.publisher import Publisher
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.dispatcher import Dispatcher, Queued
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run

@@ -23,14 +23,14 @@ from dramatiq.common import dq_name, xq_name
 from pydantic import BaseModel, field_validator
 from sqlalchemy import func, select, text
 
-from app.dispatch.commands import Command
-from app.dispatch.dispatcher import Dispatcher
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
-from app.dispatch.publisher import Publisher
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
+from brownout._dispatch.commands import Command
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.publisher import Publisher
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._schema import applied_commands, command_conflicts, dead_letters
 from tests.conftest import database_url
 from tests.support.polling import wait_until

@@ -16,12 +16,12 @@ import pytest
 from dramatiq.middleware import Middleware
 from sqlalchemy import func, select
 
-from app.cache.redis_link import build_redis_link
-from app.dispatch.dispatcher import Dispatcher, Queued
 from app.dispatch.notifications import CREATE, build_registry
-from app.fleet.breaker_override import Action, BreakerOverride
 from app.schema import notifications
+from brownout._cache.redis_link import build_redis_link
 from brownout._db import BreakerState, CircuitBreaker, Database
+from brownout._dispatch.dispatcher import Dispatcher, Queued
+from brownout._fleet.breaker_override import Action, BreakerOverride
 from brownout._settings import Settings
 from tests.support.polling import wait_until
 from worker.assembly import build_worker_broker

@@ -1,4 +1,4 @@
-"""How long a queued write waits, by reason, on the wall clock; and how the wait ends (app/dispatch/waiting.py).
+"""How long a queued write waits, by reason, on the wall clock; and how the wait ends (src/brownout/_dispatch/waiting.py).
 
 Real RabbitMQ (deferrals go through the delay queue), real PostgreSQL; the wall clock the waits are
 measured on is the test's, moved forward instead of slept through.
@@ -14,14 +14,14 @@ from dramatiq.common import xq_name
 from sqlalchemy import func, select
 
 from app.api.queries import command_status
-from app.dispatch import dead_letters as dead_letter_store
-from app.dispatch.dispatcher import Dispatcher
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
-from app.dispatch.publisher import Publisher
-from app.dispatch.waiting import DEFERRALS_OPTION, SINCE_OPTION, WaitLimits
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._dispatch import dead_letters as dead_letter_store
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.publisher import Publisher
+from brownout._dispatch.waiting import DEFERRALS_OPTION, SINCE_OPTION, WaitLimits
 from brownout._schema import applied_commands, dead_letters
 from tests.conftest import database_url
 from tests.support.polling import wait_until

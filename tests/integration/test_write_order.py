@@ -2,7 +2,7 @@
 paths, a breaker that closes while a backlog exists, and a rejected write in between.
 
 The order mechanism keeps no state of its own (stamps travel with the writes,
-see app/dispatch/hlc.py), so there is no order store to restart: losing Redis
+see src/brownout/_dispatch/hlc.py), so there is no order store to restart: losing Redis
 or a process's memory cannot reorder anything.
 """
 

@@ -16,9 +16,9 @@ from typing import Any
 def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
     from sqlalchemy import text
 
-    from app.fleet.assembly import build_database, build_monitor, stop_breaker
     from brownout._db import CircuitOpenError, execute_with_retry
     from brownout._db.circuit_breaker import NOT_TRIAL
+    from brownout._fleet.assembly import build_database, build_monitor, stop_breaker
     from brownout._settings import Settings
 
     settings = Settings(**settings_fields)

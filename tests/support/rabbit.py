@@ -11,12 +11,12 @@ from typing import Any
 import pika
 from dramatiq.common import dq_name, xq_name
 
-from app.dispatch.apply import apply_envelope
-from app.dispatch.commands import DependencyPending
-from app.dispatch.envelope import Envelope
 from app.dispatch.notifications import build_registry
-from app.dispatch.queues import BrownoutRabbitmqBroker
 from brownout._db import Database
+from brownout._dispatch.apply import apply_envelope
+from brownout._dispatch.commands import DependencyPending
+from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
 
 RABBITMQ_URL = os.environ.get("BROWNOUT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
@@ -66,7 +66,7 @@ def apply_backlog(queue_name: str, database: Database, *, max_length: int = 1000
     "conflict" or "pending"). The worker proper (health gate, dead letters)
     is worker/; this is only the shared apply step behind a real consumer.
     """
-    from app.dispatch.apply import KeyConflict
+    from brownout._dispatch.apply import KeyConflict
 
     broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=max_length)
     broker.declare_queue(queue_name)

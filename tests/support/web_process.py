@@ -13,9 +13,9 @@ from typing import Any
 
 
 def serve(settings_fields: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
-    from app.dispatch.dispatcher import Dispatcher
     from app.dispatch.notifications import build_registry
     from brownout._db import Database
+    from brownout._dispatch.dispatcher import Dispatcher
     from brownout._settings import Settings
 
     settings = Settings(**settings_fields)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from app.dispatch.queues import BrownoutRabbitmqBroker
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from tests.support.rabbit import RABBITMQ_URL
 
 

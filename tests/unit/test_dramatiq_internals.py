@@ -1,6 +1,6 @@
 """Every Dramatiq internal the worker relies on, checked against the installed Dramatiq.
 
-The worker subclasses Dramatiq's RabbitMQ broker (app/dispatch/queues.py), replaces its consumer for the
+The worker subclasses Dramatiq's RabbitMQ broker (src/brownout/_dispatch/queues.py), replaces its consumer for the
 command queue (worker/batched_delivery.py) and pauses the Worker's threads from a middleware
 (worker/health_gate.py, worker/drain.py). None of that is public API, which is why pyproject.toml caps
 Dramatiq below the next minor release. Raising that cap starts here: each assertion names what a new
@@ -23,7 +23,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.worker import Worker, _ConsumerThread, _WorkerThread
 
-from app.dispatch.queues import BrownoutRabbitmqBroker
+from brownout._dispatch.queues import BrownoutRabbitmqBroker
 
 
 def parameters(function: Any) -> list[str]:
@@ -51,7 +51,7 @@ def test_the_broker_builds_the_arguments_every_declarer_shares_without_connectin
     broker = BrownoutRabbitmqBroker(url="amqp://guest:guest@127.0.0.1:1/%2F", max_length=10)
     try:
         arguments = broker._build_queue_arguments("q")
-        # Dramatiq's own dead-letter routing, which app/dispatch/queues.queue_arguments repeats for the publisher.
+        # Dramatiq's own dead-letter routing, which src/brownout/_dispatch/queues.queue_arguments repeats for the publisher.
         assert arguments["x-dead-letter-exchange"] == ""
         assert arguments["x-dead-letter-routing-key"] == "q.XQ"
         assert arguments["x-max-length"] == 10

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import dramatiq
 
-from app.dispatch.envelope import APPLY_ACTOR, Envelope, command_id_for, entity_id_for, payload_hash
+from brownout._dispatch.envelope import APPLY_ACTOR, Envelope, command_id_for, entity_id_for, payload_hash
 
 
 def test_ids_are_stable_and_scoped() -> None:

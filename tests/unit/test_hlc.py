@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime
 
-from app.dispatch.hlc import HybridClock, compose, datetime_of, wall_us_of
+from brownout._dispatch.hlc import HybridClock, compose, datetime_of, wall_us_of
 
 
 def test_stamps_increase_within_a_microsecond_and_across_a_clock_step_back() -> None:

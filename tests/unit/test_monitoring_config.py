@@ -5,7 +5,7 @@ the alert rules' unit tests (deploy/prometheus/alerts_test.yml). Without them th
 under CI=true, where the set-up installs them and their absence is a failure.
 
 Every `brownout_` metric the dashboard and the alert rules query must be one the code exports:
-`app.observability.metrics.metric_names()` when it exists, else the contract below (`EXPORTED`).
+`brownout._observability.metrics.metric_names()` when it exists, else the contract below (`EXPORTED`).
 """
 
 from __future__ import annotations
@@ -127,18 +127,18 @@ def _assert_ok(result: subprocess.CompletedProcess[str]) -> None:
 
 
 def _exported() -> set[str]:
-    """The code's own list when app.observability.metrics has metric_names(), else the contract."""
+    """The code's own list when brownout._observability.metrics has metric_names(), else the contract."""
     try:
-        module = importlib.import_module("app.observability.metrics")
+        module = importlib.import_module("brownout._observability.metrics")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("app.observability", "app.observability.metrics"):
+        if exc.name not in ("brownout._observability", "brownout._observability.metrics"):
             raise  # the module exists and one of its imports is missing: a real failure
         return set(EXPORTED)
     metric_names = getattr(module, "metric_names", None)
     if metric_names is None:
         return set(EXPORTED)
     names = set(metric_names())
-    assert names, "app.observability.metrics.metric_names() is empty"
+    assert names, "brownout._observability.metrics.metric_names() is empty"
     return names
 
 

@@ -10,10 +10,10 @@ from typing import Any
 import sentry_sdk
 from prometheus_client import CollectorRegistry
 
-from app.observability.logs import DegradedModeLog, configure_logging
-from app.observability.metrics import BreakerMetrics, DbCallMetrics, Metrics, metric_names
-from app.observability.sentry import init_sentry, scrubber
 from brownout._db import BreakerState, CircuitBreaker, ErrorKind
+from brownout._observability.logs import DegradedModeLog, configure_logging
+from brownout._observability.metrics import BreakerMetrics, DbCallMetrics, Metrics, metric_names
+from brownout._observability.sentry import init_sentry, scrubber
 from brownout._settings import Settings
 from tests.support.fakes import FakeClock
 

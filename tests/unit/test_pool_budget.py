@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from app.pool_budget import Budget, PoolSuggestion, connection_budget, warn_if_over_budget
+from brownout._pool_budget import Budget, PoolSuggestion, connection_budget, warn_if_over_budget
 from brownout._settings import Settings
 
 URL = "postgresql://app:hunter2@pooler.example.com:6543/postgres?sslmode=require"
@@ -127,9 +127,9 @@ def test_warning_when_nothing_fits(logger: logging.Logger, caplog: pytest.LogCap
 
 
 def test_default_logger_is_the_module_logger(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.pool_budget"):
+    with caplog.at_level(logging.WARNING, logger="brownout._pool_budget"):
         warn_if_over_budget(settings(pooler_connection_limit=1))
-    assert [record.name for record in caplog.records] == ["app.pool_budget"]
+    assert [record.name for record in caplog.records] == ["brownout._pool_budget"]
 
 
 def test_limit_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

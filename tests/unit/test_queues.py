@@ -8,8 +8,8 @@ import pytest
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 
-from app.dispatch.publisher import reconnect_delay
-from app.dispatch.queues import (
+from brownout._dispatch.publisher import reconnect_delay
+from brownout._dispatch.queues import (
     DEFAULT_DELIVERY_LIMIT,
     BrownoutRabbitmqBroker,
     dead_letter_queue_arguments,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel, ConfigDict
 
 from app.api.deps import ServicesDep
-from app.cache.redis_link import RedisUnavailable
+from brownout._cache.redis_link import RedisUnavailable
 
 router = APIRouter(tags=["admin"])
 

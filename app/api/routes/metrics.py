@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.api.deps import ServicesDep
-from app.observability.metrics import render
+from brownout._observability.metrics import render
 
 router = APIRouter(tags=["health"])
 

@@ -15,7 +15,7 @@ from typing import Any
 def _kill_publisher_threads(signum: int, frame: Any) -> None:
     import gc
 
-    from app.dispatch.publisher import Publisher
+    from brownout._dispatch.publisher import Publisher
 
     for publisher in [each for each in gc.get_objects() if isinstance(each, Publisher)]:
         link = publisher._link

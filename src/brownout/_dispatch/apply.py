@@ -35,9 +35,9 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.dispatch.bulk import insert_rows, rows_param
-from app.dispatch.commands import CommandError, Effect, Registry
-from app.dispatch.envelope import Envelope
+from brownout._dispatch.bulk import insert_rows, rows_param
+from brownout._dispatch.commands import CommandError, Effect, Registry
+from brownout._dispatch.envelope import Envelope
 from brownout._schema import applied_commands, apply_sequence, command_conflicts
 
 Path = Literal["direct", "queued"]

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from app.cache.redis_link import RedisLink, RedisUnavailable
-from app.dispatch.envelope import Envelope
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
+from brownout._dispatch.envelope import Envelope
 
 log = logging.getLogger(__name__)
 

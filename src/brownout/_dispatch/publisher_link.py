@@ -1,7 +1,7 @@
 """The I/O thread of a `Publisher`: one ``SelectConnection``, its confirms, its life and death.
 
 Everything here runs on the publisher's I/O thread (pika is not thread-safe),
-except what `Publisher` (``app.dispatch.publisher``) calls under its own lock:
+except what `Publisher` (``brownout._dispatch.publisher``) calls under its own lock:
 it appends to `PublisherLink.incoming` and schedules `take_incoming`,
 `on_confirm_overdue` or `shutdown` with ``IOLoop.add_callback_threadsafe``,
 and reads `PublisherLink.state` and `PublisherLink.rejection`.
@@ -39,12 +39,12 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from app.dispatch.publish_outcomes import RETRY_AFTER, PublishRejected, PublishRequest, RejectReason, resolve
-from app.dispatch.queues import QueueDeclaration
+from brownout._dispatch.publish_outcomes import RETRY_AFTER, PublishRejected, PublishRequest, RejectReason, resolve
+from brownout._dispatch.queues import QueueDeclaration
 from brownout._redaction import mask_secrets
 
 # The publisher's logger, as before the I/O thread had its own module: one name to configure.
-log = logging.getLogger("app.dispatch.publisher")
+log = logging.getLogger("brownout._dispatch.publisher")
 
 RECONNECT_BASE_SECONDS = 0.5
 RECONNECT_CAP_SECONDS = 5.0

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.cache.redis_link import RedisLink
+from brownout._cache.redis_link import RedisLink
 
 # KEYS[1] value key, KEYS[2] generation key; ARGV: observed generation, entry JSON, ttl ms.
 _STORE_IF_CURRENT = """

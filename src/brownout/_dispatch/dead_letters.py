@@ -24,8 +24,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.dispatch.waiting import fresh_options
 from brownout._db import classify, describe
+from brownout._dispatch.waiting import fresh_options
 from brownout._schema import dead_letters
 
 MAX_REASON = 2000
@@ -100,7 +100,7 @@ def _text(value: Any) -> str:
 
 def for_replay(row: dict[str, Any]) -> dramatiq.Message[Any]:
     """The dead letter's message as it is published again: the same message, one replay more, its wait
-    (app/dispatch/waiting.py) starting afresh."""
+    (src/brownout/_dispatch/waiting.py) starting afresh."""
     message = as_message(row)
     # dataclasses.replace, not Message.copy: copy merges options, and the wait's options must go.
     return dataclasses.replace(message, options={**fresh_options(message.options), REPLAYS_OPTION: attempt_of(message) + 1})

@@ -7,10 +7,10 @@ from typing import Any
 
 import redis
 
-from app.cache.redis_link import RedisLink, build_redis_link
-from app.fleet.shared_breaker import SharedBreaker
+from brownout._cache.redis_link import RedisLink, build_redis_link
 from brownout._db import BreakerState, CircuitBreaker, Database, HealthMonitor
 from brownout._db.database import build_breaker, build_resilience
+from brownout._fleet.shared_breaker import SharedBreaker
 from brownout._settings import ConfigurationError, Settings
 
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app.dispatch.apply import RECORD, AppliedWrite, KeyConflict, Path, applied, claimed_before, record_many, record_params
-from app.dispatch.commands import Command, Effect
-from app.dispatch.envelope import Envelope
 from brownout._db import classify
+from brownout._dispatch.apply import RECORD, AppliedWrite, KeyConflict, Path, applied, claimed_before, record_many, record_params
+from brownout._dispatch.commands import Command, Effect
+from brownout._dispatch.envelope import Envelope
 
 log = logging.getLogger(__name__)
 

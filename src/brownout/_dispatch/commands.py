@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app.dispatch.envelope import Envelope
+from brownout._dispatch.envelope import Envelope
 
 
 class CommandError(Exception):

@@ -25,11 +25,11 @@ import dramatiq
 from pydantic import ValidationError
 from sqlalchemy import text
 
-from app.dispatch.apply import AppliedWrite, apply_envelope
-from app.dispatch.commands import CommandError, DependencyPending, Registry
-from app.dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
-from app.dispatch.hlc import HybridClock, datetime_of
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
+from brownout._dispatch.apply import AppliedWrite, apply_envelope
+from brownout._dispatch.commands import CommandError, DependencyPending, Registry
+from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
+from brownout._dispatch.hlc import HybridClock, datetime_of
 from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Dispatcher:
     ) -> Dispatcher:
         """The process's dispatcher for *registry*'s commands, with its own started publisher (closed by
         `close()`), its clock seeded from the database (`seed_clock`)."""
-        from app.dispatch.publisher import Publisher
+        from brownout._dispatch.publisher import Publisher
 
         publisher = None
         if settings.rabbitmq_url:
@@ -224,7 +224,7 @@ class Dispatcher:
     def enqueue(self, envelope: Envelope) -> Queued | Rejected:
         if self._publisher is None:
             return Rejected("queue not configured (RABBITMQ_URL)", 5.0)
-        from app.dispatch.publisher import PublishRejected  # the publisher module owns its error
+        from brownout._dispatch.publisher import PublishRejected  # the publisher module owns its error
 
         try:
             self._publisher.publish(envelope.to_message(self._queue_name), timeout=self._publish_timeout)

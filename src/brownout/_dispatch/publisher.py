@@ -27,8 +27,8 @@ liveness probe.
 
 
 The connection's life (states, reconnects, the liveness probe) is told in
-``app.dispatch.publisher_link``, which runs it; what a publish can end in is
-defined in ``app.dispatch.publish_outcomes``. Both are re-exported here: import
+``brownout._dispatch.publisher_link``, which runs it; what a publish can end in is
+defined in ``brownout._dispatch.publish_outcomes``. Both are re-exported here: import
 the public names from this module.
 """
 
@@ -45,8 +45,8 @@ import dramatiq
 import pika
 from pika.adapters.select_connection import IOLoop
 
-from app.dispatch.publish_outcomes import BrownoutDispatchError, PublishRejected, PublishRequest, RejectReason
-from app.dispatch.publisher_link import (
+from brownout._dispatch.publish_outcomes import BrownoutDispatchError, PublishRejected, PublishRequest, RejectReason
+from brownout._dispatch.publisher_link import (
     CLOSE_GRACE_SECONDS,
     ON_DEMAND_SPACING,
     RECONNECT_BASE_SECONDS,
@@ -55,7 +55,7 @@ from app.dispatch.publisher_link import (
     PublisherState,
     reconnect_delay,
 )
-from app.dispatch.queues import DEFAULT_DELIVERY_LIMIT, QueueType, queue_declarations
+from brownout._dispatch.queues import DEFAULT_DELIVERY_LIMIT, QueueType, queue_declarations
 from brownout._redaction import mask_secrets
 
 __all__ = [
@@ -89,7 +89,7 @@ class Publisher:
 
     Build one per process at the entry point, ``start()`` it, and ``close()`` it on the way out.
     *max_length*, *queue_type* and *delivery_limit* say how the queues are declared
-    (``app.dispatch.queues``) and must be the worker's: give all three from the settings.
+    (``brownout._dispatch.queues``) and must be the worker's: give all three from the settings.
     """
 
     def __init__(

@@ -23,7 +23,7 @@ not atomic across processes, and resilience4j and Polly refuse shared state.
   Redis answers again the process adopts the shared state, logged once.
   Each Redis call has the link's deadline (50 ms by default).
 
-Every transition runs as one Lua script (app/fleet/scripts.py).
+Every transition runs as one Lua script (src/brownout/_fleet/scripts.py).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import Any
 
 import redis
 
-from app.cache.redis_link import RedisLink, RedisUnavailable
-from app.fleet import scripts
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
 from brownout._db.circuit_breaker import NOT_TRIAL, BreakerListener, BreakerState, CircuitBreaker
 from brownout._db.errors import ErrorKind
+from brownout._fleet import scripts
 
 log = logging.getLogger(__name__)
 

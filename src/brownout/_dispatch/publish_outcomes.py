@@ -1,8 +1,8 @@
 """How one publish ends: confirmed, or `PublishRejected` with a `RejectReason`.
 
-Shared by both sides of the `Publisher` (``app.dispatch.publisher``, which
+Shared by both sides of the `Publisher` (``brownout._dispatch.publisher``, which
 re-exports the public names): the caller builds a `PublishRequest` and waits on
-its future; the I/O thread (``app.dispatch.publisher_link``) settles it with
+its future; the I/O thread (``brownout._dispatch.publisher_link``) settles it with
 `resolve`.
 
 Errors::

@@ -19,9 +19,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from app.cache.pending import PendingWrites
-from app.cache.read_cache import ReadCache
-from app.cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
+from brownout._cache.pending import PendingWrites
+from brownout._cache.read_cache import ReadCache
+from brownout._cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
 from brownout._settings import Settings
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from app.cache.redis_link import RedisLink, RedisUnavailable
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
 from brownout._db import CircuitBreaker
 
 log = logging.getLogger(__name__)
