@@ -60,10 +60,15 @@ def serve_in_thread(
         app = create_app(settings)
     else:
         app = create_app(settings, build_services=lambda s, m: Services.build(s, m, clock=clock))
-    port = free_port()
+    # The socket is bound here and handed to uvicorn: probing a free port and binding it later raced with
+    # other tests' ephemeral ports (EADDRINUSE in CI).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     served = app if wrap is None else wrap(app)
     server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     give_up = time.monotonic() + 30
     while not server.started:
