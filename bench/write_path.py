@@ -109,7 +109,7 @@ def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
     drain_settings = settings.model_copy(update={"queue_name": queue})
     queue_backlog(drain_settings, database, backlog)
     worker_database = Database.from_settings(drain_settings)
-    broker = build_worker_broker(drain_settings, worker_database)
+    broker = build_worker_broker(drain_settings, worker_database, registry=build_registry())
     before = applied_count(database)
     worker = dramatiq.Worker(broker, queues={queue}, worker_threads=8, worker_timeout=100)
     start = time.perf_counter()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
-from app.dispatch.notifications import build_registry
 from brownout._cache.applied_elsewhere import AppliedElsewhere
 from brownout._cache.redis_link import build_redis_link
 from brownout._db import Database
+from brownout._dispatch.commands import Registry
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
 from brownout._observability.metrics import Metrics
@@ -38,8 +38,10 @@ def dramatiq_middleware() -> list[Middleware]:
     return [TimeLimit(), Retries()]
 
 
-def build_worker_broker(settings: Settings, database: Database, *, metrics: Metrics | None = None) -> BrownoutRabbitmqBroker:
-    """The worker's broker with its middleware and actors; connects nothing until consumed.
+def build_worker_broker(
+    settings: Settings, database: Database, *, registry: Registry, metrics: Metrics | None = None
+) -> BrownoutRabbitmqBroker:
+    """The worker's broker with its middleware and actors, applying *registry*'s commands; connects nothing until consumed.
 
     With *metrics*, database calls, breaker transitions, health checks and outcomes are counted,
     and served on BROWNOUT_METRICS_PORT by a process Dramatiq forks."""
@@ -75,7 +77,7 @@ def build_worker_broker(settings: Settings, database: Database, *, metrics: Metr
     tell_readers = AppliedElsewhere.from_settings(settings)
     runtime = ApplyRuntime(
         database=database,
-        registry=build_registry(),
+        registry=registry,
         limits=WaitLimits(
             unknown_version_seconds=settings.worker_wait_unknown_version_hours * 3600,
             dependency_seconds=settings.worker_wait_dependency_minutes * 60,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dramatiq
 
+from app.dispatch.notifications import build_registry
 from brownout._db import Database
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._fleet.assembly import build_database, build_monitor
@@ -27,7 +28,7 @@ def _start() -> tuple[BrownoutRabbitmqBroker, Database]:
     database = build_database(settings)
     init_sentry(settings, breaker=database.breaker, component="worker")
     metrics = Metrics()
-    broker = build_worker_broker(settings, database, metrics=metrics)
+    broker = build_worker_broker(settings, database, registry=build_registry(), metrics=metrics)
     dramatiq.set_broker(broker)
     if isinstance(database.breaker, SharedBreaker) and database.breaker.probe_gated:
         # Probe-gated recovery needs someone's health checks: a fleet of workers alone must recover too.

@@ -81,7 +81,7 @@ def worker_broker(quorum_settings: Settings, make_database: Callable[..., Databa
     """The production worker's broker (worker.assembly), built from quorum settings."""
     from worker.assembly import build_worker_broker
 
-    broker = build_worker_broker(quorum_settings, make_database())
+    broker = build_worker_broker(quorum_settings, make_database(), registry=build_registry())
     yield broker
     broker.close()
 

@@ -182,7 +182,7 @@ def test_the_worker_broker_runs_only_the_middleware_it_uses(
     from worker.health_gate import HealthGate
 
     settings = make_settings(rabbitmq_url=RABBITMQ_URL, queue_name=queue_name)
-    broker = build_worker_broker(settings, make_database())
+    broker = build_worker_broker(settings, make_database(), registry=build_registry())
     try:
         kinds = {type(middleware) for middleware in broker.middleware}
         assert {TimeLimit, Retries, CurrentMessage, HealthGate, AdaptiveDrain} <= kinds

@@ -97,7 +97,7 @@ def start_worker(settings: Settings, make_database: Callable[..., Database]) -> 
 
     def start() -> Database:
         worker_database = make_database()  # this test's database: the worker's own pool and breaker
-        broker = build_worker_broker(settings, worker_database)
+        broker = build_worker_broker(settings, worker_database, registry=build_registry())
         broker.add_middleware(SeenByTheActor(worker_database.breaker))
         broker.add_middleware(SlowBoot())  # "after" hooks run last-added first: this one before the override's
         worker = dramatiq.Worker(broker, queues={settings.queue_name}, worker_threads=2, worker_timeout=100)
