@@ -103,7 +103,7 @@ def queue_backlog(settings: Settings, database: Database, backlog: int) -> None:
 
 def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
     """Queue *backlog* creates with the breaker open, then time the production worker draining them."""
-    from worker.assembly import build_worker_broker
+    from brownout._worker.assembly import build_worker_broker
 
     queue = f"{settings.queue_name}-drain"
     drain_settings = settings.model_copy(update={"queue_name": queue})

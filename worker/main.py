@@ -19,7 +19,7 @@ from brownout._observability.logs import configure_logging
 from brownout._observability.metrics import Metrics
 from brownout._observability.sentry import init_sentry
 from brownout._settings import load_settings
-from worker.assembly import build_worker_broker
+from brownout._worker.assembly import build_worker_broker
 
 
 def _start() -> tuple[BrownoutRabbitmqBroker, Database]:

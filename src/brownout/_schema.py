@@ -94,11 +94,11 @@ outbox = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("published_at", DateTime(timezone=True), nullable=True),  # NULL: not yet handed to RabbitMQ
     Index("outbox_unpublished", "created_at", postgresql_where=text("published_at IS NULL")),
-    # A relay's claim on an unpublished row while it publishes it (worker/outbox.py): no row lock is held
+    # A relay's claim on an unpublished row while it publishes it (src/brownout/_worker/outbox.py): no row lock is held
     # across that network I/O; a claim that outlives its relay expires and the row is relayed again.
     Column("claimed_until", DateTime(timezone=True), nullable=True),
     # Set by the email job with its send record: a row published and never sent is published again
-    # (worker/outbox.py), found through this partial index among the few that are.
+    # (src/brownout/_worker/outbox.py), found through this partial index among the few that are.
     Column("sent_at", DateTime(timezone=True), nullable=True),
     Index("outbox_published_unsent", "published_at", postgresql_where=text("published_at IS NOT NULL AND sent_at IS NULL")),
 )

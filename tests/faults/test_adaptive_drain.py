@@ -14,7 +14,7 @@ bounded by the connection's I/O deadline, 30 s). With a `lock_timeout` shorter
 than the lock, each write in flight and each of its retries inside
 `execute_with_retry` would fail, and with 8 in flight the breaker (5
 consecutive failures) opens whatever any admission control does: that is the
-breaker's job, and not what this test is about (see worker/drain.py). Here
+breaker's job, and not what this test is about (see src/brownout/_worker/drain.py). Here
 the breaker can only open if the drain turns the slowdown into failures of its
 own (pool checkout timeouts, the gate's check starved): the test proves it
 does not (no failure is recorded at all), that the limit goes down while the
@@ -41,13 +41,13 @@ from brownout._db.errors import ErrorKind
 from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
+from brownout._worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
+from brownout._worker.drain import AdaptiveDrain
+from brownout._worker.health_gate import HealthGate
 from tests.conftest import admin_connect, database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count
 from tests.support.worker_rig import WorkerRig
-from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
-from worker.drain import AdaptiveDrain
-from worker.health_gate import HealthGate
 
 # 3,000 writes: a cold start (a fresh database's first batches run slow, and the drain backs off before it
 # ramps) still leaves most of the backlog for the lock and the ramp after it (1,800 did not, now and then, in CI).

@@ -21,6 +21,9 @@ from app.schema import upgrade_database
 from brownout._db import Database
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands
+from brownout._worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
+from brownout._worker.drain import AdaptiveDrain
+from brownout._worker.health_gate import HealthGate
 from tests.conftest import database_url, terminate_backends
 from tests.faults.test_worker_signals import (
     MAX_LENGTH,
@@ -35,9 +38,6 @@ from tests.faults.test_worker_signals import (
 )
 from tests.support.polling import wait_until
 from tests.support.worker_rig import WorkerRig
-from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
-from worker.drain import AdaptiveDrain
-from worker.health_gate import HealthGate
 
 KILLS = 3
 BATCH_MAX = 16

@@ -22,11 +22,11 @@ from brownout._db import Database
 from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
+from brownout._worker.actors import ApplyRuntime, declare_apply_actor
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count
 from tests.support.worker_rig import WorkerRig
-from worker.actors import ApplyRuntime, declare_apply_actor
 
 NOTE = {"user_id": 5, "email": "grace@example.com", "subject": "fine", "body": "b"}
 

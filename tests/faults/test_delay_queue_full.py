@@ -25,12 +25,12 @@ from brownout._db import Database
 from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
+from brownout._worker.actors import ApplyRuntime, declare_apply_actor
+from brownout._worker.health_gate import HealthGate
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count
 from tests.support.worker_rig import WorkerRig
-from worker.actors import ApplyRuntime, declare_apply_actor
-from worker.health_gate import HealthGate
 
 NOTE = {"user_id": 9, "email": "lin@example.com", "subject": "fine", "body": "b"}
 

@@ -26,13 +26,13 @@ from brownout._db import Database
 from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands
+from brownout._worker.actors import ApplyRuntime, declare_apply_actor
+from brownout._worker.health_gate import DatabaseUnavailable, HealthGate, select_one
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import admin_connection, ready_count
 from tests.support.tcp_proxy import FaultProxy
 from tests.support.worker_rig import WorkerRig
-from worker.actors import ApplyRuntime, declare_apply_actor
-from worker.health_gate import DatabaseUnavailable, HealthGate, select_one
 
 NOTES = 3
 TOGGLES = 4  # read, unread, read, unread ... after each creation

@@ -343,7 +343,7 @@ def test_sigterm_does_not_wait_for_a_stuck_apply_past_the_shutdown_timeout(
     assert stuck >= 1
     # the stuck messages were never acknowledged: they are back in the queue, although their
     # COMMITs complete server-side after the worker left; redelivered, they must be duplicates.
-    # A COMMIT holds one write or a batch of them (worker/batched_delivery.py): count writes, not COMMITs.
+    # A COMMIT holds one write or a batch of them (src/brownout/_worker/batched_delivery.py): count writes, not COMMITs.
     throttle(db, 0)
     assert wait_until(lambda: not backend_pids(pg_database, worker_app_name), timeout=STUCK_SECONDS + 5, interval=0.1)
     committed_after_exit = count(db, applied_commands) - applied_at_exit

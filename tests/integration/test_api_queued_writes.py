@@ -63,7 +63,7 @@ def db(make_database: Callable[..., Database]) -> Database:
 @pytest.fixture
 def apply_queued(db: Database, queue_name: str, api_settings: Callable[..., Settings]) -> Iterator[Callable[[], list[str]]]:
     """Take every message from the real queue and apply it as the worker does (its after-apply
-    hook included, see worker/assembly.py); returns the outcomes."""
+    hook included, see src/brownout/_worker/assembly.py); returns the outcomes."""
     tell_readers = AppliedElsewhere.from_settings(api_settings())
     assert tell_readers is not None
 

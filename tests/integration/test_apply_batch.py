@@ -24,8 +24,8 @@ from brownout._dispatch.commands import DependencyPending
 from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.envelope import Envelope
 from brownout._schema import applied_commands, command_conflicts, outbox
+from brownout._worker.actors import ApplyRuntime
 from tests.conftest import database_url
-from worker.actors import ApplyRuntime
 
 NOTE = {"user_id": 3, "email": "ada@example.com", "subject": "Batched", "body": "together"}
 REGISTRY = build_registry()

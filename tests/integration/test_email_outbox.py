@@ -23,13 +23,13 @@ from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
 from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, email_message
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import dead_letters, email_sends, outbox
+from brownout._worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
+from brownout._worker.email import EmailRuntime, SmtpTarget, declare_email_actor
+from brownout._worker.outbox import OutboxRelay, OutboxRelayMiddleware
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from tests.support.worker_rig import WorkerRig
-from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
-from worker.email import EmailRuntime, SmtpTarget, declare_email_actor
-from worker.outbox import OutboxRelay, OutboxRelayMiddleware
 
 NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
 

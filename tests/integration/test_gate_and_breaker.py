@@ -20,8 +20,8 @@ from brownout._db import BreakerState, CircuitBreaker, CircuitOpenError, ErrorKi
 from brownout._fleet.assembly import build_fleet_breaker, stop_breaker
 from brownout._fleet.shared_breaker import SharedBreaker
 from brownout._settings import Settings
+from brownout._worker.health_gate import DatabaseUnavailable, HealthGate
 from tests.support.polling import wait_until
-from worker.health_gate import DatabaseUnavailable, HealthGate
 
 REDIS = "redis://127.0.0.1:6379/0"
 

@@ -78,8 +78,8 @@ def db(make_database: Callable[..., Database], quorum_settings: Settings) -> Dat
 
 @pytest.fixture
 def worker_broker(quorum_settings: Settings, make_database: Callable[..., Database]) -> Iterator[BrownoutRabbitmqBroker]:
-    """The production worker's broker (worker.assembly), built from quorum settings."""
-    from worker.assembly import build_worker_broker
+    """The production worker's broker (brownout._worker.assembly), built from quorum settings."""
+    from brownout._worker.assembly import build_worker_broker
 
     broker = build_worker_broker(quorum_settings, make_database(), registry=build_registry())
     yield broker

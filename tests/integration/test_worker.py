@@ -19,12 +19,12 @@ from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, dead_letters
+from brownout._worker.actors import ApplyRuntime, declare_apply_actor
 from tests.conftest import database_url
 from tests.support.cli import dead_letters_cli_run
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, ready_count
 from tests.support.worker_rig import WorkerRig
-from worker.actors import ApplyRuntime, declare_apply_actor
 
 NOTE = {"user_id": 9, "email": "lin@example.com", "subject": "Queued", "body": "later"}
 
@@ -177,9 +177,9 @@ def test_the_worker_broker_runs_only_the_middleware_it_uses(
     """Every middleware's hooks run for every message: Dramatiq's defaults for options nobody sets are left out."""
     from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
-    from worker.assembly import build_worker_broker
-    from worker.drain import AdaptiveDrain
-    from worker.health_gate import HealthGate
+    from brownout._worker.assembly import build_worker_broker
+    from brownout._worker.drain import AdaptiveDrain
+    from brownout._worker.health_gate import HealthGate
 
     settings = make_settings(rabbitmq_url=RABBITMQ_URL, queue_name=queue_name)
     broker = build_worker_broker(settings, make_database(), registry=build_registry())

@@ -4,7 +4,7 @@
   constraint), a reused key and a write whose prerequisite is not applied
   yet: the others commit, the first two are dead-lettered with their reasons,
   the third is deferred and applies once its prerequisite arrives.
-- The consumer (worker/batched_delivery.py) on a real queue: deliveries come
+- The consumer (src/brownout/_worker/batched_delivery.py) on a real queue: deliveries come
   out as batches of at most `max_batch`; a batch's ack never covers an older
   batch still in flight (RabbitMQ takes the unsettled one back when the channel
   closes); a body Dramatiq cannot decode goes to ``Q.XQ``.
@@ -32,13 +32,13 @@ from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.publisher import Publisher
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._schema import applied_commands, command_conflicts, dead_letters
+from brownout._worker import batched_delivery
+from brownout._worker.actors import ApplyRuntime, declare_apply_actor
+from brownout._worker.batched_delivery import BatchedDelivery, DeliveryBatch
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import admin_connection, ready_count, take_all
 from tests.support.worker_rig import WorkerRig
-from worker import batched_delivery
-from worker.actors import ApplyRuntime, declare_apply_actor
-from worker.batched_delivery import BatchedDelivery, DeliveryBatch
 
 NOTE = {"user_id": 5, "email": "grace@example.com", "subject": "Grouped", "body": "together"}
 THREADS = 8

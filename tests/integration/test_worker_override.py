@@ -1,6 +1,6 @@
 """The operator's fleet-wide breaker override reaches the worker: while "open", queued writes wait in RabbitMQ.
 
-The production worker broker (worker.assembly) runs in-process on this test's queue, database and Redis
+The production worker broker (brownout._worker.assembly) runs in-process on this test's queue, database and Redis
 prefix; the operator's action is recorded as `POST /admin/breaker` records it, by another process's
 BreakerOverride. Nothing here is faked: the worker learns of the override through Redis.
 """
@@ -23,8 +23,8 @@ from brownout._db import BreakerState, CircuitBreaker, Database
 from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._fleet.breaker_override import Action, BreakerOverride
 from brownout._settings import Settings
+from brownout._worker.assembly import build_worker_broker
 from tests.support.polling import wait_until
-from worker.assembly import build_worker_broker
 
 
 @pytest.fixture

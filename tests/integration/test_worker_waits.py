@@ -23,11 +23,11 @@ from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.publisher import Publisher
 from brownout._dispatch.waiting import DEFERRALS_OPTION, SINCE_OPTION, WaitLimits
 from brownout._schema import applied_commands, dead_letters
+from brownout._worker.actors import ApplyRuntime, declare_apply_actor
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count
 from tests.support.worker_rig import WorkerRig
-from worker.actors import ApplyRuntime, declare_apply_actor
 
 NOTE = {"user_id": 9, "email": "lin@example.com", "subject": "Queued", "body": "later"}
 LIMITS = WaitLimits(unknown_version_seconds=6 * 3600, dependency_seconds=600)

@@ -13,9 +13,9 @@ import pytest
 
 from brownout._db.circuit_breaker import CircuitBreaker
 from brownout._db.errors import ErrorKind
+from brownout._worker.drain import AdaptiveDrain, AimdController, Limiter, p90
+from brownout._worker.health_gate import DatabaseUnavailable
 from tests.support.fakes import FakeClock
-from worker.drain import AdaptiveDrain, AimdController, Limiter, p90
-from worker.health_gate import DatabaseUnavailable
 
 TARGET = 0.1
 FAST = 0.01

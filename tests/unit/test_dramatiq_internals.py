@@ -1,8 +1,8 @@
 """Every Dramatiq internal the worker relies on, checked against the installed Dramatiq.
 
 The worker subclasses Dramatiq's RabbitMQ broker (src/brownout/_dispatch/queues.py), replaces its consumer for the
-command queue (worker/batched_delivery.py) and pauses the Worker's threads from a middleware
-(worker/health_gate.py, worker/drain.py). None of that is public API, which is why pyproject.toml caps
+command queue (src/brownout/_worker/batched_delivery.py) and pauses the Worker's threads from a middleware
+(src/brownout/_worker/health_gate.py, src/brownout/_worker/drain.py). None of that is public API, which is why pyproject.toml caps
 Dramatiq below the next minor release. Raising that cap starts here: each assertion names what a new
 release would have to keep, so a change fails this file loudly instead of a worker quietly mid-outage.
 

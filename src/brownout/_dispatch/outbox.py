@@ -3,7 +3,7 @@
 Committing a notification and then publishing its email job loses the email
 when the process dies in between. So `add_email` writes an outbox row in the
 notification's own transaction (app/dispatch/notifications.py), and the
-worker's relay (worker/outbox.py) publishes every row whose ``published_at``
+worker's relay (src/brownout/_worker/outbox.py) publishes every row whose ``published_at``
 is NULL as a `send_email` job, then marks it. The row's id is derived from the
 notification id, so a replayed creation never makes a second row (ON CONFLICT
 DO NOTHING) and a re-published job carries the same Dramatiq message id.

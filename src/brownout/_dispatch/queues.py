@@ -73,7 +73,7 @@ def quorum_arguments(*, delivery_limit: int) -> dict[str, Any]:
     - ``x-delivery-limit``: a quorum queue counts the returns of a delivery, and
       (before RabbitMQ 4.3; checked on 3.10) closing a channel with unacknowledged
       deliveries counts as one. The worker's health gate returns what it prefetched by
-      closing its channel at each pause (worker/health_gate.py), and Dramatiq holds
+      closing its channel at each pause (src/brownout/_worker/health_gate.py), and Dramatiq holds
       delayed messages unacknowledged in ``Q.DQ`` across every pause and restart:
       a database outage spends deliveries of writes that did nothing wrong.
       RabbitMQ 4 applies a limit of 20 when none is given, which a flapping outage

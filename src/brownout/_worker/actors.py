@@ -1,6 +1,6 @@
 """The apply actor: queued writes applied once, in batches, each write with its own fate, none half-applied.
 
-The command queue is consumed in batches (worker/batched_delivery.py): one
+The command queue is consumed in batches (src/brownout/_worker/batched_delivery.py): one
 call of this actor gets every delivery the consumer had, up to `batch_max`,
 and applies them in one transaction (src/brownout/_dispatch/apply_batch.py), in
 entity-key order (stable: a creation stays before the writes that need it),
@@ -37,7 +37,7 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
 - The database unreachable (breaker open, deadline spent, a transient failure
   that outlasts the retry schedule) for the batch, or a dead letter that
   cannot be kept even as text: the whole batch is raised as
-  DatabaseUnavailable, which the health gate (worker/health_gate.py) holds:
+  DatabaseUnavailable, which the health gate (src/brownout/_worker/health_gate.py) holds:
   its deliveries go back to RabbitMQ in their place, the worker pauses until
   `SELECT 1` passes, and nothing is spent. Writes of the batch that did commit
   come back as duplicates.
@@ -68,9 +68,9 @@ from brownout._dispatch.commands import DependencyPending, Registry, UnknownComm
 from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
-from worker.batched_delivery import DeliveryBatch, batched
-from worker.drain import AdaptiveDrain
-from worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
+from brownout._worker.batched_delivery import DeliveryBatch, batched
+from brownout._worker.drain import AdaptiveDrain
+from brownout._worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ class BatchedDelivery(Consumer):
         self.max_batch = max_batch
         self.timeout_seconds = timeout_ms / 1000
         self.known_tags: set[int] = set()
-        """Batches handed out and not settled; the health gate withdraws a held one (worker/health_gate.py)."""
+        """Batches handed out and not settled; the health gate withdraws a held one (src/brownout/_worker/health_gate.py)."""
         self._buffer: deque[tuple[int, bytes]] = deque()
         self._unsettled: set[int] = set()  # delivery tags neither acked nor rejected: this thread only
         # Message ids of a batch that failed as a whole: each comes back in a batch of its own (this thread only;

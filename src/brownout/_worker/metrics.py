@@ -18,7 +18,7 @@ import dramatiq
 from dramatiq.middleware import Middleware
 
 from brownout._observability.metrics import Metrics, multiprocess_dir, render
-from worker.drain import AdaptiveDrain
+from brownout._worker.drain import AdaptiveDrain
 
 log = logging.getLogger(__name__)
 

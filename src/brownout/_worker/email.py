@@ -2,7 +2,7 @@
 
 What is promised: every notification's email is handed to the SMTP server at
 least once, and in all but one window exactly once. A job (published by the
-outbox relay, worker/outbox.py, possibly more than once) is handled as:
+outbox relay, src/brownout/_worker/outbox.py, possibly more than once) is handled as:
 
 1. In one transaction: lock the job's outbox row (``FOR UPDATE``, waiting at
    most ``BUSY_LOCK_TIMEOUT``: the relay holds it for milliseconds) and look
@@ -32,7 +32,7 @@ Failures:
 - A 5xx answer for the message itself (bad recipient, rejected content): it
   would fail forever; kept as a dead letter in PostgreSQL with the reason.
 - The database unreachable: `DatabaseUnavailable`, held by the health gate
-  like the apply actor's (worker/health_gate.py): no retry spent.
+  like the apply actor's (src/brownout/_worker/health_gate.py): no retry spent.
 
 Passwords are masked in every log line and error (brownout._redaction).
 """
@@ -61,8 +61,8 @@ from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
 from brownout._redaction import mask_secrets
 from brownout._schema import email_sends, outbox
 from brownout._settings import Settings
-from worker.actors import dead_letter_current
-from worker.health_gate import DatabaseUnavailable, unavailable_as_hold
+from brownout._worker.actors import dead_letter_current
+from brownout._worker.health_gate import DatabaseUnavailable, unavailable_as_hold
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
                 .values(message_id=job.message_id, outbox_id=job.outbox_id, notification_id=job.notification_id, recipient=job.to)
                 .on_conflict_do_nothing(index_elements=["message_id"])
             )
-            # The relay skips a row this job holds (worker/outbox.py): sent is published, whatever the relay did.
+            # The relay skips a row this job holds (src/brownout/_worker/outbox.py): sent is published, whatever the relay did.
             session.execute(
                 outbox.update()
                 .where(outbox.c.id == job.outbox_id)

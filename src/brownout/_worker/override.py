@@ -3,7 +3,7 @@
 The override is recorded in Redis (src/brownout/_fleet/breaker_override.py). A worker that ignored it would go on
 applying queued writes against the database an operator forced the breaker open to spare. Followed here,
 a forced-open breaker refuses the worker's batches (held, back in RabbitMQ) and keeps the health gate
-closed (worker/health_gate.py) until the override is lifted; the gate then checks at once.
+closed (src/brownout/_worker/health_gate.py) until the override is lifted; the gate then checks at once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dramatiq.middleware import Middleware
 from brownout._cache.redis_link import RedisLink
 from brownout._db import CircuitBreaker
 from brownout._fleet.breaker_override import Action, BreakerOverride
-from worker.health_gate import HealthGate
+from brownout._worker.health_gate import HealthGate
 
 
 class FollowBreakerOverride(Middleware):

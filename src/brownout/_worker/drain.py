@@ -4,7 +4,7 @@ Dramatiq starts a fixed number of worker threads; `AdaptiveDrain` bounds how
 many of them run a message at once with a `Limiter` whose limit an
 `AimdController` moves (additive increase, multiplicative decrease, as TCP
 congestion avoidance). For the command queue a "message" is a batch of
-deliveries applied in one transaction (worker/batched_delivery.py): the limit
+deliveries applied in one transaction (src/brownout/_worker/batched_delivery.py): the limit
 is on batches in flight, and a batch's duration is its transaction's.
 
 - **Increase** by 1 after a window of `window` successes whose p90 duration
@@ -53,7 +53,7 @@ from dramatiq.middleware import Middleware
 from brownout._db import CircuitBreaker, Database
 from brownout._db.circuit_breaker import BreakerListener
 from brownout._db.errors import ErrorKind
-from worker.health_gate import DatabaseUnavailable
+from brownout._worker.health_gate import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 

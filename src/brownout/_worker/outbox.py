@@ -8,14 +8,14 @@ One pass, every ``interval`` seconds, in three short steps, none holding a row l
     publish: each claimed row, in order (durable queue, persistent, confirm awaited; message id = outbox id)
     mark:    UPDATE outbox SET published_at = now() WHERE id IN (the confirmed ones)  -- COMMIT
 
-Why claims and not ``FOR UPDATE`` held over the pass: the email job locks its row too (worker/email.py),
+Why claims and not ``FOR UPDATE`` held over the pass: the email job locks its row too (src/brownout/_worker/email.py),
 and a job consumed while the relay still published the rest of its pass found its row locked, raised
 `SendInProgress` and waited for a retry, seconds later. SKIP LOCKED in the claim keeps two relays from
 claiming one row; the claim keeps the next pass of any relay off it until the lease ends.
 
 Publish-then-mark: a crash (or a lost COMMIT) between the confirm and the mark leaves the row unpublished;
 once its claim expires the next pass publishes it again; the duplicate job is recognisable by its message
-id and made harmless by the send record (worker/email.py). The other order would lose the email on that
+id and made harmless by the send record (src/brownout/_worker/email.py). The other order would lose the email on that
 crash. A refused publish ends the pass and releases the claims of the rows not yet published. A job
 published and never sent within ``resend_after`` is published again (`_UNSENT`).
 
@@ -84,7 +84,7 @@ _UNSENT = (
 )
 _REOPEN = outbox.update().where(outbox.c.id.in_(_UNSENT)).values(published_at=None, claimed_until=None).returning(outbox.c.id)
 
-# Mark and release skip a row an email job holds while it sends (worker/email.py): the relay never waits on
+# Mark and release skip a row an email job holds while it sends (src/brownout/_worker/email.py): the relay never waits on
 # SMTP, and that job marks its row published itself when it records the send.
 _FREE_OF_THE_IDS = (
     select(outbox.c.id).where(outbox.c.id.in_(bindparam("ids", expanding=True))).with_for_update(skip_locked=True)

@@ -17,13 +17,13 @@ from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
 from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
-from worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
-from worker.drain import AdaptiveDrain
-from worker.email import EmailRuntime, declare_email_actor
-from worker.health_gate import HealthGate
-from worker.metrics import WorkerMetrics
-from worker.outbox import OutboxRelayMiddleware
-from worker.override import FollowBreakerOverride
+from brownout._worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
+from brownout._worker.drain import AdaptiveDrain
+from brownout._worker.email import EmailRuntime, declare_email_actor
+from brownout._worker.health_gate import HealthGate
+from brownout._worker.metrics import WorkerMetrics
+from brownout._worker.outbox import OutboxRelayMiddleware
+from brownout._worker.override import FollowBreakerOverride
 
 
 def dramatiq_middleware() -> list[Middleware]:
