@@ -14,13 +14,13 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api import errors
-from app.api.body_limit import BodyLimit
-from app.api.http_metrics import HttpMetrics
 from app.api.routes import admin, commands, health, notifications
 from app.api.routes import metrics as metrics_route
 from app.api.services import Services
 from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
+from brownout.fastapi._body_limit import BodyLimit
+from brownout.fastapi._http_metrics import HttpMetrics
 
 
 def create_app(

@@ -22,12 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.body_limit import BodyTooLarge
 from app.api.queries import BadCursor
 from app.api.reads import DatabaseUnavailable, NotFound
 from app.api.writes import KeyReused
 from brownout._dispatch.commands import UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
+from brownout.fastapi._body_limit import BodyTooLarge
 
 log = logging.getLogger(__name__)
 
