@@ -267,11 +267,11 @@ def main() -> None:
         time.sleep(0.3)
         with timed_server(outage) as (client, services, timing):
             for tries in range(51):
-                if services.database.breaker.state is BreakerState.OPEN:
+                if services.brownout.database.breaker.state is BreakerState.OPEN:
                     break
                 expect(client.get(f"/notifications/{ids[tries % len(ids)]}"), "stale")
             else:
-                raise SystemExit(f"the breaker did not open: {services.database.breaker.snapshot()}")
+                raise SystemExit(f"the breaker did not open: {services.brownout.database.breaker.snapshot()}")
             opening = list(timing.samples)
             stale = timed_reads(client, timing, ids, args.requests, "stale")
             direct = stale_in_process(services, ids, args.requests)

@@ -1,4 +1,4 @@
-"""`create_app(settings)`: the FastAPI service, its routes, and the process's services.
+"""`create_app(settings)`: the notification service, its routes, on Brownout's lifespan and middleware.
 
 Route handlers that touch PostgreSQL, Redis or RabbitMQ are plain `def`
 functions: FastAPI runs them on its thread pool, so database work never
@@ -7,6 +7,7 @@ blocks the event loop, and each call carries its own deadline.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -14,27 +15,23 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api import errors
-from app.api.routes import admin, commands, health, notifications
-from app.api.routes import metrics as metrics_route
+from app.api.routes import commands, notifications
 from app.api.services import Services
+from app.dispatch.notifications import build_registry
 from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
-from brownout.fastapi._body_limit import BodyLimit
-from brownout.fastapi._http_metrics import HttpMetrics
+from brownout.fastapi import Brownout
 
 
-def create_app(
-    settings: Settings,
-    *,
-    metrics: Metrics | None = None,
-    build_services: Callable[[Settings, Metrics], Services] = Services.build,
-) -> FastAPI:
-    """Nothing connects until the app starts (lifespan); everything is closed when it stops."""
-    metrics = metrics or Metrics()
+def create_app(settings: Settings, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> FastAPI:
+    """Nothing connects until the app starts (lifespan); everything is closed when it stops.
+
+    *clock*: the wall clock of the cache's ages (tests age entries with a clock of their own)."""
+    brownout = Brownout(settings, registry=build_registry(), metrics=metrics, clock=clock)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await run_in_threadpool(build_services, settings, metrics)
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:  # runs inside Brownout's: its pieces are ready
+        services = await run_in_threadpool(Services.build, brownout)
         app.state.services = services
         try:
             yield
@@ -47,9 +44,8 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(HttpMetrics, metrics=metrics)
+    brownout.init_app(app)
     errors.install(app)
-    for module in (notifications, commands, health, admin, metrics_route):
+    for module in (notifications, commands):
         app.include_router(module.router)
     return app

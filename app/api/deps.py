@@ -6,9 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.api.errors import Shed
 from app.api.services import Services
-from brownout._db import BreakerState
 
 
 def get_services(request: Request) -> Services:
@@ -17,13 +15,3 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-def non_critical(services: ServicesDep) -> None:
-    """Declare a route non-critical: shed at once (503) while the breaker is not CLOSED."""
-    breaker = services.database.breaker
-    if breaker.state is not BreakerState.CLOSED:
-        raise Shed(max(1.0, breaker.retry_after()))
-
-
-NonCritical = Depends(non_critical)

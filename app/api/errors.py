@@ -1,55 +1,20 @@
-"""Every error a client can see, mapped to HTTP in one place; no stack trace ever leaves.
+"""The notification service's own errors, mapped to HTTP beside Brownout's (brownout.fastapi maps the rest).
 
 DatabaseUnavailable   503 + Retry-After (a read miss while the database is sick)
-Shed                  503 + Retry-After (a non-critical route while the breaker is not CLOSED)
 NotFound              404
-InvalidCommand        422 with field and reason
 KeyReused             422 (Idempotency-Key reused with another body)
 BadCursor             400
-BodyTooLarge          413
-RequestValidationError 422 with field and reason
-anything else         500 {"detail": "internal error"} (logged with its trace, server side)
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from typing import Any
-
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.queries import BadCursor
 from app.api.reads import DatabaseUnavailable, NotFound
 from app.api.writes import KeyReused
-from brownout._dispatch.commands import UnknownCommand
-from brownout._dispatch.dispatcher import InvalidCommand
-from brownout.fastapi._body_limit import BodyTooLarge
-
-log = logging.getLogger(__name__)
-
-
-class Shed(Exception):
-    """Raised by a non-critical route while the breaker is not CLOSED: the database serves critical work first."""
-
-    def __init__(self, retry_after: float) -> None:
-        self.retry_after = retry_after
-        super().__init__("non-critical route shed while the database recovers")
-
-
-def retry_after_header(seconds: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
-
-
-def field_errors(errors: list[Any]) -> list[dict[str, str]]:
-    out = []
-    for error in errors:
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        out.append({"field": ".".join(loc) or "body", "reason": str(error.get("msg", "invalid"))})
-    return out
+from brownout.fastapi import retry_after_header
 
 
 def install(app: FastAPI) -> None:
@@ -58,21 +23,9 @@ def install(app: FastAPI) -> None:
         body = {"detail": f"database unavailable and nothing cached: {exc.reason}"}
         return JSONResponse(body, status_code=503, headers=retry_after_header(exc.retry_after))
 
-    @app.exception_handler(Shed)
-    async def shed(request: Request, exc: Shed) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after_header(exc.retry_after))
-
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": "not found"}, status_code=404)
-
-    @app.exception_handler(InvalidCommand)
-    async def invalid(request: Request, exc: InvalidCommand) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "errors": field_errors(exc.errors)}, status_code=422)
-
-    @app.exception_handler(UnknownCommand)
-    async def unknown(request: Request, exc: UnknownCommand) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(KeyReused)
     async def reused(request: Request, exc: KeyReused) -> JSONResponse:
@@ -81,22 +34,3 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(BadCursor)
     async def bad_cursor(request: Request, exc: BadCursor) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
-
-    @app.exception_handler(RequestValidationError)
-    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": "invalid request", "errors": field_errors(list(exc.errors()))}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps body-reading errors in a 400
-            return await too_large(request, exc.__cause__)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal error"}, status_code=500)

@@ -16,9 +16,9 @@ def app_from_environment() -> FastAPI:
     configure_logging(settings)
     app: FastAPI | None = None
 
-    def breaker() -> CircuitBreaker | None:  # the services exist once the app has started
-        services = getattr(app.state, "services", None) if app is not None else None
-        return services.database.breaker if services is not None else None
+    def breaker() -> CircuitBreaker | None:  # Brownout's pieces exist once the app has started
+        brownout = getattr(app.state, "brownout", None) if app is not None else None
+        return brownout.database.breaker if brownout is not None else None
 
     init_sentry(settings, breaker=breaker, component="web")  # before the app: the integrations wrap it
     app = create_app(settings)

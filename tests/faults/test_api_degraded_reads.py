@@ -52,7 +52,7 @@ def test_breaker_open_serves_stale_with_age_and_markers(api: RunningApi, wall: J
     item = api.client.post("/notifications", json=ADA).json()
     page = api.client.get("/users/9/notifications").json()
     _stale_soon(wall)
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
 
     stale = api.client.get(f"/notifications/{item['id']}")
     assert stale.status_code == 200 and stale.json() == item
@@ -67,7 +67,7 @@ def test_breaker_open_serves_stale_with_age_and_markers(api: RunningApi, wall: J
 
 
 def test_a_miss_while_the_database_is_down_is_503_with_retry_after(api: RunningApi) -> None:
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     miss = api.client.get("/notifications/2b0c8f4e-9d8a-4f1e-8c57-3f5c2a1d0e9b")
     assert miss.status_code == 503
     assert int(miss.headers["retry-after"]) >= 1
@@ -114,11 +114,11 @@ def test_writes_are_visible_stale_after_the_database_goes_away(
 def test_non_critical_routes_are_shed_while_the_breaker_is_not_closed(api: RunningApi) -> None:
     item = api.client.post("/notifications", json=ADA).json()
     assert api.client.get("/users/9/notifications/stats").status_code == 200
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     shed = api.client.get("/users/9/notifications/stats")
     assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
     assert api.client.get(f"/notifications/{item['id']}").status_code == 200  # critical reads still answer
-    api.services.database.breaker.reset()
+    api.brownout.database.breaker.reset()
     assert wait_until(lambda: api.client.get("/users/9/notifications/stats").status_code == 200, timeout=10)
 
 
@@ -156,7 +156,7 @@ def test_ready_is_503_when_no_write_can_be_made_durable(
         with serve_in_thread(settings) as api:
             assert wait_until(lambda: api.client.get("/ready").json()["rabbitmq"]["publisher"] == "ready", timeout=20)
             assert api.client.get("/ready").status_code == 200
-            api.services.database.breaker.force_open()
+            api.brownout.database.breaker.force_open()
             rabbit.refuse()
             rabbit.reset_existing()
             assert wait_until(lambda: api.client.get("/ready").status_code == 503, timeout=20)
@@ -173,11 +173,11 @@ def test_a_cached_not_found_never_joins_a_stale_list(api: RunningApi, wall: Jump
     page = api.client.get("/users/9/notifications").json()
     early = "0b7e3c1d-2f4a-4b5c-8d6e-7f8091a2b3c4"
     assert api.client.get(f"/notifications/{early}").status_code == 404  # cached: not found
-    assert api.services.link is not None
-    pending = PendingWrites(api.services.link, ttl_seconds=api.services.settings.pending_seconds)
+    assert api.brownout.link is not None
+    pending = PendingWrites(api.brownout.link, ttl_seconds=api.brownout.settings.pending_seconds)
     pending.note_recent(9, early, int(wall() * 1_000_000))  # as its accepted write did; its pending item is gone
     _stale_soon(wall)
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
 
     stale_list = api.client.get("/users/9/notifications")
     assert stale_list.status_code == 200, stale_list.text  # was a 500: None sorted as an item

@@ -70,7 +70,7 @@ def timed_get(api: RunningApi, path: str) -> tuple[float, httpx.Response]:
 
 
 def link_of(api: RunningApi) -> RedisLink:
-    link = api.services.link
+    link = api.brownout.link
     assert link is not None
     return link
 
@@ -197,7 +197,7 @@ def test_admin_breaker_refused_and_ready_says_why_while_redis_is_down(
     settings_via: Callable[..., Settings], redis_proxy: FaultProxy
 ) -> None:
     with serve_in_thread(settings_via(admin_token=TOKEN, redis_skip_seconds=0.5)) as api:
-        breaker = api.services.database.breaker
+        breaker = api.brownout.database.breaker
         auth = {"Authorization": f"Bearer {TOKEN}"}
         break_redis(redis_proxy, "refuse")
         before = breaker.snapshot()
@@ -234,7 +234,7 @@ def test_database_down_uncached_read_is_503_cached_one_is_stale(
         written = time.time()
         assert wait_until(lambda: time.time() > written + 0.05, timeout=5)  # the wall clock ages the entry past fresh
         if outage == "breaker":
-            api.services.database.breaker.force_open()
+            api.brownout.database.breaker.force_open()
         else:
             proxy.refuse()
             proxy.reset_existing()
@@ -267,7 +267,7 @@ def test_a_queued_creation_redis_missed_is_recorded_once_redis_answers(
 ) -> None:
     """The 202 does not wait for Redis; its pending entry, missed once, is recorded later, not lost."""
     with serve_in_thread(settings_via(redis_skip_seconds=0.5)) as writer, serve_in_thread(api_settings()) as reader:
-        writer.services.database.breaker.force_open()  # writes are queued (no worker here: they stay queued)
+        writer.brownout.database.breaker.force_open()  # writes are queued (no worker here: they stay queued)
         break_redis(redis_proxy, "silence")
         queued = writer.client.post("/notifications", json=ADA)
         assert queued.status_code == 202, queued.text

@@ -17,7 +17,7 @@ def test_the_route_is_off_without_a_token(api_settings: Callable[..., Settings])
     with serve_in_thread(api_settings()) as api:
         answer = api.client.post("/admin/breaker", json={"action": "open"}, headers={"Authorization": f"Bearer {TOKEN}"})
         assert answer.status_code == 404
-        assert api.services.database.breaker.state.value == "closed"
+        assert api.brownout.database.breaker.state.value == "closed"
 
 
 def test_missing_or_wrong_token_is_401_and_changes_nothing(api_settings: Callable[..., Settings]) -> None:
@@ -28,7 +28,7 @@ def test_missing_or_wrong_token_is_401_and_changes_nothing(api_settings: Callabl
             assert answer.headers["www-authenticate"] == "Bearer"
         # refused before the body is even looked at
         assert api.client.post("/admin/breaker", json={"action": "explode"}).status_code == 401
-        assert api.services.database.breaker.state.value == "closed"
+        assert api.brownout.database.breaker.state.value == "closed"
         bad = api.client.post("/admin/breaker", json={"action": "explode"}, headers={"Authorization": f"Bearer {TOKEN}"})
         assert bad.status_code == 422
 
@@ -62,5 +62,5 @@ def test_a_process_started_later_applies_the_standing_action(api_settings: Calla
     with serve_in_thread(settings) as api:
         api.client.post("/admin/breaker", json={"action": "open"}, headers={"Authorization": f"Bearer {TOKEN}"})
     with serve_in_thread(settings) as later:
-        assert later.services.database.breaker.state.value == "open"
+        assert later.brownout.database.breaker.state.value == "open"
         assert later.client.get("/ready").json()["breaker"]["forced"] == "open"

@@ -36,12 +36,12 @@ def _notification_selects(api: RunningApi) -> list[str]:
         if statement.lstrip().upper().startswith("SELECT") and "notifications.id =" in statement:
             seen.append(statement)
 
-    event.listen(api.services.database.engine, "before_cursor_execute", record)
+    event.listen(api.brownout.database.engine, "before_cursor_execute", record)
     return seen
 
 
 def _forget_cached(api: RunningApi, notification_id: str) -> None:
-    link = api.services.link
+    link = api.brownout.link
     assert link is not None
     link.client.delete(link.key("cache", "item", notification_id))
 

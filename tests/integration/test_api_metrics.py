@@ -24,11 +24,11 @@ def test_metrics_follow_reads_writes_and_the_breaker(api_settings: Callable[...,
     with serve_in_thread(api_settings()) as api:
         item = api.client.post("/notifications", json=ADA).json()
         api.client.get(f"/notifications/{item['id']}")  # a hit (written through)
-        api.services.database.breaker.force_open()
+        api.brownout.database.breaker.force_open()
         queued = api.client.post("/notifications", json=ADA | {"subject": "queued"})
         assert queued.status_code == 202
         api.client.get("/users/3/notifications/stats")  # shed
-        api.services.database.breaker.reset()
+        api.brownout.database.breaker.reset()
 
         answer = api.client.get("/metrics")
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
@@ -63,7 +63,7 @@ def test_refusals_by_the_open_breaker_are_counted(api_settings: Callable[..., Se
     with serve_in_thread(api_settings()) as api:
         # Start-up's own calls (the acceptance clock's seed) are counted before the breaker opens.
         calls_at_start = samples(api.client.get("/metrics").text).get(("brownout_db_calls_total", ()), 0)
-        api.services.database.breaker.force_open()
+        api.brownout.database.breaker.force_open()
         for _ in range(3):
             assert api.client.get("/users/3/notifications").status_code == 503  # nothing cached: a miss
         found = samples(api.client.get("/metrics").text)

@@ -93,7 +93,7 @@ def pending_key(prefix: str, kind: str, ident: str) -> str:
 
 
 def test_breaker_open_create_is_202_queued_in_rabbitmq(api: RunningApi, queue_name: str) -> None:
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     response = api.client.post("/notifications", json=ADA)
     assert response.status_code == 202, response.text
     body = response.json()
@@ -108,7 +108,7 @@ def test_breaker_open_create_is_202_queued_in_rabbitmq(api: RunningApi, queue_na
 
 def test_queued_create_shows_as_pending_in_a_cached_list(api: RunningApi, redis_client: redis.Redis, redis_prefix: str) -> None:
     assert api.client.get("/users/42/notifications").json() == {"items": [], "next": None}  # cached while healthy
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     before = datetime.now(UTC)
     queued = queue_create(api)
     after = datetime.now(UTC)
@@ -123,7 +123,7 @@ def test_queued_create_shows_as_pending_in_a_cached_list(api: RunningApi, redis_
 
 
 def test_queued_create_reads_back_by_id_while_the_breaker_is_open(api: RunningApi) -> None:
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     queued = queue_create(api)
     fetched = api.client.get(f"/notifications/{queued['id']}")
     assert fetched.status_code == 200, fetched.text
@@ -135,7 +135,7 @@ def mark_read_while_open(api: RunningApi) -> str:
     created = api.client.post("/notifications", json=ADA)
     assert created.status_code == 201, created.text
     ident = str(created.json()["id"])
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     marked = api.client.post(f"/notifications/{ident}/read")
     assert marked.status_code == 202, marked.text
     assert marked.json()["id"] == ident and marked.headers["location"] == f"/commands/{marked.json()['command_id']}"
@@ -152,7 +152,7 @@ def test_pending_mark_read_until_the_applied_row_supersedes_it(
     ident = mark_read_while_open(api)
     assert redis_client.exists(pending_key(redis_prefix, "mark", ident))
 
-    api.services.database.breaker.reset()
+    api.brownout.database.breaker.reset()
     assert apply_queued() == ["applied"]
     assert api.client.get(f"/notifications/{ident}").json()["read"] is True  # never flips back meanwhile
     assert wait_until(lambda: api.client.get(f"/notifications/{ident}").json()["status"] == "applied", timeout=5)
@@ -165,7 +165,7 @@ def test_applied_mark_is_not_shown_pending_after_the_apply(
     api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     ident = mark_read_while_open(api)
-    api.services.database.breaker.reset()
+    api.brownout.database.breaker.reset()
     assert redis_client.exists(pending_key(redis_prefix, "mark", ident))
     assert apply_queued() == ["applied"]
     assert not redis_client.exists(pending_key(redis_prefix, "mark", ident))  # cleared by the worker
@@ -178,7 +178,7 @@ def queue_create_and_apply(
 ) -> dict[str, Any]:
     """A creation queued with the breaker forced open (left open), then applied by the worker's steps,
     which clear its pending entry."""
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     queued = queue_create(api)
     assert redis_client.exists(pending_key(redis_prefix, "item", queued["id"]))
     assert apply_queued() == ["applied"]
@@ -190,7 +190,7 @@ def test_applied_create_supersedes_pending_item(
     api: RunningApi, apply_queued: Callable[[], list[str]], redis_client: redis.Redis, redis_prefix: str
 ) -> None:
     queued = queue_create_and_apply(api, apply_queued, redis_client, redis_prefix)
-    api.services.database.breaker.reset()
+    api.brownout.database.breaker.reset()
 
     fetched = api.client.get(f"/notifications/{queued['id']}")
     assert fetched.status_code == 200, fetched.text
@@ -232,7 +232,7 @@ def test_a_duplicate_apply_does_not_write_its_older_result_through(
 def test_pending_entries_expire(serve: Serve, redis_client: redis.Redis, redis_prefix: str) -> None:
     api = serve(pending_seconds=1)
     assert api.client.get("/users/42/notifications").json()["items"] == []  # cached while healthy
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     queued = queue_create(api)
     assert [item["id"] for item in api.client.get("/users/42/notifications").json()["items"]] == [queued["id"]]
     assert api.client.get(f"/commands/{queued['command_id']}").json()["status"] == "queued"
@@ -251,7 +251,7 @@ def test_pending_entries_expire(serve: Serve, redis_client: redis.Redis, redis_p
 def test_same_key_while_queued_gives_same_ids_and_other_body_is_422(
     api: RunningApi, apply_queued: Callable[[], list[str]], queue_name: str
 ) -> None:
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     first = queue_create(api, key="queued-1")
     again = queue_create(api, key="queued-1")
     assert again == first
@@ -267,9 +267,9 @@ def test_rabbitmq_unreachable_is_503_and_nothing_pending(
 ) -> None:
     with FaultProxy(upstream_host="127.0.0.1", upstream_port=5672) as proxy:
         api = serve(rabbitmq_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", publish_timeout_seconds=0.5)
-        assert wait_until(lambda: api.services.dispatcher.publisher_state == "ready", timeout=10)
+        assert wait_until(lambda: api.brownout.dispatcher.publisher_state == "ready", timeout=10)
         assert api.client.get("/users/42/notifications").json()["items"] == []  # cached while healthy
-        api.services.database.breaker.force_open()
+        api.brownout.database.breaker.force_open()
         proxy.refuse()
         proxy.reset_existing()
         response = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "lost-1"})
@@ -289,12 +289,12 @@ def test_direct_read_then_queued_unread_last_accepted_wins(
     ident = api.client.post("/notifications", json=ADA).json()["id"]
     read = api.client.post(f"/notifications/{ident}/read")
     assert read.status_code == 200 and read.json()["read"] is True
-    api.services.database.breaker.force_open()
+    api.brownout.database.breaker.force_open()
     assert api.client.post(f"/notifications/{ident}/unread").status_code == 202
     assert api.client.get(f"/notifications/{ident}").json()["read"] is False
 
     assert apply_queued() == ["applied"]
-    api.services.database.breaker.reset()
+    api.brownout.database.breaker.reset()
     with db.session() as session:
         row = session.execute(select(notifications.c.read).where(notifications.c.id == ident)).scalar_one()
     assert row is False

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from app.api.app import create_app
 from app.api.services import Services
 from brownout._settings import Settings
+from brownout.fastapi import Brownout
 from tests.support.processes import stop
 
 
@@ -45,6 +46,11 @@ class RunningApi:
         services: Services = self.app.state.services
         return services
 
+    @property
+    def brownout(self) -> Brownout:
+        brownout: Brownout = self.app.state.brownout
+        return brownout
+
 
 @contextmanager
 def serve_in_thread(
@@ -56,10 +62,7 @@ def serve_in_thread(
 ) -> Iterator[RunningApi]:
     """*wrap*: an ASGI middleware put around the app (bench/read_path.py times requests with one);
     *clock*: the wall clock of the cache's ages, for a test that ages entries without sleeping."""
-    if clock is None:
-        app = create_app(settings)
-    else:
-        app = create_app(settings, build_services=lambda s, m: Services.build(s, m, clock=clock))
+    app = create_app(settings) if clock is None else create_app(settings, clock=clock)
     # The socket is bound here and handed to uvicorn: probing a free port and binding it later raced with
     # other tests' ephemeral ports (EADDRINUSE in CI).
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

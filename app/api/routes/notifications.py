@@ -8,11 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse
 
-from app.api.deps import NonCritical, ServicesDep
+from app.api.deps import ServicesDep
 from app.api.queries import MAX_PAGE
 from app.api.reads import ReadResult
 from app.api.writes import WriteResult
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, CreateNotificationV1
+from brownout.fastapi import NonCritical
 
 router = APIRouter(tags=["notifications"])
 

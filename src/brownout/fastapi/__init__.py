@@ -1,2 +1,24 @@
 """FastAPI integration: a lifespan that builds and closes Brownout's pieces, its middleware and error mapping,
-and the dependencies a route uses."""
+and the dependencies a route uses.
+
+    brownout = Brownout(settings, registry=registry)
+    app = brownout.init_app(FastAPI(lifespan=my_lifespan))  # my_lifespan runs inside Brownout's
+"""
+
+from brownout.fastapi._body_limit import BodyTooLarge
+from brownout.fastapi._brownout import Brownout, NotStarted
+from brownout.fastapi._deps import BrownoutDep, NonCritical, get_brownout, non_critical
+from brownout.fastapi._errors import Shed, field_errors, retry_after_header
+
+__all__ = [
+    "BodyTooLarge",
+    "Brownout",
+    "BrownoutDep",
+    "NonCritical",
+    "NotStarted",
+    "Shed",
+    "field_errors",
+    "get_brownout",
+    "non_critical",
+    "retry_after_header",
+]

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel, ConfigDict
 
-from app.api.deps import ServicesDep
 from brownout._cache.redis_link import RedisUnavailable
+from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["admin"])
 
@@ -20,9 +20,9 @@ class BreakerAction(BaseModel):
     action: Literal["open", "close", "reset"]
 
 
-def require_admin(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
+def require_admin(brownout: BrownoutDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """A dependency, so a request without the token is refused before its body is looked at."""
-    token = services.settings.admin_token
+    token = brownout.settings.admin_token
     if token is None:
         raise HTTPException(404, "Not Found")
     scheme, _, given = (authorization or "").partition(" ")
@@ -37,14 +37,14 @@ def require_admin(services: ServicesDep, authorization: Annotated[str | None, He
     dependencies=[Depends(require_admin)],
     responses={401: {}, 404: {"description": "BROWNOUT_ADMIN_TOKEN is not set"}, 503: {}},
 )
-def force_breaker(body: BreakerAction, services: ServicesDep) -> dict[str, Any]:
+def force_breaker(body: BreakerAction, brownout: BrownoutDep) -> dict[str, Any]:
     """Open, close or reset the database breaker on every web process of the fleet (through Redis)."""
-    if services.override is None:
+    if brownout.override is None:
         raise HTTPException(503, "REDIS_URL is not set: a forced state could not reach the fleet")
     try:
-        record = services.override.apply(body.action)
+        record = brownout.override.apply(body.action)
     except RedisUnavailable as exc:
         raise HTTPException(
             503, f"Redis unavailable ({exc}): the fleet cannot be told, nothing was changed", headers={"Retry-After": "5"}
         ) from None
-    return {"applied": record, "breaker": services.database.breaker.snapshot()}
+    return {"applied": record, "breaker": brownout.database.breaker.snapshot()}

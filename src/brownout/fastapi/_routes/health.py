@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import ServicesDep
 from brownout._db import BreakerState
+from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["health"])
 
@@ -26,14 +26,14 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"description": "Writes cannot be made durable now; the body says why"}})
-def ready(services: ServicesDep) -> JSONResponse:
-    breaker = services.database.breaker
-    last = services.monitor.last_result
+def ready(brownout: BrownoutDep) -> JSONResponse:
+    breaker = brownout.database.breaker
+    last = brownout.monitor.last_result
     database: dict[str, Any] = {"checked": last is not None}
     if last is not None:
         database |= {key: last[key] for key in ("healthy", "latency_ms", "error", "error_kind")}
     direct = breaker.state is BreakerState.CLOSED and bool(last and last["healthy"])
-    publisher = services.dispatcher.publisher_state
+    publisher = brownout.dispatcher.publisher_state
     queued = publisher == "ready"
     reasons = []
     if not direct:
@@ -45,7 +45,7 @@ def ready(services: ServicesDep) -> JSONResponse:
             reasons.append(f"database health check failed: {last['error']}")
     if not queued:
         reasons.append("queue not configured (RABBITMQ_URL)" if publisher is None else f"RabbitMQ publisher {publisher}")
-    redis = services.link.ping() if services.link is not None else {"ok": False, "error": "REDIS_URL not set"}
+    redis = brownout.link.ping() if brownout.link is not None else {"ok": False, "error": "REDIS_URL not set"}
     if not redis["ok"]:
         reasons.append(f"Redis unavailable ({redis.get('error')}): no cache, reads go to the database")
     body = {
@@ -57,8 +57,8 @@ def ready(services: ServicesDep) -> JSONResponse:
         "redis": redis,
         "rabbitmq": {
             "publisher": publisher,
-            "publisher_restarts": services.dispatcher.publisher_restarts,
-            "queue": services.queue_depth.read() if services.queue_depth else None,
+            "publisher_restarts": brownout.dispatcher.publisher_restarts,
+            "queue": brownout.queue_depth.read() if brownout.queue_depth else None,
         },
         "time": time.time(),
     }

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from app.api.deps import ServicesDep
 from brownout._observability.metrics import render
+from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(services: ServicesDep) -> Response:
-    services.refresh_gauges()
-    body, content_type = render(services.metrics)
+def metrics(brownout: BrownoutDep) -> Response:
+    brownout.refresh_gauges()
+    body, content_type = render(brownout.metrics)
     return Response(body, media_type=content_type)

@@ -1,0 +1,194 @@
+"""`Brownout`: everything one web process holds, built once when the app starts and closed when it stops.
+
+A service's own pieces (its read and write paths) are built by its own
+lifespan, which runs inside Brownout's: they find the database, dispatcher,
+cache and pending writes ready on `app.state.brownout`, and are closed
+before them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from brownout._cache.pending import PendingWrites
+from brownout._cache.read_cache import ReadCache
+from brownout._cache.redis_link import RedisLink, build_redis_link
+from brownout._db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
+from brownout._db.health_check import pool_figures
+from brownout._dispatch.commands import Registry
+from brownout._dispatch.dead_letters import count_unreplayed
+from brownout._dispatch.dispatcher import Dispatcher
+from brownout._dispatch.queue_depth import QueueDepth
+from brownout._fleet.assembly import build_database, build_monitor, stop_breaker
+from brownout._fleet.breaker_override import BreakerOverride
+from brownout._observability.logs import DegradedModeLog
+from brownout._observability.metrics import Metrics
+from brownout._settings import Settings
+from brownout.fastapi._body_limit import BodyLimit
+from brownout.fastapi._http_metrics import HttpMetrics
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_REFRESH_SECONDS = 15.0
+
+T = TypeVar("T")
+
+
+class NotStarted(RuntimeError):
+    """A piece was asked for before the app's lifespan started Brownout (or after it stopped)."""
+
+
+class Brownout:
+    """The database with its breaker, the dispatcher, the Redis link, cache and pending writes, the health monitor.
+
+    Nothing connects until `start()` (which the lifespan calls on a worker thread: building
+    the pieces does blocking I/O); `close()` stops them in reverse order, each step on its own
+    so one failing does not leave the rest running."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """*registry*: the commands this service writes; *clock*: the wall clock of the cache's ages
+        (tests age entries with a clock of their own)."""
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.link: RedisLink | None = None
+        self.cache: ReadCache | None = None
+        self.pending: PendingWrites | None = None
+        self.override: BreakerOverride | None = None
+        self.queue_depth: QueueDepth | None = None
+        self._database: Database | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._monitor: HealthMonitor | None = None
+        self._dead_letters_read_at = -1e9
+
+    @property
+    def database(self) -> Database:
+        return _started(self._database)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return _started(self._dispatcher)
+
+    @property
+    def monitor(self) -> HealthMonitor:
+        return _started(self._monitor)
+
+    def start(self) -> Brownout:
+        settings, metrics = self.settings, self.metrics
+        self.link = link = build_redis_link(settings)
+        self._database = database = build_database(settings, link=link)
+        metrics.attach_resilience(database.resilience)
+        database.breaker.add_listener(DegradedModeLog())
+        metrics.queue_max_length.set(settings.queue_max_length)
+        self._dispatcher = dispatcher = Dispatcher.from_settings(settings, database, registry=self.registry)
+        dispatcher.on_publisher_restart(metrics.publisher_restarts.inc)
+        if link is not None:
+            self.cache = ReadCache(
+                link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds, clock=self.clock
+            )
+            self.pending = PendingWrites(link, ttl_seconds=settings.pending_seconds, clock=self.clock)
+            self.override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
+        self._monitor = build_monitor(settings, database, on_result=[metrics.observe_health]).start()
+        if settings.rabbitmq_url:
+            self.queue_depth = QueueDepth(
+                url=settings.rabbitmq_url, queue_name=settings.queue_name, timeout=settings.publish_timeout_seconds
+            )
+        return self
+
+    def close(self) -> None:
+        self.metrics.mark_process_dead()
+        steps = (
+            self._monitor.stop if self._monitor else None,
+            self.override.stop if self.override else None,
+            self._dispatcher.close if self._dispatcher else None,
+            self.link.close if self.link else None,
+            (lambda: stop_breaker(self.database.breaker)) if self._database else None,
+            self._database.close if self._database else None,
+        )
+        for step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                log.exception("shutdown step failed")
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(self.start)
+        app.state.brownout = self
+        try:
+            yield
+        finally:
+            await run_in_threadpool(self.close)
+
+    def init_app(self, app: FastAPI, *, routes: bool = True) -> FastAPI:
+        """Wire Brownout into *app*: its lifespan around the app's own, the body limit, per-route
+        metrics, the error mapping, and (with *routes*) `/health`, `/ready`, `/metrics`, `/admin/breaker`."""
+        from brownout.fastapi import _errors, _routes  # here: the routes' dependencies import this module
+
+        app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
+        app.add_middleware(HttpMetrics, metrics=self.metrics)
+        _errors.install(app)
+        if routes:
+            for router in _routes.routers():
+                app.include_router(router)
+        own = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+            async with self.lifespan(app), own(app) as state:
+                yield state
+
+        app.router.lifespan_context = lifespan
+        return app
+
+    def refresh_gauges(self) -> None:
+        """At scrape time: this process's pool, the queue depth (cached a few seconds), dead letters (15 s)."""
+        database = self.database
+        self.metrics.observe_pool(pool_figures(database.engine))
+        self.metrics.observe_budget(database.resilience)
+        if self.queue_depth is not None:
+            depth = self.queue_depth.read()
+            if depth.get("ok"):
+                self.metrics.queue_messages.set(depth["messages"])
+                self.metrics.delay_queue_messages.set(depth.get("delayed", 0))
+        now = time.monotonic()
+        # Not while the breaker refuses: a scrape is no user call, it must not count as a refusal.
+        due = now - self._dead_letters_read_at >= DEAD_LETTER_REFRESH_SECONDS
+        if due and database.breaker.retry_after() == 0:
+            self._dead_letters_read_at = now
+            try:
+                with database.session() as session:
+                    count = execute_with_retry(
+                        session,
+                        lambda: count_unreplayed(session),
+                        deadline=self.settings.request_db_deadline_seconds,
+                        idempotent=True,
+                    )
+                self.metrics.dead_letters.set(count)
+            except (CircuitOpenError, DeadlineExceeded):
+                pass
+            except Exception:
+                log.warning("dead letters not counted", exc_info=True)
+
+
+def _started(piece: T | None) -> T:
+    if piece is None:
+        raise NotStarted("Brownout has not started: use it inside the app's lifespan (Brownout.init_app)")
+    return piece
