@@ -4,20 +4,22 @@ The migrations in app/migrations state their own DDL, frozen as of each revision
 this module); tests/integration/test_migrations.py checks that head equals these tables. A change here
 needs a new revision (`alembic revision --autogenerate`, then read and freeze what it wrote).
 
-`notifications` is the reference domain, on the same `metadata` as Brownout's own tables
-(src/brownout/_schema.py: applied writes, conflicts, dead letters, the outbox and send records).
+Brownout's own tables (applied writes, conflicts, dead letters, the outbox and send records) are not
+here: they have their own migrations and version table, run first by `upgrade_database`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Table, Text, func
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, MetaData, Table, Text, func
 from sqlalchemy.dialects.postgresql import UUID
 
-from brownout._schema import metadata
+from brownout import migrations as brownout_migrations
 
 __all__ = ["MIGRATIONS", "metadata", "notifications", "upgrade_database"]
+
+metadata = MetaData()
 
 notifications = Table(
     "notifications",
@@ -39,9 +41,14 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def upgrade_database(database_url: str, revision: str = "head") -> None:
-    """`alembic upgrade head` against *database_url* (what the Procfile's release line runs)."""
+    """Brownout's migrations, then this service's, to *revision* (what the Procfile's release line runs).
+
+    Brownout's first: a database migrated before Brownout had its own history is recognised by this
+    service's revision, which must not have moved yet."""
     from alembic import command
     from alembic.config import Config
+
+    brownout_migrations.upgrade(database_url)
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))

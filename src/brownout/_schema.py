@@ -6,7 +6,8 @@ refused for reusing a key with another body; `dead_letters` the queued writes th
 reason; `outbox` holds side effects (emails) written in the same transaction as the write they belong to, for
 the worker's relay to publish; `email_sends` records each email handed to the mail server.
 
-An application's own tables go on the same `metadata` (its migrations must add up to both).
+Their migrations are in brownout/migrations, with a version table of their own; a service's tables stay
+on its own MetaData and in its own history.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The migrations against a real PostgreSQL: head is the models, every step walks down and up, rows survive.
 
+Two histories: Brownout's own tables (brownout/migrations, version table `brownout_alembic_version`)
+and the notification service's (app/migrations, `alembic_version`), which `upgrade_database` runs in
+that order.
+
 Each migration states its own DDL as of its revision. If one read the live models instead, the first
 column anyone adds would break every fresh install (the old revision would create it, the new one add it
 again) and a downgrade would drop tables as they are now. These tests hold the migrations to that.
@@ -25,26 +29,52 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 
-from app.schema import MIGRATIONS, metadata
+from app.schema import MIGRATIONS, upgrade_database
+from app.schema import metadata as app_metadata
+from brownout import migrations as brownout_migrations
+from brownout._schema import metadata as brownout_metadata
 from brownout._settings import normalise_database_url
 from tests.conftest import admin_cursor, database_url
+from tests.support import previous_layout
 
 ROOT = Path(__file__).resolve().parents[2]
-VERSIONS = MIGRATIONS / "versions"
+VERSION_TABLES = {"alembic_version", brownout_migrations.VERSION_TABLE}
+# The service's revisions whose tables moved to Brownout's history: kept, and empty.
+MOVED_TO_BROWNOUT = set(brownout_migrations.ADOPTED_REVISIONS) - {"0001"}
+
+
+def combined(*metadatas: MetaData) -> MetaData:
+    out = MetaData()
+    for metadata in metadatas:
+        for table in metadata.tables.values():
+            table.to_metadata(out)
+    return out
+
+
+metadata = combined(brownout_metadata, app_metadata)
 
 
 def alembic_config(url: str) -> Config:
+    """The service's own history (app/migrations)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["database_url"] = url
     return config
 
 
-def revisions_base_to_head() -> list[str]:
-    script = ScriptDirectory.from_config(alembic_config("unused"))
+def brownout_config(url: str) -> Config:
+    config: Config = brownout_migrations.alembic_config(url)
+    return config
+
+
+HISTORIES = {"brownout": brownout_config, "service": alembic_config}
+
+
+def revisions_base_to_head(config: Config | None = None) -> list[str]:
+    script = ScriptDirectory.from_config(config or alembic_config("unused"))
     return [revision.revision for revision in reversed(list(script.walk_revisions()))]
 
 
@@ -62,11 +92,16 @@ def engine(url: str) -> Iterator[Engine]:
 
 def model_differences(engine: Engine) -> list[Any]:
     with engine.connect() as connection:
-        return list(compare_metadata(MigrationContext.configure(connection), metadata))
+        context = MigrationContext.configure(connection, opts={"include_object": not_a_version_table})
+        return list(compare_metadata(context, metadata))
+
+
+def not_a_version_table(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    return not (type_ == "table" and name in VERSION_TABLES)
 
 
 def user_tables(engine: Engine) -> set[str]:
-    return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    return set(inspect(engine).get_table_names()) - VERSION_TABLES
 
 
 def schema_of(engine: Engine) -> dict[str, Any]:
@@ -83,8 +118,10 @@ def schema_of(engine: Engine) -> dict[str, Any]:
 
 
 def test_the_migrations_never_import_the_models() -> None:
-    """The class of defect, at its root: a migration importing app.* builds from today's models."""
-    for path in sorted(VERSIONS.glob("*.py")):
+    """The class of defect, at its root: a migration importing app.* or brownout.* builds from today's models."""
+    paths = [*MIGRATIONS.glob("versions/*.py"), *brownout_migrations.MIGRATIONS.glob("versions/*.py")]
+    assert len(paths) >= 12
+    for path in sorted(paths):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
@@ -94,11 +131,11 @@ def test_the_migrations_never_import_the_models() -> None:
             else:
                 continue
             for name in names:
-                assert name.split(".")[0] not in ("app", "worker"), f"{path.name} imports {name}"
+                assert name.split(".")[0] not in ("app", "worker", "brownout"), f"{path.name} imports {name}"
 
 
 def test_upgrading_an_empty_database_gives_exactly_the_models(url: str, engine: Engine) -> None:
-    command.upgrade(alembic_config(url), "head")
+    upgrade_database(url)
     assert model_differences(engine) == []
     assert user_tables(engine) == set(metadata.tables)
 
@@ -112,7 +149,7 @@ def test_head_is_the_schema_the_models_create_down_to_constraint_names(url: str,
         if os.environ.get("CI"):
             pytest.fail("pg_dump is needed (postgresql-client)")
         pytest.skip("pg_dump not installed")
-    command.upgrade(alembic_config(url), "head")
+    upgrade_database(url)
     from_models = f"{pg_database}_m"
     with admin_cursor() as cur:
         cur.execute(f'CREATE DATABASE "{from_models}"')
@@ -120,13 +157,14 @@ def test_head_is_the_schema_the_models_create_down_to_constraint_names(url: str,
         models_url = database_url(from_models)
         models_engine = create_engine(normalise_database_url(models_url))
         try:
-            metadata.create_all(models_engine)
+            brownout_metadata.create_all(models_engine)
+            app_metadata.create_all(models_engine)
         finally:
             models_engine.dispose()
 
         def dump(db_url: str) -> str:
             result = subprocess.run(
-                [pg_dump, "--schema-only", "--no-owner", "--no-privileges", "--exclude-table=alembic_version", db_url],
+                [pg_dump, "--schema-only", "--no-owner", "--no-privileges", "--exclude-table=*alembic_version", db_url],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -141,57 +179,57 @@ def test_head_is_the_schema_the_models_create_down_to_constraint_names(url: str,
             cur.execute(f'DROP DATABASE IF EXISTS "{from_models}" WITH (FORCE)')
 
 
-def test_every_revision_walks_down_and_up_again(url: str, engine: Engine) -> None:
-    config = alembic_config(url)
-    revisions = revisions_base_to_head()
-    assert revisions[0] == "0001" and len(revisions) >= 3
+@pytest.mark.parametrize("history", sorted(HISTORIES))
+def test_every_revision_walks_down_and_up_again(history: str, url: str, engine: Engine) -> None:
+    config = HISTORIES[history](url)
+    revisions = revisions_base_to_head(config)
+    assert revisions[0].endswith("0001") and len(revisions) >= 6
     for revision in revisions:
         command.upgrade(config, revision)
         here = schema_of(engine)
         command.downgrade(config, "-1")
-        assert schema_of(engine) != here, f"downgrading {revision} changed nothing"
+        if revision not in MOVED_TO_BROWNOUT:
+            assert schema_of(engine) != here, f"downgrading {revision} changed nothing"
         command.upgrade(config, revision)
         assert schema_of(engine) == here, f"{revision} down and up again is not what it was"
-    assert model_differences(engine) == []
+    own = brownout_metadata if history == "brownout" else app_metadata
+    assert user_tables(engine) == set(own.tables)
     command.downgrade(config, "base")
     assert user_tables(engine) == set()
     with engine.connect() as connection:
         sequences = connection.execute(text("SELECT relname FROM pg_class WHERE relkind = 'S'")).scalars().all()
     assert sequences == []
-    command.upgrade(config, "head")
-    assert model_differences(engine) == []
 
 
 def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(url: str, engine: Engine) -> None:
     """Rows written at each revision are there, unchanged, after every later step up and every step
     down that keeps their table. The harness the first data-changing migration extends."""
-    config = alembic_config(url)
+    config = brownout_config(url)
     now = datetime.now(UTC)
     notification_id = uuid.uuid4()
+    command.upgrade(alembic_config(url), "head")  # the service's table, then Brownout's history step by step
+    notification = {"id": notification_id, "user_id": 42, "email": "a@x.org", "subject": "s", "body": "b", "created_at": now}
     written: dict[str, tuple[str, dict[str, Any]]] = {
-        "0001": (
-            "notifications",
-            {"id": notification_id, "user_id": 42, "email": "ada@example.com", "subject": "s", "body": "b", "created_at": now},
-        ),
-        "0002": (
+        "brownout_0001": ("notifications", notification),
+        "brownout_0002": (
             "dead_letters",
             {"message_id": "m-1", "queue_name": "q", "actor_name": "a", "message": '{"x": 1}', "reason": "r"},
         ),
-        "0003": ("outbox", {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}"}),
-        "0004": (
+        "brownout_0003": ("outbox", {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}"}),
+        "brownout_0004": (
             "dead_letters",
             {"message_id": "m-2", "attempt": 1, "queue_name": "q", "actor_name": "a", "message": "{}", "reason": "again"},
         ),
-        "0005": (
+        "brownout_0005": (
             "outbox",
             {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}", "claimed_until": now},
         ),
-        "0006": (
+        "brownout_0006": (
             "outbox",
             {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}", "sent_at": now},
         ),
     }
-    assert set(written) == set(revisions_base_to_head()), "add a row for the new revision here"
+    assert set(written) == set(revisions_base_to_head(config)), "add a row for the new revision here"
 
     def insert(table: str, row: dict[str, Any]) -> None:
         columns = ", ".join(row)
@@ -212,11 +250,11 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
                     expected = json.loads(value) if name in ("message", "payload") else value  # JSONB comes back decoded
                     assert found[0][name] == expected, (table, name)
 
-    for revision in revisions_base_to_head():
+    for revision in revisions_base_to_head(config):
         command.upgrade(config, revision)
         insert(*written[revision])
         assert_rows(revision)
-    for revision in reversed(revisions_base_to_head()[:-1]):
+    for revision in reversed(revisions_base_to_head(config)[:-1]):
         command.downgrade(config, revision)
         assert_rows(revision)
 
@@ -255,15 +293,15 @@ def test_migrate_connects_with_the_migration_url_when_set(url: str, engine: Engi
 def test_dead_letters_kept_before_attempts_are_numbered_in_the_order_written(url: str, engine: Engine) -> None:
     """0004 keys dead letters by message and attempt: rows of earlier replays that failed again (same message
     id) get attempts 0, 1, ... in the order they were written, and the constraint then holds."""
-    config = alembic_config(url)
-    command.upgrade(config, "0003")
+    config = brownout_config(url)
+    command.upgrade(config, "brownout_0003")
     insert = text(
         "INSERT INTO dead_letters (message_id, queue_name, actor_name, message, reason) VALUES (:m, 'q', 'a', '{}', :r)"
     )
     with engine.begin() as connection:
         for message_id, reason in (("m-1", "first"), ("m-2", "other"), ("m-1", "after a replay"), ("m-1", "third")):
             connection.execute(insert, {"m": message_id, "r": reason})
-    command.upgrade(config, "0004")
+    command.upgrade(config, "brownout_0004")
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT message_id, attempt, reason FROM dead_letters ORDER BY id")).all()
     assert [tuple(row) for row in rows] == [
@@ -272,6 +310,80 @@ def test_dead_letters_kept_before_attempts_are_numbered_in_the_order_written(url
         ("m-1", 1, "after a replay"),
         ("m-1", 2, "third"),
     ]
-    command.downgrade(config, "0003")
-    command.upgrade(config, "head")
+    command.downgrade(config, "brownout_0003")
+    upgrade_database(url)
     assert model_differences(engine) == []
+
+
+@pytest.fixture(scope="module")
+def previous_migrations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single history that created the service's and Brownout's tables together, as deployed before."""
+    return previous_layout.extract(tmp_path_factory.mktemp("previous")) / "app" / "migrations"
+
+
+def previous_config(url: str, migrations: Path) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations))
+    config.attributes["database_url"] = url
+    return config
+
+
+def versions(engine: Engine) -> dict[str, list[str]]:
+    with engine.connect() as connection:
+        tables = set(inspect(connection).get_table_names())
+        return {
+            table: list(connection.execute(text(f"SELECT version_num FROM {table}")).scalars())
+            for table in sorted(VERSION_TABLES & tables)
+        }
+
+
+@pytest.mark.parametrize("revision", ["0003", "0006"])
+def test_a_database_migrated_by_the_shared_history_is_adopted_not_recreated(
+    revision: str, url: str, engine: Engine, previous_migrations: Path
+) -> None:
+    """A database migrated before Brownout had its own history: Brownout's history is stamped at the revision
+    that built the same tables, then upgraded from there; no table is re-created and every row stays."""
+    command.upgrade(previous_config(url, previous_migrations), revision)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO notifications (id, user_id, email, subject, body, created_at)"
+                " VALUES (:id, 1, 'a@x.org', 's', 'b', now())"
+            ),
+            {"id": uuid.uuid4()},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO dead_letters (message_id, queue_name, actor_name, message, reason) VALUES ('m', 'q', 'a', '{}', 'r')"
+            )
+        )
+        oid_before = connection.execute(text("SELECT 'dead_letters'::regclass::oid")).scalar_one()
+    upgrade_database(url)
+    assert versions(engine) == {"alembic_version": ["0006"], brownout_migrations.VERSION_TABLE: ["brownout_0006"]}
+    assert model_differences(engine) == []
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM notifications")).scalar_one() == 1
+        assert connection.execute(text("SELECT reason FROM dead_letters")).scalars().all() == ["r"]
+        assert connection.execute(text("SELECT 'dead_letters'::regclass::oid")).scalar_one() == oid_before
+
+
+def test_the_service_history_alone_refuses_a_database_brownout_has_not_adopted(
+    url: str, engine: Engine, previous_migrations: Path
+) -> None:
+    """Run first, the service's history would move `alembic_version` past the revision Brownout's adoption
+    reads: it refuses, and changes nothing."""
+    command.upgrade(previous_config(url, previous_migrations), "0003")
+    with pytest.raises(SystemExit, match="brownout migrate"):
+        command.upgrade(alembic_config(url), "head")
+    assert versions(engine) == {"alembic_version": ["0003"]}
+
+
+def test_brownout_tables_with_an_unknown_history_are_refused(url: str, engine: Engine) -> None:
+    command.upgrade(brownout_config(url), "head")
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP TABLE {brownout_migrations.VERSION_TABLE}"))
+        connection.execute(text("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)"))
+        connection.execute(text("INSERT INTO alembic_version VALUES ('a1b2c3d4')"))
+    with pytest.raises(SystemExit, match="'a1b2c3d4'"):
+        upgrade_database(url)
+    assert versions(engine) == {"alembic_version": ["a1b2c3d4"]}

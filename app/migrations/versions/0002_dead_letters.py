@@ -1,14 +1,10 @@
-"""Dead letters kept in PostgreSQL (Dramatiq's own expire after 7 days).
+"""Empty: dead letters moved to Brownout's own history (its revision brownout_0002).
 
 Revision ID: 0002
 Revises: 0001
 
-The DDL is written out as of this revision, never taken from app.schema.
+Kept so a database migrated before Brownout had its own history still finds its revision here.
 """
-
-import sqlalchemy as sa
-from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision = "0002"
 down_revision = "0001"
@@ -17,20 +13,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table(
-        "dead_letters",
-        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), nullable=False),
-        sa.Column("message_id", sa.Text(), nullable=False),
-        sa.Column("queue_name", sa.Text(), nullable=False),
-        sa.Column("actor_name", sa.Text(), nullable=False),
-        sa.Column("message", postgresql.JSONB(), nullable=False),
-        sa.Column("reason", sa.Text(), nullable=False),
-        sa.Column("failed_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.Column("replayed_at", sa.DateTime(timezone=True), nullable=True),
-        sa.PrimaryKeyConstraint("id", name="dead_letters_pkey"),
-    )
-    op.create_index("ix_dead_letters_message_id", "dead_letters", ["message_id"])
+    pass
 
 
 def downgrade() -> None:
-    op.drop_table("dead_letters")
+    pass

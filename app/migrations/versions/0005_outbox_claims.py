@@ -1,13 +1,10 @@
-"""Outbox claims: the relay claims rows in a short transaction instead of locking them while it publishes.
+"""Empty: outbox claims moved to Brownout's own history (its revision brownout_0005).
 
 Revision ID: 0005
 Revises: 0004
 
-The DDL is written out as of this revision, never taken from app.schema.
+Kept so a database migrated before Brownout had its own history still finds its revision here.
 """
-
-import sqlalchemy as sa
-from alembic import op
 
 revision = "0005"
 down_revision = "0004"
@@ -16,8 +13,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("outbox", sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=True))
+    pass
 
 
 def downgrade() -> None:
-    op.drop_column("outbox", "claimed_until")
+    pass

@@ -1,14 +1,10 @@
-"""Outbox rows know when their email was sent: the relay re-publishes a job that was published and never sent.
+"""Empty: the outbox's sent time moved to Brownout's own history (its revision brownout_0006).
 
 Revision ID: 0006
 Revises: 0005
 
-Rows whose email was sent before this revision take the time of their send record.
-The DDL is written out as of this revision, never taken from app.schema.
+Kept so a database migrated before Brownout had its own history still finds its revision here.
 """
-
-import sqlalchemy as sa
-from alembic import op
 
 revision = "0006"
 down_revision = "0005"
@@ -17,16 +13,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("outbox", sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True))
-    op.execute("UPDATE outbox SET sent_at = s.sent_at FROM email_sends AS s WHERE s.outbox_id = outbox.id")
-    op.create_index(
-        "outbox_published_unsent",
-        "outbox",
-        ["published_at"],
-        postgresql_where=sa.text("published_at IS NOT NULL AND sent_at IS NULL"),
-    )
+    pass
 
 
 def downgrade() -> None:
-    op.drop_index("outbox_published_unsent", table_name="outbox")
-    op.drop_column("outbox", "sent_at")
+    pass
