@@ -8,8 +8,8 @@ import logging
 import sys
 from datetime import timedelta
 
-from app import dead_letters_cli
 from app.schema import upgrade_database
+from brownout import _dead_letters_cli as dead_letters_cli
 from brownout._db import Database, check_db_health
 from brownout._dispatch.retention import purge_applied
 from brownout._settings import ConfigurationError, load_settings

@@ -1,7 +1,7 @@
 """The worker dyno: `python -m worker.serve` (the Procfile's worker line).
 
 Prepares the metrics folder shared by the Dramatiq processes, then becomes
-`dramatiq worker.main` with `BROWNOUT_WORKER_PROCESSES` processes of 8
+`dramatiq brownout._worker.main` with `BROWNOUT_WORKER_PROCESSES` processes of 8
 threads on the command and email queues. SIGTERM (Railway's deploy): in-flight
 applies get 10 s, then the rest goes back to RabbitMQ.
 """
@@ -22,7 +22,7 @@ SHUTDOWN_TIMEOUT_MS = 10_000
 
 def command(processes: int, queues: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "dramatiq", "worker.main",
+        sys.executable, "-m", "dramatiq", "brownout._worker.main",
         "--processes", str(processes), "--threads", str(THREADS),
         "--worker-shutdown-timeout", str(SHUTDOWN_TIMEOUT_MS), "--skip-logging",
         "--queues", *queues,

@@ -1,4 +1,4 @@
-"""The real worker process (the Procfile's `dramatiq worker.main`) killed or stopped mid-backlog.
+"""The real worker process (the Procfile's `dramatiq brownout._worker.main`) killed or stopped mid-backlog.
 
 - SIGKILL of the whole process tree (an OOM kill, a host lost): what was
   committed but not acknowledged is redelivered and found to be a duplicate,
@@ -110,7 +110,7 @@ def spawn_worker(
 
     def spawn() -> subprocess.Popen[bytes]:
         log = (tmp_path / f"worker-{len(started)}.log").open("wb")
-        command = [".venv/bin/dramatiq", "worker.main", "--processes", "1", "--threads", "4", "--queues", queue_name]
+        command = [".venv/bin/dramatiq", "brownout._worker.main", "--processes", "1", "--threads", "4", "--queues", queue_name]
         command += ["--worker-shutdown-timeout", str(SHUTDOWN_TIMEOUT_MS)]
         process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -147,7 +147,7 @@ def run_worker(
     processed: Processed,
     make_worker_rig: Callable[..., WorkerRig],
 ) -> Callable[[], None]:
-    """A real Dramatiq worker on both queues, with the outbox relay running (as worker.main wires it)."""
+    """A real Dramatiq worker on both queues, with the outbox relay running (as brownout._worker.main wires it)."""
     worker_db = make_database()  # the worker's own Database and breaker, as in its own dyno
     rig = make_worker_rig(max_length=1000)
     broker = rig.broker

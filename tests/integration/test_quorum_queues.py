@@ -231,7 +231,7 @@ def test_the_dead_letter_replay_declares_quorum_queues_too(
 ) -> None:
     import argparse
 
-    from app import dead_letters_cli
+    from brownout import _dead_letters_cli as dead_letters_cli
 
     make_publisher(max_length=100, **QUORUM).publish(message(queue_name, "declares the quorum queues"))
     kept = message(queue_name, {"user_id": 1}, actor_name="apply_write")

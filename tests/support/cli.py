@@ -9,7 +9,7 @@ from brownout._db import Database
 
 
 def dead_letters_cli_run(settings: Any, db: Database, argv: list[str]) -> int:
-    from app import dead_letters_cli
+    from brownout import _dead_letters_cli as dead_letters_cli
 
     parser = argparse.ArgumentParser()
     dead_letters_cli.add_parser(parser.add_subparsers(dest="command"))

@@ -80,7 +80,7 @@ APPLY_BATCH_ACTOR = "apply_command_batch"
 
 @dataclass
 class ApplyRuntime:
-    """What the actor needs; built by the entry point (worker.main) or a test."""
+    """What the actor needs; built by the entry point (brownout._worker.main) or a test."""
 
     database: Database
     registry: Registry

@@ -1,6 +1,6 @@
 """Assemble the worker's broker: middleware and actors, from explicit settings and database.
 
-Used by worker.main (the dyno's entry point) and by benchmarks and tests that
+Used by brownout._worker.main (the dyno's entry point) and by benchmarks and tests that
 run the production worker in-process. Importing it reads nothing and connects
 nothing.
 """

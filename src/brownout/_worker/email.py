@@ -113,7 +113,7 @@ class SmtpTarget:
 
 @dataclass
 class EmailRuntime:
-    """What the actor needs; built by the entry point (worker.main) or a test."""
+    """What the actor needs; built by the entry point (brownout._worker.main) or a test."""
 
     database: Database
     smtp: SmtpTarget

@@ -1,4 +1,4 @@
-"""Entry point of each worker process: `dramatiq worker.main ...`, as `python -m worker.serve` runs it.
+"""Entry point of each worker process: `dramatiq brownout._worker.main ...`, as `python -m worker.serve` runs it.
 
 The Dramatiq CLI imports this module in each worker process, so this is the
 one place that reads the environment, builds the broker (confirm_delivery on,
