@@ -34,7 +34,6 @@ COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-default-groups --no-install-project --python /usr/local/bin/python3
 COPY src ./src
 COPY app ./app
-COPY worker ./worker
 RUN uv sync --frozen --no-default-groups --no-editable --python /usr/local/bin/python3
 
 # ---- runtime: the virtualenv, the Procfile and a non-root user; no pip cache, no build tree ----

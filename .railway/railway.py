@@ -131,7 +131,7 @@ def main(ctx: Any = None) -> Any:
         deploy={
             "restartPolicyType": "ON_FAILURE",
             "restartPolicyMaxRetries": 10,
-            # SIGTERM to SIGKILL: uvicorn's --timeout-graceful-shutdown is 10 s (app/api/serve.py).
+            # SIGTERM to SIGKILL: uvicorn's --timeout-graceful-shutdown is 10 s (`brownout web`).
             "drainingSeconds": 15,
         },
         variables={**_shared_variables(cache), "BROWNOUT_ADMIN_TOKEN": preserve()},

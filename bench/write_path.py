@@ -11,7 +11,7 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   beside Dramatiq's own no-op consume rate on the same broker and threads
   (target: at least 50 % of it);
 - with `--worker-processes N`, also the drain of the same backlog by the
-  worker dyno itself (`python -m worker.serve`, BROWNOUT_WORKER_PROCESSES=N,
+  worker dyno itself (`brownout worker`, BROWNOUT_WORKER_PROCESSES=N,
   metrics on), timed from its first applied write to its last, as counted in
   applied_commands (the processes' start-up is left out), beside the same
   one-process no-op rate.
@@ -28,7 +28,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ from sqlalchemy.engine import make_url
 
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
+from bench.chaoskit.processes import procfile
 from brownout._db import Database
 from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
 from brownout._dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
@@ -126,7 +126,7 @@ def drain_rate(settings: Settings, database: Database, backlog: int) -> float:
 
 
 def dyno_drain_rate(settings: Settings, database: Database, backlog: int, processes: int) -> float:
-    """Queue *backlog* creates, then time `python -m worker.serve` with *processes* processes draining
+    """Queue *backlog* creates, then time `brownout worker` with *processes* processes draining
     them: from the first write applied to the last (its processes' start-up is not counted)."""
     queue = f"{settings.queue_name}-dyno"
     dyno_settings = settings.model_copy(update={"queue_name": queue, "email_queue_name": f"{queue}-email"})
@@ -144,7 +144,7 @@ def dyno_drain_rate(settings: Settings, database: Database, backlog: int, proces
     }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = tempfile.TemporaryFile("w+")  # Dramatiq logs at INFO: kept out of the figures, shown if it fails
-    dyno = subprocess.Popen([sys.executable, "-m", "worker.serve"], env=env, cwd=root, stdout=output, stderr=subprocess.STDOUT)
+    dyno = subprocess.Popen(procfile()["worker"], env=env, cwd=root, stdout=output, stderr=subprocess.STDOUT)
 
     def failed(what: str) -> RuntimeError:
         output.seek(0)
@@ -228,7 +228,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also drain the backlog with `python -m worker.serve` and N processes (0: skip)",
+        help="also drain the backlog with `brownout worker` and N processes (0: skip)",
     )
     args = parser.parse_args()
 
@@ -288,7 +288,7 @@ def main() -> None:
             if args.worker_processes:
                 n = args.worker_processes
                 dyno = dyno_drain_rate(settings, database, args.drain, n)
-                print(f"worker dyno drain (python -m worker.serve), {n} process(es) of 8 threads: {dyno:8.0f} writes/s")
+                print(f"worker dyno drain (brownout worker), {n} process(es) of 8 threads: {dyno:8.0f} writes/s")
                 print(f"  per process: {dyno / n:8.0f} writes/s, ratio {dyno / n / noop:.2f} of the no-op above")
                 print(f"ratio {n}-process dyno drain / 1-process no-op: {dyno / noop:.2f}")
     finally:

@@ -9,6 +9,6 @@ bash deploy/setup.sh
 source deploy/local-env.sh
 export PATH="$PWD/.venv/bin:$PATH" PORT="${PORT:-8000}"
 python -m app migrate
-python -m app health || true  # a sick database is what Brownout is for: start anyway
+python -m brownout health || true  # a sick database is what Brownout is for: start anyway
 # Only web and worker: the release line exits when done, and honcho would stop the others with it.
 exec honcho start -f Procfile web worker

@@ -31,7 +31,7 @@ newest_python() {  # the newest final, GIL-enabled Python 3 on this machine (PAT
 .tools/uv/bin/uv lock --check --quiet
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
-.venv/bin/mypy src/brownout app worker
+.venv/bin/mypy src/brownout app
 if [[ $# -gt 0 ]]; then
     exec .venv/bin/python -m pytest "$@"
 fi

@@ -1,4 +1,4 @@
-"""The web entry point: `uvicorn --factory app.api.main:app_from_environment`, as `python -m app.api.serve` runs it."""
+"""The web entry point: `app_from_environment`, the factory the Procfile's web line serves (`brownout web --factory`)."""
 
 from __future__ import annotations
 

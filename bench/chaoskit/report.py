@@ -86,7 +86,7 @@ def report_markdown(results: dict[str, ModeResult], config: ChaosConfig, started
         f"### Chaos run, scenario `{config.scenario}`, {started}",
         "",
         f"{first.writes_rate:g} writes/s + {first.reads_rate:g} reads/s for {first.duration:g} s, "
-        f"{config.web} web replica(s) (`python -m app.api.serve`) and one worker (`python -m worker.serve`); "
+        f"{config.web} web replica(s) (`brownout web`) and one worker (`brownout worker`); "
         f"settings: {', '.join(f'`{k}={v}`' for k, v in first.settings.items() if k in RUN_SETTINGS or k in FIXED_SETTINGS)}"
         ", the default settings otherwise.",
         "",

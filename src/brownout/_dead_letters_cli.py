@@ -1,4 +1,4 @@
-"""`python -m app dead-letters list | show ID | replay ID | purge`: look at and recover dead letters."""
+"""`brownout dead-letters list | show ID | replay ID | purge`: look at and recover dead letters."""
 
 from __future__ import annotations
 

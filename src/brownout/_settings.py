@@ -36,10 +36,15 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "BROWNOUT_DATABASE_URL"),
         description="PostgreSQL URL (postgresql://user:pass@host:port/db?sslmode=require).",
     )
+    commands: str | None = Field(
+        default=None,
+        description="`module:attribute` of the service's command registry (a Registry, or a function returning one), "
+        "which the worker applies; `brownout worker COMMANDS` sets it.",
+    )
     migration_database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("MIGRATION_DATABASE_URL", "BROWNOUT_MIGRATION_DATABASE_URL"),
-        description="URL for `python -m app migrate` when DATABASE_URL is a transaction-mode pooler "
+        description="URL for `brownout migrate` when DATABASE_URL is a transaction-mode pooler "
         "(migrations need a session: Supabase's session pooler on :5432 or a direct connection).",
     )
     database_pooler: Literal["none", "transaction"] = Field(
@@ -73,7 +78,7 @@ class Settings(BaseSettings):
     applied_retention_days: float = Field(
         default=30,
         gt=0,
-        description="Applied idempotency keys older than this are purged (python -m app purge-applied).",
+        description="Applied idempotency keys older than this are purged (brownout purge-applied).",
     )
 
     dead_letter_retention_days: float = Field(default=90, gt=0, description="Dead letters older than this are purged.")

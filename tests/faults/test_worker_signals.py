@@ -105,6 +105,7 @@ def spawn_worker(
         "BROWNOUT_QUEUE_NAME": queue_name,
         "BROWNOUT_QUEUE_MAX_LENGTH": str(MAX_LENGTH),
         "BROWNOUT_DB_APPLICATION_NAME": worker_app_name,
+        "BROWNOUT_COMMANDS": "app.dispatch.notifications:build_registry",
     }
     started: list[subprocess.Popen[bytes]] = []
 

@@ -1,6 +1,6 @@
 """The Procfile's web and worker lines, run as processes: several processes, one sum in /metrics.
 
-`python -m app.api.serve` with two uvicorn processes and `python -m worker.serve`
+`brownout web` with two uvicorn processes and `brownout worker`, as the Procfile runs them,
 are started for real against this test's database, queue and Redis prefix;
 what they count must add up across processes, as Prometheus will scrape it.
 """
@@ -8,7 +8,6 @@ what they count must add up across processes, as Prometheus will scrape it.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from sqlalchemy import func, select
 
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
+from bench.chaoskit.processes import procfile
 from brownout._db import Database
 from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._settings import Settings
@@ -39,8 +39,10 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def dyno(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, "-m", module], env=env)
+def dyno(line: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """The Procfile's *line* (web, worker), started with this interpreter."""
+    argv = procfile()[line]
+    process = subprocess.Popen(argv, env=env)
     try:
         yield process
     finally:
@@ -57,7 +59,7 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
     env = settings_env(fields_of(settings, web_processes=2)) | {"PORT": str(port)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     web = f"http://127.0.0.1:{port}"
-    with dyno("app.api.serve", env):
+    with dyno("web", env):
         assert wait_until(lambda: _answers(f"{web}/health"), timeout=60), "the web dyno did not start"
         for _ in range(20):  # a new connection each: the two processes share the listening socket
             with httpx.Client(base_url=web, timeout=10) as fresh:
@@ -82,7 +84,7 @@ def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        with dyno("worker.serve", env):
+        with dyno("worker", env):
             assert wait_until(lambda: _answers(url), timeout=60), "the worker's metrics did not come up"
             applied = wait_until(
                 lambda: sample(httpx.get(url, timeout=5).text, "brownout_worker_messages_total", outcome="applied") == 1,

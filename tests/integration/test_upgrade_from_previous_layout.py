@@ -106,7 +106,7 @@ def test_writes_queued_by_the_previous_release_are_applied_once_after_the_upgrad
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "worker.serve"],
+            [sys.executable, "-m", "brownout", "worker", "app.dispatch.notifications:build_registry"],
             cwd=previous_layout.REPOSITORY,
             env={key: value for key, value in os.environ.items() if not key.startswith("BROWNOUT_")}
             | settings_env(url, queue_name)

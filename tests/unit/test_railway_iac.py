@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from brownout import cli
 from brownout._settings import Settings, load_settings
 from tests.unit.test_deploy_files import (
     EXTRA_ENV,
@@ -145,10 +146,9 @@ def test_the_worker_has_no_http_health_check(resources: dict[str, Any]) -> None:
 
 def test_draining_and_restart_policies(resources: dict[str, Any]) -> None:
     web, worker = node(resources, WEB)["deploy"], node(resources, WORKER)["deploy"]
-    serve = (ROOT / "app" / "api" / "serve.py").read_text(encoding="utf-8")
-    graceful = int(re.search(r'"--timeout-graceful-shutdown", "(\d+)"', serve).group(1))  # type: ignore[union-attr]
-    assert web["drainingSeconds"] > graceful
-    assert worker["drainingSeconds"] >= 25  # the Procfile's comment: 10 s for in-flight applies, then hand-back
+    assert web["drainingSeconds"] > cli.WEB_GRACEFUL_SHUTDOWN_SECONDS
+    # 10 s for in-flight applies, then the hand-back to RabbitMQ (the Procfile's comment says >= 25 s)
+    assert worker["drainingSeconds"] >= 25 and cli.WORKER_SHUTDOWN_TIMEOUT_MS <= 10_000
     for deploy in (web, worker):
         assert deploy["restartPolicyType"] == "ON_FAILURE"
         assert deploy["restartPolicyMaxRetries"] >= 1

@@ -84,3 +84,30 @@ class Registry:
             return self.commands[name]
         except KeyError:
             raise UnknownCommand(f"unknown command {name!r}") from None
+
+
+class RegistryNotFound(Exception):
+    """The `module:attribute` naming a service's commands does not lead to a Registry."""
+
+
+def load_registry(spec: str) -> Registry:
+    """The Registry at *spec* (`module:attribute`): a Registry, or a function that returns one.
+
+    How the worker finds a service's commands (BROWNOUT_COMMANDS): the module is imported in each
+    worker process, so its import must not connect to anything."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise RegistryNotFound(f"{spec!r}: expected module:attribute, e.g. myservice.commands:registry")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RegistryNotFound(f"{spec!r}: cannot import {module_name}: {exc}") from None
+    found = getattr(module, attribute, None)
+    if found is None:
+        raise RegistryNotFound(f"{spec!r}: {module_name} has no attribute {attribute!r}")
+    registry = found() if callable(found) and not isinstance(found, Registry) else found
+    if not isinstance(registry, Registry):
+        raise RegistryNotFound(f"{spec!r} is a {type(registry).__name__}, not a brownout Registry")
+    return registry

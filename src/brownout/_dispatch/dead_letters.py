@@ -5,7 +5,7 @@ validate, it reuses a key with another body, it waited for a prerequisite or a
 release too long, or the database refused it permanently. Dramatiq's own
 dead-letter queue expires messages after 7 days, so they are kept in
 PostgreSQL instead, whole (the Dramatiq message as JSON), with the reason, for
-`BROWNOUT_DEAD_LETTER_RETENTION_DAYS` (90). `python -m app dead-letters`
+`BROWNOUT_DEAD_LETTER_RETENTION_DAYS` (90). `brownout dead-letters`
 lists, shows, replays (publishes the message again once the cause is fixed,
 its replay count one higher: the apply step's idempotency makes a double replay
 harmless, and a replay that fails again is a dead letter of its own) and

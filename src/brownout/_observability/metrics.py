@@ -7,7 +7,7 @@ bounded (a kind, an outcome, a route template: never an id).
 
 Several processes (uvicorn `--workers`, Dramatiq `--processes`) each count
 on their own; with `PROMETHEUS_MULTIPROC_DIR` set (the launchers
-`app/api/serve.py` and `worker/serve.py` do it before anything imports
+`brownout web` and `brownout worker` do it before anything imports
 prometheus_client), prometheus_client's multiprocess mode writes every
 process's values to files there and `render()` sums them. Gauges say how
 (`multiprocess_mode`): the worst breaker state of any live process, pool

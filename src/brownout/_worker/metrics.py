@@ -3,7 +3,7 @@
 Dramatiq's own Prometheus middleware reads its settings and makes folders at
 import time and counts in milliseconds; this one is built from Settings at the
 entry point. Worker processes write their values to `PROMETHEUS_MULTIPROC_DIR`
-(set by `worker/serve.py` before anything imports prometheus_client); the
+(set by `brownout worker` before anything imports prometheus_client); the
 process Dramatiq forks for `forks` serves them all on `BROWNOUT_METRICS_PORT`.
 """
 
@@ -36,7 +36,7 @@ class WorkerMetrics(Middleware):
     @property
     def forks(self) -> list[Any]:
         if multiprocess_dir() is None:
-            log.warning("worker metrics are not served: start the worker with `python -m worker.serve`")
+            log.warning("worker metrics are not served: start the worker with `brownout worker`")
             return []
         return [serve_metrics]
 

@@ -1,0 +1,190 @@
+"""`brownout`: run a service's web and worker dynos, migrate Brownout's tables, look after its write path.
+
+    brownout web myservice.main:app          uvicorn, BROWNOUT_WEB_PROCESSES processes on $PORT
+    brownout worker myservice.commands:registry
+                                             Dramatiq applying queued writes (and sending emails)
+    brownout migrate                         Brownout's own tables (before the service's migrations)
+    brownout health                          SELECT 1 against DATABASE_URL, as JSON
+    brownout dead-letters list|show|replay|purge
+    brownout purge-applied                   applied idempotency keys past their retention
+
+Settings come from the environment (DATABASE_URL, RABBITMQ_URL, REDIS_URL, BROWNOUT_*). Uvicorn,
+Dramatiq and Alembic are imported by the command that uses them, so `--help` and `--version` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from brownout import __version__
+
+THREADS = 8  # Dramatiq threads per worker process
+WORKER_SHUTDOWN_TIMEOUT_MS = 10_000  # SIGTERM: in-flight applies get this long, the rest goes back to RabbitMQ
+WEB_GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+def import_string(value: str) -> str:
+    """An argparse type: `module:attribute`, checked for shape only (the import happens where it runs)."""
+    module, _, attribute = value.partition(":")
+    if not module or not attribute or not all(part.isidentifier() for part in (*module.split("."), *attribute.split("."))):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected module:attribute, e.g. myservice.main:app")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brownout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"brownout {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    web = sub.add_parser("web", help="serve an ASGI app with uvicorn (the web dyno)")
+    web.add_argument("app", type=import_string, metavar="APP", help="the app, module:attribute (e.g. myservice.main:app)")
+    web.add_argument("--factory", action="store_true", help="APP is a function that returns the app")
+    web.add_argument("--host", default="0.0.0.0", help="default: 0.0.0.0")
+    web.add_argument("--port", type=int, default=None, help="default: $PORT, else 8000")
+    web.add_argument("--processes", type=int, default=None, help="default: BROWNOUT_WEB_PROCESSES")
+    web.set_defaults(run=_web)
+
+    worker = sub.add_parser("worker", help="apply queued writes with Dramatiq (the worker dyno)")
+    worker.add_argument(
+        "commands",
+        type=import_string,
+        nargs="?",
+        metavar="COMMANDS",
+        help="the command registry, module:attribute (a Registry or a function returning one); default: BROWNOUT_COMMANDS",
+    )
+    worker.add_argument("--processes", type=int, default=None, help="default: BROWNOUT_WORKER_PROCESSES")
+    worker.add_argument("--threads", type=int, default=THREADS, help=f"per process (default: {THREADS})")
+    worker.set_defaults(run=_worker)
+
+    migrate = sub.add_parser("migrate", help="upgrade Brownout's own tables (MIGRATION_DATABASE_URL, else DATABASE_URL)")
+    migrate.set_defaults(run=_migrate)
+
+    health = sub.add_parser("health", help="run SELECT 1 against DATABASE_URL and print the health report")
+    health.add_argument("--timeout", type=float, default=None, help="seconds (default: BROWNOUT_HEALTH_TIMEOUT_SECONDS)")
+    health.set_defaults(run=_with_database(_health))
+
+    purge = sub.add_parser("purge-applied", help="delete applied idempotency keys older than the retention")
+    purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_APPLIED_RETENTION_DAYS")
+    purge.set_defaults(run=_with_database(_purge_applied))
+
+    from brownout import _dead_letters_cli
+
+    _dead_letters_cli.add_parser(sub)
+    sub.choices["dead-letters"].set_defaults(run=_with_database(_dead_letters_cli.run))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run: Callable[[argparse.Namespace, Any], int] = args.run
+    settings = _settings()
+    if settings is None:
+        return 2
+    return run(args, settings)
+
+
+def _settings() -> Any:
+    from brownout._settings import ConfigurationError, load_settings
+
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        print(f"brownout: {exc}", file=sys.stderr)
+        return None
+
+
+def _prepare_dyno(settings: Any, metrics_prefix: str) -> None:
+    from brownout import _metrics_dir
+    from brownout._observability.logs import configure_logging
+    from brownout._pool_budget import warn_if_over_budget
+
+    configure_logging(settings)
+    warn_if_over_budget(settings)  # the whole fleet's pools against the pooler's limit, said once per dyno
+    _metrics_dir.prepare(metrics_prefix)  # before any process imports prometheus_client
+
+
+def _web(args: argparse.Namespace, settings: Any) -> int:
+    port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
+    processes = args.processes or settings.web_processes
+    _prepare_dyno(settings, "brownout-web-metrics-")
+    argv = [
+        sys.executable, "-m", "uvicorn", args.app, *(["--factory"] if args.factory else []),
+        "--host", args.host, "--port", str(port), "--workers", str(processes),
+        "--proxy-headers", "--timeout-graceful-shutdown", str(WEB_GRACEFUL_SHUTDOWN_SECONDS), "--no-server-header",
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def _worker(args: argparse.Namespace, settings: Any) -> int:
+    from brownout._dispatch.commands import RegistryNotFound, load_registry
+
+    spec = args.commands or settings.commands
+    if not spec:
+        print("brownout worker: name the command registry (COMMANDS, or BROWNOUT_COMMANDS)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())  # as Dramatiq's own --path ".": the service's package from where it runs
+    try:
+        load_registry(spec)  # here, so a typo stops the dyno with its reason instead of in each worker process
+    except RegistryNotFound as exc:
+        print(f"brownout worker: {exc}", file=sys.stderr)
+        return 2
+    os.environ["BROWNOUT_COMMANDS"] = spec
+    processes = args.processes or settings.worker_processes
+    _prepare_dyno(settings, "brownout-worker-metrics-")
+    argv = [
+        sys.executable, "-m", "dramatiq", "brownout._worker.main",
+        "--processes", str(processes), "--threads", str(args.threads),
+        "--worker-shutdown-timeout", str(WORKER_SHUTDOWN_TIMEOUT_MS), "--skip-logging",
+        "--queues", settings.queue_name, settings.email_queue_name,
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def _migrate(args: argparse.Namespace, settings: Any) -> int:
+    from brownout import migrations
+
+    migrations.upgrade(settings.migration_database_url or settings.database_url)
+    print("brownout: Brownout's tables are at head")
+    return 0
+
+
+def _with_database(command: Callable[[argparse.Namespace, Any, Any], int]) -> Callable[[argparse.Namespace, Any], int]:
+    def run(args: argparse.Namespace, settings: Any) -> int:
+        from brownout._db import Database
+
+        database = Database.from_settings(settings)
+        try:
+            return command(args, settings, database)
+        finally:
+            database.close()
+
+    return run
+
+
+def _health(args: argparse.Namespace, settings: Any, database: Any) -> int:
+    from brownout._db import check_db_health
+
+    with database.session() as session:
+        report = check_db_health(session, timeout=args.timeout or settings.health_timeout_seconds)
+    print(json.dumps(report, indent=2))
+    return 0 if report["healthy"] else 1
+
+
+def _purge_applied(args: argparse.Namespace, settings: Any, database: Any) -> int:
+    from brownout._dispatch.retention import purge_applied
+
+    days = args.older_than_days if args.older_than_days is not None else settings.applied_retention_days
+    with database.session() as session:
+        removed = purge_applied(session, older_than=timedelta(days=days))
+    print(f"brownout: purged {removed} applied-command records older than {days:g} days")
+    return 0
