@@ -10,7 +10,7 @@ import logging
 import sys
 
 from app.schema import upgrade_database
-from brownout._settings import ConfigurationError, load_settings
+from brownout import ConfigurationError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

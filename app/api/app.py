@@ -18,8 +18,7 @@ from app.api import errors
 from app.api.routes import commands, notifications
 from app.api.services import Services
 from app.dispatch.notifications import build_registry
-from brownout._observability.metrics import Metrics
-from brownout._settings import Settings
+from brownout import Metrics, Settings
 from brownout.fastapi import Brownout
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.api.app import create_app
-from brownout._db import CircuitBreaker
-from brownout._observability.logs import configure_logging
-from brownout._observability.sentry import init_sentry
-from brownout._settings import load_settings
+from brownout import CircuitBreaker, configure_logging, init_sentry, load_settings
 
 
 def app_from_environment() -> FastAPI:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.dispatch.notifications import row_to_json
 from app.schema import notifications
-from brownout._schema import applied_commands, command_conflicts, dead_letters
+from brownout import applied_commands, command_conflicts, dead_letters
 
 MAX_PAGE = 100
 

@@ -27,11 +27,19 @@ from sqlalchemy.orm import Session
 
 from app.api import queries
 from app.api.queries import Position
-from brownout._cache.pending import PendingWrites
-from brownout._cache.read_cache import Entry, Lookup, ReadCache
-from brownout._cache.redis_link import RedisUnavailable
-from brownout._cache.single_flight import SingleFlight
-from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, execute_with_retry
+from brownout import (
+    CircuitOpenError,
+    Database,
+    DeadlineExceeded,
+    Entry,
+    Lookup,
+    PendingWrites,
+    ReadCache,
+    RedisUnavailable,
+    SingleFlight,
+    classify,
+    execute_with_retry,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from app.api.reads import NotificationReads
 from app.api.writes import NotificationWrites, pending_item
-from brownout._cache.pending_replay import PendingReplay
+from brownout import PendingReplay
 from brownout.fastapi import Brownout
 
 log = logging.getLogger(__name__)

@@ -21,13 +21,18 @@ from typing import Any
 from app.api.queries import Position
 from app.api.reads import public
 from app.dispatch.notifications import CREATE, MARK_READ
-from brownout._cache.pending import PendingWrites
-from brownout._cache.pending_replay import PendingReplay
-from brownout._cache.read_cache import ReadCache
-from brownout._cache.redis_link import RedisLink, RedisUnavailable
-from brownout._dispatch.apply import KeyConflict
-from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
-from brownout._dispatch.envelope import Envelope
+from brownout import (
+    Applied,
+    Dispatcher,
+    Envelope,
+    KeyConflict,
+    PendingReplay,
+    PendingWrites,
+    Queued,
+    ReadCache,
+    RedisLink,
+    RedisUnavailable,
+)
 
 log = logging.getLogger(__name__)
 

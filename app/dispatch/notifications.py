@@ -24,10 +24,18 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.schema import notifications
-from brownout._dispatch.bulk import recordset, rows_param
-from brownout._dispatch.commands import Command, DependencyPending, Effect, Registry
-from brownout._dispatch.envelope import Envelope
-from brownout._dispatch.outbox import add_email, email_row, emails_of
+from brownout import (
+    Command,
+    DependencyPending,
+    Effect,
+    Envelope,
+    Registry,
+    add_email,
+    email_row,
+    emails_of,
+    recordset,
+    rows_param,
+)
 
 CREATE = "create_notification"
 MARK_READ = "mark_notification_read"

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, inspect
 
 from app.schema import metadata
-from brownout._settings import load_settings, normalise_database_url
+from brownout import load_settings, normalise_database_url
 from brownout.migrations import VERSION_TABLE, skip_brownout_tables
 
 config = context.config
