@@ -33,7 +33,6 @@ WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-default-groups --no-install-project --python /usr/local/bin/python3
 COPY src ./src
-COPY app ./app
 RUN uv sync --frozen --no-default-groups --no-editable --python /usr/local/bin/python3
 
 # ---- runtime: the virtualenv, the Procfile and a non-root user; no pip cache, no build tree ----
@@ -47,6 +46,9 @@ RUN groupadd --system --gid 10001 brownout \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY Procfile ./
+# The reference service runs from here, beside the installed library (the wheel holds `brownout` only):
+# its processes start in /app, which Python, uvicorn and Dramatiq put on sys.path.
+COPY app/ ./app/
 # deploy/ holds no secrets; it is here so that a public CA certificate committed there
 # (Supabase's, for sslmode=verify-full) can be named as sslrootcert=/app/deploy/<file>.
 COPY deploy/ ./deploy/

@@ -135,15 +135,30 @@ def image_root() -> Iterator[Path]:
 
 def test_the_image_holds_the_project_and_its_runtime_dependencies_only(image_root: Path) -> None:
     venv_python = image_root / "venv" / "bin" / "python"
-    result = subprocess.run(
-        [str(venv_python), "-c", "import brownout, app, fastapi, dramatiq; print(app.__file__)"],
+    library = subprocess.run(
+        [
+            str(venv_python),
+            "-c",
+            "import brownout, fastapi, dramatiq, importlib.util as u; print(brownout.__file__, u.find_spec('app'))",
+        ],
         cwd="/",
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    assert str(image_root / "venv") in result.stdout  # installed, not a link to the source tree
+    # The library installed (not a link to the source tree); the reference service not in the virtualenv.
+    installed_at, app_spec = library.stdout.split()
+    assert installed_at.startswith(str(image_root / "venv")) and app_spec == "None"
+    service = subprocess.run(
+        [str(venv_python), "-c", "import app.api.main; print(app.__file__)"],
+        cwd=image_root / "app",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert service.stdout.strip() == str(image_root / "app" / "app" / "__init__.py")  # beside it, in the workdir
     for tool in ("pytest", "ruff", "mypy", "honcho", "railway_sdk"):
         absent = subprocess.run([str(venv_python), "-c", f"import {tool}"], capture_output=True, timeout=60, check=False)
         assert absent.returncode != 0, f"{tool} is in the image's virtualenv"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,17 @@ def test_dockerfile_default_command_runs_the_web_line() -> None:
     cmds = instruction_arguments(final_stage(), "CMD")
     assert cmds, "the Dockerfile has no CMD"
     assert_runs_process(exec_form(cmds[-1]), "web", "the Dockerfile's CMD")
+
+
+def test_the_image_installs_the_library_and_lays_the_reference_service_beside_it() -> None:
+    """The wheel holds `brownout` only; the service's package is copied into the runtime stage's workdir,
+    where its processes start (so `python -m app...`, uvicorn and Dramatiq find it on sys.path)."""
+    build, runtime = dockerfile_stages()[0], final_stage()
+    assert not [a for a in instruction_arguments(build, "COPY") if a.split()[0].rstrip("/") == "app"], "app/ is not built"
+    assert instruction_arguments(runtime, "WORKDIR")[-1] == "/app"
+    assert "app/ ./app/" in instruction_arguments(runtime, "COPY")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["setuptools"]["packages"]["find"] == {"where": ["src"], "include": ["brownout*"]}
 
 
 def test_dockerfile_runs_as_a_non_root_user() -> None:
