@@ -1,6 +1,5 @@
 """The notification service's own errors, mapped to HTTP beside Brownout's (brownout.fastapi maps the rest).
 
-DatabaseUnavailable   503 + Retry-After (a read miss while the database is sick)
 NotFound              404
 KeyReused             422 (Idempotency-Key reused with another body)
 BadCursor             400
@@ -12,17 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.api.queries import BadCursor
-from app.api.reads import DatabaseUnavailable, NotFound
+from app.api.reads import NotFound
 from app.api.writes import KeyReused
-from brownout.fastapi import retry_after_header
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(DatabaseUnavailable)
-    async def unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        body = {"detail": f"database unavailable and nothing cached: {exc.reason}"}
-        return JSONResponse(body, status_code=503, headers=retry_after_header(exc.retry_after))
-
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": "not found"}, status_code=404)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from brownout._cache.read_cache import Entry, Lookup, ReadCache
     from brownout._cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
     from brownout._cache.single_flight import SingleFlight
+    from brownout._cache.stale_reads import DatabaseUnavailable, ReadResult, StaleReads
     from brownout._db import (
         BreakerState,
         BrownoutDbError,
@@ -113,6 +114,9 @@ _EXPORTS: dict[str, str] = {
     "RedisLink": "brownout._cache.redis_link",
     "RedisUnavailable": "brownout._cache.redis_link",
     "SingleFlight": "brownout._cache.single_flight",
+    "DatabaseUnavailable": "brownout._cache.stale_reads",
+    "ReadResult": "brownout._cache.stale_reads",
+    "StaleReads": "brownout._cache.stale_reads",
     "build_redis_link": "brownout._cache.redis_link",
     # observability
     "Metrics": "brownout._observability.metrics",
@@ -135,6 +139,7 @@ __all__ = [
     "CommitOutcomeUnknown",
     "ConfigurationError",
     "Database",
+    "DatabaseUnavailable",
     "DeadlineExceeded",
     "DependencyPending",
     "Dispatcher",
@@ -153,6 +158,7 @@ __all__ = [
     "Publisher",
     "Queued",
     "ReadCache",
+    "ReadResult",
     "RedisLink",
     "RedisUnavailable",
     "Registry",
@@ -160,6 +166,7 @@ __all__ = [
     "RetryPolicy",
     "Settings",
     "SingleFlight",
+    "StaleReads",
     "UnknownCommand",
     "__version__",
     "add_email",

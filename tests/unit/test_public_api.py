@@ -23,10 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "brownout": [
         "Applied", "BreakerState", "BrownoutDbError", "CircuitBreaker", "CircuitOpenError", "Command",
-        "CommitOutcomeUnknown", "ConfigurationError", "Database", "DeadlineExceeded", "DependencyPending",
+        "CommitOutcomeUnknown", "ConfigurationError", "Database", "DatabaseUnavailable", "DeadlineExceeded",
+        "DependencyPending",
         "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor", "InvalidCommand", "KeyConflict",
         "Lookup", "Metrics", "PendingReplay", "PendingWrites", "PublishRejected", "Publisher", "Queued", "ReadCache",
+        "ReadResult",
         "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound", "RetryPolicy", "Settings", "SingleFlight",
+        "StaleReads",
         "UnknownCommand", "__version__", "add_email", "applied_commands", "build_redis_link", "check_db_health",
         "classify", "command_conflicts", "configure_logging", "dead_letters", "email_row", "emails_of",
         "execute_with_retry", "init_sentry", "load_registry", "load_settings", "metadata", "normalise_database_url",

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import ServicesDep
 from app.api.queries import MAX_PAGE
-from app.api.reads import ReadResult
 from app.api.writes import WriteResult
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, CreateNotificationV1
+from brownout import ReadResult
 from brownout.fastapi import NonCritical
 
 router = APIRouter(tags=["notifications"])

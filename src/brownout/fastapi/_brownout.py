@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from brownout._cache.pending import PendingWrites
 from brownout._cache.read_cache import ReadCache
 from brownout._cache.redis_link import RedisLink, build_redis_link
+from brownout._cache.stale_reads import StaleReads
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
 from brownout._db.health_check import pool_figures
 from brownout._dispatch.commands import Registry
@@ -74,6 +75,7 @@ class Brownout:
         self._database: Database | None = None
         self._dispatcher: Dispatcher | None = None
         self._monitor: HealthMonitor | None = None
+        self._reads: StaleReads | None = None
         self._dead_letters_read_at = -1e9
 
     @property
@@ -87,6 +89,11 @@ class Brownout:
     @property
     def monitor(self) -> HealthMonitor:
         return _started(self._monitor)
+
+    @property
+    def reads(self) -> StaleReads:
+        """Reads that answer from the cache, stale if need be, while the database cannot."""
+        return _started(self._reads)
 
     def start(self) -> Brownout:
         settings, metrics = self.settings, self.metrics
@@ -104,6 +111,10 @@ class Brownout:
             self.pending = PendingWrites(link, ttl_seconds=settings.pending_seconds, clock=self.clock)
             self.override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
         self._monitor = build_monitor(settings, database, on_result=[metrics.observe_health]).start()
+        self._reads = StaleReads(
+            database=database, cache=self.cache, deadline=settings.request_db_deadline_seconds, clock=self.clock
+        )
+        self._reads.on_read = lambda served: metrics.cache_reads.labels(served).inc()
         if settings.rabbitmq_url:
             self.queue_depth = QueueDepth(
                 url=settings.rabbitmq_url, queue_name=settings.queue_name, timeout=settings.publish_timeout_seconds

@@ -1,5 +1,6 @@
 """The errors Brownout's own pieces raise, mapped to HTTP in one place; no stack trace ever leaves.
 
+DatabaseUnavailable    503 + Retry-After (a read the database cannot answer now, with nothing cached)
 Shed                   503 + Retry-After (a non-critical route while the breaker is not CLOSED)
 InvalidCommand         422 with field and reason
 UnknownCommand         422
@@ -21,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from brownout._cache.stale_reads import DatabaseUnavailable
 from brownout._dispatch.commands import UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
 from brownout.fastapi._body_limit import BodyTooLarge
@@ -49,6 +51,11 @@ def field_errors(errors: list[Any]) -> list[dict[str, str]]:
 
 
 def install(app: FastAPI) -> None:
+    @app.exception_handler(DatabaseUnavailable)
+    async def unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        body = {"detail": f"database unavailable and nothing cached: {exc.reason}"}
+        return JSONResponse(body, status_code=503, headers=retry_after_header(exc.retry_after))
+
     @app.exception_handler(Shed)
     async def shed(request: Request, exc: Shed) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after_header(exc.retry_after))
