@@ -23,6 +23,7 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.api.applied_elsewhere import tell_readers
 from app.schema import notifications
 from brownout import (
     Command,
@@ -211,4 +212,5 @@ def register(registry: Registry) -> Registry:
 
 
 def build_registry() -> Registry:
-    return register(Registry())
+    """The notification commands, with the read side's after-apply hook (queued writes reach its cache)."""
+    return register(Registry(after_apply=tell_readers))

@@ -18,9 +18,9 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from app.api.applied_elsewhere import AppliedElsewhere
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
-from brownout._cache.applied_elsewhere import AppliedElsewhere
 from brownout._db import Database
 from brownout._dispatch.apply import apply_envelope
 from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for

@@ -190,3 +190,34 @@ def test_the_worker_broker_runs_only_the_middleware_it_uses(
         assert broker.get_actor("apply_command_batch").options["throws"]  # Retries' options still accepted
     finally:
         broker.close()
+
+
+def test_the_production_worker_tells_the_registry_s_after_apply_hook(
+    make_settings: Callable[..., Any],
+    make_database: Callable[..., Database],
+    make_publisher: Callable[..., Publisher],
+    db: Database,
+    queue_name: str,
+) -> None:
+    """A service's read side hears of writes the worker applied through its registry's hook (the notification
+    service's cache is told so); a service without one is told nothing and loses nothing."""
+    import dramatiq
+
+    from brownout._worker.assembly import build_worker_broker
+
+    told: list[list[tuple[dict[str, Any], bool]]] = []
+    registry = build_registry()
+    registry.after_apply = lambda settings: told.append
+    settings = make_settings(rabbitmq_url=RABBITMQ_URL, queue_name=queue_name, redis_url=None, queue_max_length=1000)
+    broker = build_worker_broker(settings, make_database(), registry=registry)
+    worker = dramatiq.Worker(broker, queues={queue_name}, worker_threads=1, worker_timeout=100)
+    try:
+        created = queued(db, make_publisher(), queue_name).submit(CREATE, NOTE, idempotency_key="told")
+        assert isinstance(created, Queued)
+        worker.start()
+        assert wait_until(lambda: len(told) == 1, timeout=20)
+        ((result, current),) = told[0]
+        assert result["id"] == str(created.id) and current is True
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()

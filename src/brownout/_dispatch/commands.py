@@ -69,9 +69,17 @@ class Command:
         return model.model_validate(payload)
 
 
+AfterApply = Callable[[Sequence[tuple[dict[str, Any], bool]]], None]
+"""Told each batch the worker committed, as (result, current) pairs, current False for a duplicate (whose
+result is the first apply's): a service's read side updates its cache. Best effort, after the COMMIT."""
+
+
 @dataclass
 class Registry:
     commands: dict[str, Command] = field(default_factory=dict)
+    after_apply: Callable[[Any], AfterApply | None] | None = None
+    """Optional: builds the worker's after-apply hook from its Settings (None: nothing to tell), so queued
+    writes reach the service's cache when applied; without one, cached copies age out on their own."""
 
     def register(self, command: Command) -> Command:
         if command.name in self.commands:

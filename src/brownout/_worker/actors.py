@@ -93,7 +93,7 @@ class ApplyRuntime:
     rng: random.Random = field(default_factory=random.Random)
     on_applied: Callable[[Sequence[tuple[dict[str, Any], bool]]], None] | None = None
     """Told each batch's committed writes, as (item, current) pairs, current False for a duplicate
-    (the read side's cache and pending entries: `AppliedElsewhere.many`)."""
+    (the service's read side: its registry's `after_apply`)."""
     observe: Callable[[str, float], None] | None = None
     """Told each message's outcome (applied, superseded, duplicate, dropped, deferred, dead_lettered, held) and
     its batch's time."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
-from brownout._cache.applied_elsewhere import AppliedElsewhere
 from brownout._cache.redis_link import build_redis_link
 from brownout._db import Database
 from brownout._dispatch.commands import Registry
@@ -74,7 +73,7 @@ def build_worker_broker(
         actor_names={APPLY_BATCH_ACTOR},
     )
     broker.add_middleware(drain)
-    tell_readers = AppliedElsewhere.from_settings(settings)
+    after_apply = registry.after_apply(settings) if registry.after_apply is not None else None
     runtime = ApplyRuntime(
         database=database,
         registry=registry,
@@ -82,7 +81,7 @@ def build_worker_broker(
             unknown_version_seconds=settings.worker_wait_unknown_version_hours * 3600,
             dependency_seconds=settings.worker_wait_dependency_minutes * 60,
         ),
-        on_applied=tell_readers.many if tell_readers else None,
+        on_applied=after_apply,
         batch_max=settings.worker_batch_max,
     )
     if metrics is not None:

@@ -1,4 +1,4 @@
-"""What the read side learns when a worker applies a queued write.
+"""What the notification service's read side learns when a worker applies one of its queued writes.
 
 The worker writes the row it committed through to the item's cache entry,
 stamped with the row's `read_stamp`: if a web process wrote a later version
@@ -16,13 +16,10 @@ than the row. Best effort: with Redis down the entries still expire
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from brownout._cache.pending import PendingWrites
-from brownout._cache.read_cache import ReadCache
-from brownout._cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
-from brownout._settings import Settings
+from brownout import PendingWrites, ReadCache, RedisLink, RedisUnavailable, Settings, build_redis_link
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +66,9 @@ class AppliedElsewhere:
 
     def close(self) -> None:
         self._link.close()
+
+
+def tell_readers(settings: Settings) -> Callable[[Sequence[tuple[dict[str, Any], bool]]], None] | None:
+    """The registry's after-apply hook (the worker builds it once, from its settings): None without Redis."""
+    told = AppliedElsewhere.from_settings(settings)
+    return told.many if told is not None else None
