@@ -51,7 +51,7 @@ if TYPE_CHECKING:
         UnknownCommand,
         load_registry,
     )
-    from brownout._dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Queued
+    from brownout._dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Queued, Rejected
     from brownout._dispatch.envelope import Envelope
     from brownout._dispatch.outbox import add_email, email_row, emails_of
     from brownout._dispatch.publisher import Publisher, PublishRejected
@@ -95,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "PublishRejected": "brownout._dispatch.publisher",
     "Publisher": "brownout._dispatch.publisher",
     "Queued": "brownout._dispatch.dispatcher",
+    "Rejected": "brownout._dispatch.dispatcher",
     "Registry": "brownout._dispatch.commands",
     "RegistryNotFound": "brownout._dispatch.commands",
     "UnknownCommand": "brownout._dispatch.commands",
@@ -163,6 +164,7 @@ __all__ = [
     "RedisUnavailable",
     "Registry",
     "RegistryNotFound",
+    "Rejected",
     "RetryPolicy",
     "Settings",
     "SingleFlight",

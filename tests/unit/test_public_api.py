@@ -28,7 +28,7 @@ EXPECTED = {
         "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor", "InvalidCommand", "KeyConflict",
         "Lookup", "Metrics", "PendingReplay", "PendingWrites", "PublishRejected", "Publisher", "Queued", "ReadCache",
         "ReadResult",
-        "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound", "RetryPolicy", "Settings", "SingleFlight",
+        "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound", "Rejected", "RetryPolicy", "Settings", "SingleFlight",
         "StaleReads",
         "UnknownCommand", "__version__", "add_email", "applied_commands", "build_redis_link", "check_db_health",
         "classify", "command_conflicts", "configure_logging", "dead_letters", "email_row", "emails_of",
