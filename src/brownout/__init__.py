@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         DeadlineExceeded,
         ErrorKind,
         HealthMonitor,
+        Resilience,
         RetryPolicy,
         check_db_health,
         classify,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from brownout._observability.metrics import Metrics
     from brownout._observability.sentry import init_sentry
     from brownout._schema import applied_commands, command_conflicts, dead_letters, metadata
-    from brownout._settings import ConfigurationError, Settings, load_settings, normalise_database_url
+    from brownout._settings import ConfigurationError, Settings, load_settings, normalise_database_url, settings_from_values
 
 # Each public name and the private module it lives in (the TYPE_CHECKING imports above say the same
 # for type checkers; tests/unit/test_public_api.py holds the two together).
@@ -69,6 +70,7 @@ _EXPORTS: dict[str, str] = {
     "Settings": "brownout._settings",
     "load_settings": "brownout._settings",
     "normalise_database_url": "brownout._settings",
+    "settings_from_values": "brownout._settings",
     # the database: breaker, retry, deadlines, health
     "BreakerState": "brownout._db",
     "BrownoutDbError": "brownout._db",
@@ -79,6 +81,7 @@ _EXPORTS: dict[str, str] = {
     "DeadlineExceeded": "brownout._db",
     "ErrorKind": "brownout._db",
     "HealthMonitor": "brownout._db",
+    "Resilience": "brownout._db",
     "RetryPolicy": "brownout._db",
     "check_db_health": "brownout._db",
     "classify": "brownout._db",
@@ -165,6 +168,7 @@ __all__ = [
     "Registry",
     "RegistryNotFound",
     "Rejected",
+    "Resilience",
     "RetryPolicy",
     "Settings",
     "SingleFlight",
@@ -189,6 +193,7 @@ __all__ = [
     "normalise_database_url",
     "recordset",
     "rows_param",
+    "settings_from_values",
 ]
 
 

@@ -356,6 +356,20 @@ def _env_name(field: str) -> str:
     return f"BROWNOUT_{field.upper()}"
 
 
+class _ExplicitSettings(Settings):
+    """Settings from keyword arguments and defaults only (see Settings.from_values)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, *sources: Any, **named: Any) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
+def settings_from_values(**values: Any) -> Settings:
+    """Brownout's settings from these values and the defaults, reading nothing from the environment: for a
+    service with a settings object of its own, which passes on what it decided."""
+    return _ExplicitSettings(**values)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read and validate the environment; raise ConfigurationError with one line per problem."""
     try:

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy.engine import Engine
@@ -17,7 +18,7 @@ from brownout._db.engine import build_engine
 from brownout._db.errors import classify
 from brownout._db.retry import RESILIENCE_KEY, Resilience, RetryPolicy
 from brownout._db.retry_budget import RetryBudget
-from brownout._settings import Settings
+from brownout._settings import Settings, settings_from_values
 
 
 def build_breaker(
@@ -98,6 +99,12 @@ class Database:
         engine = build_engine(settings)
         res = resilience or build_resilience(settings)
         return cls(settings=settings, engine=engine, resilience=res, sessions=make_session_factory(engine, res))
+
+    @classmethod
+    def from_url(cls, url: str, *, resilience: Resilience | None = None, **values: Any) -> Database:
+        """A Database from a URL and explicit settings (*values*: pool_size=..., db_io_timeout_seconds=...),
+        reading nothing from the environment; *resilience*: a breaker and retry policy of the caller's."""
+        return cls.from_settings(settings_from_values(database_url=url, **values), resilience=resilience)
 
     @property
     def breaker(self) -> CircuitBreaker:
