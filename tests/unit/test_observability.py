@@ -24,13 +24,13 @@ def test_json_log_lines_and_the_dev_profile() -> None:
     stream = io.StringIO()
     configure_logging(Settings(database_url=URL, log_format="json", log_profile="dev"), stream=stream)
     try:
-        logging.getLogger("app.test").debug("shown in dev %s", 1, extra={"breaker": "open"})
+        logging.getLogger("brownout.test").debug("shown in dev %s", 1, extra={"breaker": "open"})
         line = json.loads(stream.getvalue().strip().splitlines()[-1])
         assert line["message"] == "shown in dev 1" and line["level"] == "DEBUG" and line["breaker"] == "open"
-        assert line["logger"] == "app.test"
+        assert line["logger"] == "brownout.test"
         stream.truncate(0)
         configure_logging(Settings(database_url=URL), stream=stream)
-        logging.getLogger("app.test").debug("hidden in production")
+        logging.getLogger("brownout.test").debug("hidden in production")
         assert "hidden" not in stream.getvalue()
     finally:
         configure_logging(Settings(database_url=URL))
@@ -39,10 +39,10 @@ def test_json_log_lines_and_the_dev_profile() -> None:
 def test_degraded_mode_is_logged_on_entering_and_leaving(caplog: Any) -> None:
     breaker = CircuitBreaker(failure_threshold=1, open_seconds=10, clock=FakeClock())
     breaker.add_listener(DegradedModeLog())
-    with caplog.at_level(logging.WARNING, logger="app.degraded"):
+    with caplog.at_level(logging.WARNING, logger="brownout.degraded"):
         breaker.force_open()
         breaker.reset()
-    messages = [record.getMessage() for record in caplog.records if record.name == "app.degraded"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "brownout.degraded"]
     assert len(messages) == 2
     assert messages[0].startswith("degraded mode entered") and messages[1].startswith("degraded mode left")
 

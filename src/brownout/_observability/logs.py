@@ -19,7 +19,7 @@ from brownout._db import BreakerListener, BreakerState, CircuitBreaker
 from brownout._settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-OWN_LOGGERS = ("app", "worker")
+OWN_LOGGERS = ("brownout",)  # a service sets its own loggers' levels: a library does not
 QUIET_LOGGERS = {"pika": logging.CRITICAL}  # pika logs an ERROR and a trace per failed connect; the publisher says it once
 
 
@@ -51,7 +51,7 @@ class DegradedModeLog(BreakerListener):
     """One line when the service enters a degraded mode, one when it leaves it."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
-        self._log = logger or logging.getLogger("app.degraded")
+        self._log = logger or logging.getLogger("brownout.degraded")
 
     def on_transition(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.OPEN and old is BreakerState.CLOSED:
