@@ -19,6 +19,7 @@ from app.api.routes import commands, notifications
 from app.api.services import Services
 from app.dispatch.notifications import build_registry
 from brownout import Metrics, Settings
+from brownout import __version__ as brownout_version
 from brownout.fastapi import Brownout
 
 
@@ -40,7 +41,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, clock: Cal
     app = FastAPI(
         title="Brownout",
         summary="A service that stays useful while its PostgreSQL is sick, and loses no acknowledged write.",
-        version="0.1.0",
+        version=brownout_version,
         lifespan=lifespan,
     )
     brownout.init_app(app)

@@ -10,13 +10,9 @@ Names are imported on first use (PEP 562): `import brownout`, `brownout --versio
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("brownout")
-except PackageNotFoundError:  # pragma: no cover - a source tree not installed
-    __version__ = "0+unknown"
+from brownout._version import __version__
 
 if TYPE_CHECKING:
     from brownout._cache.pending import PendingWrites

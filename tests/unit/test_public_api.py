@@ -97,20 +97,24 @@ def test_import_brownout_loads_none_of_the_heavy_dependencies() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def private_name(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))  # __version__ is public
+
+
 def private_imports(path: Path) -> list[str]:
     where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module:
             parts = node.module.split(".")
-            if parts[0] == "brownout" and any(part.startswith("_") for part in parts[1:]):
+            if parts[0] == "brownout" and any(private_name(part) for part in parts[1:]):
                 found.append(f"{where}:{node.lineno} from {node.module}")
-            if node.module == "brownout" and any(alias.name.startswith("_") for alias in node.names):
+            if node.module == "brownout" and any(private_name(alias.name) for alias in node.names):
                 found.append(f"{where}:{node.lineno} from brownout import _...")
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
-                if parts[0] == "brownout" and any(part.startswith("_") for part in parts[1:]):
+                if parts[0] == "brownout" and any(private_name(part) for part in parts[1:]):
                     found.append(f"{where}:{node.lineno} import {alias.name}")
     return found
 
