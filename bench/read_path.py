@@ -42,16 +42,16 @@ import psycopg2
 import redis
 from sqlalchemy.engine import make_url
 
-from app.api.services import Services
-from app.schema import upgrade_database
 from brownout._db import BreakerState
 from brownout._dispatch.queues import queue_declarations
 from brownout._settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/read_path.py`: tests.support importable
+if str(ROOT) not in sys.path:  # `python bench/read_path.py`: the reference service (app/) and tests.support importable
     sys.path.insert(0, str(ROOT))
 
+from app.api.services import Services  # noqa: E402
+from app.schema import upgrade_database  # noqa: E402
 from tests.support.api_server import free_port, serve_in_thread  # noqa: E402
 from tests.support.processes import stop  # noqa: E402
 

@@ -28,10 +28,12 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -40,14 +42,18 @@ import psycopg2
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from app.dispatch.notifications import CREATE, build_registry
-from app.schema import upgrade_database
-from bench.chaoskit.processes import procfile
-from brownout._db import Database
-from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
-from brownout._dispatch.queues import BrownoutRabbitmqBroker, queue_declarations
-from brownout._schema import applied_commands
-from brownout._settings import Settings, load_settings
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/write_path.py`: the reference service (app/) and bench/ importable
+    sys.path.insert(0, str(ROOT))
+
+from app.dispatch.notifications import CREATE, build_registry  # noqa: E402
+from app.schema import upgrade_database  # noqa: E402
+from bench.chaoskit.processes import procfile  # noqa: E402
+from brownout._db import Database  # noqa: E402
+from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued  # noqa: E402
+from brownout._dispatch.queues import BrownoutRabbitmqBroker, queue_declarations  # noqa: E402
+from brownout._schema import applied_commands  # noqa: E402
+from brownout._settings import Settings, load_settings  # noqa: E402
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
 LOCAL_RABBIT = "amqp://guest:guest@127.0.0.1:5672/%2F"
