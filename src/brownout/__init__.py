@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from brownout._cache.read_cache import Entry, Lookup, ReadCache
     from brownout._cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
     from brownout._cache.single_flight import SingleFlight
-    from brownout._cache.stale_reads import DatabaseUnavailable, ReadResult, StaleReads
+    from brownout._cache.stale_reads import DatabaseUnavailable, ReadResult, StaleReads, invalidate_after_apply
     from brownout._db import (
         BreakerState,
         BrownoutDbError,
@@ -117,6 +117,7 @@ _EXPORTS: dict[str, str] = {
     "DatabaseUnavailable": "brownout._cache.stale_reads",
     "ReadResult": "brownout._cache.stale_reads",
     "StaleReads": "brownout._cache.stale_reads",
+    "invalidate_after_apply": "brownout._cache.stale_reads",
     "build_redis_link": "brownout._cache.redis_link",
     # observability
     "Metrics": "brownout._observability.metrics",
@@ -183,6 +184,7 @@ __all__ = [
     "emails_of",
     "execute_with_retry",
     "init_sentry",
+    "invalidate_after_apply",
     "load_registry",
     "load_settings",
     "metadata",
@@ -193,13 +195,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'brownout' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once: later lookups do not come back here
-    return value
+if not TYPE_CHECKING:  # so that mypy reports `from brownout import Databse` instead of typing it Any
+
+    def __getattr__(name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module 'brownout' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # once: later lookups do not come back here
+        return value
 
 
 def __dir__() -> list[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from brownout._db import Database
-from brownout._dispatch import dead_letters
-from brownout._settings import Settings
+if TYPE_CHECKING:  # imported by run(): building the parser (`brownout --help`) must stay cheap
+    from brownout._db import Database
+    from brownout._settings import Settings
 
 
 def add_parser(sub: Any) -> None:
@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings, database: Database) -> int:
+    from brownout._dispatch import dead_letters
+
     with database.session() as session:
         if args.action == "list":
             for row in dead_letters.listing(session, limit=args.limit):
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace, settings: Settings, database: Database) -> int
 
 
 def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
+    from brownout._dispatch import dead_letters
     from brownout._dispatch.publisher import Publisher, PublishRejected
 
     if not settings.rabbitmq_url:

@@ -357,7 +357,9 @@ def _env_name(field: str) -> str:
 
 
 class _ExplicitSettings(Settings):
-    """Settings from keyword arguments and defaults only (see Settings.from_values)."""
+    """Settings from keyword arguments and defaults only (see settings_from_values); a misspelt name is an error."""
+
+    model_config = SettingsConfigDict(extra="forbid")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, *sources: Any, **named: Any) -> tuple[Any, ...]:

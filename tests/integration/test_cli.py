@@ -45,6 +45,23 @@ def test_version() -> None:
     assert result.returncode == 0 and result.stdout.strip() == f"brownout {__version__}"
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["worker", "--help"]])
+def test_version_and_help_load_none_of_the_heavy_dependencies(argv: list[str]) -> None:
+    """They answer at once: no SQLAlchemy, Dramatiq, pika, pydantic or redis behind them."""
+    probe = (
+        "import sys\n"
+        "from brownout.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('sqlalchemy', 'dramatiq', 'pika', 'pydantic', 'redis')\n"
+        "print('loaded:', sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_has_help_and_starts_nothing(command: str) -> None:
     result = brownout(command, "--help")

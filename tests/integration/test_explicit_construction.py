@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import text
 
 from app.dispatch.notifications import CREATE, build_registry
@@ -42,6 +43,8 @@ def test_settings_from_values_read_nothing_from_the_environment(hostile_environm
     assert settings.database_url.endswith("@db.internal:5432/app")
     assert settings.pool_size == 4 and settings.queue_name == "brownout-commands"
     assert settings.breaker_failure_threshold == 5
+    with pytest.raises(ValidationError, match="pool_sise"):  # a misspelt setting is an error, not a default
+        settings_from_values(database_url="postgresql://app:pw@db.internal:5432/app", pool_sise=4)
 
 
 def test_a_database_and_a_dispatcher_from_explicit_arguments(

@@ -144,7 +144,7 @@ def test_a_service_built_as_the_readme_says_lives_through_a_database_outage(
         "BROWNOUT_QUEUE_NAME": queue_name,
         "BROWNOUT_EMAIL_QUEUE_NAME": f"{queue_name}-email",
         "BROWNOUT_REDIS_KEY_PREFIX": redis_prefix,
-        "BROWNOUT_CACHE_FRESH_SECONDS": "1",
+        "BROWNOUT_CACHE_FRESH_SECONDS": "1",  # a cached copy turns stale within the test's outage
         "BROWNOUT_BREAKER_OPEN_SECONDS": "2",
         "BROWNOUT_WORKER_GATE_CAP_SECONDS": "2",
         "BROWNOUT_DB_CONNECT_TIMEOUT_SECONDS": "2",
@@ -170,17 +170,23 @@ def test_a_service_built_as_the_readme_says_lives_through_a_database_outage(
         web = f"http://127.0.0.1:{port}"
         assert wait_until(lambda: answers(f"{web}/health"), timeout=60), tail(logs)
         with httpx.Client(base_url=web, timeout=10) as client:
+            assert client.get("/orders/7").status_code == 404  # not there yet: cached as such
+            created = client.put("/orders/7/status", json={"status": "created"}, headers={"Idempotency-Key": "created-7"})
+            assert created.status_code == 200, created.text
             placed = client.put("/orders/7/status", json={"status": "placed"}, headers={"Idempotency-Key": "placed-7"})
-            assert placed.status_code == 200, placed.text
-            assert placed.json() == {"id": 7, "status": "placed"}
-            read = client.get("/orders/7")  # from the database, and now in Redis
+            assert placed.status_code == 200 and placed.json() == {"id": 7, "status": "placed"}, placed.text
+            read = client.get("/orders/7")  # the service's own writes are read at once, not the cached 404
             assert read.status_code == 200 and (read.json()["id"], read.json()["status"]) == (7, "placed")
+            reused = client.put("/orders/7/status", json={"status": "lost"}, headers={"Idempotency-Key": "placed-7"})
+            assert reused.status_code == 422 and "another body" in reused.json()["detail"]
+            assert client.put("/orders/99999999999999999999/status", json={"status": "x"}).status_code == 422
+            assert client.put("/orders/7/status", json={"status": ""}).status_code == 422
 
             database_proxy.refuse()  # the database goes away: new connections refused, open ones cut
             database_proxy.reset_existing()
             shipped = client.put("/orders/7/status", json={"status": "shipped"}, headers={"Idempotency-Key": "shipped-7"})
             assert shipped.status_code == 202, shipped.text
-            reads: list[httpx.Response] = []  # fresh from Redis for a second (BROWNOUT_CACHE_FRESH_SECONDS), then stale
+            reads: list[httpx.Response] = []  # fresh from Redis for a second, then stale
             assert wait_until(lambda: reads.append(client.get("/orders/7")) or "X-Brownout" in reads[-1].headers, timeout=10)
             assert {(read.status_code, read.json()["status"]) for read in reads} == {(200, "placed")}
             assert reads[-1].headers["X-Brownout"] == "stale" and int(reads[-1].headers["Age"]) >= 1

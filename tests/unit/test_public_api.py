@@ -30,8 +30,8 @@ EXPECTED = {
         "RegistryNotFound", "Rejected", "Resilience", "RetryPolicy", "Settings", "SingleFlight", "StaleReads",
         "UnknownCommand", "__version__", "add_email", "applied_commands", "build_redis_link", "check_db_health",
         "classify", "command_conflicts", "configure_logging", "dead_letters", "email_row", "emails_of",
-        "execute_with_retry", "init_sentry", "load_registry", "load_settings", "metadata", "normalise_database_url",
-        "recordset", "rows_param", "settings_from_values",
+        "execute_with_retry", "init_sentry", "invalidate_after_apply", "load_registry", "load_settings", "metadata",
+        "normalise_database_url", "recordset", "rows_param", "settings_from_values",
     ],
     "brownout.fastapi": [
         "BodyTooLarge", "Brownout", "BrownoutDep", "NonCritical", "NotStarted", "Shed", "field_errors", "get_brownout",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -94,6 +94,18 @@ class StaleReads:
             return None
         link = self._cache.link
         return link.key("cache", kind, *parts), link.key("gen", kind, *parts)
+
+    def written(self, keys: tuple[str, str] | None) -> None:
+        """After a committed write of the item: its cached copy stops being fresh (the next read asks the
+        database), and stays servable stale. Best effort: with Redis down, every cached copy in the fleet
+        stops being fresh once Redis answers again."""
+        cache = self._cache
+        if keys is None or cache is None:
+            return
+        try:
+            cache.write_through(None, [keys[1]])
+        except RedisUnavailable:
+            cache.link.missed_write()
 
     def _require_cache(self) -> ReadCache:
         assert self._cache is not None
@@ -207,3 +219,27 @@ class StaleReads:
             return fn()
         except RedisUnavailable:
             return None
+
+
+def invalidate_after_apply(kind: str, ident: Callable[[dict[str, Any]], object]) -> Callable[[Any], Any]:
+    """A Registry's `after_apply`: each write the worker applies makes the cached copy of its item, keyed as
+    `StaleReads.keys(kind, ident(result))`, stop being fresh. *ident*: the item's id from the apply's result."""
+
+    def build(settings: Any) -> Callable[[Sequence[tuple[dict[str, Any], bool]]], None] | None:
+        from brownout._cache.redis_link import build_redis_link
+
+        link = build_redis_link(settings)
+        if link is None:
+            return None
+        cache = ReadCache(link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds)
+
+        def invalidate(applied: Sequence[tuple[dict[str, Any], bool]]) -> None:
+            gen_keys = [link.key("gen", kind, ident(result)) for result, _ in applied]
+            try:
+                cache.write_through(None, gen_keys)
+            except RedisUnavailable:
+                link.missed_write()
+
+        return invalidate
+
+    return build

@@ -96,6 +96,14 @@ class Brownout:
         return _started(self._reads)
 
     def start(self) -> Brownout:
+        """Build every piece; if one fails, those already built are closed before the error is raised."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> Brownout:
         settings, metrics = self.settings, self.metrics
         self.link = link = build_redis_link(settings)
         self._database = database = build_database(settings, link=link)
@@ -138,6 +146,8 @@ class Brownout:
                 step()
             except Exception:
                 log.exception("shutdown step failed")
+        self.link = self.cache = self.pending = self.override = self.queue_depth = None
+        self._database = self._dispatcher = self._monitor = self._reads = None
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -153,6 +163,9 @@ class Brownout:
         metrics, the error mapping, and (with *routes*) `/health`, `/ready`, `/metrics`, `/admin/breaker`."""
         from brownout.fastapi import _errors, _routes  # here: the routes' dependencies import this module
 
+        if getattr(app.state, "brownout_wired", False):
+            raise RuntimeError("Brownout.init_app was called twice for this app")
+        app.state.brownout_wired = True
         app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
         app.add_middleware(HttpMetrics, metrics=self.metrics)
         _errors.install(app)

@@ -3,6 +3,7 @@
 DatabaseUnavailable    503 + Retry-After (a read the database cannot answer now, with nothing cached)
 Shed                   503 + Retry-After (a non-critical route while the breaker is not CLOSED)
 InvalidCommand         422 with field and reason
+KeyConflict            422 (an Idempotency-Key reused with another body; recorded, not applied)
 UnknownCommand         422
 BodyTooLarge           413
 RequestValidationError 422 with field and reason
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brownout._cache.stale_reads import DatabaseUnavailable
+from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.commands import UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
 from brownout.fastapi._body_limit import BodyTooLarge
@@ -63,6 +65,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidCommand)
     async def invalid(request: Request, exc: InvalidCommand) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "errors": field_errors(exc.errors)}, status_code=422)
+
+    @app.exception_handler(KeyConflict)
+    async def conflict(request: Request, exc: KeyConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(UnknownCommand)
     async def unknown(request: Request, exc: UnknownCommand) -> JSONResponse:
