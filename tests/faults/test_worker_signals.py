@@ -1,4 +1,4 @@
-"""The real worker process (the Procfile's `dramatiq brownout._worker.main`) killed or stopped mid-backlog.
+"""The real worker process (the Procfile's worker line, Dramatiq on `brownout._worker.main`) killed or stopped mid-backlog.
 
 - SIGKILL of the whole process tree (an OOM kill, a host lost): what was
   committed but not acknowledged is redelivered and found to be a duplicate,

@@ -207,10 +207,26 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
     config = brownout_config(url)
     now = datetime.now(UTC)
     notification_id = uuid.uuid4()
-    command.upgrade(alembic_config(url), "head")  # the service's table, then Brownout's history step by step
-    notification = {"id": notification_id, "user_id": 42, "email": "a@x.org", "subject": "s", "body": "b", "created_at": now}
+    command.upgrade(alembic_config(url), "head")  # the service's history first (its table), then Brownout's step by step
     written: dict[str, tuple[str, dict[str, Any]]] = {
-        "brownout_0001": ("notifications", notification),
+        "brownout_0001": (
+            "applied_commands",
+            {
+                "command_id": uuid.uuid4(),
+                "name": "create_notification",
+                "version": 1,
+                "scope": "user:42",
+                "idempotency_key": "k",
+                "payload_hash": "h",
+                "entity_key": f"notification:{notification_id}",
+                "accepted_stamp": 1,
+                "accepted_at": now,
+                "apply_seq": 1,
+                "path": "direct",
+                "outcome": "applied",
+                "result": '{"id": 1}',
+            },
+        ),
         "brownout_0002": (
             "dead_letters",
             {"message_id": "m-1", "queue_name": "q", "actor_name": "a", "message": '{"x": 1}', "reason": "r"},
@@ -247,7 +263,9 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
                 found = connection.execute(query, {"key": row[key]}).mappings().all()
                 assert len(found) == 1, (table, found)
                 for name, value in row.items():
-                    expected = json.loads(value) if name in ("message", "payload") else value  # JSONB comes back decoded
+                    expected = (
+                        json.loads(value) if name in ("message", "payload", "result") else value
+                    )  # JSONB comes back decoded
                     assert found[0][name] == expected, (table, name)
 
     for revision in revisions_base_to_head(config):

@@ -1,4 +1,4 @@
-"""Running `python -m app` subcommands in-process, with a test's settings and database."""
+"""The dead-letters command, run in-process with a test's settings and database (as `brownout dead-letters` runs it)."""
 
 from __future__ import annotations
 

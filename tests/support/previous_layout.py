@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-PREVIOUS_LAYOUT = "ba823cf7eb2f6bd1f38bbc1bddc6bbd7297cd052"
+PREVIOUS_LAYOUT = "97030e55099bcb2f129573459caa5d220e18bea2"  # the last release before Brownout became a library
 
 
 def extract(dest: Path) -> Path:

@@ -28,15 +28,16 @@ def _adopted_revision(connection: Connection) -> str | None:
     tables = set(inspect(connection).get_table_names())
     if VERSION_TABLE in tables or "applied_commands" not in tables:
         return None
-    legacy = None
+    heads: list[str] = []
     if "alembic_version" in tables:
-        legacy = connection.execute(text("SELECT max(version_num) FROM alembic_version")).scalar()
-    if legacy not in ADOPTED_REVISIONS:
+        heads = list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    if len(heads) != 1 or heads[0] not in ADOPTED_REVISIONS:
+        said = heads[0] if len(heads) == 1 else heads
         raise SystemExit(
             f"brownout migrate: applied_commands exists but {VERSION_TABLE} does not, and alembic_version says "
-            f"{legacy!r}, not a revision Brownout's tables were created by: nothing was changed"
+            f"{said!r}, not one revision Brownout's tables were created by: nothing was changed"
         )
-    return ADOPTED_REVISIONS[legacy]
+    return ADOPTED_REVISIONS[heads[0]]
 
 
 def run_migrations_online() -> None:
