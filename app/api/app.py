@@ -23,10 +23,17 @@ from brownout import __version__ as brownout_version
 from brownout.fastapi import Brownout
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+    observability: bool = False,
+) -> FastAPI:
     """Nothing connects until the app starts (lifespan); everything is closed when it stops.
 
-    *clock*: the wall clock of the cache's ages (tests age entries with a clock of their own)."""
+    *clock*: the wall clock of the cache's ages (tests age entries with a clock of their own);
+    *observability*: configure the process's logging and Sentry (the dyno's entry point does)."""
     brownout = Brownout(settings, registry=build_registry(), metrics=metrics, clock=clock)
 
     @asynccontextmanager
@@ -44,7 +51,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, clock: Cal
         version=brownout_version,
         lifespan=lifespan,
     )
-    brownout.init_app(app)
+    brownout.init_app(app, observability=observability)
     errors.install(app)
     for module in (notifications, commands):
         app.include_router(module.router)

@@ -10,6 +10,7 @@ and applied by the worker once it is back, and reads served stale meanwhile.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -148,6 +149,7 @@ def test_a_service_built_as_the_readme_says_lives_through_a_database_outage(
         "BROWNOUT_BREAKER_OPEN_SECONDS": "2",
         "BROWNOUT_WORKER_GATE_CAP_SECONDS": "2",
         "BROWNOUT_DB_CONNECT_TIMEOUT_SECONDS": "2",
+        "BROWNOUT_LOG_FORMAT": "json",  # init_app configures the web processes' logging as the settings say
     }
     dynos: list[subprocess.Popen[bytes]] = []
     logs = tmp_path / "logs"
@@ -194,6 +196,8 @@ def test_a_service_built_as_the_readme_says_lives_through_a_database_outage(
 
             database_proxy.pass_through()  # back: the worker applies the queued write, reads catch up
             assert wait_until(lambda: status_of(client) == "shipped", timeout=60), tail(logs)
+        web_lines = [json.loads(line) for line in (logs / "web.log").read_text().splitlines() if line.startswith("{")]
+        assert any(line["logger"].startswith("brownout.") and line["level"] == "WARNING" for line in web_lines), tail(logs)
     finally:
         for dyno in dynos:
             stop(dyno)

@@ -29,8 +29,9 @@ from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.queue_depth import QueueDepth
 from brownout._fleet.assembly import build_database, build_monitor, stop_breaker
 from brownout._fleet.breaker_override import BreakerOverride
-from brownout._observability.logs import DegradedModeLog
+from brownout._observability.logs import DegradedModeLog, configure_logging
 from brownout._observability.metrics import Metrics
+from brownout._observability.sentry import init_sentry
 from brownout._settings import Settings
 from brownout.fastapi._body_limit import BodyLimit
 from brownout.fastapi._http_metrics import HttpMetrics
@@ -158,14 +159,20 @@ class Brownout:
         finally:
             await run_in_threadpool(self.close)
 
-    def init_app(self, app: FastAPI, *, routes: bool = True) -> FastAPI:
+    def init_app(self, app: FastAPI, *, routes: bool = True, observability: bool = True) -> FastAPI:
         """Wire Brownout into *app*: its lifespan around the app's own, the body limit, per-route
-        metrics, the error mapping, and (with *routes*) `/health`, `/ready`, `/metrics`, `/admin/breaker`."""
+        metrics, the error mapping, and (with *routes*) `/health`, `/ready`, `/metrics`, `/admin/breaker`.
+
+        *observability*: configure this process's logging (BROWNOUT_LOG_FORMAT, BROWNOUT_LOG_PROFILE) and
+        Sentry (SENTRY_DSN), as `brownout web` runs the app in processes of its own; False when the service
+        configures them itself."""
         from brownout.fastapi import _errors, _routes  # here: the routes' dependencies import this module
 
         if getattr(app.state, "brownout_wired", False):
             raise RuntimeError("Brownout.init_app was called twice for this app")
         app.state.brownout_wired = True
+        if observability:
+            self.observe()
         app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
         app.add_middleware(HttpMetrics, metrics=self.metrics)
         _errors.install(app)
@@ -181,6 +188,11 @@ class Brownout:
 
         app.router.lifespan_context = lifespan
         return app
+
+    def observe(self) -> None:
+        """Logs as the settings say, and Sentry when SENTRY_DSN is set, its events tagged with the breaker's state."""
+        configure_logging(self.settings)
+        init_sentry(self.settings, breaker=lambda: self._database.breaker if self._database else None, component="web")
 
     def refresh_gauges(self) -> None:
         """At scrape time: this process's pool, the queue depth (cached a few seconds), dead letters (15 s)."""
