@@ -19,7 +19,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from brownout import PendingWrites, ReadCache, RedisLink, RedisUnavailable, Settings, build_redis_link
+from app.api.pending import PendingWrites
+from brownout import ReadCache, RedisLink, RedisUnavailable, Settings, build_redis_link
 
 log = logging.getLogger(__name__)
 

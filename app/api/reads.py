@@ -1,6 +1,6 @@
 """The notification service's reads: Brownout's stale reads (brownout.StaleReads: the database under the
 request deadline, Redis read-through, the stale copy while the database cannot answer), and over them
-the writes this service accepted and queued (src/brownout/_cache/pending.py): a pending creation appears
+the writes this service accepted and queued (app/api/pending.py): a pending creation appears
 with status "pending", a pending mark-read shows as read. A database row supersedes a pending entry by id
 (and clears it); entries expire on their own anyway.
 """
@@ -14,11 +14,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from app.api import queries
+from app.api.pending import PendingWrites
 from app.api.queries import Position
 from brownout import (
     Database,
     DatabaseUnavailable,
-    PendingWrites,
     ReadCache,
     ReadResult,
     StaleReads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from app.api.pending import PendingWrites
 from app.api.reads import NotificationReads
 from app.api.writes import NotificationWrites, pending_item
 from brownout import PendingReplay
@@ -23,10 +24,13 @@ class Services:
     @classmethod
     def build(cls, brownout: Brownout) -> Services:
         settings, metrics = brownout.settings, brownout.metrics
+        pending = None
+        if brownout.link is not None:
+            pending = PendingWrites(brownout.link, ttl_seconds=settings.pending_seconds, clock=brownout.clock)
         reads = NotificationReads(
             database=brownout.database,
             cache=brownout.cache,
-            pending=brownout.pending,
+            pending=pending,
             deadline=settings.request_db_deadline_seconds,
             clock=brownout.clock,
         )
@@ -35,12 +39,12 @@ class Services:
             dispatcher=brownout.dispatcher,
             link=brownout.link,
             cache=brownout.cache,
-            pending=brownout.pending,
+            pending=pending,
             key_seconds=settings.cache_stale_seconds,
         )
         writes.on_outcome = lambda outcome: metrics.dispatch.labels(outcome).inc()
         replay = None
-        if brownout.link is not None and brownout.pending is not None:
+        if brownout.link is not None and pending is not None:
             replay = PendingReplay(brownout.link, writes.record_pending, pending_item).start()
             writes.replay = replay
             reads.unrecorded = replay.item

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.api.pending import PendingWrites
 from app.api.queries import Position
 from app.api.reads import public
 from app.dispatch.notifications import CREATE, MARK_READ
@@ -27,7 +28,6 @@ from brownout import (
     Envelope,
     KeyConflict,
     PendingReplay,
-    PendingWrites,
     Queued,
     ReadCache,
     RedisLink,

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from brownout._version import __version__
 
 if TYPE_CHECKING:
-    from brownout._cache.pending import PendingWrites
     from brownout._cache.pending_replay import PendingReplay
     from brownout._cache.read_cache import Entry, Lookup, ReadCache
     from brownout._cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
@@ -109,7 +108,6 @@ _EXPORTS: dict[str, str] = {
     "Entry": "brownout._cache.read_cache",
     "Lookup": "brownout._cache.read_cache",
     "PendingReplay": "brownout._cache.pending_replay",
-    "PendingWrites": "brownout._cache.pending",
     "ReadCache": "brownout._cache.read_cache",
     "RedisLink": "brownout._cache.redis_link",
     "RedisUnavailable": "brownout._cache.redis_link",
@@ -154,7 +152,6 @@ __all__ = [
     "Lookup",
     "Metrics",
     "PendingReplay",
-    "PendingWrites",
     "PublishRejected",
     "Publisher",
     "Queued",

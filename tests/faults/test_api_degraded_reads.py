@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from brownout._cache.pending import PendingWrites
+from app.api.pending import PendingWrites
 from brownout._settings import Settings
 from tests.conftest import database_url
 from tests.support.api_server import RunningApi, serve_in_thread

@@ -6,7 +6,7 @@ import uuid
 
 import redis
 
-from brownout._cache.pending import PendingWrites
+from app.api.pending import PendingWrites
 from brownout._cache.redis_link import RedisLink
 from tests.conftest import REDIS_URL
 

@@ -2,7 +2,7 @@
 
 A service's own pieces (its read and write paths) are built by its own
 lifespan, which runs inside Brownout's: they find the database, dispatcher,
-cache and pending writes ready on `app.state.brownout`, and are closed
+cache ready on `app.state.brownout`, and are closed
 before them.
 """
 
@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from brownout._cache.pending import PendingWrites
 from brownout._cache.read_cache import ReadCache
 from brownout._cache.redis_link import RedisLink, build_redis_link
 from brownout._cache.stale_reads import StaleReads
@@ -48,7 +47,7 @@ class NotStarted(RuntimeError):
 
 
 class Brownout:
-    """The database with its breaker, the dispatcher, the Redis link, cache and pending writes, the health monitor.
+    """The database with its breaker, the dispatcher, the Redis link and cache, the health monitor.
 
     Nothing connects until `start()` (which the lifespan calls on a worker thread: building
     the pieces does blocking I/O); `close()` stops them in reverse order, each step on its own
@@ -70,7 +69,6 @@ class Brownout:
         self.clock = clock
         self.link: RedisLink | None = None
         self.cache: ReadCache | None = None
-        self.pending: PendingWrites | None = None
         self.override: BreakerOverride | None = None
         self.queue_depth: QueueDepth | None = None
         self._database: Database | None = None
@@ -117,7 +115,6 @@ class Brownout:
             self.cache = ReadCache(
                 link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds, clock=self.clock
             )
-            self.pending = PendingWrites(link, ttl_seconds=settings.pending_seconds, clock=self.clock)
             self.override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
         self._monitor = build_monitor(settings, database, on_result=[metrics.observe_health]).start()
         self._reads = StaleReads(
@@ -147,7 +144,7 @@ class Brownout:
                 step()
             except Exception:
                 log.exception("shutdown step failed")
-        self.link = self.cache = self.pending = self.override = self.queue_depth = None
+        self.link = self.cache = self.override = self.queue_depth = None
         self._database = self._dispatcher = self._monitor = self._reads = None
 
     @asynccontextmanager

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from brownout._cache.redis_link import RedisLink
+from brownout import RedisLink
 
 # Stamps are 63-bit integers, beyond a Lua number's exact range: they travel as
 # zero-padded 20-digit strings, which compare like the integers.
