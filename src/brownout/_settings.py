@@ -181,8 +181,8 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         le=24 * 60 * 7,
-        description="How long a queued mark (read/unread) waits for its notification's creation before it is "
-        "recorded as dropped.",
+        description="How long a queued write that needs an earlier one (an update of an entity not created yet) "
+        "waits before it is recorded as dropped.",
     )
     worker_batch_max: int = Field(
         default=64,
@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     smtp_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("SMTP_URL", "BROWNOUT_SMTP_URL"),
-        description="SMTP server for notification emails: smtp://[user:pass@]host:25, smtp+starttls://...:587 "
+        description="SMTP server for the outbox's emails: smtp://[user:pass@]host:25, smtp+starttls://...:587 "
         "or smtps://...:465; unset: emails wait in the outbox.",
     )
     smtp_timeout_seconds: PositiveSeconds = Field(

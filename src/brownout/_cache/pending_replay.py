@@ -64,12 +64,12 @@ class PendingReplay:
         with self._lock:
             return len(self._waiting)
 
-    def item(self, notification_id: str) -> dict[str, Any] | None:
+    def item(self, entity_id: str) -> dict[str, Any] | None:
         """The pending item of a queued creation this process could not record yet."""
         with self._lock:
             envelopes = list(self._waiting.values())
         for envelope in reversed(envelopes):
-            if str(envelope.entity_id) == notification_id and (item := self._describe(envelope)) is not None:
+            if str(envelope.entity_id) == entity_id and (item := self._describe(envelope)) is not None:
                 return item
         return None
 

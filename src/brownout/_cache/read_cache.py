@@ -1,6 +1,6 @@
 """Read-through cache entries with a fresh age, a stale window and generations.
 
-Each cached value has a *generation key* (per notification, per user list)
+Each cached value has a *generation key* (per item, per list)
 that every write bumps. A fill remembers the generation it saw before reading
 the database and stores its result only if the generation is still the same
 (compared and set in one Lua script), so a fill that read the database before

@@ -1,8 +1,8 @@
 """The apply step both paths share: a write takes effect once, in order.
 
 In one transaction:
-1. apply the command's effect (last-writer-wins on the acceptance stamp, see
-   notifications.py), which locks the entity's row;
+1. apply the command's effect (the service's apply function: last writer wins
+   on the acceptance stamp), which locks the entity's row;
 2. record it in `applied_commands` (INSERT ... ON CONFLICT DO NOTHING), drawing
    `apply_seq` while the row lock is held, so for one entity apply_seq order is
    the order in which writes took effect;

@@ -31,7 +31,7 @@ class UnknownCommand(CommandError):
 
 class DependencyPending(CommandError):
     """Raised by apply when the write needs an earlier one that is not applied yet
-    (marking read a notification whose creation is still queued): try again later."""
+    (an update of an entity whose creation is still queued): try again later."""
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ A queued write that cannot apply yet is deferred (re-enqueued with a delay), nev
 - its version is newer than this release knows (queued by a newer web process during a rolling deploy):
   it waits until a release that knows it is deployed, up to `unknown_version_seconds` (hours);
   then it is kept as a dead letter, to replay once that release is out;
-- it needs a write not applied yet (marking read a notification whose creation is still queued):
-  it waits up to `dependency_seconds`; then, the notification never having been created, the mark ends
+- it needs a write not applied yet (an update of an entity whose creation is still queued):
+  it waits up to `dependency_seconds`; then, the entity never having been created, the update ends
   as an outcome of its own, ``dropped``, recorded in `applied_commands` with its reason (visible at
   ``/commands/{id}``): not a failure, not a dead letter, nothing to alert on.
 

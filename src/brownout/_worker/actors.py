@@ -23,14 +23,14 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   to blame, and is dead-lettered with the error. Nothing goes to ``Q.XQ``
   but a body that cannot be decoded at all.
 - UnknownCommand (a version newer than this release, queued by a newer web
-  process during a deploy) and DependencyPending (marking read a notification
+  process during a deploy) and DependencyPending (an update of an entity
   whose creation is not applied yet): deferred. The message is enqueued again
   with a delay and this delivery acknowledged, so no retry budget is spent on
   waiting. Order does not suffer from the re-enqueue: it is decided by
   acceptance stamps, not queue position (src/brownout/_dispatch/hlc.py). How long each
   may wait, and how the wait ends, is src/brownout/_dispatch/waiting.py: an unknown
-  version becomes a dead letter (to replay once its release is out), a mark
-  whose notification never came is recorded ``dropped``.
+  version becomes a dead letter (to replay once its release is out), a write
+  whose prerequisite never came is recorded ``dropped``.
 - A deferral RabbitMQ refuses (the delay queue full, a resource alarm): that
   delivery alone is given back to RabbitMQ a few seconds later (`DeliveryBatch.hold`),
   the rest of its batch goes on.

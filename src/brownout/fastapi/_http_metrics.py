@@ -1,7 +1,7 @@
 """Request count and time per route template, as pure ASGI (no per-request objects of ours).
 
-The route template (`/notifications/{notification_id}`), never the path: ids
-would make a label per notification. Unmatched paths count as `unmatched`.
+The route template (`/orders/{order_id}`), never the path: ids would make
+a label per item. Unmatched paths count as `unmatched`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from brownout._schema import metadata
 MIGRATIONS = Path(__file__).parent
 VERSION_TABLE = "brownout_alembic_version"
 
-# Before Brownout had its own history, its tables were created by the notification service's revisions
+# Before Brownout had its own history, its tables were created by the reference service's revisions
 # 0001-0006 (in `alembic_version`), each of which maps to the revision of this history that builds the
 # same tables. A database found that way is stamped, never re-created.
 ADOPTED_REVISIONS = {f"000{n}": f"brownout_000{n}" for n in range(1, 7)}
