@@ -132,7 +132,7 @@ def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
     if row is None:  # already there: only a replay of this very command can have made it (and its email)
         row = session.execute(_SELECT, {"id": envelope.entity_id}).mappings().one()
     else:
-        add_email(session, notification_id=row["id"], to=row["email"], subject=row["subject"], body=row["body"])
+        add_email(session, entity_id=row["id"], to=row["email"], subject=row["subject"], body=row["body"])
     return Effect(row_to_json(row))
 
 

@@ -86,7 +86,7 @@ dead_letters = Table(
 outbox = Table(
     "outbox",
     metadata,
-    # uuid5 of the kind and the notification id (src/brownout/_dispatch/outbox.py): a replayed
+    # uuid5 of the kind and the entity id (src/brownout/_dispatch/outbox.py): a replayed
     # creation finds the row already there, and the relay's job carries it as message id.
     Column("id", UUID(as_uuid=True), primary_key=True),
     Column("notification_id", UUID(as_uuid=True), nullable=False),

@@ -1,6 +1,6 @@
-"""The `send_email` actor: send a notification's email through SMTP, at least once, de-duplicated.
+"""The `send_email` actor: send an outbox email through SMTP, at least once, de-duplicated.
 
-What is promised: every notification's email is handed to the SMTP server at
+What is promised: every email in the outbox is handed to the SMTP server at
 least once, and in all but one window exactly once. A job (published by the
 outbox relay, src/brownout/_worker/outbox.py, possibly more than once) is handled as:
 
@@ -231,7 +231,7 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
         def record() -> None:
             session.execute(
                 insert(email_sends)
-                .values(message_id=job.message_id, outbox_id=job.outbox_id, notification_id=job.notification_id, recipient=job.to)
+                .values(message_id=job.message_id, outbox_id=job.outbox_id, notification_id=job.entity_id, recipient=job.to)
                 .on_conflict_do_nothing(index_elements=["message_id"])
             )
             # The relay skips a row this job holds (src/brownout/_worker/outbox.py): sent is published, whatever the relay did.
