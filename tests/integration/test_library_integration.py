@@ -1,8 +1,8 @@
 """A service of a user's own on Brownout, built from the README's integration section, line for line.
 
 The section's Python blocks become the service's files (a package named `app`, as a user's would be); its
-`pip install brownout` is the wheel built from this checkout, installed into a fresh virtualenv with the
-locked versions of its dependencies; its shell lines run in that virtualenv, in the service's folder, with
+install lines build the wheel from this checkout and install it into a fresh virtualenv (with the locked
+versions of its dependencies); its shell lines run in that virtualenv, in the service's folder, with
 nothing of this checkout on the path. The service then lives through an outage of its database (a TCP
 proxy in front of PostgreSQL that refuses): a write applied at once, one queued while the database is down
 and applied by the worker once it is back, and reads served stale meanwhile.
@@ -55,7 +55,8 @@ def shell_lines(body: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install brownout`: the wheel of this checkout, in a virtualenv of its own, at the locked versions."""
+    """The README's two install lines: the wheel built from this checkout, installed in a virtualenv of its own
+    (here at the locked versions of its dependencies)."""
     if not UV.exists():
         pytest.fail(f"{UV} is missing: run deploy/setup.sh")
     work = tmp_path_factory.mktemp("wheel")
@@ -120,7 +121,7 @@ def service(tmp_path: Path) -> Path:
 
 def readme_commands() -> tuple[list[str], list[str]]:
     shells = [body for language, body in code_blocks(integration_section()) if language == "sh"]
-    assert shell_lines(shells[0]) == ["pip install brownout"]
+    assert shell_lines(shells[0]) == ["uv build --wheel --out-dir dist", "pip install dist/brownout-*.whl"]
     return shell_lines(shells[0]), shell_lines(shells[-1])
 
 
