@@ -43,9 +43,12 @@ class Position:
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
             created, _, ident = raw.partition(":")
-            return cls(int(created), str(uuid.UUID(ident)))
+            position = cls(int(created), str(uuid.UUID(ident)))
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise BadCursor("cursor is not one this service handed out") from None
+        if not 0 <= position.created_us <= _LATEST_US:  # decodes, but no time this service stamps
+            raise BadCursor("cursor is not one this service handed out")
+        return position
 
     @classmethod
     def of(cls, item: Mapping[str, Any]) -> Position:
@@ -55,6 +58,9 @@ class Position:
 def micros(moment: datetime) -> int:
     aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return round(aware.timestamp() * 1_000_000)
+
+
+_LATEST_US = micros(datetime(9999, 12, 31, tzinfo=UTC))  # the last day datetime (and a cursor) can name
 
 
 _COLUMNS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -96,6 +97,9 @@ def test_bad_requests_get_clear_4xx(api: RunningApi) -> None:
     unknown = api.client.get("/no/such/route")
     assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
     assert api.client.get("/users/42/notifications", params={"cursor": "garbage!"}).status_code == 400
+    forged = base64.urlsafe_b64encode(f"{10**22}:{uuid.uuid4()}".encode()).decode()  # decodes; no such time
+    forged_answer = api.client.get("/users/42/notifications", params={"cursor": forged})
+    assert forged_answer.status_code == 400 and "cursor" in forged_answer.json()["detail"], forged_answer.text
     assert api.client.get("/users/42/notifications", params={"limit": 101}).status_code == 422
     key = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "x" * 201})
     assert key.status_code == 422
