@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 from brownout._settings import Settings
+from brownout.fastapi._http_metrics import HTTP_METHODS
 from tests.support.api_server import serve_in_thread
 
 ADA = {"user_id": 3, "email": "ada@example.com", "subject": "Metrics", "body": "b"}
@@ -71,3 +72,22 @@ def test_refusals_by_the_open_breaker_are_counted(api_settings: Callable[..., Se
     assert found[("brownout_breaker_state", (("breaker", "database"),))] == 2
     assert found[("brownout_db_refused_total", ())] == 3
     assert found.get(("brownout_db_calls_total", ()), 0) == calls_at_start
+
+
+def test_a_caller_cannot_make_series_with_invented_methods(api_settings: Callable[..., Settings]) -> None:
+    """Each distinct label value is a series in every process's files and in Prometheus: a method is one of
+    HTTP's, or `other`; a path is its route's template, or `unmatched`."""
+    with serve_in_thread(api_settings()) as api:
+        for index in range(5):
+            api.client.request(f"X{index}Y", "/health")
+            api.client.get(f"/no/such/path/{index}")
+        text = api.client.get("/metrics").text
+    labels = {
+        (sample.labels.get("method"), sample.labels.get("route"))
+        for family in text_string_to_metric_families(text)
+        if family.name == "brownout_http_requests"
+        for sample in family.samples
+    }
+    assert {method for method, _ in labels} <= {*HTTP_METHODS, "other"}
+    assert ("other", "/health") in labels
+    assert {route for _, route in labels if route and route.startswith("/no/")} == set()

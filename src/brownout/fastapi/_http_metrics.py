@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brownout._observability.metrics import Metrics
 
+# RFC 9110's methods and PATCH: the only method labels; anything else a client sends counts as `other`.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
 
 class HttpMetrics:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
@@ -36,5 +39,6 @@ class HttpMetrics:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "GET")
+            method = method if method in HTTP_METHODS else "other"  # a caller's invented method is no new series
             self.metrics.http_requests.labels(method, route, str(status)).inc()
             self.metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
