@@ -264,6 +264,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=65_536, ge=1024, description="Largest request body accepted; larger ones get 413 before being read."
     )
+    max_query_bytes: int = Field(
+        default=4096, ge=256, description="Longest query string accepted; longer ones get 414 before any work."
+    )
+    max_header_bytes: int = Field(
+        default=8192, ge=1024, description="Longest request header (name and value) accepted; a longer one gets 431."
+    )
 
     queue_type: Literal["classic", "quorum"] = Field(
         default="classic",

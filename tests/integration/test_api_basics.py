@@ -135,3 +135,14 @@ def test_openapi_documents_the_routes(api: RunningApi) -> None:
     for path in ("/notifications", "/notifications/{notification_id}/read", "/users/{user_id}/notifications", "/ready"):
         assert path in spec["paths"]
     assert api.client.get("/docs").status_code == 200
+
+
+def test_an_over_long_query_string_or_header_is_refused_before_any_work(api: RunningApi) -> None:
+    settings = api.brownout.settings
+    padding = "p=" + "x" * (settings.max_query_bytes - 2)  # exactly at the bound: served
+    assert api.client.get(f"/users/42/notifications?{padding}").status_code == 200
+    too_long = api.client.get(f"/users/42/notifications?{padding}x")
+    assert too_long.status_code == 414 and "query string" in too_long.json()["detail"]
+    header = api.client.get("/health", headers={"X-Junk": "y" * settings.max_header_bytes})
+    assert header.status_code == 431 and header.headers["content-type"] == "application/json"
+    assert api.client.get("/health", headers={"X-Fine": "y" * 1000}).status_code == 200

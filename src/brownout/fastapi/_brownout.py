@@ -34,6 +34,7 @@ from brownout._observability.sentry import init_sentry
 from brownout._settings import Settings
 from brownout.fastapi._body_limit import BodyLimit
 from brownout.fastapi._http_metrics import HttpMetrics
+from brownout.fastapi._request_limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,9 @@ class Brownout:
         if observability:
             self.observe()
         app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
+        app.add_middleware(
+            RequestLimits, max_query_bytes=self.settings.max_query_bytes, max_header_bytes=self.settings.max_header_bytes
+        )
         app.add_middleware(HttpMetrics, metrics=self.metrics)
         _errors.install(app)
         if routes:
