@@ -20,7 +20,7 @@ from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications, upgrade_database
 from brownout._db import Database
 from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
-from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, email_message
+from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, email_message, email_row
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import dead_letters, email_sends, outbox
 from brownout._worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
@@ -351,3 +351,21 @@ def test_a_job_published_and_never_sent_is_published_again(
     with db.session() as s:
         sent_at = dict(s.execute(select(outbox.c.notification_id, outbox.c.sent_at)).all())
     assert sent_at[lost.id] is not None and sent_at[refused.id] is None
+
+
+def test_an_email_that_cannot_be_built_is_dead_lettered_once_with_its_reason(
+    db: Database, smtp: SmtpServer, processed: Processed, run_worker: Callable[[], None]
+) -> None:
+    """A subject with a line break (written before subjects were checked, or by another writer) can never be a
+    header: one dead letter saying so, not a day of retries ending in Dramatiq's XQ."""
+    entity = uuid.uuid4()
+    with db.session() as s:
+        s.execute(outbox.insert().values(email_row(entity, "ada@example.com", "Hi\r\nBcc: eve@example.com", "b")))
+        s.commit()
+    run_worker()
+    assert wait_until(lambda: count(db, dead_letters) == 1, timeout=20)
+    with db.session() as s:
+        reason = s.execute(select(dead_letters.c.reason)).scalar_one()
+    assert "cannot be built" in reason and message_id(entity) in reason
+    assert processed.failed.get(SEND_EMAIL_ACTOR, 0) == 0, "not retried"
+    assert smtp.recorder.messages == [] and count(db, email_sends) == 0

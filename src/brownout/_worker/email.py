@@ -215,7 +215,13 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
             _dead_letter(runtime, f"outbox row {job.outbox_id} does not exist")
             return None
         try:
-            failure = _smtp_send(runtime, build_message(job, sender=runtime.sender))
+            message = build_message(job, sender=runtime.sender)
+        except ValueError as unbuildable:  # a header the email library refuses (a line break): never sendable
+            session.rollback()
+            _dead_letter(runtime, f"email {job.message_id} cannot be built: {unbuildable}")
+            return None
+        try:
+            failure = _smtp_send(runtime, message)
         except BaseException:
             session.rollback()
             raise
