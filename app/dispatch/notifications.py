@@ -31,6 +31,8 @@ from brownout import (
     Effect,
     Envelope,
     Registry,
+    SafeLine,
+    SafeText,
     add_email,
     email_row,
     emails_of,
@@ -58,24 +60,13 @@ Email = Annotated[str, AfterValidator(normalized_email), WithJsonSchema({"type":
 """EmailStr with `normalized_email`: same core schema (a str, then the check) and JSON schema."""
 
 
-def storable_text(value: str) -> str:
-    """Refuse NUL as bad input (422): PostgreSQL text cannot hold it (psycopg2 raises ValueError, JSONB
-    refuses ``\\u0000``), which made a 500 on the direct path. (Lone surrogates pydantic refuses itself.)"""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL (U+0000) characters")
-    return value
-
-
-StorableText = Annotated[str, AfterValidator(storable_text)]
-
-
 class CreateNotificationV1(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     user_id: int = Field(gt=0, le=2**63 - 1)
     email: Email
-    subject: StorableText = Field(min_length=1, max_length=200)
-    body: StorableText = Field(default="", max_length=10_000)
+    subject: SafeLine = Field(min_length=1, max_length=200)  # an email header: one line, no controls, no bidi tricks
+    body: SafeText = Field(default="", max_length=10_000)
 
 
 class SetReadV1(BaseModel):

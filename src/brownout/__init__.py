@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from brownout._observability.sentry import init_sentry
     from brownout._schema import applied_commands, command_conflicts, dead_letters, metadata
     from brownout._settings import ConfigurationError, Settings, load_settings, normalise_database_url, settings_from_values
+    from brownout._text import SafeLine, SafeText
 
 # Each public name and the private module it lives in (the TYPE_CHECKING imports above say the same
 # for type checkers; tests/unit/test_public_api.py holds the two together).
@@ -121,6 +122,9 @@ _EXPORTS: dict[str, str] = {
     "Metrics": "brownout._observability.metrics",
     "configure_logging": "brownout._observability.logs",
     "init_sentry": "brownout._observability.sentry",
+    # text a caller sends
+    "SafeLine": "brownout._text",
+    "SafeText": "brownout._text",
     # Brownout's tables
     "applied_commands": "brownout._schema",
     "command_conflicts": "brownout._schema",
@@ -164,6 +168,8 @@ __all__ = [
     "Rejected",
     "Resilience",
     "RetryPolicy",
+    "SafeLine",
+    "SafeText",
     "Settings",
     "SingleFlight",
     "StaleReads",

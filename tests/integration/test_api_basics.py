@@ -91,6 +91,11 @@ def test_bad_requests_get_clear_4xx(api: RunningApi) -> None:
     nul = api.client.post("/notifications", json=ADA | {"body": "a\u0000b"})  # PostgreSQL text cannot hold it
     assert nul.status_code == 422 and [e["field"] for e in nul.json()["errors"]] == ["body"], nul.text
     assert "NUL" in nul.json()["errors"][0]["reason"]
+    for field, value in (("subject", "Hi\r\nBcc: eve@example.com"), ("subject", "invoice\u202efdp.exe"), ("body", "x\u202ey")):
+        refused = api.client.post("/notifications", json=ADA | {field: value})
+        assert refused.status_code == 422 and [e["field"] for e in refused.json()["errors"]] == [field], refused.text
+    lines = api.client.post("/notifications", json=ADA | {"body": "line one\nline two\tend"}, headers={"Idempotency-Key": "ml"})
+    assert lines.status_code == 201, lines.text
     assert api.client.get("/notifications/not-a-uuid").status_code == 422
     missing = api.client.get(f"/notifications/{uuid.uuid4()}")
     assert missing.status_code == 404 and missing.json() == {"detail": "not found"}
