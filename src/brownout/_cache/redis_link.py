@@ -96,7 +96,9 @@ class RedisLink:
             if self._missed_write:  # before anything is read from Redis again (read_cache.py)
                 self._bump_epoch()
             result = fn(self.client)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        # Any error, not only a lost connection: OOM (maxmemory with noeviction) and READONLY (a replica after
+        # a failover) answer every write, and this call's caller can only go around Redis either way.
+        except (redis.RedisError, OSError) as exc:
             if not self._lone_timeout(exc):
                 self._tripped(exc)
             raise RedisUnavailable(self.last_error or "redis failed") from exc
