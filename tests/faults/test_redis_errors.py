@@ -64,3 +64,6 @@ def test_the_api_answers_from_the_database_when_redis_refuses_writes(
         assert read.status_code == 200 and read.json()["subject"] == "Hello", read.text
         listed = api.client.get("/users/42/notifications")
         assert listed.status_code == 200 and listed.json()["items"], listed.text
+        metrics = api.client.get("/metrics").text
+    counted = [line for line in metrics.splitlines() if line.startswith('brownout_redis_errors_total{kind="out_of_memory"}')]
+    assert counted and float(counted[0].split()[-1]) >= 1, "counted by kind"

@@ -59,6 +59,7 @@ class RedisLink:
     ) -> None:
         self.client = client
         self.prefix = prefix
+        self.on_error: Callable[[str], None] | None = None  # told each failed call's kind (metrics)
         self._skip_seconds = skip_seconds
         self._clock = clock
         self._where = where
@@ -99,6 +100,8 @@ class RedisLink:
         # Any error, not only a lost connection: OOM (maxmemory with noeviction) and READONLY (a replica after
         # a failover) answer every write, and this call's caller can only go around Redis either way.
         except (redis.RedisError, OSError) as exc:
+            if self.on_error is not None:
+                self.on_error(error_kind(exc))
             if not self._lone_timeout(exc):
                 self._tripped(exc)
             raise RedisUnavailable(self.last_error or "redis failed") from exc
@@ -156,6 +159,19 @@ class RedisLink:
             was_down, self._down = self._down, False
         if was_down:
             log.warning("Redis at %s answers again", self._where)
+
+
+def error_kind(exc: BaseException) -> str:
+    """A failed call's kind, as metrics label it (a bounded set)."""
+    if isinstance(exc, redis.TimeoutError):
+        return "timeout"
+    if isinstance(exc, (redis.ConnectionError, OSError)):
+        return "connection"
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "out_of_memory"
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return "read_only"
+    return "other"
 
 
 def build_redis_link(settings: Settings) -> RedisLink | None:

@@ -58,6 +58,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.redis_errors = Counter(
+            "brownout_redis_errors_total",
+            "Redis calls that failed, by kind (connection, timeout, out_of_memory, read_only, other); each is a degraded answer.",
+            ["kind"],
+            registry=r,
+        )
         self.publisher_restarts = Counter(
             "brownout_publisher_restarts_total",
             "Times a web process found its RabbitMQ publisher's I/O thread dead and started a new one.",

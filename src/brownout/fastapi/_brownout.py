@@ -106,6 +106,8 @@ class Brownout:
     def _start(self) -> Brownout:
         settings, metrics = self.settings, self.metrics
         self.link = link = build_redis_link(settings)
+        if link is not None:
+            link.on_error = lambda kind: metrics.redis_errors.labels(kind).inc()
         self._database = database = build_database(settings, link=link)
         metrics.attach_resilience(database.resilience)
         database.breaker.add_listener(DegradedModeLog())
