@@ -137,6 +137,14 @@ def _worker(args: argparse.Namespace, settings: Any) -> int:
     except RegistryNotFound as exc:
         print(f"brownout worker: {exc}", file=sys.stderr)
         return 2
+    if settings.smtp_url:
+        from brownout._worker.email import SmtpTarget
+
+        try:
+            SmtpTarget.from_url(settings.smtp_url)  # here too: a refused SMTP_URL stops the dyno with its reason
+        except ValueError as exc:
+            print(f"brownout worker: {exc}", file=sys.stderr)
+            return 2
     os.environ["BROWNOUT_COMMANDS"] = spec
     processes = args.processes or settings.worker_processes
     _prepare_dyno(settings, "brownout-worker-metrics-")

@@ -120,3 +120,13 @@ def test_migrate_creates_brownout_tables_only_and_health_and_purge_run(pg_databa
     assert purged.returncode == 0 and "purged 0 applied-command records" in purged.stdout
     listed = brownout("dead-letters", "list", env=env)
     assert listed.returncode == 0, listed.stderr
+
+
+def test_the_worker_refuses_a_password_sent_in_clear_before_starting(pg_database: str) -> None:
+    env = {
+        "DATABASE_URL": database_url(pg_database),
+        "RABBITMQ_URL": "amqp://127.0.0.1",
+        "SMTP_URL": "smtp://app:hunter2@mail.example.com:25",
+    }
+    result = brownout("worker", "app.dispatch.notifications:build_registry", env=env)
+    assert result.returncode == 2 and "in clear" in result.stderr and "hunter2" not in result.stderr

@@ -390,3 +390,9 @@ def test_no_health_check_anywhere_uses_ready() -> None:
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.lstrip().startswith("#") and "/ready" in line:
                 raise AssertionError(f"{path.name} uses /ready: {line.strip()}")
+
+
+def test_prometheus_cannot_be_reloaded_or_shut_down_over_http() -> None:
+    """--web.enable-lifecycle lets anyone who reaches :9090 POST /-/quit; reload the configuration by restarting."""
+    command = service("prometheus").get("command", [])
+    assert not [argument for argument in command if "enable-lifecycle" in argument]

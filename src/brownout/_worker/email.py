@@ -74,6 +74,9 @@ _SCHEMES: dict[str, tuple[Security, int]] = {
 }
 
 
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # a relay on the same host: nothing crosses a network
+
+
 class EmailNotSent(Exception):
     """Raised when the SMTP server could not take the email now; Dramatiq retries it with backoff."""
 
@@ -108,6 +111,11 @@ class SmtpTarget:
         security, default_port = _SCHEMES[scheme]
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
+        if security == "plain" and password is not None and parts.hostname not in _LOCAL_HOSTS:
+            raise ValueError(
+                f"SMTP_URL {mask_secrets(url)!r}: a login over plain smtp:// to a remote host sends the password in clear;"
+                " use smtp+starttls:// (587) or smtps:// (465)"
+            )
         return cls(parts.hostname, parts.port or default_port, security, username, password)
 
 
