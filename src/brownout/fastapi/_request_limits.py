@@ -7,10 +7,9 @@ Sentry's scrubbing) pay for it. The bounds are per query string and per header, 
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from brownout.fastapi._body_limit import refuse
 
 
 class RequestLimits:
@@ -22,21 +21,10 @@ class RequestLimits:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if len(scope.get("query_string", b"")) > self.max_query_bytes:
-                await _refuse(send, 414, f"query string longer than {self.max_query_bytes} bytes")
+                await refuse(send, 414, f"query string longer than {self.max_query_bytes} bytes")
                 return
             for name, value in scope.get("headers", ()):
                 if len(name) + len(value) > self.max_header_bytes:
-                    await _refuse(send, 431, f"a request header is longer than {self.max_header_bytes} bytes")
+                    await refuse(send, 431, f"a request header is longer than {self.max_header_bytes} bytes")
                     return
         await self.app(scope, receive, send)
-
-
-async def _refuse(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers: list[Any] = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
