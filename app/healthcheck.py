@@ -17,7 +17,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-PROCESS_TYPE_FILE = "/tmp/brownout-process-type"
+PROCESS_TYPE_FILE = "/tmp/brownout-process-type"  # noqa: S108 - the image's own marker, written by run-procfile inside the container; only read here
 TIMEOUT_SECONDS = 4.0
 
 

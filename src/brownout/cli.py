@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="serve an ASGI app with uvicorn (the web dyno)")
     web.add_argument("app", type=import_string, metavar="APP", help="the app, module:attribute (e.g. myservice.main:app)")
     web.add_argument("--factory", action="store_true", help="APP is a function that returns the app")
-    web.add_argument("--host", default="0.0.0.0", help="default: 0.0.0.0")
+    web.add_argument("--host", default="0.0.0.0", help="default: 0.0.0.0")  # noqa: S104 - a dyno serves on every interface, the platform routes to it; --host narrows it
     web.add_argument("--port", type=int, default=None, help="default: $PORT, else 8000")
     web.add_argument("--processes", type=int, default=None, help="default: BROWNOUT_WEB_PROCESSES")
     web.set_defaults(run=_web)
@@ -120,7 +120,7 @@ def _web(args: argparse.Namespace, settings: Any) -> int:
         "--host", args.host, "--port", str(port), "--workers", str(processes),
         "--proxy-headers", "--timeout-graceful-shutdown", str(WEB_GRACEFUL_SHUTDOWN_SECONDS), "--no-server-header",
     ]  # fmt: skip
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, argv)  # noqa: S606 - becomes our own interpreter with a fixed argv, no shell
     return 0  # not reached
 
 
@@ -154,7 +154,7 @@ def _worker(args: argparse.Namespace, settings: Any) -> int:
         "--worker-shutdown-timeout", str(WORKER_SHUTDOWN_TIMEOUT_MS), "--skip-logging",
         "--queues", settings.queue_name, settings.email_queue_name,
     ]  # fmt: skip
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, argv)  # noqa: S606 - becomes our own interpreter with a fixed argv, no shell
     return 0  # not reached
 
 

@@ -108,7 +108,7 @@ class StaleReads:
             cache.link.missed_write()
 
     def _require_cache(self) -> ReadCache:
-        assert self._cache is not None
+        assert self._cache is not None  # noqa: S101 - narrows the type for mypy: called only on the paths that have a cache
         return self._cache
 
     def read(
@@ -146,7 +146,7 @@ class StaleReads:
             return self._stale(lookup.entry, self._clock())
 
     def _stale(self, entry: Entry, now: float) -> ReadResult:
-        assert self._cache is not None
+        assert self._cache is not None  # noqa: S101 - narrows the type for mypy: a stale entry exists only where a cache does
         age = entry.age(now)
         ttl = math.floor(self._cache.fresh_seconds - age)
         status = f"{CACHE_NAME}; hit; ttl={ttl}; detail=database-unavailable"

@@ -98,7 +98,7 @@ class CircuitBreaker:
         self.success_threshold = success_threshold
         self.open_jitter = open_jitter
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter of the open period, not a secret
         self._listeners = list(listeners)
         self._lock = threading.Lock()
         # Read without the lock on the hot path: a stale read at worst lets one

@@ -212,7 +212,7 @@ class HealthMonitor:
             return True
 
     def _is_degraded(self) -> bool:
-        assert self._degraded is not None
+        assert self._degraded is not None  # noqa: S101 - narrows the type for mypy: both callers check _degraded first
         try:
             return self._degraded()
         except Exception:

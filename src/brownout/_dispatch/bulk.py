@@ -39,7 +39,7 @@ def insert_rows(
     targets = ", ".join((*columns, *extra))
     values = ", ".join((*(f"r.{name}" for name in columns), *extra.values()))
     return text(
-        f"INSERT INTO {table.name} ({targets}) SELECT {values} FROM {recordset(table, columns)} "
+        f"INSERT INTO {table.name} ({targets}) SELECT {values} FROM {recordset(table, columns)} "  # noqa: S608 - names from the caller's Table and code, never input; the rows are one bound parameter
         f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {', '.join(returning)}"
     )
 

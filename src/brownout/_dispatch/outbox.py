@@ -94,7 +94,7 @@ def emails_of(created: str, source: str, column: str) -> str:
     row (an `email_row`, as jsonb) read from *source*.*column*, joined on `id`. Callers own the rest
     of the statement (the reference service's apply_many: the emails of a batch of creations)."""
     return (
-        "INSERT INTO outbox (id, notification_id, kind, payload) "
+        "INSERT INTO outbox (id, notification_id, kind, payload) "  # noqa: S608 - CTE and column names from the caller's code, never input; values stay bound
         "SELECT e.id, e.notification_id, e.kind, e.payload "
         f"FROM {created} JOIN {source} USING (id), "
         f"jsonb_to_record({source}.{column}) AS e(id uuid, notification_id uuid, kind text, payload jsonb) "

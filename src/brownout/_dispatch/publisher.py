@@ -135,7 +135,7 @@ class Publisher:
         self.restarts = 0
         """Times the I/O thread was found dead and started again (`brownout_publisher_restarts_total`)."""
         self.on_restart: Callable[[], None] | None = None
-        rng = rng or random.Random()
+        rng = rng or random.Random()  # noqa: S311 - reconnect backoff jitter, not a secret
         declarations = queue_declarations(queue_name, max_length=max_length, queue_type=queue_type, delivery_limit=delivery_limit)
 
         def new_link() -> PublisherLink:

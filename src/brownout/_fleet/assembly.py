@@ -21,7 +21,7 @@ def build_fleet_breaker(settings: Settings, *, link: RedisLink | None = None) ->
     if not settings.redis_url:
         raise ConfigurationError("BROWNOUT_BREAKER_BACKEND=redis needs REDIS_URL")
     link = link or build_redis_link(settings)
-    assert link is not None
+    assert link is not None  # noqa: S101 - narrows the type for mypy: REDIS_URL is set (checked above), so a link is built
     subscriber = redis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_seconds,

@@ -299,7 +299,7 @@ class SharedBreaker(CircuitBreaker):
             finally:
                 try:
                     pubsub.close()
-                except Exception:
+                except Exception:  # noqa: S110 - best-effort close of a subscription being dropped; what ended it is already recorded
                     pass
             self._stop.wait(self._refresh_seconds)
 

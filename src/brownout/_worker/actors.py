@@ -272,7 +272,7 @@ def _failed_as_a_whole(runtime: ApplyRuntime, slots: list[_Slot], exc: BaseExcep
 def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
     """Enqueue the write again with a delay, or end its wait (src/brownout/_dispatch/waiting.py)."""
     message, reason, envelope = slot.message, slot.defer_reason, slot.envelope
-    assert reason is not None and envelope is not None
+    assert reason is not None and envelope is not None  # noqa: S101 - narrows the type for mypy: _finish calls this only for a slot with a defer reason
     now = runtime.wall()
     waited = now - waiting.waiting_since(message.options, now)
     if isinstance(reason, DependencyPending):
@@ -304,7 +304,7 @@ def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: 
 def _drop(runtime: ApplyRuntime, slot: _Slot, reason: str) -> None:
     """Record the write ``dropped``, its own end: not a dead letter, not an alert."""
     envelope = slot.envelope
-    assert envelope is not None
+    assert envelope is not None  # noqa: S101 - narrows the type for mypy: called only for a parsed write that waited too long
     try:
         with runtime.database.session() as session:
             execute_with_retry(session, lambda: record_dropped(session, envelope, reason), idempotent=True)
@@ -318,7 +318,7 @@ def _drop(runtime: ApplyRuntime, slot: _Slot, reason: str) -> None:
 def _dead_letter(runtime: ApplyRuntime, slot: _Slot) -> None:
     """Keep the write as a dead letter (as text if PostgreSQL refuses it as JSON). Should even that fail,
     the batch is held like any unavailability: never sent to Q.XQ, where it would expire unseen."""
-    assert slot.dead_reason is not None
+    assert slot.dead_reason is not None  # noqa: S101 - narrows the type for mypy: _finish calls this only for a slot with a dead reason
     try:
         dead_letter(runtime.database, slot.message, slot.dead_reason)
     except Exception as exc:

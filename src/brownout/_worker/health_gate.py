@@ -167,7 +167,7 @@ class HealthGate(Middleware):
         self._breaker = breaker
         self.base_seconds = base_seconds
         self.cap_seconds = cap_seconds
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._tripped = threading.Event()
