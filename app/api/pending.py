@@ -166,6 +166,13 @@ class PendingWrites:
         pairs = cast(list[tuple[str, float]], rows)
         return [(str(member), int(score)) for member, score in pairs]
 
+    def awaited(self, notification_id: str, command_id: str) -> bool:
+        """Whether a creation of the notification is queued, or this command was queued before (a replay of
+        its Idempotency-Key): a mark of it must then wait in the queue, not be refused. One round trip."""
+        keys = [self._item_key(notification_id), self._command_key(command_id)]
+        raws = self.link.run(lambda client: client.mget(keys))
+        return any(raw is not None for raw in raws)
+
     def command(self, command_id: str) -> dict[str, Any] | None:
         raw = self.link.run(lambda client: client.get(self._command_key(command_id)))
         return None if raw is None else dict(json.loads(raw))

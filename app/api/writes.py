@@ -3,6 +3,8 @@
     Applied  -> 201 (create) / 200 (mark); written through to the cache
     Queued   -> 202 + Location: /commands/{id}; shown to reads as pending
     Rejected -> 503 + Retry-After (outcome unknown: retry with the same Idempotency-Key)
+    DependencyMissing -> 404: a mark of a notification neither in the database nor queued for creation
+                         (as far as Redis knows; when it cannot tell, the mark is queued)
 
 An Idempotency-Key reused with another body is refused at once (422) when this
 service can see it: the direct path finds it in `applied_commands`; while the
@@ -67,12 +69,12 @@ class NotificationWrites:
         self.replay: PendingReplay | None = None  # pending entries Redis missed, recorded again later
 
     def submit(self, name: str, payload: dict[str, Any], *, idempotency_key: str | None) -> WriteResult:
-        """Raise InvalidCommand or KeyReused for a bad request; every other outcome is a WriteResult."""
+        """Raise InvalidCommand, KeyReused or DependencyMissing (404); every other outcome is a WriteResult."""
         envelope = self._dispatcher.accept(name, payload, idempotency_key=idempotency_key)
         if envelope.client_key:
             self._claim_key(envelope)
         try:
-            outcome = self._dispatcher.submit_envelope(envelope)
+            outcome = self._dispatcher.submit_envelope(envelope, expected=self._awaited if self._pending is not None else None)
         except KeyConflict as conflict:
             raise KeyReused(str(conflict)) from None
         if self.on_outcome is not None:
@@ -92,6 +94,18 @@ class NotificationWrites:
         detail = f"write not accepted: {outcome.reason}; retry with the same Idempotency-Key"
         body = {"detail": detail, "retry_after": retry_after}
         return WriteResult(503, body, {"Retry-After": retry_after})
+
+    def _awaited(self, envelope: Envelope) -> bool:
+        """Asked when a mark finds no row: may the notification still come? False answers 404 at once, where
+        queued the mark would wait its whole wait for nothing. True whenever Redis cannot tell."""
+        pending = self._pending
+        ident = str(envelope.entity_id)
+        if pending is None or (self.replay is not None and self.replay.item(ident) is not None):
+            return True  # no pending records, or a creation accepted here that Redis has not recorded yet
+        try:
+            return pending.awaited(ident, str(envelope.command_id))
+        except RedisUnavailable:
+            return True
 
     def _claim_key(self, envelope: Envelope) -> None:
         link = self._link

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from brownout._dispatch.bulk import recordset, rows_param
     from brownout._dispatch.commands import (
         Command,
+        DependencyMissing,
         DependencyPending,
         Effect,
         Registry,
@@ -85,6 +86,7 @@ _EXPORTS: dict[str, str] = {
     # writes as commands
     "Applied": "brownout._dispatch.dispatcher",
     "Command": "brownout._dispatch.commands",
+    "DependencyMissing": "brownout._dispatch.commands",
     "DependencyPending": "brownout._dispatch.commands",
     "Dispatcher": "brownout._dispatch.dispatcher",
     "Effect": "brownout._dispatch.commands",
@@ -144,6 +146,7 @@ __all__ = [
     "Database",
     "DatabaseUnavailable",
     "DeadlineExceeded",
+    "DependencyMissing",
     "DependencyPending",
     "Dispatcher",
     "Effect",

@@ -24,7 +24,7 @@ EXPECTED = {
     "brownout": [
         "Applied", "BreakerState", "BrownoutDbError", "CircuitBreaker", "CircuitOpenError", "Command",
         "CommitOutcomeUnknown", "ConfigurationError", "Database", "DatabaseUnavailable", "DeadlineExceeded",
-        "DependencyPending", "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor",
+        "DependencyMissing", "DependencyPending", "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor",
         "InvalidCommand", "KeyConflict", "Lookup", "Metrics", "PendingReplay", "PublishRejected", "Publisher",
         "Queued", "ReadCache", "ReadResult", "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound",
         "Rejected", "Resilience", "RetryPolicy", "SafeLine", "SafeText", "Settings", "SingleFlight", "StaleReads",

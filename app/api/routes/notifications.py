@@ -32,6 +32,10 @@ _WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "Could not be made durable in time: retry with the same Idempotency-Key after Retry-After"},
 }
 
+_MARK_RESPONSES: dict[int | str, dict[str, Any]] = _WRITE_RESPONSES | {
+    404: {"description": "No such notification, and no creation of it queued (when Redis cannot tell: 202)"},
+}
+
 
 def _respond(result: WriteResult) -> JSONResponse:
     return JSONResponse(result.body, status_code=result.status_code, headers=result.headers)
@@ -46,14 +50,14 @@ def create_notification(
     return _respond(services.writes.submit(CREATE, payload, idempotency_key=idempotency_key))
 
 
-@router.post("/notifications/{notification_id}/read", responses=_WRITE_RESPONSES)
+@router.post("/notifications/{notification_id}/read", responses=_MARK_RESPONSES)
 def mark_read(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Mark read: the last write accepted wins, whichever path each took."""
     payload = {"notification_id": str(notification_id)}
     return _respond(services.writes.submit(MARK_READ, payload, idempotency_key=idempotency_key))
 
 
-@router.post("/notifications/{notification_id}/unread", responses=_WRITE_RESPONSES)
+@router.post("/notifications/{notification_id}/unread", responses=_MARK_RESPONSES)
 def mark_unread(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     payload = {"notification_id": str(notification_id)}
     return _respond(services.writes.submit(MARK_UNREAD, payload, idempotency_key=idempotency_key))

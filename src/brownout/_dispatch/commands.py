@@ -34,6 +34,17 @@ class DependencyPending(CommandError):
     (an update of an entity whose creation is still queued): try again later."""
 
 
+class DependencyMissing(CommandError):
+    """Raised by the dispatcher's direct path when the write needs an entity that is not in the database and
+    that the caller knows no queued creation of (HTTP 404): queued, it would only wait out its wait and be
+    dropped. Nothing is queued or recorded, so the same request may succeed once the entity exists."""
+
+    def __init__(self, entity_key: str) -> None:
+        self.entity_key = entity_key
+        kind, _, ident = entity_key.partition(":")
+        super().__init__(f"{kind} {ident} not found")
+
+
 @dataclass(frozen=True)
 class Effect:
     """What applying did: the resulting entity, and whether a later write had already won (or nothing was done)."""

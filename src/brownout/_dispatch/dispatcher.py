@@ -10,6 +10,8 @@ deadline (BROWNOUT_REQUEST_DB_DEADLINE_SECONDS). When the breaker is open, the
 deadline is spent on transient failures, or the write needs one that is still
 queued (DependencyPending), it is queued instead; the worker applies it with
 the same `apply_envelope`, which makes either path's result count once.
+A write needing an entity that nothing creates (the caller's `expected` says
+so) is not queued to wait for nothing: DependencyMissing (404).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sqlalchemy import text
 
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
 from brownout._dispatch.apply import AppliedWrite, apply_envelope
-from brownout._dispatch.commands import CommandError, DependencyPending, Registry
+from brownout._dispatch.commands import CommandError, DependencyMissing, DependencyPending, Registry
 from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
 from brownout._dispatch.hlc import HybridClock, datetime_of
 from brownout._settings import Settings
@@ -206,10 +208,16 @@ class Dispatcher:
         """Apply now, queue, or reject; raise InvalidCommand or KeyConflict for a bad request."""
         return self.submit_envelope(self.accept(name, payload, idempotency_key=idempotency_key))
 
-    def submit_envelope(self, envelope: Envelope) -> Outcome:
-        """`submit` for an envelope from `accept` (the API looks at it in between)."""
+    def submit_envelope(self, envelope: Envelope, *, expected: Callable[[Envelope], bool] | None = None) -> Outcome:
+        """`submit` for an envelope from `accept` (the API looks at it in between).
+
+        *expected* is asked when the direct path finds the write needs an entity not created yet
+        (DependencyPending): may its creation still come (one is queued, or this very write was queued
+        before)? True, or no *expected*, queues the write to wait for it; False raises DependencyMissing
+        once a second look at the database still finds nothing (a creation applied while *expected* was
+        asked, its pending entry cleared, is in the database by then)."""
         if self._database.breaker.refuse_now() is None:  # a refusal is counted, and the write queued
-            applied = self._apply_now(envelope)
+            applied = self._apply_now(envelope, expected)
             if applied is not None:
                 self.clock.observe(int(applied.result.get("read_stamp") or 0))  # a later stamp set by another process
                 return Applied(
@@ -233,8 +241,21 @@ class Dispatcher:
             return Rejected(rejected.reason, rejected.retry_after)
         return Queued(command_id=envelope.command_id, id=envelope.entity_id)
 
-    def _apply_now(self, envelope: Envelope) -> AppliedWrite | None:
+    def _apply_now(self, envelope: Envelope, expected: Callable[[Envelope], bool] | None) -> AppliedWrite | None:
         """The direct path; None means "queue it instead"."""
+        try:
+            return self._try_apply(envelope)
+        except DependencyPending:
+            if expected is None or expected(envelope):
+                log.info("write %s goes to the queue: DependencyPending", envelope.command_id)
+                return None
+        try:
+            return self._try_apply(envelope)
+        except DependencyPending:
+            raise DependencyMissing(envelope.entity_key) from None
+
+    def _try_apply(self, envelope: Envelope) -> AppliedWrite | None:
+        """One apply within the request deadline; None when the database cannot take it now."""
         started = time.monotonic()
         with self._database.session() as session:
             try:
@@ -244,7 +265,7 @@ class Dispatcher:
                     deadline=self._deadline,
                     idempotent=True,  # apply_envelope claims the command id first
                 )
-            except (CircuitOpenError, DeadlineExceeded, DependencyPending) as reason:
+            except (CircuitOpenError, DeadlineExceeded) as reason:
                 log.info("write %s goes to the queue: %s", envelope.command_id, type(reason).__name__)
                 return None
             except CommandError:
