@@ -8,7 +8,10 @@ keep their conventional names (`DATABASE_URL`).
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, unquote
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -335,15 +338,64 @@ class Settings(BaseSettings):
 
 
 def normalise_database_url(value: str) -> str:
-    """postgres:// and postgresql:// (as hosting providers hand them out) -> postgresql+psycopg2://."""
+    """postgres:// and postgresql:// (as hosting providers hand them out) -> postgresql+psycopg2://, and
+    sslmode=require added when the URL names a host off this machine and no sslmode (see `_default_sslmode`).
+
+    Every database URL goes through here (the settings' DATABASE_URL and MIGRATION_DATABASE_URL, the
+    migrations' env.py), so every engine (web, worker, migrations, health check, CLI) gets the same rule."""
     value = value.strip()
     scheme, sep, rest = value.partition("://")
     if not sep:
         raise ValueError("must be a URL such as postgresql://user:password@host:5432/dbname")
     scheme = scheme.lower()
     if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
-        return f"postgresql+psycopg2://{rest}"
+        return f"postgresql+psycopg2://{_default_sslmode(rest)}"
     raise ValueError(f"unsupported scheme {scheme!r}: use postgresql:// (driver psycopg2)")
+
+
+def _default_sslmode(rest: str) -> str:
+    """*rest* (a URL after its "://") with sslmode=require when it reaches a non-local host and says no sslmode.
+
+    libpq's default is `prefer`: TLS when the server offers it, plain text when it does not, so anyone on
+    the path who answers "no SSL" gets the password and every row. An explicit choice stays: sslmode in the
+    URL (even `disable`), libpq's PGSSLMODE, or a pg_service.conf entry (`service=`). Local means localhost,
+    a loopback address or a Unix socket (no host, or a path); a URL without host follows PGHOST as libpq does.
+    """
+    location, _, query = rest.partition("?")
+    params = parse_qs(query, keep_blank_values=True)
+    if "sslmode" in params or "service" in params or os.environ.get("PGSSLMODE"):
+        return rest
+    hosts = _url_hosts(location.split("/", 1)[0])
+    for key in ("host", "hostaddr"):
+        hosts += [host for value in params.get(key, []) for host in value.split(",")]
+    if not [host for host in hosts if host.strip()]:
+        hosts = os.environ.get("PGHOST", "").split(",")
+    if all(_is_local_host(host) for host in hosts):
+        return rest
+    return f"{location}?{query}&sslmode=require" if query else f"{location}?sslmode=require"
+
+
+def _url_hosts(netloc: str) -> list[str]:
+    """The host names of a URL's user:password@host:port[,host:port...] part, ports dropped."""
+    hosts = []
+    for item in netloc.rpartition("@")[2].split(","):
+        if item.startswith("["):
+            hosts.append(item[1:].partition("]")[0])
+        else:
+            hosts.append(item.partition(":")[0])
+    return hosts
+
+
+def _is_local_host(host: str) -> bool:
+    host = unquote(host).strip()
+    if not host or host.startswith(("/", "@")):  # the default socket, a socket directory, an abstract socket
+        return True
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _env_name(field: str) -> str:
