@@ -396,3 +396,122 @@ def test_prometheus_cannot_be_reloaded_or_shut_down_over_http() -> None:
     """--web.enable-lifecycle lets anyone who reaches :9090 POST /-/quit; reload the configuration by restarting."""
     command = service("prometheus").get("command", [])
     assert not [argument for argument in command if "enable-lifecycle" in argument]
+
+
+# ---------------------------------------------------------------- credentials in compose
+#
+# No service in compose starts with a password anyone can guess (Grafana's admin/admin, RabbitMQ's
+# guest/guest, a Redis without one). Each is a required variable, `${NAME:?message}`, which
+# deploy/compose-env.sh generates into .env (read by compose, kept out of git and of the image).
+# Compose interpolates the whole file for any command, even `up` of a few services and even for a
+# service outside the active profiles, so the script writes every variable the file requires.
+
+COMPOSE_ENV_SCRIPT = ROOT / "deploy" / "compose-env.sh"
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<rest>[^}]*)\}")
+_REQUIRED = re.compile(r"^\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*):?\?[^}]*\}$")
+
+
+def required_variable(value: object) -> str | None:
+    """NAME when *value* is exactly `${NAME:?message}` (or `${NAME?message}`), else None."""
+    match = _REQUIRED.match(str(value or "").strip())
+    return match["name"] if match else None
+
+
+def substituted(value: str) -> str:
+    """*value* with each `${NAME...}` replaced by `<NAME>` (so a URL of variables can be split)."""
+    return _VARIABLE.sub(lambda match: f"<{match['name']}>", value)
+
+
+def compose_required_variables() -> set[str]:
+    text = COMPOSE.read_text(encoding="utf-8")
+    return {match["name"] for match in _VARIABLE.finditer(text) if match["rest"].startswith(("?", ":?"))}
+
+
+def url_credentials(url: str) -> tuple[str | None, str | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(substituted(url))
+    return parts.username, parts.password
+
+
+def test_compose_gives_no_secret_a_default() -> None:
+    """`${GRAFANA_ADMIN_PASSWORD:-admin}` was a password everyone knows; a secret has no default."""
+    for match in _VARIABLE.finditer(COMPOSE.read_text(encoding="utf-8")):
+        if re.search(r"PASS|SECRET|TOKEN|KEY", match["name"]):
+            assert match["rest"].startswith(("?", ":?")), f"{match.group(0)}: a secret must be required, not defaulted"
+
+
+def test_compose_grafana_admin_password_is_required() -> None:
+    env = environment(service("grafana"))
+    assert required_variable(env.get("GF_SECURITY_ADMIN_PASSWORD")) == "GRAFANA_ADMIN_PASSWORD", env
+    assert env.get("GF_SECURITY_ADMIN_USER", "admin") == "admin"
+
+
+def test_compose_rabbitmq_user_is_not_guest_and_every_process_uses_its_credential() -> None:
+    env = environment(service("rabbitmq"))
+    user = env.get("RABBITMQ_DEFAULT_USER")
+    assert user and user != "guest", "the image's default user is guest/guest"
+    password = required_variable(env.get("RABBITMQ_DEFAULT_PASS"))
+    assert password, f"RABBITMQ_DEFAULT_PASS must be a required variable: {env.get('RABBITMQ_DEFAULT_PASS')!r}"
+    for name in sorted(PROCESS_TYPES):
+        url = environment(service(name))["RABBITMQ_URL"]
+        assert url_credentials(url) == (user, f"<{password}>"), f"{name}'s RABBITMQ_URL {url!r}"
+    lines = COMPOSE.read_text(encoding="utf-8").splitlines()
+    assert not [line for line in lines if "guest" in line and not line.lstrip().startswith("#")]
+
+
+def test_compose_redis_requires_a_password_and_every_process_sends_it() -> None:
+    redis = service("redis")
+    tokens = command_tokens(redis["command"])
+    assert "--requirepass" in tokens, tokens
+    password = required_variable(tokens[tokens.index("--requirepass") + 1])
+    assert password, f"--requirepass must be given a required variable: {tokens}"
+    for name in sorted(PROCESS_TYPES):
+        url = environment(service(name))["REDIS_URL"]
+        assert url_credentials(url)[1] == f"<{password}>", f"{name}'s REDIS_URL {url!r}"
+    # The health check authenticates (redis-cli reads REDISCLI_AUTH), or PING answers NOAUTH.
+    assert required_variable(environment(redis).get("REDISCLI_AUTH")) == password
+    assert "PONG" in " ".join(command_tokens(redis["healthcheck"]["test"]))
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    pairs = (line.partition("=") for line in path.read_text(encoding="utf-8").splitlines() if line and line[0] != "#")
+    return {name: value for name, _, value in pairs}
+
+
+def test_compose_env_script_generates_every_variable_compose_requires(tmp_path: Path) -> None:
+    target = tmp_path / ".env"
+    target.write_text("# mine\nREDIS_PASSWORD=kept-as-it-is\n", encoding="utf-8")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(COMPOSE_ENV_SCRIPT), str(target)],
+            env={"PATH": "/usr/bin:/bin", "GRAFANA_ADMIN_PASSWORD": "from-the-environment"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    values = _read_env_file(target)
+    required = compose_required_variables()
+    assert {"GRAFANA_ADMIN_PASSWORD", "RABBITMQ_PASSWORD", "REDIS_PASSWORD"} <= required
+    assert required <= set(values), f"compose requires {sorted(required - set(values))}, which the script does not write"
+    assert values["REDIS_PASSWORD"] == "kept-as-it-is"
+    assert values["GRAFANA_ADMIN_PASSWORD"] == "from-the-environment"
+    generated = values["RABBITMQ_PASSWORD"]
+    assert re.fullmatch(r"[0-9a-f]{32,}", generated), "random, and safe in a URL without escaping"
+    assert target.stat().st_mode & 0o077 == 0, "the file holds passwords: owner only"
+    for value in values.values():
+        assert value not in first.stdout + first.stderr, "the script never prints a password"
+    assert run().returncode == 0
+    assert _read_env_file(target) == values, "a second run changes nothing"
+
+
+def test_the_env_file_stays_out_of_git_and_of_the_image() -> None:
+    for ignore in (ROOT / ".gitignore", ROOT / ".dockerignore"):
+        lines = {line.strip() for line in ignore.read_text(encoding="utf-8").splitlines()}
+        assert lines & {".env", "/.env", ".env*", "*.env"}, f"{ignore.name} does not ignore .env"
+

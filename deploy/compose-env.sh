@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Write the passwords docker-compose.yml requires into .env (beside it, where compose reads
+# it), before the first `docker compose up`:
+#   deploy/compose-env.sh [FILE]        # FILE: default .env at the repository's root
+# RABBITMQ_PASSWORD (RabbitMQ's user brownout, in every process's RABBITMQ_URL), REDIS_PASSWORD
+# (Redis's requirepass, in every REDIS_URL) and GRAFANA_ADMIN_PASSWORD (Grafana's admin).
+# A variable already in FILE is kept; one set in the environment is taken as it is (it goes into
+# URLs and .env unescaped: letters, digits, - . _ ~ only); the others get 24 random bytes in hex. Never
+# prints a password: read them in FILE (mode 600). Idempotent. RabbitMQ and Grafana take their
+# password when their data is first created: to change one later, change it in the service too
+# (or `docker compose down -v`, which deletes the data).
+set -euo pipefail
+
+readonly ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+readonly FILE="${1:-$ROOT/.env}"
+readonly NAMES=(RABBITMQ_PASSWORD REDIS_PASSWORD GRAFANA_ADMIN_PASSWORD)
+
+umask 077
+touch "$FILE"
+chmod 600 "$FILE"
+
+random_hex() { od -An -tx1 -N24 /dev/urandom | tr -d ' \n'; }
+
+for name in "${NAMES[@]}"; do
+    if grep -q "^$name=." "$FILE"; then
+        continue
+    fi
+    value="${!name:-}"
+    if [[ -n $value ]]; then
+        if [[ ! $value =~ ^[A-Za-z0-9._~-]+$ ]]; then
+            echo "compose-env: $name from the environment may hold only letters, digits and - . _ ~ (it goes unescaped into a URL and into .env)" >&2
+            exit 1
+        fi
+        source="the environment"
+    else
+        value="$(random_hex)"
+        source="generated"
+    fi
+    [[ -z $(tail -c 1 "$FILE") ]] || echo >>"$FILE"
+    printf '%s=%s\n' "$name" "$value" >>"$FILE"
+    echo "compose-env: $name written to $FILE ($source)"
+done
