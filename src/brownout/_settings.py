@@ -361,7 +361,11 @@ def _default_sslmode(rest: str) -> str:
     URL (even `disable`), libpq's PGSSLMODE, or a pg_service.conf entry (`service=`). Local means localhost,
     a loopback address or a Unix socket (no host, or a path); a URL without host follows PGHOST as libpq does.
     """
-    location, _, query = rest.partition("?")
+    userinfo, at, after = rest.partition("@")
+    if not at or "/" in userinfo:  # no user info: an "@" further on is in the path or the query
+        userinfo, at, after = "", "", rest
+    # Split after the user info, which SQLAlchemy lets hold a raw "?" (a password).
+    location, _, query = after.partition("?")
     params = parse_qs(query, keep_blank_values=True)
     if "sslmode" in params or "service" in params or os.environ.get("PGSSLMODE"):
         return rest
@@ -372,13 +376,14 @@ def _default_sslmode(rest: str) -> str:
         hosts = os.environ.get("PGHOST", "").split(",")
     if all(_is_local_host(host) for host in hosts):
         return rest
-    return f"{location}?{query}&sslmode=require" if query else f"{location}?sslmode=require"
+    query = f"{query}&sslmode=require" if query else "sslmode=require"
+    return f"{userinfo}{at}{location}?{query}"
 
 
 def _url_hosts(netloc: str) -> list[str]:
-    """The host names of a URL's user:password@host:port[,host:port...] part, ports dropped."""
+    """The host names of a URL's host:port[,host:port...] part, ports dropped."""
     hosts = []
-    for item in netloc.rpartition("@")[2].split(","):
+    for item in netloc.split(","):
         if item.startswith("["):
             hosts.append(item[1:].partition("]")[0])
         else:

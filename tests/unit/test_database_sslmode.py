@@ -13,6 +13,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from brownout._db.database import Database
 from brownout._db.engine import build_engine
@@ -52,6 +53,16 @@ def test_a_remote_host_without_sslmode_gets_require(url: str) -> None:
 def test_a_remote_url_that_names_sslmode_is_kept(mode: str) -> None:
     url = f"postgresql://app:s3cret@db.example.com:5432/app?sslmode={mode}"
     assert normalise_database_url(url) == f"postgresql+psycopg2://app:s3cret@db.example.com:5432/app?sslmode={mode}"
+
+
+def test_a_raw_question_mark_in_the_password_is_not_the_query() -> None:
+    """SQLAlchemy reads `pa?ss` as the password; the query begins after the host."""
+    normalised = normalise_database_url("postgresql://app:pa?ss@db.example.com:5432/app")
+    assert normalised == "postgresql+psycopg2://app:pa?ss@db.example.com:5432/app?sslmode=require"
+    url = make_url(normalised)
+    assert (url.password, url.database, dict(url.query)) == ("pa?ss", "app", {"sslmode": "require"})
+    local = "postgresql+psycopg2://app:pa?ss@127.0.0.1:5432/app"
+    assert normalise_database_url(local) == local
 
 
 def test_pgsslmode_in_the_environment_is_an_explicit_choice_too(monkeypatch: pytest.MonkeyPatch) -> None:
