@@ -11,7 +11,10 @@
   "queued" before the database knows it.
 
 Everything expires after `pending_seconds`: an entry that nobody cleared (the
-read that would have, never came; Redis lost a delete) cannot stick.
+read that would have, never came; Redis lost a delete) cannot stick. A user's
+recent set also keeps only its newest `RECENT_PER_USER` members, so one user's
+writes cannot grow it without bound (the other entries are one per queued
+write, and the queue's length bounds those).
 Every method raises RedisUnavailable when Redis does not answer in time.
 """
 
@@ -47,15 +50,27 @@ return 0
 """
 
 
+RECENT_PER_USER = 1000
+"""Newest writes kept in a user's recent set: ten pages of the largest size a list serves."""
+
+
 def padded(stamp: int) -> str:
     return f"{stamp:020d}"
 
 
 class PendingWrites:
-    def __init__(self, link: RedisLink, *, ttl_seconds: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        *,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.time,
+        recent_cap: int = RECENT_PER_USER,
+    ) -> None:
         self.link = link
         self.ttl_seconds = ttl_seconds
         self.clock = clock
+        self.recent_cap = recent_cap
         self._clear_mark = link.client.register_script(_CLEAR_MARK)
 
     @property
@@ -121,6 +136,7 @@ class PendingWrites:
         horizon = (self.clock() - self.ttl_seconds) * 1_000_000
         pipe.zadd(key, {notification_id: created_us})
         pipe.zremrangebyscore(key, "-inf", f"({horizon:.0f}")
+        pipe.zremrangebyrank(key, 0, -(self.recent_cap + 1))  # the oldest beyond the cap
         pipe.pexpire(key, self._ttl_ms)
 
     # -- clean-up (by the reads that see the database has caught up) ----------

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+PAGES_PER_USER = 50
+"""Cached list pages kept per user (limits x cursors), the oldest deleted: one user cannot grow Redis unbounded."""
+
 
 class NotFound(Exception):
     """Raised when neither the database nor a pending write knows the item."""
@@ -104,6 +107,7 @@ class NotificationReads(StaleReads):
         result = self.read(
             self.list_keys(user_id, before, limit) if self._cache else None,
             lambda session: queries.list_notifications(session, user_id, before=before, limit=limit),
+            group=(self._require_cache().link.key("index", "pages", user_id), PAGES_PER_USER) if self._cache else None,
         )
         rows: list[dict[str, Any]] = result.body
         more = len(rows) > limit

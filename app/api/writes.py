@@ -112,8 +112,9 @@ class NotificationWrites:
         if link is None:
             return
         key = link.key("idempotency", envelope.command_id)
+        ttl_ms = max(1, int(self._key_seconds * 1000))  # not EX: it rounded a sub-second window down to 0, an error
         try:
-            first = link.run(lambda client: client.set(key, envelope.payload_hash, nx=True, get=True, ex=int(self._key_seconds)))
+            first = link.run(lambda client: client.set(key, envelope.payload_hash, nx=True, get=True, px=ttl_ms))
         except RedisUnavailable:
             return  # the database (direct path) or the worker (queued path) still catches a reuse
         if first is not None and first != envelope.payload_hash:

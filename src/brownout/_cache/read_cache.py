@@ -14,6 +14,14 @@ The link remembers such a miss and, on its first command once Redis answers,
 bumps a fleet-wide *epoch*; entries are fresh only under the epoch they were
 stored in (a fleet-wide loss of freshness, never of stale copies).
 
+Memory stays bounded (README "Redis memory"): every entry expires. An answer
+that holds nothing (None: a 404 remembered; an empty list: a page past the end
+or a user with nothing) would let a flood of reads for made-up ids and pages
+fill Redis, so such entries are kept in one fleet-wide index capped at
+`empty_cap`, the oldest deleted, and a None lives only `fresh_seconds` (served
+stale it would say nothing a 503 does not). A caller can cap other entries the
+same way (`group`: an index key and how many it keeps, e.g. one user's pages).
+
 Every method raises RedisUnavailable when Redis cannot answer in time; callers
 then go to the database (or answer 503) and never wait longer.
 """
@@ -29,11 +37,23 @@ from typing import Any
 
 from brownout._cache.redis_link import RedisLink
 
-# KEYS[1] value key, KEYS[2] generation key; ARGV: observed generation, entry JSON, ttl ms.
+# KEYS[1] value key, KEYS[2] generation key, KEYS[3] (optional) a capped index of value keys;
+# ARGV: observed generation, entry JSON, ttl ms, most keys the index keeps, score (ms), and '1' when
+# only entries that still hold nothing may be deleted (a key indexed empty may hold a value since).
 _STORE_IF_CURRENT = """
 local current = redis.call('GET', KEYS[2]) or '0'
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if #KEYS < 3 then return 1 end
+redis.call('ZADD', KEYS[3], ARGV[5], KEYS[1])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+if over > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, over - 1)) do
+    if ARGV[6] ~= '1' or string.sub(redis.call('GET', old) or '', 1, 10) == '{"empty":1' then redis.call('DEL', old) end
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, over - 1)
+end
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
 return 1
 """
 
@@ -67,6 +87,15 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+EMPTY_CAP = 1000
+"""Entries holding nothing kept fleet-wide (a few hundred kB): a flood of made-up ids deletes its own, oldest first."""
+
+
+def holds_nothing(value: Any) -> bool:
+    """None (the query found no row) or an empty list or dict (a page past the end)."""
+    return value is None or (isinstance(value, (list, tuple, dict)) and not value)
 
 
 @dataclass(frozen=True)
@@ -104,10 +133,12 @@ class ReadCache:
         fresh_seconds: float,
         stale_seconds: float,
         clock: Callable[[], float] = time.time,
+        empty_cap: int = EMPTY_CAP,
     ) -> None:
         self.link = link
         self.fresh_seconds = fresh_seconds
         self.stale_seconds = stale_seconds
+        self.empty_cap = empty_cap
         self.clock = clock  # wall clock: entries are shared by processes (and machines)
         self._store = link.client.register_script(_STORE_IF_CURRENT)
         self._write_through = link.client.register_script(_WRITE_THROUGH)
@@ -128,11 +159,30 @@ class ReadCache:
         )
         return Lookup(entry, current, current_epoch, tuple(str(raw) if raw is not None else None for raw in extras))
 
-    def fill(self, key: str, gen_key: str, value: Any, *, observed_gen: int, observed_epoch: int = 0) -> bool:
-        """Store a database read unless a write bumped the generation since it was observed."""
-        fields = {"gen": observed_gen, "epoch": observed_epoch, "stored_at": self.clock(), "value": value}
+    def fill(
+        self,
+        key: str,
+        gen_key: str,
+        value: Any,
+        *,
+        observed_gen: int,
+        observed_epoch: int = 0,
+        group: tuple[str, int] | None = None,
+    ) -> bool:
+        """Store a database read unless a write bumped the generation since it was observed. *group*: (index
+        key, most entries kept) it counts against; an answer holding nothing counts against the empty index."""
+        now = self.clock()
+        fields: dict[str, Any] = {"gen": observed_gen, "epoch": observed_epoch, "stored_at": now, "value": value}
+        ttl_ms, guarded = self._ttl_ms, "0"
+        if holds_nothing(value):
+            fields = {"empty": 1} | fields
+            group, guarded = (self.link.key("index", "empty"), self.empty_cap), "1"
+            if value is None:
+                ttl_ms = max(1, int(self.fresh_seconds * 1000))
         entry = json.dumps(fields, separators=(",", ":"))
-        stored = self.link.run(lambda client: self._store(keys=[key, gen_key], args=[str(observed_gen), entry, self._ttl_ms]))
+        keys = [key, gen_key] if group is None else [key, gen_key, group[0]]
+        args: list[str | int] = [str(observed_gen), entry, ttl_ms, max(1, group[1]) if group else 0, int(now * 1000), guarded]
+        stored = self.link.run(lambda client: self._store(keys=keys, args=args))
         return bool(stored)
 
     def write_through(self, key: str | None, gen_keys: Sequence[str], value: Any = None, *, version: int = 0) -> None:

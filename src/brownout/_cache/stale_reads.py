@@ -112,17 +112,25 @@ class StaleReads:
         return self._cache
 
     def read(
-        self, keys: tuple[str, str] | None, query: Callable[[Session], T], *, extra_keys: tuple[str, ...] = ()
+        self,
+        keys: tuple[str, str] | None,
+        query: Callable[[Session], T],
+        *,
+        extra_keys: tuple[str, ...] = (),
+        group: tuple[str, int] | None = None,
     ) -> ReadResult:
+        """*group*: (index key, most entries kept) this entry counts against, e.g. one user's pages (read_cache.py)."""
         lookup = self._lookup(keys, extra_keys)
-        result = self._read_through(keys, lookup, query)
+        result = self._read_through(keys, lookup, query, group)
         result.extras = lookup.extras if lookup is not None else ()
         if self.on_read is not None:
             served = "stale" if result.stale else ("hit" if not result.from_database else "bypass" if lookup is None else "miss")
             self.on_read(served)
         return result
 
-    def _read_through(self, keys: tuple[str, str] | None, lookup: Lookup | None, query: Callable[[Session], T]) -> ReadResult:
+    def _read_through(
+        self, keys: tuple[str, str] | None, lookup: Lookup | None, query: Callable[[Session], T], group: tuple[str, int] | None
+    ) -> ReadResult:
         now = self._clock()
         cache = self._cache
         if lookup is not None and lookup.entry is not None and cache is not None:
@@ -137,7 +145,7 @@ class StaleReads:
                 detail = "; detail=cache-unavailable" if self._cache is not None else ""
                 status = f"{CACHE_NAME}; fwd=miss{detail}" if self._cache else ""
                 return ReadResult(value, cache_status=status, from_database=True)
-            value, stored = self._flights.run(keys[0], lambda: self._load(keys, lookup, query), wait=self._deadline)
+            value, stored = self._flights.run(keys[0], lambda: self._load(keys, lookup, query, group), wait=self._deadline)
             status = f"{CACHE_NAME}; fwd=miss" + ("; stored" if stored else "")
             return ReadResult(value, cache_status=status, from_database=True)
         except DatabaseUnavailable:
@@ -152,7 +160,9 @@ class StaleReads:
         status = f"{CACHE_NAME}; hit; ttl={ttl}; detail=database-unavailable"
         return ReadResult(entry.value, stale=True, age=age, cache_status=status, stored_at=entry.stored_at)
 
-    def _load(self, keys: tuple[str, str], lookup: Lookup, query: Callable[[Session], T]) -> tuple[T, bool]:
+    def _load(
+        self, keys: tuple[str, str], lookup: Lookup, query: Callable[[Session], T], group: tuple[str, int] | None = None
+    ) -> tuple[T, bool]:
         """The leader's load: fleet-wide lock, database read, fill unless a write came in between."""
         cache = self._require_cache()
         key, gen_key = keys
@@ -170,7 +180,7 @@ class StaleReads:
             if self.after_load is not None:
                 self.after_load(key)
             observed = {"observed_gen": lookup.gen, "observed_epoch": lookup.epoch}
-            stored = bool(self._cache_call(lambda: cache.fill(key, gen_key, value, **observed)))
+            stored = bool(self._cache_call(lambda: cache.fill(key, gen_key, value, group=group, **observed)))
             return value, stored
         finally:
             if token:
