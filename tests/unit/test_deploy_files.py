@@ -515,3 +515,10 @@ def test_the_env_file_stays_out_of_git_and_of_the_image() -> None:
         lines = {line.strip() for line in ignore.read_text(encoding="utf-8").splitlines()}
         assert lines & {".env", "/.env", ".env*", "*.env"}, f"{ignore.name} does not ignore .env"
 
+
+def test_compose_redis_bounds_its_memory_and_evicts_only_keys_that_expire() -> None:
+    """Cache entries expire and may be evicted; the fleet's breaker state, its override and the cache epoch have no
+    TTL and must survive memory pressure (README "Redis memory"): volatile-lru never evicts a key without TTL."""
+    tokens = command_tokens(service("redis")["command"])
+    assert "--maxmemory" in tokens and tokens[tokens.index("--maxmemory") + 1] not in ("0", "0mb")
+    assert "--maxmemory-policy" in tokens and tokens[tokens.index("--maxmemory-policy") + 1] == "volatile-lru"
