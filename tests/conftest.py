@@ -21,6 +21,7 @@ from brownout._db import Database, waiting
 from brownout._dispatch.publisher import Publisher
 from brownout._settings import Settings
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
+from tests.support.sentry_capture import sentry_events  # noqa: F401 - a fixture for every test
 from tests.support.worker_rig import WorkerRig
 
 REDIS_URL = os.environ.get("BROWNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

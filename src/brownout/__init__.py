@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from brownout._dispatch.envelope import Envelope
     from brownout._dispatch.outbox import add_email, email_row, emails_of
     from brownout._dispatch.publisher import Publisher, PublishRejected
+    from brownout._observability.log_masking import install_log_masking
     from brownout._observability.logs import configure_logging
     from brownout._observability.metrics import Metrics
     from brownout._observability.sentry import init_sentry
@@ -123,6 +124,7 @@ _EXPORTS: dict[str, str] = {
     # observability
     "Metrics": "brownout._observability.metrics",
     "configure_logging": "brownout._observability.logs",
+    "install_log_masking": "brownout._observability.log_masking",
     "init_sentry": "brownout._observability.sentry",
     # text a caller sends
     "SafeLine": "brownout._text",
@@ -190,6 +192,7 @@ __all__ = [
     "emails_of",
     "execute_with_retry",
     "init_sentry",
+    "install_log_masking",
     "invalidate_after_apply",
     "load_registry",
     "load_settings",

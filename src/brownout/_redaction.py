@@ -1,7 +1,18 @@
-"""Mask secrets before they reach logs, errors, health output or metric labels.
+"""Mask secrets before they reach logs, errors, health output, Sentry or metric labels.
 
-libpq and SQLAlchemy both quote the connection URL in some messages, so masking
-applies to free text as well as to URLs.
+libpq, SQLAlchemy, pika and redis-py all quote connection URLs in some messages,
+so masking applies to free text as well as to URLs. It runs on text an
+anonymous caller can shape (a query string in an access log line, an exception
+message), so it must stay linear in the text's length: each pattern is anchored on a
+literal (`://`, a keyword) and no part of it can scan past the next `/` or
+beyond a fixed bound (an unanchored userinfo pattern took 11 s on 64 KB of
+junk).
+
+A URL's userinfo ends at the last `@` before its path, so a password with an
+unescaped `@` (`u:p@ss@h`) is masked whole; a password with an unescaped space
+is masked up to its `@`. A user-only URL (`redis://token@h`, a Sentry DSN's key)
+is masked whole, except for schemes whose user is a login name (PostgreSQL,
+AMQP, SMTP), where hiding it would only hurt a diagnosis.
 """
 
 from __future__ import annotations
@@ -10,15 +21,82 @@ import re
 
 MASK = "***"
 
-# scheme://user:password@host  ->  scheme://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)(?P<at>@)")
-# libpq keyword form: password=secret or password='sec ret'
-_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_LOGIN_SCHEMES = ("postgres", "amqp", "smtp", "mysql")  # the user is a name, not a secret
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+_MAX_SCHEME = 32
+
+# After `://`: the userinfo up to the last `@` before the path (the class stops at `/`, so no match
+# runs into the next URL), or `user:pass word@` (a colon not followed by a port, a space, an `@`
+# within 128 characters and before any `/`).
+_URL_USERINFO = re.compile(
+    r"://(?:(?P<info>[^\s\"'<>`/?#]*)@"
+    r"|(?P<user>[^\s\"'<>`/?#@:]*):(?!\d*(?:[\s/?#]|$))[^\n@/]{1,128}@)"
+)
+
+# libpq keyword form and its kin: password=secret, password='sec ret', PASSWORD: x,
+# "password": "x", smtp_password=x, ?token=x. Anchored on the keyword, bounded quantifiers only.
+_KEYWORD_SECRET = re.compile(
+    r"(?P<head>(?<![A-Za-z0-9])(?:[A-Za-z0-9]{1,32}_)?(?:password|passwd|pwd|secret|token|api_?key)\b[\"']?\s{0,8}[:=]\s{0,8})"
+    r"(?P<secret>'(?:[^'\\\n]|\\.){0,512}'|\"(?:[^\"\\\n]|\\.){0,512}\"|[^\s,;&'\"]+)",
+    re.IGNORECASE,
+)
+_KEYWORD_HINTS = ("pass", "pwd", "secret", "token", "key")
 
 
 def mask_secrets(value: str) -> str:
-    """Return *value* with every URL or libpq keyword password replaced by ***."""
+    """Return *value* with URL userinfo secrets and keyword passwords replaced by ***."""
     if not isinstance(value, str):
         return value
-    value = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['at']}", value)
-    return _KEYWORD_PASSWORD.sub(lambda m: f"{m['head']}{MASK}", value)
+    if "://" in value:
+        value = _URL_USERINFO.sub(_mask_userinfo, value)
+    lowered = value.lower()
+    if any(hint in lowered for hint in _KEYWORD_HINTS):
+        value = _KEYWORD_SECRET.sub(lambda m: m["head"] + MASK, value)
+    return value
+
+
+# An email address's local part (who it is), kept apart from URL userinfo (`scheme://user@host` is a
+# login name there): the character before it may be neither part of it nor a slash.
+_EMAIL_LOCAL = re.compile(
+    r"(?<![A-Za-z0-9._%+/-])[A-Za-z0-9._%+-]{1,64}(?=@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b)"
+)
+
+
+# PostgreSQL quotes row values in an error's DETAIL ("Failing row contains (...)", "Key (email)=(...)").
+_ROW_VALUES = re.compile(r"(?P<head>DETAIL:[ \t]{0,4}(?:Failing row contains|Key))[^\n]*")
+
+
+def redact(value: str) -> str:
+    """Secrets and email addresses masked: what may leave the process in a log line or a Sentry event."""
+    return mask_personal(mask_secrets(value))
+
+
+def mask_personal(value: str) -> str:
+    """Return *value* with the local part of every email address (the domain kept) and the row values
+    PostgreSQL quotes in an error's DETAIL replaced by ***."""
+    if not isinstance(value, str):
+        return value
+    if "DETAIL:" in value:
+        value = _ROW_VALUES.sub(lambda m: f"{m['head']} {MASK}", value)
+    if "@" in value:
+        value = _EMAIL_LOCAL.sub(MASK, value)
+    return value
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    info = match["info"]
+    if info is None:  # a password with a space
+        return f"://{match['user']}:{MASK}@"
+    user, colon, _ = info.partition(":")
+    if colon:
+        return f"://{user}:{MASK}@"
+    if not info or _scheme(match.string, match.start()).startswith(_LOGIN_SCHEMES):
+        return match[0]
+    return f"://{MASK}@"
+
+
+def _scheme(text: str, scheme_end: int) -> str:
+    begin = scheme_end
+    while begin > 0 and scheme_end - begin < _MAX_SCHEME and text[begin - 1] in _SCHEME_CHARS:
+        begin -= 1
+    return text[begin:scheme_end].lower()

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,10 +40,10 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def dyno(line: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """The Procfile's *line* (web, worker), started with this interpreter."""
+def dyno(line: str, env: dict[str, str], output: Any = None) -> Iterator[subprocess.Popen[bytes]]:
+    """The Procfile's *line* (web, worker), started with this interpreter (its output to *output*, a file)."""
     argv = procfile()[line]
-    process = subprocess.Popen(argv, env=env)
+    process = subprocess.Popen(argv, env=env, stdout=output, stderr=output)
     try:
         yield process
     finally:
@@ -68,6 +69,21 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
     # whichever process answered the scrape, every process's requests are in it (the scrape itself not yet)
     assert sample(text, "brownout_http_requests_total", route="/health", status="200") >= 20
     assert sample(text, "brownout_pool_connections", state="size") == 2 * settings.pool_size  # two live pools
+
+
+def test_the_web_dyno_masks_a_password_in_its_access_log(api_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """uvicorn's own access-log handler, in a process started as the Procfile does: masked without being told."""
+    port = free_port()
+    env = settings_env(fields_of(api_settings(), web_processes=1)) | {"PORT": str(port)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    web = f"http://127.0.0.1:{port}"
+    log = tmp_path / "web.log"
+    with log.open("wb") as output, dyno("web", env, output):
+        assert wait_until(lambda: _answers(f"{web}/health"), timeout=60), "the web dyno did not start"
+        assert httpx.get(f"{web}/health?next=redis://:hunter2@cache.internal:6379", timeout=10).status_code == 200
+    text = log.read_text()
+    assert '"GET /health?next=redis://:***@cache.internal:6379 HTTP/1.1" 200' in text, text
+    assert "hunter2" not in text, text
 
 
 def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings]) -> None:

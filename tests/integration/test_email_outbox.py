@@ -29,6 +29,7 @@ from brownout._worker.outbox import OutboxRelay, OutboxRelayMiddleware
 from tests.conftest import database_url
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
+from tests.support.sentry_capture import SentEvents
 from tests.support.worker_rig import WorkerRig
 
 NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
@@ -264,6 +265,32 @@ def test_smtp_down_then_up_sends_later_once(
     assert wait_until(lambda: smtp.recorder.message_ids() == [message_id(created.id)], timeout=20)
     assert not wait_until(lambda: len(smtp.recorder.messages) > 1, timeout=1.5)
     assert count(db, email_sends) == 1
+
+
+class BusyMailbox(Recorder):
+    """Refuses every recipient for now, naming it, as real servers do (a 4xx: retried)."""
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
+        return f"451 4.2.1 <{address}> mailbox busy, try later"
+
+
+def test_a_failing_email_job_sends_sentry_neither_address_nor_subject_nor_body(
+    sentry_events: SentEvents, db: Database, smtp: SmtpServer, processed: Processed, run_worker: Callable[[], None]
+) -> None:
+    smtp.recorder = BusyMailbox()
+    smtp.up()
+    note = NOTE | {"email": "grace.hopper@navy.example.com", "subject": "Your biopsy results", "body": "Dear Grace, ..."}
+    created = direct(db).submit(CREATE, note, idempotency_key="sentry")
+    assert isinstance(created, Applied)
+    run_worker()
+    assert wait_until(lambda: processed.failed.get(SEND_EMAIL_ACTOR, 0) >= 2, timeout=20), "attempts refused, retried"
+    assert wait_until(lambda: len(sentry_events) >= 2, timeout=10), "the failed attempts reached Sentry"
+    sent = sentry_events.text()
+    assert "EmailNotSent" in sent and "mailbox busy" in sent  # the event says what failed...
+    for personal in ("grace.hopper", "biopsy", "Dear Grace"):
+        at = sent.find(personal)
+        assert at < 0, sent[max(0, at - 400) : at + 100]  # ...not to whom, nor what
+    assert "***@navy.example.com" in sent
 
 
 def test_rows_left_unpublished_by_a_dead_process_are_relayed_and_sent_once(

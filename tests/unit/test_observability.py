@@ -115,3 +115,15 @@ def test_scrubber_drops_auth_headers_and_secret_fields() -> None:
     assert scrubbed["request"]["headers"] == {"Authorization": "[Filtered]", "Accept": "*/*"}
     assert scrubbed["extra"]["admin_token"] == "[Filtered]"
     assert "s3cret" not in json.dumps(scrubbed)
+
+
+def test_scrubber_drops_bodies_messages_and_frame_variables() -> None:
+    event = {
+        "request": {"url": "http://api/notifications", "data": {"email": "ada@example.com"}, "cookies": {"s": "1"}},
+        "contexts": {"dramatiq": {"type": "dramatiq", "data": {"args": [{"subject": "Your results"}]}}},
+        "exception": {"values": [{"value": "refused ada@example.com", "stacktrace": {"frames": [{"vars": {"body": "Dear"}}]}}]},
+    }
+    scrubbed = scrubber(None)(event, {})
+    assert "data" not in scrubbed["request"] and "cookies" not in scrubbed["request"]
+    assert scrubbed["contexts"]["dramatiq"] == {"type": "dramatiq"}
+    assert scrubbed["exception"]["values"][0] == {"value": "refused ***@example.com", "stacktrace": {"frames": [{}]}}

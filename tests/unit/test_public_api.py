@@ -30,7 +30,8 @@ EXPECTED = {
         "Rejected", "Resilience", "RetryPolicy", "SafeLine", "SafeText", "Settings", "SingleFlight", "StaleReads",
         "UnknownCommand", "__version__", "add_email", "applied_commands", "build_redis_link", "check_db_health",
         "classify", "command_conflicts", "configure_logging", "dead_letters", "email_row", "emails_of",
-        "execute_with_retry", "init_sentry", "invalidate_after_apply", "load_registry", "load_settings", "metadata",
+        "execute_with_retry", "init_sentry",
+        "install_log_masking", "invalidate_after_apply", "load_registry", "load_settings", "metadata",
         "normalise_database_url", "recordset", "rows_param", "settings_from_values",
     ],
     "brownout.fastapi": [

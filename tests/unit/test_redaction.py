@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brownout._redaction import MASK, mask_secrets
+from brownout._redaction import MASK, mask_personal, mask_secrets, redact
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,14 @@ from brownout._redaction import MASK, mask_secrets
             "engine for postgresql://a:***@h1/d failed, then postgresql://b:***@h2/d",
         ),
         ('connection to "postgresql://app:hunter2@db/app" failed', 'connection to "postgresql://app:***@db/app" failed'),
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),  # an unescaped @ in the password
+        ("amqp://u:p@ss@h:5672 refused", "amqp://u:***@h:5672 refused"),
+        ("postgresql://u:pass word@h/db failed", "postgresql://u:***@h/db failed"),  # an unescaped space
+        ("redis://t0ken@cache:6379/0", "redis://***@cache:6379/0"),  # user-only: the user is the secret
+        ("rediss://t0ken@cache:6379", "rediss://***@cache:6379"),
+        ("https://abc123def@o1.ingest.sentry.io/42", "https://***@o1.ingest.sentry.io/42"),  # a Sentry DSN's key
+        ("redis://cache:6379 refused for bob@example.com", "redis://cache:6379 refused for bob@example.com"),
+        ("line one postgresql://a:b@h/d\nredis://t@c", "line one postgresql://a:***@h/d\nredis://***@c"),
     ],
 )
 def test_url_passwords(text: str, masked: str) -> None:
@@ -39,6 +47,9 @@ def test_url_passwords(text: str, masked: str) -> None:
         ("PASSWORD = hunter2", "PASSWORD = ***"),
         ("host=db password=hunter2", "host=db password=***"),
         ("postgresql://db/app?password=hunter2", "postgresql://db/app?password=***"),
+        ("PASSWORD: hunter2", "PASSWORD: ***"),
+        ('{"password": "hunter 2", "user": "app"}', '{"password": ***, "user": "app"}'),
+        ("smtp_password=hunter2&next=1", "smtp_password=***&next=1"),
     ],
 )
 def test_keyword_passwords(text: str, masked: str) -> None:
@@ -49,7 +60,10 @@ def test_keyword_passwords(text: str, masked: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "postgresql://app@db:5432/app",
+        "postgresql://app@db:5432/app",  # a login name, not a secret
+        "amqp://app@mq:5672/%2F",
+        "https://example.com/path?q=1",
+        "mailto:bob@example.com",
         "postgresql://db:5432/app",
         "postgresql:///app?host=/var/run/postgresql",
         "host=db user=app dbname=app",
@@ -71,3 +85,46 @@ def test_masking_is_idempotent() -> None:
     once = mask_secrets("postgresql://app:hunter2@db/app password=hunter2")
     assert mask_secrets(once) == once
     assert once.count(MASK) == 2
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "a://" * 22_000,
+        "postgresql://u:" + "p@" * 33_000,
+        "x:y@" * 16_000,
+        "password=" * 7_000,
+        "password='" * 6_500,
+        "https://" + "u" * 65_000,
+        "redis://a:b " * 5_500,
+    ],
+)
+def test_masking_stays_linear_on_hostile_input(junk: str) -> None:
+    """No backtracking blow-up: each shape of 64 KB junk is masked in one pass (timed in bench/masking.py)."""
+    text = junk[:65_536]
+    doubled = (junk * 2)[:131_072]
+    assert len(mask_secrets(text)) <= 3 * len(text)
+    assert len(mask_secrets(doubled)) <= 3 * len(doubled)
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("SMTP 451 <grace.hopper@navy.example.com> busy", "SMTP 451 <***@navy.example.com> busy"),
+        ("to a.b+tag@mail.example.co.uk, cc x@y.io", "to ***@mail.example.co.uk, cc ***@y.io"),
+        ("postgresql://app@db.example.com/app", "postgresql://app@db.example.com/app"),  # a login name in a URL
+        ("Brownout <noreply@localhost>", "Brownout <noreply@localhost>"),  # no domain a person owns
+        (
+            'violates check constraint "c"\nDETAIL:  Failing row contains (1, Your results, Dear Grace).',
+            'violates check constraint "c"\nDETAIL:  Failing row contains ***',
+        ),
+        ("DETAIL:  Key (email)=(ada) already exists.\nnext line", "DETAIL:  Key ***\nnext line"),
+    ],
+)
+def test_personal_data(text: str, masked: str) -> None:
+    assert mask_personal(text) == masked
+    assert mask_personal(masked) == masked
+
+
+def test_redact_masks_both() -> None:
+    assert redact("redis://:pw@cache.internal for ada@example.com") == "redis://:***@cache.internal for ***@example.com"

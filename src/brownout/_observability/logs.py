@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from pythonjsonlogger.json import JsonFormatter
-
 from brownout._db import BreakerListener, BreakerState, CircuitBreaker
+from brownout._observability.log_masking import MaskingJsonFormatter, install_log_masking
 from brownout._settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -24,10 +23,12 @@ QUIET_LOGGERS = {"pika": logging.CRITICAL}  # pika logs an ERROR and a trace per
 
 
 def configure_logging(settings: Settings, *, stream: object = None) -> None:
+    """One handler on the root logger, and secrets masked in every record of the process."""
+    install_log_masking()
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     if settings.log_format == "json":
         handler.setFormatter(
-            JsonFormatter(
+            MaskingJsonFormatter(
                 "{asctime}{levelname}{name}{message}",
                 style="{",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
