@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.dispatch.notifications import row_to_json
 from app.schema import notifications
-from brownout import applied_commands, command_conflicts, dead_letters
+from brownout import applied_commands, command_conflicts, dead_letters, reason_summary
 
 MAX_PAGE = 100
 
@@ -134,7 +134,7 @@ def command_status(session: Session, command_id: uuid.UUID) -> dict[str, Any] | 
         return {
             "id": str(command_id),
             "status": "failed" if failed.replayed_at is None else "queued",
-            "reason": failed.reason,
+            "reason": reason_summary(failed.reason),
             "failed_at": failed.failed_at.isoformat(),
         }
     return None

@@ -156,10 +156,10 @@ class FaultTimeline(ModeStage):
         record.details["restarts"] = {web.name: self._publisher_restarts(web.url) for web in self.webs}
         record.end = now() - self.t0
 
-    @staticmethod
-    def _publisher_restarts(url: str) -> int | None:
+    def _publisher_restarts(self, url: str) -> int | None:
+        operator = {"Authorization": f"Bearer {self.settings.get('BROWNOUT_ADMIN_TOKEN', '')}"}
         try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as answer:  # noqa: S310 - the http:// URL of a dyno this run started
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/ready", headers=operator), timeout=2) as answer:  # noqa: S310 - the http:// URL of a dyno this run started
                 body = json.load(answer)
         except urllib.error.HTTPError as error:  # 503 while not ready: the body still says
             body = json.load(error)

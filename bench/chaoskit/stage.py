@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import secrets
 import subprocess
 import sys
 import threading
@@ -181,6 +182,7 @@ class ModeStage:
                 "BROWNOUT_EMAIL_QUEUE_NAME": self.email_queue,
                 "BROWNOUT_REDIS_KEY_PREFIX": self.prefix,
                 "BROWNOUT_WEB_REPLICAS": str(self.config.web),
+                "BROWNOUT_ADMIN_TOKEN": secrets.token_urlsafe(32),  # /ready's detail is the operator's
             }
         self.settings = settings
         return env | settings

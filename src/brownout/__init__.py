@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         UnknownCommand,
         load_registry,
     )
+    from brownout._dispatch.dead_letters import reason_summary
     from brownout._dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Queued, Rejected
     from brownout._dispatch.envelope import Envelope
     from brownout._dispatch.outbox import add_email, email_row, emails_of
@@ -105,6 +106,7 @@ _EXPORTS: dict[str, str] = {
     "recordset": "brownout._dispatch.bulk",
     "rows_param": "brownout._dispatch.bulk",
     # side effects written with the write (the outbox)
+    "reason_summary": "brownout._dispatch.dead_letters",
     "add_email": "brownout._dispatch.outbox",
     "email_row": "brownout._dispatch.outbox",
     "emails_of": "brownout._dispatch.outbox",
@@ -198,6 +200,7 @@ __all__ = [
     "load_settings",
     "metadata",
     "normalise_database_url",
+    "reason_summary",
     "recordset",
     "rows_param",
     "settings_from_values",

@@ -16,11 +16,12 @@ import pytest
 from app.api.pending import PendingWrites
 from brownout._settings import Settings
 from tests.conftest import database_url
-from tests.support.api_server import RunningApi, serve_in_thread
+from tests.support.api_server import OPERATOR_TOKEN, RunningApi, serve_in_thread
 from tests.support.fakes import JumpingWallClock
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
 
+OPERATOR = OPERATOR_TOKEN
 ADA = {"user_id": 9, "email": "ada@example.com", "subject": "Degraded", "body": "b"}
 
 
@@ -152,16 +153,23 @@ def test_ready_is_503_when_no_write_can_be_made_durable(
     api_settings: Callable[..., Settings], pg_database: str, proxy: FaultProxy
 ) -> None:
     with FaultProxy(upstream_host="127.0.0.1", upstream_port=5672) as rabbit:
-        settings = api_settings(rabbitmq_url=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/%2F", publish_timeout_seconds=0.5)
+        settings = api_settings(
+            rabbitmq_url=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/%2F", publish_timeout_seconds=0.5, admin_token=OPERATOR
+        )
+        operator = {"Authorization": f"Bearer {OPERATOR}"}
         with serve_in_thread(settings) as api:
-            assert wait_until(lambda: api.client.get("/ready").json()["rabbitmq"]["publisher"] == "ready", timeout=20)
+            assert wait_until(
+                lambda: api.client.get("/ready", headers=operator).json()["rabbitmq"]["publisher"] == "ready", timeout=20
+            )
             assert api.client.get("/ready").status_code == 200
             api.brownout.database.breaker.force_open()
             rabbit.refuse()
             rabbit.reset_existing()
             assert wait_until(lambda: api.client.get("/ready").status_code == 503, timeout=20)
-            body = api.client.get("/ready").json()
+            assert api.client.get("/ready").json() == {"ready": False}  # anonymous: the status, nothing else
+            body = api.client.get("/ready", headers=operator).json()
             assert body["ready"] is False and body["writes"] == "unavailable"
+            assert body["parts"]["breaker"] == "open" and body["parts"]["rabbitmq"] != "ready"
             assert any("circuit breaker open" in reason for reason in body["reasons"])
             assert any("RabbitMQ publisher" in reason for reason in body["reasons"])
             assert "guest:guest" not in str(body)  # the URL's password never shows

@@ -40,7 +40,7 @@ def test_forced_state_reaches_another_process(api_settings: Callable[..., Settin
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     def breaker_of(url: str) -> str:
-        return str(httpx.get(f"{url}/ready", timeout=5).json()["breaker"]["state"])
+        return str(httpx.get(f"{url}/ready", headers=auth, timeout=5).json()["breaker"]["state"])
 
     with serve_in_thread(settings) as api, serve_in_process(fields) as other:
         assert breaker_of(other) == "closed"
@@ -63,4 +63,5 @@ def test_a_process_started_later_applies_the_standing_action(api_settings: Calla
         api.client.post("/admin/breaker", json={"action": "open"}, headers={"Authorization": f"Bearer {TOKEN}"})
     with serve_in_thread(settings) as later:
         assert later.brownout.database.breaker.state.value == "open"
-        assert later.client.get("/ready").json()["breaker"]["forced"] == "open"
+        ready = later.client.get("/ready", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ready.json()["breaker"]["forced"] == "open"

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from brownout._settings import Settings
-from tests.support.api_server import RunningApi, serve_in_thread
+from tests.support.api_server import OPERATOR_TOKEN, RunningApi, serve_in_thread
 
+OPERATOR = OPERATOR_TOKEN
 ADA = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
 
 
@@ -125,14 +126,27 @@ def test_body_over_the_limit_is_413_before_it_is_read(api: RunningApi) -> None:
     assert streamed.status_code == 413
 
 
-def test_health_and_ready(api: RunningApi) -> None:
-    assert api.client.get("/health").json() == {"status": "ok"}
-    ready = api.client.get("/ready")
+def test_health_and_ready(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings(admin_token=OPERATOR)) as api:
+        assert api.client.get("/health").json() == {"status": "ok"}
+        ready = api.client.get("/ready", headers={"Authorization": f"Bearer {OPERATOR}"})
     assert ready.status_code == 200
     body = ready.json()
     assert body["ready"] is True and body["writes"] == "direct" and body["reasons"] == []
+    assert body["parts"] == {"database": "healthy", "breaker": "closed", "redis": "ok", "rabbitmq": "ready"}
     assert body["breaker"]["state"] == "closed" and body["redis"]["ok"] is True
     assert body["rabbitmq"]["publisher"] == "ready" and body["rabbitmq"]["queue"]["ok"] is True
+
+
+def test_ready_tells_an_anonymous_caller_its_status_only(api_settings: Callable[..., Settings]) -> None:
+    """Error texts name hosts, ports and users: only the operator's token shows them."""
+    with serve_in_thread(api_settings(admin_token=OPERATOR, redis_url="redis://:pw@127.0.0.1:1/0")) as api:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {OPERATOR}"}):
+            anonymous = api.client.get("/ready", headers=headers)
+            assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}, headers
+        operator = api.client.get("/ready", headers={"Authorization": f"Bearer {OPERATOR}"}).json()
+    assert operator["parts"]["redis"] in ("unreachable", "skipped") and "127.0.0.1:1" in str(operator)
+    assert "pw" not in str(operator["redis"])
 
 
 def test_openapi_documents_the_routes(api: RunningApi) -> None:

@@ -23,7 +23,9 @@ from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
 from brownout._db import Database
 from brownout._dispatch.apply import apply_envelope
+from brownout._dispatch.dead_letters import store
 from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for
+from brownout._schema import dead_letters
 from brownout._settings import Settings
 from tests.conftest import REDIS_URL
 from tests.support.api_server import RunningApi, serve_in_thread
@@ -299,3 +301,22 @@ def test_direct_read_then_queued_unread_last_accepted_wins(
         row = session.execute(select(notifications.c.read).where(notifications.c.id == ident)).scalar_one()
     assert row is False
     assert api.client.get(f"/notifications/{ident}").json()["read"] is False
+
+
+def test_a_failed_write_tells_its_caller_why_in_brownouts_words_not_the_drivers(api: RunningApi, db: Database) -> None:
+    api.brownout.database.breaker.force_open()
+    queued = queue_create(api, key="to-fail")
+    api.brownout.database.breaker.reset()
+    message = dramatiq.Message(
+        queue_name="q", actor_name="apply", args=(), kwargs={}, options={}, message_id=queued["command_id"]
+    )
+    driver = (
+        'CheckViolation: new row for relation "notifications" violates check constraint "c" at db.internal:5432'
+        "\nDETAIL:  Failing row contains (1, ada@example.com, Welcome)."
+    )
+    with db.session() as session:
+        store(session, message, f"permanent database error: {driver}")
+    status = api.client.get(f"/commands/{queued['command_id']}").json()
+    assert status["status"] == "failed" and status["reason"] == "permanent database error", status
+    with db.session() as session:  # the operator keeps the whole story
+        assert driver in session.execute(select(dead_letters.c.reason)).scalar_one()

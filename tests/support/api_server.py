@@ -28,6 +28,8 @@ from brownout._settings import Settings
 from brownout.fastapi import Brownout
 from tests.support.processes import stop
 
+OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"  # BROWNOUT_ADMIN_TOKEN where a test is the operator
+
 
 def free_port() -> int:
     with socket.socket() as sock:

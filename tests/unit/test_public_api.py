@@ -32,7 +32,7 @@ EXPECTED = {
         "classify", "command_conflicts", "configure_logging", "dead_letters", "email_row", "emails_of",
         "execute_with_retry", "init_sentry",
         "install_log_masking", "invalidate_after_apply", "load_registry", "load_settings", "metadata",
-        "normalise_database_url", "recordset", "rows_param", "settings_from_values",
+        "normalise_database_url", "reason_summary", "recordset", "rows_param", "settings_from_values",
     ],
     "brownout.fastapi": [
         "BodyTooLarge", "Brownout", "BrownoutDep", "NonCritical", "NotStarted", "Shed", "field_errors", "get_brownout",

@@ -63,6 +63,14 @@ def store(session: Session, message: dramatiq.Message[Any], reason: str) -> int:
     return row_id
 
 
+def reason_summary(reason: str) -> str:
+    """A dead letter's reason as a caller may see it: Brownout's own words, before the first ": ".
+
+    What follows quotes the driver, the SMTP server or the validator: hosts, users, row values, the
+    payload's own text. It stays in `dead_letters` (and `brownout dead-letters show`) for the operator."""
+    return reason.partition(": ")[0].partition(" (")[0]
+
+
 TEXT_KEY = "text"
 """A dead letter kept as text holds ``{"text": <the message as ASCII JSON>}``: shown, not replayable as is."""
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel, ConfigDict
 
 from brownout._cache.redis_link import RedisUnavailable
+from brownout.fastapi._credentials import is_operator
 from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["admin"])
@@ -22,13 +22,9 @@ class BreakerAction(BaseModel):
 
 def require_admin(brownout: BrownoutDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """A dependency, so a request without the token is refused before its body is looked at."""
-    token = brownout.settings.admin_token
-    if token is None:
+    if brownout.settings.admin_token is None:
         raise HTTPException(404, "Not Found")
-    scheme, _, given = (authorization or "").partition(" ")
-    expected = token.get_secret_value().encode()
-    # compare_digest: the time taken does not tell how much of the token matched.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    if not is_operator(brownout.settings, authorization):
         raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -3,18 +3,22 @@
 `/health` only says the process answers: it is Railway's health-check path,
 so a database outage never blocks a deploy or restarts a healthy web
 process. `/ready` says whether a write can be made durable now (applied
-directly, or queued with a confirm) and always says why.
+directly, or queued with a confirm): 200 or 503 to anyone, and why to the
+operator (the admin token): each part's state in a word, then its masked
+detail. Error texts name hosts, ports, users and, on Supabase, the project:
+an anonymous caller learns none of it, and the logs keep the full story.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from brownout._db import BreakerState
+from brownout.fastapi._credentials import is_operator
 from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["health"])
@@ -25,8 +29,11 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "Writes cannot be made durable now; the body says why"}})
-def ready(brownout: BrownoutDep) -> JSONResponse:
+@router.get(
+    "/ready",
+    responses={503: {"description": "Writes cannot be made durable now; the body says why to the operator"}},
+)
+def ready(brownout: BrownoutDep, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
     breaker = brownout.database.breaker
     last = brownout.monitor.last_result
     database: dict[str, Any] = {"checked": last is not None}
@@ -48,9 +55,18 @@ def ready(brownout: BrownoutDep) -> JSONResponse:
     redis = brownout.link.ping() if brownout.link is not None else {"ok": False, "error": "REDIS_URL not set"}
     if not redis["ok"]:
         reasons.append(f"Redis unavailable ({redis.get('error')}): no cache, reads go to the database")
+    status = 200 if direct or queued else 503
+    if not is_operator(brownout.settings, authorization):
+        return JSONResponse({"ready": status == 200}, status_code=status)
     body = {
         "ready": direct or queued,
         "writes": "direct" if direct else ("queued" if queued else "unavailable"),
+        "parts": {
+            "database": "unchecked" if last is None else "healthy" if last["healthy"] else str(last["error_kind"]),
+            "breaker": breaker.state.value,
+            "redis": _redis_state(brownout.link is not None, redis),
+            "rabbitmq": publisher or "not configured",
+        },
         "reasons": reasons,
         "database": database,
         "breaker": breaker.snapshot(),
@@ -62,4 +78,12 @@ def ready(brownout: BrownoutDep) -> JSONResponse:
         },
         "time": time.time(),
     }
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    return JSONResponse(body, status_code=status)
+
+
+def _redis_state(configured: bool, ping: dict[str, Any]) -> str:
+    if not configured:
+        return "not configured"
+    if ping["ok"]:
+        return "ok"
+    return "skipped" if ping.get("skipping") else "unreachable"
