@@ -139,3 +139,18 @@ def test_a_hand_published_write_with_nonsense_wait_options_waits_like_any_other(
     publisher.publish(creation.to_message(queue_name))
     assert wait_until(lambda: count(db, applied_commands) == 2, timeout=20)
     assert ready_count(xq_name(queue_name)) == 0 and count(db, dead_letters) == 0
+
+
+def test_a_write_deferred_more_than_a_thousand_times_keeps_waiting(
+    db: Database, make_publisher: Callable[..., Publisher], queue_name: str, start_worker: Callable[[], None],
+    outcomes: list[str],
+) -> None:  # fmt: skip
+    """The delay is 2**deferrals capped: 2.0**1024 overflows a float, and a write waiting 24 h for its release
+    (about 13 h of deferrals in) was dead-lettered "error while deferring it: OverflowError"."""
+    publisher = make_publisher()
+    newer: Envelope = dispatcher(db, publisher, queue_name).accept(CREATE, NOTE).model_copy(update={"version": 2})
+    message = newer.to_message(queue_name)
+    publisher.publish(message.copy(options={**message.options, DEFERRALS_OPTION: 1100}))
+    start_worker()
+    assert wait_until(lambda: outcomes.count("deferred") >= 2, timeout=20), outcomes
+    assert count(db, dead_letters) == 0 and "dead_lettered" not in outcomes

@@ -120,7 +120,8 @@ class ApplyRuntime:
         return [by_index[index] for index in range(len(items))]
 
     def defer_delay_ms(self, deferrals: int) -> int:
-        nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0**deferrals)
+        # The exponent is capped before it is used: 2.0**1024 overflows a float, 13 h or so into a long wait.
+        nominal = min(self.defer_cap_seconds, self.defer_base_seconds * 2.0 ** min(deferrals, 64))
         return int(self.rng.uniform(nominal / 2, nominal) * 1000)  # jittered, never zero
 
 
