@@ -25,7 +25,7 @@ notifications = Table(
     "notifications",
     metadata,
     Column("id", UUID(as_uuid=True), primary_key=True),
-    Column("user_id", BigInteger, nullable=False),
+    Column("user_id", Text, nullable=False),  # Supabase Auth's UUIDs, or another issuer's ids (was a bigint before 0007)
     Column("email", Text, nullable=False),
     Column("subject", Text, nullable=False),
     Column("body", Text, nullable=False),

@@ -83,7 +83,7 @@ class PendingWrites:
     def mark_key(self, notification_id: str) -> str:
         return self.link.key("pending", "mark", notification_id)
 
-    def _recent_key(self, user_id: int) -> str:
+    def _recent_key(self, user_id: str) -> str:
         return self.link.key("recent", "user", user_id)
 
     def _command_key(self, command_id: str) -> str:
@@ -91,7 +91,7 @@ class PendingWrites:
 
     # -- writes -------------------------------------------------------------
 
-    def note_recent(self, user_id: int, notification_id: str, created_us: int) -> None:
+    def note_recent(self, user_id: str, notification_id: str, created_us: int) -> None:
         """A notification written just now (either path): stale lists must still show it."""
 
         def steps(pipe: Any) -> None:
@@ -116,7 +116,7 @@ class PendingWrites:
             if item is not None:
                 value = json.dumps(item | {"status": "pending"}, separators=(",", ":"))
                 pipe.set(self._item_key(item["id"]), value, px=self._ttl_ms)
-                self._queue_recent(pipe, int(item["user_id"]), item["id"], created_us)
+                self._queue_recent(pipe, str(item["user_id"]), item["id"], created_us)
             if mark is not None:
                 notification_id, read, stamp = mark
                 value = json.dumps({"read": read, "stamp": padded(stamp)}, separators=(",", ":"))
@@ -131,7 +131,7 @@ class PendingWrites:
             steps(pipe)
             pipe.execute()
 
-    def _queue_recent(self, pipe: Any, user_id: int, notification_id: str, created_us: int) -> None:
+    def _queue_recent(self, pipe: Any, user_id: str, notification_id: str, created_us: int) -> None:
         key = self._recent_key(user_id)
         horizon = (self.clock() - self.ttl_seconds) * 1_000_000
         pipe.zadd(key, {notification_id: created_us})
@@ -173,7 +173,7 @@ class PendingWrites:
         raws = self.link.run(lambda client: client.mget([self.mark_key(ident) for ident in notification_ids]))
         return {ident: json.loads(raw) for ident, raw in zip(notification_ids, raws, strict=True) if raw is not None}
 
-    def recent(self, user_id: int) -> list[tuple[str, int]]:
+    def recent(self, user_id: str) -> list[tuple[str, int]]:
         """(id, created µs) of the user's recent writes, newest first, within the bound."""
         horizon = (self.clock() - self.ttl_seconds) * 1_000_000
         rows = self.link.run(

@@ -80,7 +80,7 @@ def get_notification(session: Session, notification_id: uuid.UUID) -> dict[str, 
     return None if row is None else row_to_json(row)
 
 
-def list_notifications(session: Session, user_id: int, *, before: Position | None, limit: int) -> list[dict[str, Any]]:
+def list_notifications(session: Session, user_id: str, *, before: Position | None, limit: int) -> list[dict[str, Any]]:
     """Newest first, strictly older than *before*; one more than *limit* tells whether a next page exists."""
     query = select(*_COLUMNS).where(notifications.c.user_id == user_id)
     if before is not None:
@@ -90,7 +90,7 @@ def list_notifications(session: Session, user_id: int, *, before: Position | Non
     return [row_to_json(row) for row in session.execute(query).mappings()]
 
 
-def notification_stats(session: Session, user_id: int) -> dict[str, int]:
+def notification_stats(session: Session, user_id: str) -> dict[str, int]:
     read = func.count().filter(notifications.c.read)
     row = session.execute(select(func.count().label("total"), read.label("read")).where(notifications.c.user_id == user_id)).one()
     return {"total": row.total, "read": row.read, "unread": row.total - row.read}

@@ -37,8 +37,9 @@ class NotFound(Exception):
 
 
 def public(item: dict[str, Any]) -> dict[str, Any]:
-    """The item as clients see it (read_stamp is internal)."""
-    return {name: value for name, value in item.items() if name != "read_stamp"}
+    """The item as clients see it (read_stamp is internal). `user_id` a string, also in what the previous
+    release cached, recorded as pending or stored as a command's result (a number then)."""
+    return {name: str(value) if name == "user_id" else value for name, value in item.items() if name != "read_stamp"}
 
 
 class NotificationReads(StaleReads):
@@ -63,7 +64,7 @@ class NotificationReads(StaleReads):
         link = self._require_cache().link
         return link.key("cache", "item", notification_id), link.key("gen", "item", notification_id)
 
-    def list_keys(self, user_id: int, before: Position | None, limit: int) -> tuple[str, str]:
+    def list_keys(self, user_id: str, before: Position | None, limit: int) -> tuple[str, str]:
         link = self._require_cache().link
         cursor = before.encode() if before else "-"
         return link.key("cache", "list", user_id, limit, cursor), link.key("gen", "user", user_id)
@@ -102,7 +103,7 @@ class NotificationReads(StaleReads):
         result.body = public(self._apply_marks([item], known=known)[0])
         return result
 
-    def notifications(self, user_id: int, *, cursor: str | None, limit: int) -> ReadResult:
+    def notifications(self, user_id: str, *, cursor: str | None, limit: int) -> ReadResult:
         before = Position.decode(cursor) if cursor else None
         result = self.read(
             self.list_keys(user_id, before, limit) if self._cache else None,
@@ -120,7 +121,7 @@ class NotificationReads(StaleReads):
         result.body = {"items": [public(item) for item in page], "next": next_cursor}
         return result
 
-    def stats(self, user_id: int) -> dict[str, int]:
+    def stats(self, user_id: str) -> dict[str, int]:
         return self.read_database(lambda session: queries.notification_stats(session, user_id))
 
     def command(self, command_id: uuid.UUID) -> ReadResult:
@@ -161,7 +162,7 @@ class NotificationReads(StaleReads):
         ]
 
     def _overlay_recent(
-        self, user_id: int, page: list[dict[str, Any]], *, before: Position | None, limit: int, more: bool, stale: bool
+        self, user_id: str, page: list[dict[str, Any]], *, before: Position | None, limit: int, more: bool, stale: bool
     ) -> tuple[list[dict[str, Any]], bool]:
         recent = self._pending_call(lambda p: p.recent(user_id)) or []
         if not recent:

@@ -134,7 +134,7 @@ class NotificationWrites:
                 version=int(item.get("read_stamp", 0)),  # the row's last write, by last-writer-wins
             )
             if created and self._pending is not None:
-                self._pending.note_recent(int(item["user_id"]), ident, Position.of(item).created_us)
+                self._pending.note_recent(str(item["user_id"]), ident, Position.of(item).created_us)
         except RedisUnavailable:
             link.missed_write()
 

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.networks import validate_email
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -60,10 +60,41 @@ Email = Annotated[str, AfterValidator(normalized_email), WithJsonSchema({"type":
 """EmailStr with `normalized_email`: same core schema (a str, then the check) and JSON schema."""
 
 
+USER_ID_PATTERN = r"^[A-Za-z0-9._|@+-]{1,128}$"
+"""A user id: 1 to 128 of these ASCII characters. UUIDs (Supabase Auth), numbers and Auth0's `auth0|abc` fit;
+`/`, `:` (Redis keys' separator), whitespace and controls do not, so the id is one URL path segment and one
+Redis key part as it is, with nothing to escape."""
+
+
+def user_id_of(value: object) -> object:
+    """An integer as its decimal string: what the previous release accepted (1 to 2**63-1, the bigint column)
+    and still sits in queued messages; the same user, the same scope `user:42`. Anything else goes on to the
+    string checks."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 < value < 2**63:
+            raise ValueError("an integer user id must be 1 to 2**63-1")
+        return str(value)
+    return value
+
+
+def not_a_dot_segment(value: str) -> str:
+    if value in (".", ".."):  # URL clients resolve these path segments away
+        raise ValueError("a user id cannot be '.' or '..'")
+    return value
+
+
+UserId = Annotated[
+    str,
+    BeforeValidator(user_id_of),
+    Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN),
+    AfterValidator(not_a_dot_segment),
+]
+
+
 class CreateNotificationV1(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    user_id: int = Field(gt=0, le=2**63 - 1)
+    user_id: UserId
     email: Email
     subject: SafeLine = Field(min_length=1, max_length=200)  # an email header: one line, no controls, no bidi tricks
     body: SafeText = Field(default="", max_length=10_000)

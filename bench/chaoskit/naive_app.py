@@ -74,7 +74,7 @@ def naive_app() -> Any:
         return as_json(row)
 
     @app.get("/users/{user_id}/notifications")
-    def list_recent(user_id: int, limit: int = 20) -> dict[str, Any]:
+    def list_recent(user_id: str, limit: int = 20) -> dict[str, Any]:
         query = select(table).where(table.c.user_id == user_id).order_by(table.c.created_at.desc(), table.c.id.desc())
         with Session(engine) as session:
             rows = session.execute(query.limit(limit)).all()

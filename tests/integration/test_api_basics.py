@@ -165,3 +165,48 @@ def test_an_over_long_query_string_or_header_is_refused_before_any_work(api: Run
     header = api.client.get("/health", headers={"X-Junk": "y" * settings.max_header_bytes})
     assert header.status_code == 431 and header.headers["content-type"] == "application/json"
     assert api.client.get("/health", headers={"X-Fine": "y" * 1000}).status_code == 200
+
+
+def test_a_uuid_user_id_round_trips(api: RunningApi) -> None:
+    """Supabase Auth's user ids are UUIDs: created, listed, counted and read back as the same string."""
+    user = str(uuid.uuid4())
+    created = api.client.post("/notifications", json=ADA | {"user_id": user}, headers={"Idempotency-Key": "uuid-1"})
+    assert created.status_code == 201, created.text
+    item = created.json()
+    assert item["user_id"] == user
+    listed = api.client.get(f"/users/{user}/notifications")
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["items"] == [item]
+    assert api.client.get(f"/users/{user}/notifications/stats").json() == {"total": 1, "read": 0, "unread": 1}
+    assert api.client.get(f"/notifications/{item['id']}").json() == item
+    assert api.client.get("/users/auth0|abc/notifications").json()["items"] == []  # another issuer's form
+    assert api.client.get("/users/42/notifications").json()["items"] == []  # not this user's
+
+
+def test_an_integer_user_id_is_taken_as_its_decimal_string(api: RunningApi) -> None:
+    """What callers of the previous release send: the same user, now named by a string."""
+    as_int = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "int-1"})
+    as_str = api.client.post("/notifications", json=ADA | {"user_id": "42"}, headers={"Idempotency-Key": "int-2"})
+    assert as_int.status_code == as_str.status_code == 201, (as_int.text, as_str.text)
+    assert as_int.json()["user_id"] == as_str.json()["user_id"] == "42"
+    listed = api.client.get("/users/42/notifications").json()["items"]
+    assert [item["user_id"] for item in listed] == ["42", "42"]
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["", " ", "a b", "a/b", "a\u0000b", "a\nb", "x" * 129, "..", "\u00e9t\u00e9", 0, -1, True, 4.2, None, 2**63],
+)
+def test_a_bad_user_id_in_the_body_is_422_naming_the_field(api: RunningApi, user_id: object) -> None:
+    refused = api.client.post("/notifications", json=ADA | {"user_id": user_id})
+    assert refused.status_code == 422, refused.text
+    assert [error["field"] for error in refused.json()["errors"]] == ["user_id"], refused.text
+
+
+@pytest.mark.parametrize("segment", ["a%20b", "%20", "a%2Fb", "%00", "x" * 129, "a%0Ab", "%C3%A9"])
+def test_a_bad_user_id_in_the_path_is_422(api: RunningApi, segment: str) -> None:
+    for path in (f"/users/{segment}/notifications", f"/users/{segment}/notifications/stats"):
+        refused = api.client.get(path)
+        assert refused.status_code in (404, 422), (path, refused.text)  # "a%2Fb" may not reach the route
+        if "%2F" not in segment:
+            assert refused.status_code == 422, (path, refused.text)

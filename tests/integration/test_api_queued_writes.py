@@ -121,7 +121,7 @@ def test_queued_create_shows_as_pending_in_a_cached_list(api: RunningApi, redis_
     [item] = listed.json()["items"]
     assert item["id"] == queued["id"] and item["status"] == "pending" and item["read"] is False
     assert before <= datetime.fromisoformat(item["created_at"]) <= after  # the acceptance time
-    assert {name: item[name] for name in ADA} == ADA and "read_stamp" not in item
+    assert {name: item[name] for name in ADA} == ADA | {"user_id": "42"} and "read_stamp" not in item  # a string now
 
 
 def test_queued_create_reads_back_by_id_while_the_breaker_is_open(api: RunningApi) -> None:

@@ -17,7 +17,7 @@ from brownout._db import Database
 from brownout._dispatch.apply import AppliedWrite, KeyConflict, apply_envelope
 from brownout._dispatch.commands import DependencyPending, UnknownCommand
 from brownout._dispatch.dispatcher import Applied, Dispatcher, InvalidCommand, Rejected
-from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
 from brownout._schema import applied_commands, command_conflicts
 from tests.conftest import database_url
 
@@ -77,6 +77,31 @@ def test_keys_are_scoped_to_the_caller(dispatcher: Dispatcher) -> None:
     assert isinstance(mine, Applied) and isinstance(theirs, Applied)
     assert mine.id != theirs.id and mine.command_id != theirs.command_id
     assert theirs.duplicate is False
+
+
+def test_a_creation_queued_by_the_previous_release_with_an_integer_user_id_applies_once(
+    db: Database, dispatcher: Dispatcher
+) -> None:
+    """The previous release's model dumped `"user_id": 42`: its queued envelope carries that payload and its hash.
+    Its ids came from the scope `user:42`, which a string id gives again, so it applies once, and again is a
+    duplicate; the row holds the id as a string."""
+    accepted = dispatcher.accept(CREATE, NOTE | {"user_id": "42"}, idempotency_key="queued-before")
+    assert accepted == dispatcher.accept(CREATE, NOTE, idempotency_key="queued-before").model_copy(
+        update={"accepted_stamp": accepted.accepted_stamp, "accepted_at": accepted.accepted_at}
+    )  # an int in the body is the same write as its decimal string
+    assert accepted.scope == "user:42"
+    assert accepted.command_id == command_id_for(CREATE, "user:42", "queued-before")
+    assert accepted.entity_id == entity_id_for(CREATE, "user:42", "queued-before")
+    previous_payload = accepted.payload | {"user_id": 42}
+    queued = accepted.model_copy(update={"payload": previous_payload, "payload_hash": payload_hash(previous_payload)})
+    queued = Envelope.model_validate(queued.model_dump(mode="json"))  # as the worker reads it from the message
+    first = apply(db, dispatcher, queued)
+    again = apply(db, dispatcher, queued)
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert first.entity_id == again.entity_id == accepted.entity_id
+    assert count(db, notifications) == 1 and count(db, applied_commands) == 1
+    with db.session() as s:
+        assert s.execute(select(notifications.c.user_id)).scalar_one() == "42"
 
 
 def test_without_a_key_each_submit_is_a_new_write(db: Database, dispatcher: Dispatcher) -> None:

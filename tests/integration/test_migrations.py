@@ -333,6 +333,51 @@ def test_dead_letters_kept_before_attempts_are_numbered_in_the_order_written(url
     assert model_differences(engine) == []
 
 
+def test_0007_makes_user_ids_text_and_back_while_every_one_is_a_number(url: str, engine: Engine) -> None:
+    """Rows in the table: 0007 turns each user id into its decimal string (the list index kept); down turns
+    them back only when every one is a bigint's decimal form, and otherwise refuses, changing nothing."""
+    upgrade_database(url, "0006")
+    insert = text(
+        "INSERT INTO notifications (id, user_id, email, subject, body, created_at)"
+        " VALUES (:id, :user, 'a@x.org', 's', 'b', now())"
+    )
+    numbers = [42, 7, 2**63 - 1]
+    with engine.begin() as connection:
+        for number in numbers:
+            connection.execute(insert, {"id": uuid.uuid4(), "user": number})
+
+    def user_ids() -> list[Any]:
+        with engine.connect() as connection:
+            return sorted(connection.execute(text("SELECT user_id FROM notifications")).scalars(), key=str)
+
+    def user_id_type() -> str:
+        column = next(c for c in inspect(engine).get_columns("notifications") if c["name"] == "user_id")
+        return str(column["type"])
+
+    command.upgrade(alembic_config(url), "0007")
+    assert user_id_type() == "TEXT"
+    assert user_ids() == sorted(str(number) for number in numbers)
+    indexes = {index["name"]: index["column_names"] for index in inspect(engine).get_indexes("notifications")}
+    assert indexes["notifications_user_recent"] == ["user_id", "created_at", "id"]
+
+    command.downgrade(alembic_config(url), "0006")
+    assert user_id_type() == "BIGINT"
+    assert user_ids() == sorted(numbers, key=str)
+
+    command.upgrade(alembic_config(url), "0007")
+    for user in (str(uuid.uuid4()), "042", "9223372036854775808"):  # not a bigint's decimal form
+        with engine.begin() as connection:
+            row = connection.execute(insert, {"id": uuid.uuid4(), "user": user})
+        with pytest.raises(RuntimeError, match="1 notification"):
+            command.downgrade(alembic_config(url), "0006")
+        assert user_id_type() == "TEXT" and versions(engine)["alembic_version"] == ["0007"]
+        with engine.begin() as connection:
+            row = connection.execute(text("DELETE FROM notifications WHERE user_id = :user"), {"user": user})
+            assert row.rowcount == 1
+    command.downgrade(alembic_config(url), "0006")
+    assert user_ids() == sorted(numbers, key=str)
+
+
 @pytest.fixture(scope="module")
 def previous_migrations(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The single history that created the service's and Brownout's tables together, as deployed before."""
@@ -377,7 +422,8 @@ def test_a_database_migrated_by_the_shared_history_is_adopted_not_recreated(
         )
         oid_before = connection.execute(text("SELECT 'dead_letters'::regclass::oid")).scalar_one()
     upgrade_database(url)
-    assert versions(engine) == {"alembic_version": ["0006"], brownout_migrations.VERSION_TABLE: ["brownout_0006"]}
+    head = revisions_base_to_head()[-1]
+    assert versions(engine) == {"alembic_version": [head], brownout_migrations.VERSION_TABLE: ["brownout_0006"]}
     assert model_differences(engine) == []
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM notifications")).scalar_one() == 1

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
+from brownout._dispatch.envelope import command_id_for
 from brownout._settings import normalise_database_url
 from tests.conftest import database_url
 from tests.support import previous_layout
@@ -34,7 +37,9 @@ PREVIOUS_RELEASE_SCRIPT = """
 import json, sys
 import brownout
 from app.dispatch.notifications import CREATE, MARK_READ, build_registry
+from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
+from brownout._dispatch.envelope import command_id_for
 from brownout._db import Database
 from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued
 from brownout._settings import load_settings
@@ -125,11 +130,31 @@ def test_writes_queued_by_the_previous_release_are_applied_once_after_the_upgrad
         rows = connection.execute(text("SELECT id::text, read FROM notifications")).all()
         per_key = connection.execute(text("SELECT idempotency_key, count(*) FROM applied_commands GROUP BY 1")).all()
         paths = connection.execute(text("SELECT path, count(*) FROM applied_commands GROUP BY 1")).all()
+        users = connection.execute(text("SELECT id::text, user_id FROM notifications")).all()
+        creations = connection.execute(
+            text("SELECT idempotency_key, command_id FROM applied_commands WHERE name = :name"), {"name": CREATE}
+        ).all()
     assert all(count == 1 for _, count in per_key) and len(per_key) == 1 + queued
     assert dict(paths) == {"direct": 1, "queued": queued}
     read = {ident: was_read for ident, was_read in rows}
     assert len(read) == 1 + WRITES
     assert [read[ident] for ident in published["created"]] == [n % 2 == 0 for n in range(1, WRITES + 1)]
+    # The previous release queued `"user_id": 100 + n` (an int); the rows hold its decimal string, and the
+    # ids the new code derives from the string are those the previous one derived from the int.
+    by_id = dict(users)
+    assert [by_id[ident] for ident in published["created"]] == [str(100 + n) for n in range(1, WRITES + 1)]
+    assert dict(creations) == {key: new_command_id(n, key) for n, key in enumerate(["direct", *published_keys()])}
+
+
+def published_keys() -> list[str]:
+    return [f"create-{n}" for n in range(1, WRITES + 1)]
+
+
+def new_command_id(n: int, key: str) -> uuid.UUID:
+    """The command id this release gives the previous script's note *n* with its user id as a string."""
+    command = build_registry().get(CREATE)
+    payload = {"user_id": str(100 + n), "email": f"user{n}@example.com", "subject": "s", "body": "b"}
+    return command_id_for(CREATE, command.scope(command.parse(1, payload)), key)
 
 
 def applied_count(engine: Engine) -> int:

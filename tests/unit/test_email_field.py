@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError
 
-from app.dispatch.notifications import CreateNotificationV1, normalized_email
+from app.dispatch.notifications import CreateNotificationV1, UserId, normalized_email
 
 
 class WithEmailStr(BaseModel):  # CreateNotificationV1 as it was declared, with pydantic's EmailStr
     model_config = ConfigDict(extra="forbid", frozen=True, title="CreateNotificationV1")
 
-    user_id: int = Field(gt=0, le=2**63 - 1)
+    user_id: UserId
     email: EmailStr
     subject: str = Field(min_length=1, max_length=200)
     body: str = Field(default="", max_length=10_000)

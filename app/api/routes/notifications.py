@@ -7,11 +7,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 
 from app.api.deps import ServicesDep
 from app.api.queries import MAX_PAGE
 from app.api.writes import WriteResult
-from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, CreateNotificationV1
+from app.dispatch.notifications import (
+    CREATE,
+    MARK_READ,
+    MARK_UNREAD,
+    USER_ID_PATTERN,
+    CreateNotificationV1,
+    not_a_dot_segment,
+)
 from brownout import ReadResult
 from brownout.fastapi import NonCritical
 
@@ -24,7 +32,7 @@ IdempotencyKey = Annotated[
         description="Names the write: a replay returns the first outcome; another body with the same key is 422.",
     ),
 ]
-UserId = Annotated[int, Path(gt=0, le=2**63 - 1)]
+UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=USER_ID_PATTERN), AfterValidator(not_a_dot_segment)]
 
 _WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"description": "Queued durably (the database is unavailable); Location: /commands/{command_id}"},
