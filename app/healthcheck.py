@@ -3,8 +3,9 @@
 One image runs every process type, but a Docker HEALTHCHECK is fixed per image: `run-procfile` records the
 type it starts (in ``BROWNOUT_PROCESS_TYPE_FILE``) and this probe asks the endpoint that type serves. The web
 is alive when ``/health`` answers on ``$PORT`` (never ``/ready``: an outage of the database or RabbitMQ must not
-mark a container unhealthy that is built to serve through it); the worker when its ``/metrics`` answers on
-``BROWNOUT_METRICS_PORT``; a release (migration) container is a one-shot job, healthy while it runs.
+mark a container unhealthy that is built to serve through it); the worker when the ``/health`` of its metrics
+server answers on ``BROWNOUT_METRICS_PORT`` (its ``/metrics`` needs a key); a release (migration) container is a
+one-shot job, healthy while it runs.
 
 Standard library and environment only: no settings validation, no import of the service, so the probe costs
 a few milliseconds and cannot fail for a reason other than the process not answering.
@@ -24,7 +25,7 @@ TIMEOUT_SECONDS = 4.0
 def probe_url(process_type: str, environ: dict[str, str] | os._Environ[str]) -> str | None:
     """The URL that says *process_type* is alive, or None when there is nothing to ask."""
     if process_type == "worker":
-        return f"http://127.0.0.1:{environ.get('BROWNOUT_METRICS_PORT', '9191')}/metrics"
+        return f"http://127.0.0.1:{environ.get('BROWNOUT_METRICS_PORT', '9191')}/health"
     if process_type == "release":
         return None
     # The web, and an image started with a command of someone's own: the image's default process.

@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # `python bench/read_path.py`: the reference serv
 from app.api.services import Services  # noqa: E402
 from app.schema import upgrade_database  # noqa: E402
 from tests.support.api_server import free_port, serve_in_thread  # noqa: E402
+from tests.support.credentials import AS_SERVICE, SERVICE_KEY, SERVICE_KEY_ENTRY  # noqa: E402
 from tests.support.processes import stop  # noqa: E402
 
 LOCAL_DB = "postgresql://brownout:brownout@127.0.0.1:5432/brownout?sslmode=require"
@@ -175,6 +176,7 @@ def serve_in_process(env: dict[str, str]) -> Iterator[str]:
 def run_wrk(url: str, ids: list[str], concurrency: int, duration: float) -> dict[str, Any]:
     paths = ", ".join(f'"/notifications/{ident}"' for ident in ids)
     script = f"local paths = {{{paths}}}\nlocal i = 0\n"
+    script += f'wrk.headers["Authorization"] = "Bearer {SERVICE_KEY}"\n'
     script += "request = function()\n  i = i + 1\n  return wrk.format('GET', paths[(i % #paths) + 1])\nend\n"
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
         lua.write(script)
@@ -206,7 +208,8 @@ def run_httpx(url: str, ids: list[str], concurrency: int, duration: float) -> di
             i += 1
 
     async def load() -> None:
-        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency), timeout=10) as client:
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10, headers=AS_SERVICE) as client:
             stop = time.perf_counter() + duration
             await asyncio.gather(*(user(client, n, stop) for n in range(concurrency)))
 
@@ -238,6 +241,11 @@ def main() -> None:
     os.environ.setdefault("DATABASE_URL", LOCAL_DB)
     os.environ.setdefault("RABBITMQ_URL", LOCAL_RABBIT)
     os.environ.setdefault("REDIS_URL", LOCAL_REDIS)
+    # Callers authenticated and limited as in production; the one key here carries the whole load, so its
+    # limit is set above what the load can reach (the check still runs on every request).
+    os.environ.setdefault("BROWNOUT_API_KEYS", SERVICE_KEY_ENTRY)
+    os.environ.setdefault("BROWNOUT_RATE_LIMIT_READS", "100000000/minute")
+    os.environ.setdefault("BROWNOUT_RATE_LIMIT_WRITES", "100000000/minute")
     base = load_settings()
     tag = uuid.uuid4().hex[:8]
     dbname, queue, prefix = f"bo_bench_{tag}", f"bo-bench-{tag}", f"bo-bench-{tag}:"
@@ -277,15 +285,16 @@ def main() -> None:
             direct = stale_in_process(services, ids, args.requests)
 
         env = {key: value for key, value in os.environ.items() if not key.startswith("BROWNOUT_")}
+        env |= {key: os.environ[key] for key in ("BROWNOUT_API_KEYS", "BROWNOUT_RATE_LIMIT_READS", "BROWNOUT_RATE_LIMIT_WRITES")}
         env |= {"DATABASE_URL": database_url, "RABBITMQ_URL": base.rabbitmq_url, "REDIS_URL": base.redis_url}
         env |= {"BROWNOUT_REDIS_KEY_PREFIX": prefix, "BROWNOUT_QUEUE_NAME": queue, "BROWNOUT_CACHE_FRESH_SECONDS": "3600"}
         with serve_in_process(env) as url:
             for ident in ids[:5]:
-                expect(httpx.get(f"{url}/notifications/{ident}"), "hit")
+                expect(httpx.get(f"{url}/notifications/{ident}", headers=AS_SERVICE), "hit")
             generator = run_wrk if shutil.which("wrk") and not args.httpx else run_httpx
             load = generator(url, ids, args.concurrency, args.duration)
             for ident in ids[-5:]:
-                expect(httpx.get(f"{url}/notifications/{ident}"), "hit")
+                expect(httpx.get(f"{url}/notifications/{ident}", headers=AS_SERVICE), "hit")
     finally:
         admin(base.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         delete_queues(base.rabbitmq_url, queue)

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from brownout._db import Database, waiting
 from brownout._dispatch.publisher import Publisher
 from brownout._settings import Settings
+from tests.support.credentials import SERVICE_KEY_ENTRY
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from tests.support.sentry_capture import sentry_events  # noqa: F401 - a fixture for every test
 from tests.support.worker_rig import WorkerRig
@@ -88,7 +89,11 @@ def make_settings(pg_database: str, app_name: str) -> Callable[..., Settings]:
     """Settings pointing at this test's database; keyword arguments override fields."""
 
     def factory(**overrides: Any) -> Settings:
-        fields: dict[str, Any] = {"database_url": database_url(pg_database), "db_application_name": app_name}
+        fields: dict[str, Any] = {
+            "database_url": database_url(pg_database),
+            "db_application_name": app_name,
+            "api_keys": SERVICE_KEY_ENTRY,  # the suite runs with credentials, as production does
+        }
         fields.update(overrides)
         return Settings(**fields)
 

@@ -157,9 +157,8 @@ class FaultTimeline(ModeStage):
         record.end = now() - self.t0
 
     def _publisher_restarts(self, url: str) -> int | None:
-        operator = {"Authorization": f"Bearer {self.settings.get('BROWNOUT_ADMIN_TOKEN', '')}"}
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"{url}/ready", headers=operator), timeout=2) as answer:  # noqa: S310 - the http:// URL of a dyno this run started
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/ready", headers=self.auth), timeout=2) as answer:  # noqa: S310 - the http:// URL of a dyno this run started
                 body = json.load(answer)
         except urllib.error.HTTPError as error:  # 503 while not ready: the body still says
             body = json.load(error)

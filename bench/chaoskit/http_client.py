@@ -20,18 +20,19 @@ class LeanHttp:
 
     IDLE_SECONDS = 2.0
 
-    def __init__(self, url: str, max_idle: int) -> None:
+    def __init__(self, url: str, max_idle: int, *, headers: dict[str, str] | None = None) -> None:
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.idle: list[tuple[float, asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.max_idle = max_idle
+        self.head = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())  # sent with every request
 
     async def request(
         self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.head}"
         for name, value in (headers or {}).items():
             head += f"{name}: {value}\r\n"
         if body or method == "POST":

@@ -65,7 +65,7 @@ class Workload:
 
 async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     work = Workload(cfg)
-    clients = [LeanHttp(url, 64) for url in cfg["urls"]]
+    clients = [LeanHttp(url, 64, headers=cfg.get("headers")) for url in cfg["urls"]]
     t0, duration, timeout = cfg["t0"], cfg["duration"], cfg["timeout"]
     # [t_sched, t_sent, t_done, kind, status, stale, detail, replica] (times relative to t0; detail: the id read, or the error)
     requests: list[list[Any]] = []

@@ -38,6 +38,7 @@ class ModeRun(FaultTimeline):
         records_path = self.out_dir / f"records-{self.mode}.json"
         cfg = {
             "urls": [web.url for web in self.webs],
+            "headers": self.auth,
             "t0": now() + 1.0,
             "duration": self.duration,
             "writes": self.writes_rate,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import secrets
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from bench.chaoskit.progress import Live
 from bench.chaoskit.proxies import ProxyProcess
 from bench.chaoskit.results import FaultRecord
 from bench.chaoskit.urls import admin_connect, loopback_only, pg_url, port_of, with_port
+from brownout._auth.keys import SCOPES, entry_for, new_key
 from tests.support.throwaway_rabbit import RABBITMQ_SBIN, ThrowawayRabbit
 
 INJECT = ROOT / "bench" / "chaoskit" / "inject"  # sitecustomize.py: the publisher I/O thread's killer
@@ -72,6 +72,8 @@ class ModeStage:
         self.backlog: Backlog | None = None
         self.current_fault = ""
         self.settings: dict[str, str] = {}
+        self.service_key = new_key()
+        self.auth = {"Authorization": f"Bearer {self.service_key}"}
         self._stop = threading.Event()
         self._down: set[str] = set()  # operator commands run "down" and not yet "up"
         self.alarm_node: ThrowawayRabbit | None = None  # a RabbitMQ node of the run's own, for the memory alarm
@@ -182,7 +184,8 @@ class ModeStage:
                 "BROWNOUT_EMAIL_QUEUE_NAME": self.email_queue,
                 "BROWNOUT_REDIS_KEY_PREFIX": self.prefix,
                 "BROWNOUT_WEB_REPLICAS": str(self.config.web),
-                "BROWNOUT_ADMIN_TOKEN": secrets.token_urlsafe(32),  # /ready's detail is the operator's
+                # The load generator, /ready's detail and the fault timeline call as a service would, with a key.
+                "BROWNOUT_API_KEYS": entry_for("chaos-run", self.service_key, SCOPES),
             }
         self.settings = settings
         return env | settings
@@ -191,7 +194,7 @@ class ModeStage:
         worker = self.worker
         assert worker is not None
         port = worker.env["BROWNOUT_METRICS_PORT"]
-        return wait_for(lambda: answers(f"http://127.0.0.1:{port}/metrics") or not worker.alive, timeout) and worker.alive
+        return wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") or not worker.alive, timeout) and worker.alive
 
     @staticmethod
     def _restore_proxy(proxy: ProxyProcess) -> None:

@@ -16,6 +16,8 @@ from urllib.parse import parse_qs, unquote
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from brownout._auth.keys import MIN_KEY_LENGTH as MIN_TOKEN_LENGTH
+from brownout._auth.keys import parse_keys
 from brownout._redaction import mask_secrets
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -259,7 +261,53 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token of POST /admin/breaker; unset: the route answers 404.",
+        description="The operator's bearer token (at least 32 characters): the admin scope, as a service key with "
+        "`admin` has it (/admin/*, /ready's detail). Unset: only keys open those.",
+    )
+    auth: Literal["required", "disabled"] = Field(
+        default="required",
+        description="'disabled' answers every caller as if it held every scope (a warning at start-up and on /ready): "
+        "for a service behind a gateway that authenticates. 'required' with no key, token or JWT setting: "
+        "the web refuses to start.",
+    )
+    api_keys: str | None = Field(
+        default=None,
+        description="Service keys: `NAME:SHA256_HEX:SCOPES` entries, comma-separated, scopes joined by + out of "
+        "write, read, metrics, admin (`brownout keys new NAME SCOPES` makes a key and its entry).",
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None,
+        description="HS256 secret of end users' tokens (Supabase: the project's legacy JWT secret).",
+    )
+    jwt_jwks_url: str | None = Field(
+        default=None,
+        description="JWKS of end users' ES256/RS256 tokens (Supabase: https://<ref>.supabase.co/auth/v1/.well-known/jwks.json); "
+        "needs BROWNOUT_JWT_ISSUER.",
+    )
+    jwt_issuer: str | None = Field(
+        default=None, description="Required `iss` of end users' tokens (Supabase: https://<ref>.supabase.co/auth/v1)."
+    )
+    jwt_audience: str = Field(default="authenticated", description="Required `aud` of end users' tokens.")
+    jwt_user_claim: str = Field(default="sub", description="The claim of an end user's token that is their user id.")
+    jwt_allow_anonymous: bool = Field(
+        default=False,
+        description="Whether Supabase's anonymous users (`is_anonymous: true`) are users here; refused by default.",
+    )
+    rate_limit_writes: str | None = Field(
+        default="600/minute",
+        description="Writes (any method but GET/HEAD) each service key or user may make, fleet-wide (e.g. 600/minute, "
+        "10/second); over it: 429 with Retry-After, nothing queued. Empty: no limit.",
+    )
+    rate_limit_reads: str | None = Field(
+        default="3000/minute", description="Reads (GET/HEAD) each service key or user may make, fleet-wide. Empty: no limit."
+    )
+    rate_limit_auth_failures: str | None = Field(
+        default="30/minute",
+        description="Requests with an invalid credential each client address may make before it gets 429 instead of 401.",
+    )
+    cors_origins: str | None = Field(
+        default=None,
+        description="Comma-separated origins whose browsers may call the API (CORS); none by default.",
     )
     override_poll_seconds: PositiveSeconds = Field(
         default=1.0, description="How often each web process reads the fleet-wide breaker override from Redis."
@@ -323,8 +371,39 @@ class Settings(BaseSettings):
     def _normalise_migration_url(cls, value: str | None) -> str | None:
         return None if value is None else normalise_database_url(value)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _long_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (unset it to rely on service keys)")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_jwt_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} bytes (Supabase's legacy secrets are longer)")
+        return value
+
+    @field_validator("rate_limit_writes", "rate_limit_reads", "rate_limit_auth_failures")
+    @classmethod
+    def _valid_rate(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            from brownout._auth.rate_limit import Rate  # here: it imports redis, which settings alone do not need
+
+            Rate.parse(value)
+        return value or None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_api_keys(cls, value: str | None) -> str | None:
+        parse_keys(value)
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.jwt_jwks_url and not self.jwt_issuer:
+            raise ValueError("BROWNOUT_JWT_JWKS_URL needs BROWNOUT_JWT_ISSUER (the tokens' required `iss`)")
         if self.retry_cap_seconds < self.retry_base_seconds:
             raise ValueError(
                 f"BROWNOUT_RETRY_CAP_SECONDS ({self.retry_cap_seconds}) must be >= "

@@ -7,6 +7,7 @@
     brownout health                          SELECT 1 against DATABASE_URL, as JSON
     brownout dead-letters list|show|replay|purge
     brownout purge-applied                   applied idempotency keys past their retention
+    brownout keys new NAME SCOPES            a service key, and its BROWNOUT_API_KEYS entry
 
 Settings come from the environment (DATABASE_URL, RABBITMQ_URL, REDIS_URL, BROWNOUT_*). Uvicorn,
 Dramatiq and Alembic are imported by the command that uses them, so `--help` and `--version` stay fast.
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_APPLIED_RETENTION_DAYS")
     purge.set_defaults(run=_with_database(_purge_applied))
 
+    keys = sub.add_parser("keys", help="service keys (BROWNOUT_API_KEYS)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = keys_sub.add_parser("new", help="make a key: prints the key (line 1) and its BROWNOUT_API_KEYS entry (line 2)")
+    new.add_argument("name", metavar="NAME", help="the caller's name, as logs and metrics will show it (e.g. orders)")
+    new.add_argument("scopes", metavar="SCOPES", help="write, read, metrics, admin, joined by + (e.g. write+read)")
+    new.set_defaults(run=_keys_new, needs_settings=False)
+
     from brownout import _dead_letters_cli
 
     _dead_letters_cli.add_parser(sub)
@@ -85,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace, Any], int] = args.run
+    if not getattr(args, "needs_settings", True):
+        return run(args, None)
     settings = _settings()
     if settings is None:
         return 2
@@ -111,7 +121,34 @@ def _prepare_dyno(settings: Any, metrics_prefix: str) -> None:
     _metrics_dir.prepare(metrics_prefix)  # before any process imports prometheus_client
 
 
+def _keys_new(args: argparse.Namespace, settings: Any) -> int:
+    from brownout._auth.keys import entry_for, new_key
+
+    key = new_key()
+    try:
+        entry = entry_for(args.name, key, args.scopes.split("+"))
+    except ValueError as exc:
+        print(f"brownout keys new: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(entry)
+    print(
+        f"brownout: line 1 is {args.name}'s key: give it to that caller, it is shown once and kept nowhere; "
+        "line 2 goes into BROWNOUT_API_KEYS (comma-separated with the other entries)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _web(args: argparse.Namespace, settings: Any) -> int:
+    from brownout._settings import ConfigurationError
+    from brownout.fastapi._auth import Authenticator
+
+    try:
+        Authenticator(settings).check()  # here, so the dyno stops with one line instead of in each uvicorn process
+    except ConfigurationError as exc:
+        print(f"brownout web: {exc}", file=sys.stderr)
+        return 2
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
     processes = args.processes or settings.web_processes
     _prepare_dyno(settings, "brownout-web-metrics-")

@@ -166,7 +166,8 @@ def test_ready_is_503_when_no_write_can_be_made_durable(
             rabbit.refuse()
             rabbit.reset_existing()
             assert wait_until(lambda: api.client.get("/ready").status_code == 503, timeout=20)
-            assert api.client.get("/ready").json() == {"ready": False}  # anonymous: the status, nothing else
+            with api.anonymous() as outsider:
+                assert outsider.get("/ready").json() == {"ready": False}  # anonymous: the status, nothing else
             body = api.client.get("/ready", headers=operator).json()
             assert body["ready"] is False and body["writes"] == "unavailable"
             assert body["parts"]["breaker"] == "open" and body["parts"]["rabbitmq"] != "ready"

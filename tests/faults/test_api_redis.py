@@ -27,12 +27,12 @@ from brownout._cache.redis_link import RedisLink
 from brownout._db import BreakerState
 from brownout._settings import Settings
 from tests.conftest import database_url
-from tests.support.api_server import RunningApi, serve_in_thread
+from tests.support.api_server import OPERATOR_TOKEN, RunningApi, serve_in_thread
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
 
 ADA = {"user_id": 42, "email": "ada@example.com", "subject": "Welcome", "body": "Hello"}
-TOKEN = "s3cret"
+TOKEN = OPERATOR_TOKEN
 REQUEST_BOUND = 1.0  # seconds; redis-py's defaults cost ~4.5 s (refused) to over a minute (silent)
 REDIS_DEADLINE_SHARE = 0.1  # what one failed Redis round trip may add (2 x redis_timeout_seconds)
 MARGIN = 0.25  # scheduling noise on 2 shared cores

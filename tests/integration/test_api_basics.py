@@ -141,9 +141,10 @@ def test_health_and_ready(api_settings: Callable[..., Settings]) -> None:
 def test_ready_tells_an_anonymous_caller_its_status_only(api_settings: Callable[..., Settings]) -> None:
     """Error texts name hosts, ports and users: only the operator's token shows them."""
     with serve_in_thread(api_settings(admin_token=OPERATOR, redis_url="redis://:pw@127.0.0.1:1/0")) as api:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {OPERATOR}"}):
-            anonymous = api.client.get("/ready", headers=headers)
-            assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}, headers
+        with api.anonymous() as outsider:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {OPERATOR}"}):
+                anonymous = outsider.get("/ready", headers=headers)
+                assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}, headers
         operator = api.client.get("/ready", headers={"Authorization": f"Bearer {OPERATOR}"}).json()
     assert operator["parts"]["redis"] in ("unreachable", "skipped") and "127.0.0.1:1" in str(operator)
     assert "pw" not in str(operator["redis"])
@@ -210,3 +211,34 @@ def test_a_bad_user_id_in_the_path_is_422(api: RunningApi, segment: str) -> None
         assert refused.status_code in (404, 422), (path, refused.text)  # "a%2Fb" may not reach the route
         if "%2F" not in segment:
             assert refused.status_code == 422, (path, refused.text)
+
+
+def test_browsers_of_the_configured_origins_may_call(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings(cors_origins="https://app.example.com, https://admin.example.com")) as api:
+        with api.anonymous() as browser:
+            preflight = browser.options(
+                "/users/7/notifications",
+                headers={
+                    "Origin": "https://app.example.com",
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Headers": "authorization, idempotency-key",
+                },
+            )
+            assert preflight.status_code == 200, preflight.text
+            assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+            assert {"authorization", "idempotency-key"} <= set(
+                preflight.headers["access-control-allow-headers"].lower().split(", ")
+            )
+            other = browser.options(
+                "/users/7/notifications", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+            )
+            assert "access-control-allow-origin" not in other.headers
+        answer = api.client.get("/users/7/notifications", headers={"Origin": "https://admin.example.com"})
+        assert answer.headers["access-control-allow-origin"] == "https://admin.example.com"
+        exposed = {name.strip().lower() for name in answer.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "retry-after", "age", "x-brownout", "cache-status"} <= exposed
+
+
+def test_no_origin_is_allowed_by_default(api: RunningApi) -> None:
+    answer = api.client.get("/users/7/notifications", headers={"Origin": "https://app.example.com"})
+    assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers

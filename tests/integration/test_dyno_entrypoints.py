@@ -25,6 +25,7 @@ from brownout._db import Database
 from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._settings import Settings
 from tests.support.api_server import free_port, settings_env
+from tests.support.credentials import AS_SERVICE
 from tests.support.polling import wait_until
 from tests.support.processes import stop
 
@@ -65,7 +66,8 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
         for _ in range(20):  # a new connection each: the two processes share the listening socket
             with httpx.Client(base_url=web, timeout=10) as fresh:
                 assert fresh.get("/health").status_code == 200
-        text = httpx.get(f"{web}/metrics", timeout=10).text
+        assert httpx.get(f"{web}/metrics", timeout=10).status_code == 401  # Prometheus scrapes with a key
+        text = httpx.get(f"{web}/metrics", headers=AS_SERVICE, timeout=10).text
     # whichever process answered the scrape, every process's requests are in it (the scrape itself not yet)
     assert sample(text, "brownout_http_requests_total", route="/health", status="200") >= 20
     assert sample(text, "brownout_pool_connections", state="size") == 2 * settings.pool_size  # two live pools
@@ -102,11 +104,18 @@ def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings
     try:
         with dyno("worker", env):
             assert wait_until(lambda: _answers(url), timeout=60), "the worker's metrics did not come up"
+            refused = httpx.get(url, timeout=5)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", refused.text
             applied = wait_until(
-                lambda: sample(httpx.get(url, timeout=5).text, "brownout_worker_messages_total", outcome="applied") == 1,
+                lambda: (
+                    sample(
+                        httpx.get(url, headers=AS_SERVICE, timeout=5).text, "brownout_worker_messages_total", outcome="applied"
+                    )
+                    == 1
+                ),
                 timeout=60,
             )
-            text = httpx.get(url, timeout=5).text
+            text = httpx.get(url, headers=AS_SERVICE, timeout=5).text
         assert applied, text
         assert sample(text, "brownout_db_calls_total") >= 1
         assert sample(text, "brownout_worker_apply_duration_seconds_count") == 1
@@ -119,7 +128,7 @@ def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return httpx.get(url, headers=AS_SERVICE, timeout=2).status_code == 200
     except httpx.TransportError:
         time.sleep(0.1)
         return False

@@ -40,7 +40,7 @@ def hostile_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_settings_from_values_read_nothing_from_the_environment(hostile_environment: None) -> None:
     settings = settings_from_values(database_url="postgresql://app:pw@db.internal:5432/app", pool_size=4)
-    assert settings.database_url.endswith("@db.internal:5432/app")
+    assert settings.database_url.endswith("@db.internal:5432/app?sslmode=require")  # a remote host: TLS required
     assert settings.pool_size == 4 and settings.queue_name == "brownout-commands"
     assert settings.breaker_failure_threshold == 5
     with pytest.raises(ValidationError, match="pool_sise"):  # a misspelt setting is an error, not a default

@@ -34,6 +34,7 @@ from app.schema import notifications
 from brownout._settings import Settings, normalise_database_url
 from tests.conftest import database_url
 from tests.support.api_server import free_port
+from tests.support.credentials import AS_SERVICE, SERVICE_KEY_ENTRY
 from tests.support.polling import wait_until
 from tests.support.processes import stop
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
@@ -182,6 +183,7 @@ def _container_env(image_root: Path, settings: Settings, **extra: str) -> dict[s
             "BROWNOUT_REDIS_KEY_PREFIX": settings.redis_key_prefix,
             "BROWNOUT_DB_APPLICATION_NAME": settings.db_application_name,
             "BROWNOUT_ADMIN_TOKEN": TOKEN,
+            "BROWNOUT_API_KEYS": SERVICE_KEY_ENTRY,
         }
     )
     env.update(extra)
@@ -252,17 +254,19 @@ def test_web_worker_and_release_run_from_the_installed_image(
         body = {"user_id": 8, "email": "ada@example.com", "subject": "From the image", "body": "b"}
 
         def queued() -> bool:
-            answer = httpx.post(f"{web}/notifications", json=body, headers={"Idempotency-Key": "image-1"}, timeout=10)
+            answer = httpx.post(
+                f"{web}/notifications", json=body, headers={"Idempotency-Key": "image-1"} | AS_SERVICE, timeout=10
+            )
             assert answer.status_code in (201, 202), answer.text
             return answer.status_code == 202
 
         assert wait_until(queued, timeout=30), "the web applied the write instead of queueing it"
         assert _count(pg_database) == 0
         # The worker's health check fails until the worker serves its metrics (its type recorded as
-        # run-procfile will record it, so the check asks /metrics, not the web's port).
+        # run-procfile will record it, so the check asks the metrics server's /health, not the web's port).
         Path(worker_env["BROWNOUT_PROCESS_TYPE_FILE"]).write_text("worker\n", encoding="utf-8")
         before = _run(image_root, ["python", "-m", "app.healthcheck"], worker_env)
-        assert before.returncode == 1 and f":{metrics_port}/metrics" in before.stderr, before.stderr
+        assert before.returncode == 1 and f":{metrics_port}/health" in before.stderr, before.stderr
         with process(image_root, ["run-procfile", "worker"], worker_env):
             # The worker follows the operator's override too: nothing is applied until it is lifted.
             assert wait_until(

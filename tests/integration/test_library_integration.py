@@ -157,22 +157,30 @@ def test_a_service_built_as_the_readme_says_lives_through_a_database_outage(
     logs.mkdir()
     try:
         for line in lines:
-            argv = shlex.split(line)
-            if argv[0] == "export":  # the README's example values; this test's services instead
-                names = [assignment.split("=")[0] for assignment in argv[1:]]
-                assert names == ["DATABASE_URL", "RABBITMQ_URL", "REDIS_URL"]
+            argv = shlex.split(line, comments=True)
+            if argv[:2] == ["export", "DATABASE_URL=postgresql://user:password@localhost:5432/shop"]:
+                names = [assignment.split("=")[0] for assignment in argv[1:]]  # the README's example values:
+                assert names == ["DATABASE_URL", "RABBITMQ_URL", "REDIS_URL"]  # this test's services instead
                 env |= {"DATABASE_URL": url, "RABBITMQ_URL": RABBITMQ_URL, "REDIS_URL": REDIS_URL}
+            elif argv[0] == "export":  # as a shell would: what the line exports joins the environment
+                done = subprocess.run(["bash", "-c", f"{line}\nenv -0"], cwd=service, env=env, capture_output=True, check=True)
+                exported = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if "=" in item)
+                env |= {name: exported[name] for name in (a.split("=")[0] for a in argv[1:])}
             elif argv[:2] in (["brownout", "web"], ["brownout", "worker"]):
                 log = (logs / f"{argv[1]}.log").open("wb")
                 dynos.append(subprocess.Popen(argv, cwd=service, env=env, stdout=log, stderr=subprocess.STDOUT))
                 log.close()
             else:
-                done = subprocess.run(argv, cwd=service, env=env, capture_output=True, text=True, timeout=120, check=False)
+                done = subprocess.run(
+                    ["bash", "-c", line], cwd=service, env=env, capture_output=True, text=True, timeout=120, check=False
+                )
                 assert done.returncode == 0, f"{line}: {done.stderr[-3000:]}"
         assert len(dynos) == 2, "the README starts a web and a worker dyno"
         web = f"http://127.0.0.1:{port}"
         assert wait_until(lambda: answers(f"{web}/health"), timeout=60), tail(logs)
-        with httpx.Client(base_url=web, timeout=10) as client:
+        assert httpx.get(f"{web}/orders/7", timeout=10).status_code == 401  # no key: not answered
+        key = (service / "checkout.key").read_text().splitlines()[0]  # the key `brownout keys new` made for checkout
+        with httpx.Client(base_url=web, timeout=10, headers={"Authorization": f"Bearer {key}"}) as client:
             assert client.get("/orders/7").status_code == 404  # not there yet: cached as such
             created = client.put("/orders/7/status", json={"status": "created"}, headers={"Idempotency-Key": "created-7"})
             assert created.status_code == 200, created.text

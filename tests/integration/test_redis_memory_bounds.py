@@ -22,7 +22,7 @@ from tests.conftest import REDIS_URL
 from tests.support.api_server import RunningApi, serve_in_thread
 
 ADA = {"user_id": 7, "email": "ada@example.com", "subject": "Bounds", "body": "b"}
-TOKEN = "memory-token"
+TOKEN = "memory-test-operator-token-0123456789"
 FRESH, STALE, PENDING = 30.0, 600.0, 300.0
 FUTURE_US = 4_000_000_000_000_000  # a cursor after every item: the page holds the user's newest items
 
@@ -47,7 +47,7 @@ def keys_under(client: redis.Redis, prefix: str) -> list[str]:
 
 def kind_of(key: str, prefix: str) -> str:
     parts = key[len(prefix) :].split(":")
-    return parts[0] if parts[0] in ("idempotency", "command") else ":".join(parts[:2])
+    return parts[0] if parts[0] in ("idempotency", "command", "rate") else ":".join(parts[:2])
 
 
 def cursor(created_us: int) -> str:
@@ -80,6 +80,7 @@ def test_every_key_the_service_writes_expires_but_the_fleet_override(
         "pending:mark": PENDING,
         "recent:user": PENDING,
         "command": PENDING,
+        "rate": 60,  # a caller's rate budget: within its period (a minute by default)
     }
     never_expire = {"breaker:override"}  # the operator's forced state: see README "Redis memory"
     seen: dict[str, list[int]] = {}

@@ -21,14 +21,16 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from app.api.app import create_app
 from app.api.services import Services
 from brownout._settings import Settings
 from brownout.fastapi import Brownout
+from tests.support.credentials import AS_SERVICE, OPERATOR_TOKEN
 from tests.support.processes import stop
 
-OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"  # BROWNOUT_ADMIN_TOKEN where a test is the operator
+__all__ = ["AS_SERVICE", "OPERATOR_TOKEN", "RunningApi", "free_port", "serve_in_process", "serve_in_thread", "settings_env"]
 
 
 def free_port() -> int:
@@ -52,6 +54,10 @@ class RunningApi:
     def brownout(self) -> Brownout:
         brownout: Brownout = self.app.state.brownout
         return brownout
+
+    def anonymous(self) -> httpx.Client:
+        """A client that sends no credential (close it, or use it in a `with`)."""
+        return httpx.Client(base_url=self.url, timeout=self.client.timeout)
 
 
 @contextmanager
@@ -82,7 +88,7 @@ def serve_in_thread(
         time.sleep(0.02)
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=url, timeout=client_timeout) as client:
+        with httpx.Client(base_url=url, timeout=client_timeout, headers=AS_SERVICE) as client:
             yield RunningApi(url=url, app=app, client=client)
     finally:
         server.should_exit = True
@@ -95,6 +101,8 @@ def settings_env(settings_fields: dict[str, Any]) -> dict[str, str]:
     for name, value in settings_fields.items():
         if value is None:
             continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if name in ("database_url", "rabbitmq_url", "redis_url", "smtp_url"):
             env[name.upper()] = str(value)
         else:

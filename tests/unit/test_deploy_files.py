@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from brownout._auth.keys import SCOPES, KeyRing, parse_keys
 from brownout._settings import Settings, _env_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -522,3 +523,19 @@ def test_compose_redis_bounds_its_memory_and_evicts_only_keys_that_expire() -> N
     tokens = command_tokens(service("redis")["command"])
     assert "--maxmemory" in tokens and tokens[tokens.index("--maxmemory") + 1] not in ("0", "0mb")
     assert "--maxmemory-policy" in tokens and tokens[tokens.index("--maxmemory-policy") + 1] == "volatile-lru"
+
+
+def test_compose_env_script_makes_the_keys_compose_and_prometheus_use(tmp_path: Path) -> None:
+    target = tmp_path / ".env"
+    done = subprocess.run(
+        ["bash", str(COMPOSE_ENV_SCRIPT), str(target)], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    values = _read_env_file(target)
+    keys = {key.name: key for key in parse_keys(values["BROWNOUT_API_KEYS"])}
+    ring = KeyRing(keys.values())
+    assert ring.find(values["BROWNOUT_METRICS_KEY"]) == keys["prometheus"] and keys["prometheus"].scopes == {"metrics"}
+    assert ring.find(values["BROWNOUT_LOCAL_KEY"]) == keys["local"] and keys["local"].scopes == set(SCOPES)
+    for name in ("web", "worker", "migrate"):
+        assert required_variable(environment(service(name))["BROWNOUT_API_KEYS"]) == "BROWNOUT_API_KEYS", name
+    assert service("prometheus")["secrets"] == ["brownout_metrics_key"]

@@ -73,7 +73,7 @@ def test_the_worker_is_alive_when_its_metrics_answer(tmp_path: Path, server: int
     # $PORT answering says nothing about a worker: only its metrics port counts.
     assert probe(tmp_path, "worker", PORT=str(server), BROWNOUT_METRICS_PORT=str(closed_port())) == 1
     assert probe(tmp_path, "worker", BROWNOUT_METRICS_PORT=str(server)) == 0
-    assert _Handler.paths == ["/metrics"]
+    assert _Handler.paths == ["/health"]
 
 
 def test_a_release_job_is_healthy_while_it_runs(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 
+from app.api.access import require_list_of, require_owner, require_reader
 from app.api.deps import ServicesDep
 from app.api.queries import MAX_PAGE
 from app.api.writes import WriteResult
@@ -21,9 +22,10 @@ from app.dispatch.notifications import (
     not_a_dot_segment,
 )
 from brownout import ReadResult
-from brownout.fastapi import NonCritical
+from brownout.fastapi import CallerDep, NonCritical, require_scope
 
 router = APIRouter(tags=["notifications"])
+WRITE = require_scope("write")
 
 IdempotencyKey = Annotated[
     str | None,
@@ -49,7 +51,7 @@ def _respond(result: WriteResult) -> JSONResponse:
     return JSONResponse(result.body, status_code=result.status_code, headers=result.headers)
 
 
-@router.post("/notifications", status_code=201, responses=_WRITE_RESPONSES)
+@router.post("/notifications", status_code=201, responses=_WRITE_RESPONSES, dependencies=[WRITE])
 def create_notification(
     body: CreateNotificationV1, services: ServicesDep, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -58,14 +60,14 @@ def create_notification(
     return _respond(services.writes.submit(CREATE, payload, idempotency_key=idempotency_key))
 
 
-@router.post("/notifications/{notification_id}/read", responses=_MARK_RESPONSES)
+@router.post("/notifications/{notification_id}/read", responses=_MARK_RESPONSES, dependencies=[WRITE])
 def mark_read(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Mark read: the last write accepted wins, whichever path each took."""
     payload = {"notification_id": str(notification_id)}
     return _respond(services.writes.submit(MARK_READ, payload, idempotency_key=idempotency_key))
 
 
-@router.post("/notifications/{notification_id}/unread", responses=_MARK_RESPONSES)
+@router.post("/notifications/{notification_id}/unread", responses=_MARK_RESPONSES, dependencies=[WRITE])
 def mark_unread(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     payload = {"notification_id": str(notification_id)}
     return _respond(services.writes.submit(MARK_UNREAD, payload, idempotency_key=idempotency_key))
@@ -77,23 +79,30 @@ def _read_response(result: ReadResult) -> JSONResponse:
 
 
 @router.get("/notifications/{notification_id}")
-def get_notification(notification_id: uuid.UUID, services: ServicesDep) -> JSONResponse:
-    """From the database or the cache; stale (Age, X-Brownout: stale) while the database is sick."""
-    return _read_response(services.reads.notification(notification_id))
+def get_notification(notification_id: uuid.UUID, services: ServicesDep, caller: CallerDep) -> JSONResponse:
+    """From the database or the cache; stale (Age, X-Brownout: stale) while the database is sick.
+    An end user sees only their own (another's is 404, as one that does not exist)."""
+    require_reader(caller)
+    result = services.reads.notification(notification_id)
+    require_owner(caller, result.body if isinstance(result.body, dict) else None)
+    return _read_response(result)
 
 
 @router.get("/users/{user_id}/notifications")
 def list_notifications(
     user_id: UserId,
     services: ServicesDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
     cursor: Annotated[str | None, Query(max_length=200, description="`next` of the previous page")] = None,
 ) -> JSONResponse:
     """Newest first, pending items included; `next` is the cursor of the following page, or null."""
+    require_list_of(caller, str(user_id))
     return _read_response(services.reads.notifications(user_id, cursor=cursor, limit=limit))
 
 
 @router.get("/users/{user_id}/notifications/stats", dependencies=[NonCritical])
-def notification_stats(user_id: UserId, services: ServicesDep) -> dict[str, int]:
+def notification_stats(user_id: UserId, services: ServicesDep, caller: CallerDep) -> dict[str, int]:
     """Read and unread counts. Non-critical: shed (503) while the breaker is not CLOSED."""
+    require_list_of(caller, str(user_id))
     return services.reads.stats(user_id)

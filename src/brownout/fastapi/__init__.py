@@ -5,6 +5,8 @@ and the dependencies a route uses.
     app = brownout.init_app(FastAPI(lifespan=my_lifespan))  # my_lifespan runs inside Brownout's
 """
 
+from brownout._auth.callers import Caller
+from brownout.fastapi._auth import CallerDep, current_caller, require_scope
 from brownout.fastapi._body_limit import BodyTooLarge
 from brownout.fastapi._brownout import Brownout, NotStarted
 from brownout.fastapi._deps import BrownoutDep, NonCritical, get_brownout, non_critical
@@ -14,11 +16,15 @@ __all__ = [
     "BodyTooLarge",
     "Brownout",
     "BrownoutDep",
+    "Caller",
+    "CallerDep",
     "NonCritical",
     "NotStarted",
     "Shed",
+    "current_caller",
     "field_errors",
     "get_brownout",
     "non_critical",
+    "require_scope",
     "retry_after_header",
 ]

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from brownout._cache.read_cache import ReadCache
@@ -32,6 +33,7 @@ from brownout._observability.logs import DegradedModeLog, configure_logging
 from brownout._observability.metrics import Metrics
 from brownout._observability.sentry import init_sentry
 from brownout._settings import Settings
+from brownout.fastapi._auth import Authenticator
 from brownout.fastapi._body_limit import BodyLimit
 from brownout.fastapi._http_metrics import HttpMetrics
 from brownout.fastapi._request_limits import RequestLimits
@@ -65,6 +67,8 @@ class Brownout:
         """*registry*: the commands this service writes; *clock*: the wall clock of the cache's ages
         (tests age entries with a clock of their own)."""
         self.settings = settings
+        self.authenticator = Authenticator(settings)
+        self.authenticator.check()  # no credential configured: refuse now, with one line, not on the first request
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -106,6 +110,7 @@ class Brownout:
     def _start(self) -> Brownout:
         settings, metrics = self.settings, self.metrics
         self.link = link = build_redis_link(settings)
+        self.authenticator.start(link)
         if link is not None:
             link.on_error = lambda kind: metrics.redis_errors.labels(kind).inc()
         self._database = database = build_database(settings, link=link)
@@ -133,6 +138,7 @@ class Brownout:
     def close(self) -> None:
         self.metrics.mark_process_dead()
         steps = (
+            self.authenticator.close,
             self._monitor.stop if self._monitor else None,
             self.override.stop if self.override else None,
             self._dispatcher.close if self._dispatcher else None,
@@ -178,6 +184,17 @@ class Brownout:
             RequestLimits, max_query_bytes=self.settings.max_query_bytes, max_header_bytes=self.settings.max_header_bytes
         )
         app.add_middleware(HttpMetrics, metrics=self.metrics)
+        origins = [origin.strip() for origin in (self.settings.cors_origins or "").split(",") if origin.strip()]
+        if origins:  # outermost: a browser's preflight is answered before any other work
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Idempotency-Key", "Content-Type"],
+                expose_headers=["Location", "Retry-After", "Age", "X-Brownout", "Cache-Status"],
+                allow_credentials=False,  # bearer tokens in a header, never cookies
+                max_age=600,
+            )
         _errors.install(app)
         if routes:
             for router in _routes.routers():

@@ -4,7 +4,7 @@
 so a database outage never blocks a deploy or restarts a healthy web
 process. `/ready` says whether a write can be made durable now (applied
 directly, or queued with a confirm): 200 or 503 to anyone, and why to the
-operator (the admin token): each part's state in a word, then its masked
+operator (the `admin` or `metrics` scope): each part's state in a word, then its masked
 detail. Error texts name hosts, ports, users and, on Supabase, the project:
 an anonymous caller learns none of it, and the logs keep the full story.
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from brownout._db import BreakerState
-from brownout.fastapi._credentials import is_operator
+from brownout.fastapi._auth import optional_caller
 from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["health"])
@@ -33,7 +33,7 @@ async def health() -> dict[str, str]:
     "/ready",
     responses={503: {"description": "Writes cannot be made durable now; the body says why to the operator"}},
 )
-def ready(brownout: BrownoutDep, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+def ready(request: Request, brownout: BrownoutDep, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
     breaker = brownout.database.breaker
     last = brownout.monitor.last_result
     database: dict[str, Any] = {"checked": last is not None}
@@ -56,7 +56,8 @@ def ready(brownout: BrownoutDep, authorization: Annotated[str | None, Header()] 
     if not redis["ok"]:
         reasons.append(f"Redis unavailable ({redis.get('error')}): no cache, reads go to the database")
     status = 200 if direct or queued else 503
-    if not is_operator(brownout.settings, authorization):
+    caller = optional_caller(request, authorization)
+    if caller is None or not caller.may("admin", "metrics"):
         return JSONResponse({"ready": status == 200}, status_code=status)
     body = {
         "ready": direct or queued,
@@ -67,7 +68,7 @@ def ready(brownout: BrownoutDep, authorization: Annotated[str | None, Header()] 
             "redis": _redis_state(brownout.link is not None, redis),
             "rabbitmq": publisher or "not configured",
         },
-        "reasons": reasons,
+        "reasons": reasons + (["authentication is disabled (BROWNOUT_AUTH=disabled)"] if brownout.authenticator.disabled else []),
         "database": database,
         "breaker": breaker.snapshot(),
         "redis": redis,

@@ -1,0 +1,1 @@
+"""Who is calling: service keys, end users' tokens, per-caller rate limits."""
