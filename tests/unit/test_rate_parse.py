@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from brownout._auth.rate_limit import Rate
 
 
