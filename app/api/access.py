@@ -1,8 +1,10 @@
 """Who may see what in the notification service, on top of Brownout's scopes.
 
 Services hold scopes: `write` creates notifications and marks any of them, `read` reads any
-user's. An end user (a verified token) may read their own list, and nothing of anyone else's:
-another user's list answers 404, as if it did not exist, so ids cannot be probed.
+user's. An end user (a verified token) may read their own list, mark their own notifications
+and see the commands they issued, and nothing of anyone else's: another user's list,
+notification or command answers 404, as if it did not exist, so ids cannot be probed. Whose a
+notification is, a mark's apply decides (app/dispatch/notifications.py), on either path.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from app.api.reads import NotFound
 from brownout.fastapi import Caller
 
 
@@ -18,6 +21,20 @@ def require_reader(caller: Caller) -> None:
     """A service with `read`, or an end user (who may then see only their own: `require_owner`)."""
     if not caller.may("read") and not caller.is_user:
         raise HTTPException(403, "this credential lacks the read scope")
+
+
+def require_marker(caller: Caller) -> None:
+    """A service with `write`, or an end user (whose mark then takes effect only on their own notification)."""
+    if not caller.may("write") and not caller.is_user:
+        raise HTTPException(403, "this credential lacks the write scope")
+
+
+def require_issuer(caller: Caller, issuer: str | None) -> None:
+    """404 for an end user's look at a command someone else issued (or one whose issuer was not kept)."""
+    if caller.may("read"):
+        return
+    if issuer is None or issuer != caller.name:
+        raise NotFound(issuer or "")
 
 
 def require_owner(caller: Caller, item: dict[str, Any] | None) -> None:

@@ -4,7 +4,9 @@
   `created_at` = acceptance time) until the database row supersedes it by id.
 - A queued mark-read or mark-unread is kept as a *pending mark* with its
   acceptance stamp; the latest stamp wins, and a database row whose
-  `read_stamp` is at least as late supersedes it.
+  `read_stamp` is at least as late supersedes it. An end user's mark names
+  the user, and shows only on a notification of theirs (the worker refuses
+  the others).
 - Every write, queued or direct, adds the notification to its user's *recent*
   set, so a list served stale from the cache still shows what was just written.
 - A queued command's acceptance is kept so `GET /commands/{id}` can say
@@ -107,9 +109,11 @@ class PendingWrites:
         item: dict[str, Any] | None = None,
         created_us: int = 0,
         mark: tuple[str, bool, int] | None = None,
+        mark_user: str | None = None,
     ) -> None:
         """A queued write, shown to reads: its command record, and its pending *item* (a creation)
-        or *mark* (notification id, read, stamp). One round trip: it sits on the 202's path."""
+        or *mark* (notification id, read, stamp). One round trip: it sits on the 202's path.
+        *mark_user*: the end user who marked (None: a service), shown only on that user's notification."""
 
         def steps(pipe: Any) -> None:
             pipe.set(self._command_key(command_id), json.dumps(record, separators=(",", ":")), px=self._ttl_ms)
@@ -119,7 +123,8 @@ class PendingWrites:
                 self._queue_recent(pipe, str(item["user_id"]), item["id"], created_us)
             if mark is not None:
                 notification_id, read, stamp = mark
-                value = json.dumps({"read": read, "stamp": padded(stamp)}, separators=(",", ":"))
+                shown = {"read": read, "stamp": padded(stamp)} | ({"user": mark_user} if mark_user is not None else {})
+                value = json.dumps(shown, separators=(",", ":"))
                 # EVAL, not the registered script: a script in a pipeline costs redis-py a SCRIPT EXISTS round trip.
                 pipe.eval(_SET_MARK, 1, self.mark_key(notification_id), padded(stamp), value, self._ttl_ms)
 

@@ -97,9 +97,11 @@ def notification_stats(session: Session, user_id: str) -> dict[str, int]:
 
 
 def command_status(session: Session, command_id: uuid.UUID) -> dict[str, Any] | None:
-    """applied (or superseded), dropped, conflict or failed, from the database; None when it holds nothing yet."""
+    """applied (or superseded), dropped, conflict or failed, from the database; None when it holds nothing yet.
+    `caller` is who submitted it (None: not kept), for the route to decide who may see it."""
     applied = session.execute(
         select(
+            applied_commands.c.caller,
             applied_commands.c.name,
             applied_commands.c.outcome,
             applied_commands.c.path,
@@ -109,10 +111,13 @@ def command_status(session: Session, command_id: uuid.UUID) -> dict[str, Any] | 
         ).where(applied_commands.c.command_id == command_id)
     ).one_or_none()
     conflict = session.execute(
-        select(command_conflicts.c.recorded_at).where(command_conflicts.c.command_id == command_id).limit(1)
+        select(command_conflicts.c.recorded_at, command_conflicts.c.envelope["caller"].astext.label("caller"))
+        .where(command_conflicts.c.command_id == command_id)
+        .limit(1)
     ).one_or_none()
     if applied is not None:
         return {
+            "caller": applied.caller,
             "id": str(command_id),
             "status": "dropped" if applied.outcome == "dropped" else "applied",
             "command": applied.name,
@@ -123,15 +128,26 @@ def command_status(session: Session, command_id: uuid.UUID) -> dict[str, Any] | 
             "conflicts": conflict is not None,  # a later reuse of the key with another body was refused
         }
     if conflict is not None:
-        return {"id": str(command_id), "status": "conflict", "recorded_at": conflict.recorded_at.isoformat()}
+        return {
+            "caller": conflict.caller,
+            "id": str(command_id),
+            "status": "conflict",
+            "recorded_at": conflict.recorded_at.isoformat(),
+        }
     failed = session.execute(
-        select(dead_letters.c.reason, dead_letters.c.failed_at, dead_letters.c.replayed_at)
+        select(
+            dead_letters.c.reason,
+            dead_letters.c.failed_at,
+            dead_letters.c.replayed_at,
+            dead_letters.c.message[("args", 0, "caller")].astext.label("caller"),  # the envelope it holds
+        )
         .where(dead_letters.c.message_id == str(command_id))
         .order_by(dead_letters.c.failed_at.desc())
         .limit(1)
     ).one_or_none()
     if failed is not None:
         return {
+            "caller": failed.caller,
             "id": str(command_id),
             "status": "failed" if failed.replayed_at is None else "queued",
             "reason": reason_summary(failed.reason),

@@ -205,7 +205,7 @@ class NotificationReads(StaleReads):
         out = []
         for item in items:
             mark = marks.get(item["id"])
-            if mark is None:
+            if mark is None or mark.get("user", item["user_id"]) != item["user_id"]:  # another user's: refused when applied
                 out.append(item)
                 continue
             applied_stamp = int(item.get("read_stamp", 0))

@@ -68,11 +68,14 @@ class NotificationWrites:
         self.on_outcome: Callable[[str], None] | None = None  # metrics: applied, queued, rejected
         self.replay: PendingReplay | None = None  # pending entries Redis missed, recorded again later
 
-    def submit(self, name: str, payload: dict[str, Any], *, idempotency_key: str | None) -> WriteResult:
-        """Raise InvalidCommand, KeyReused or DependencyMissing (404); every other outcome is a WriteResult."""
-        envelope = self._dispatcher.accept(name, payload, idempotency_key=idempotency_key)
+    def submit(
+        self, name: str, payload: dict[str, Any], *, idempotency_key: str | None, caller: str | None = None
+    ) -> WriteResult:
+        """Raise InvalidCommand, KeyReused, DependencyMissing or NotPermitted (404); every other outcome is a
+        WriteResult. *caller*: who submits it (a key's NAME, `user:<id>`), part of its idempotency scope."""
+        envelope = self._dispatcher.accept(name, payload, idempotency_key=idempotency_key, caller=caller)
         if envelope.client_key:
-            self._claim_key(envelope)
+            envelope = self._claim_key(envelope)
         try:
             outcome = self._dispatcher.submit_envelope(envelope, expected=self._awaited if self._pending is not None else None)
         except KeyConflict as conflict:
@@ -107,18 +110,49 @@ class NotificationWrites:
         except RedisUnavailable:
             return True
 
-    def _claim_key(self, envelope: Envelope) -> None:
+    def _claim_key(self, envelope: Envelope) -> Envelope:
+        """Claim the key for its body; the envelope to submit: *envelope*, or the same write under the ids the
+        previous release gave it (`_previous_claim`)."""
         link = self._link
         if link is None:
-            return
+            return envelope
         key = link.key("idempotency", envelope.command_id)
         ttl_ms = max(1, int(self._key_seconds * 1000))  # not EX: it rounded a sub-second window down to 0, an error
+        # A service's key as the previous release derived it (no caller in its scope): asked in the same round trip.
+        bridged = envelope.caller is not None and envelope.caller_user_id is None
+        previous = link.key("idempotency", envelope.command_id_without_caller)
+
+        def claim(client: Any) -> list[Any]:
+            with client.pipeline(transaction=False) as pipe:
+                if bridged:
+                    pipe.get(previous)
+                pipe.set(key, envelope.payload_hash, nx=True, get=True, px=ttl_ms)
+                return list(pipe.execute())
+
         try:
-            first = link.run(lambda client: client.set(key, envelope.payload_hash, nx=True, get=True, px=ttl_ms))
+            answers = link.run(claim)
         except RedisUnavailable:
-            return  # the database (direct path) or the worker (queued path) still catches a reuse
+            return envelope  # the database (direct path) or the worker (queued path) still catches a reuse
+        first = answers[-1]
+        if bridged and answers[0] is not None:
+            return self._previous_claim(envelope, answers[0])
         if first is not None and first != envelope.payload_hash:
             raise KeyReused(f"Idempotency-Key already used with another body (command {envelope.command_id})")
+        return envelope
+
+    def _previous_claim(self, envelope: Envelope, first: str) -> Envelope:
+        """A retry of a write the previous release accepted with this key (it claimed it in Redis, for the stale
+        window): the same command and entity ids, so it is a replay, not a second notification."""
+        if first != envelope.payload_hash:
+            raise KeyReused("Idempotency-Key already used with another body")
+        log.info("write %s: a retry of one accepted before callers were in scopes; its previous ids kept", envelope.command_id)
+        return self._dispatcher.accept(
+            envelope.name,
+            envelope.payload,
+            idempotency_key=envelope.idempotency_key,
+            caller=envelope.caller,
+            caller_in_scope=False,
+        )
 
     def _write_through(self, item: dict[str, Any], *, created: bool) -> None:
         cache = self._cache
@@ -157,13 +191,18 @@ class NotificationWrites:
         pending = self._pending
         if pending is None:
             return
-        record = {"command": envelope.name, "accepted_at": envelope.accepted_at.isoformat(), "entity_id": str(envelope.entity_id)}
+        record: dict[str, Any] = {
+            "command": envelope.name,
+            "accepted_at": envelope.accepted_at.isoformat(),
+            "entity_id": str(envelope.entity_id),
+            "caller": envelope.caller,  # its issuer may read its status; never shown
+        }
         item = pending_item(envelope)
         if item is not None:
             pending.record_queued(str(envelope.command_id), record, item=item, created_us=Position.of(item).created_us)
         else:
             mark = (str(envelope.entity_id), envelope.name == MARK_READ, envelope.accepted_stamp)
-            pending.record_queued(str(envelope.command_id), record, mark=mark)
+            pending.record_queued(str(envelope.command_id), record, mark=mark, mark_user=envelope.caller_user_id)
 
 
 def pending_item(envelope: Envelope) -> dict[str, Any] | None:

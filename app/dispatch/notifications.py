@@ -4,7 +4,11 @@ Read and unread do not commute, so they are the writes whose order shows:
 each carries its acceptance stamp, and an UPDATE only wins over a stamp lower
 than its own (last writer wins, decided by PostgreSQL in the same statement).
 Marking read a notification whose creation is not applied yet raises
-DependencyPending: the write waits instead of failing.
+DependencyPending: the write waits instead of failing. An end user's mark
+(the envelope's caller `user:<id>`) takes effect only on their own
+notification; another's raises NotPermitted, on the direct path (404) as in
+the worker (recorded dropped), since a mark queued while the database was
+down could not be checked when it was accepted.
 
 Creating a notification also adds its email to the outbox in the same
 transaction (src/brownout/_dispatch/outbox.py): committed together or not at all.
@@ -30,6 +34,7 @@ from brownout import (
     DependencyPending,
     Effect,
     Envelope,
+    NotPermitted,
     Registry,
     SafeLine,
     SafeText,
@@ -145,6 +150,17 @@ _SET_READ = (
     .values(read=bindparam("value"), read_stamp=bindparam("stamp"))
     .returning(*notifications.c)
 )
+_SET_OWN_READ = (
+    notifications.update()
+    .where(
+        notifications.c.id == bindparam("target"),
+        notifications.c.read_stamp < bindparam("stamp"),
+        notifications.c.user_id == bindparam("owner"),
+    )
+    .values(read=bindparam("value"), read_stamp=bindparam("stamp"))
+    .returning(*notifications.c)
+)
+"""_SET_READ for an end user's mark: only their own notification."""
 
 
 def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
@@ -180,18 +196,24 @@ def _create_many(session: Session, items: Sequence[tuple[Envelope, BaseModel]]) 
 def _set_read(value: bool) -> Any:
     def apply(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
         assert isinstance(payload, SetReadV1)  # noqa: S101 - narrows the type for mypy: the registry hands each handler its own payload model
-        params = {"target": payload.notification_id, "stamp": envelope.accepted_stamp, "value": value}
-        updated = session.execute(_SET_READ, params).mappings().one_or_none()
+        params: dict[str, Any] = {"target": payload.notification_id, "stamp": envelope.accepted_stamp, "value": value}
+        owner = envelope.caller_user_id  # None: a service (or a message from before callers were kept)
+        statement = _SET_READ if owner is None else _SET_OWN_READ
+        if owner is not None:
+            params["owner"] = owner
+        updated = session.execute(statement, params).mappings().one_or_none()
         if updated is not None:
             return Effect(row_to_json(updated))
-        # The UPDATE matched nothing: either a later write won, or the row did not
-        # exist in the UPDATE's snapshot. Under READ COMMITTED the creation may
-        # have committed since, so look again with the row locked before deciding.
+        # The UPDATE matched nothing: a later write won, the row did not exist in the
+        # UPDATE's snapshot, or it is not the caller's. Under READ COMMITTED the creation
+        # may have committed since, so look again with the row locked before deciding.
         current = session.execute(_SELECT_LOCKED, {"id": payload.notification_id}).mappings().one_or_none()
         if current is None:
             raise DependencyPending(f"notification {payload.notification_id} is not created yet")
+        if owner is not None and current["user_id"] != owner:
+            raise NotPermitted(envelope.entity_key, "not the caller's notification")
         if current["read_stamp"] < envelope.accepted_stamp:  # created after the UPDATE's snapshot
-            return Effect(row_to_json(session.execute(_SET_READ, params).mappings().one()))
+            return Effect(row_to_json(session.execute(statement, params).mappings().one()))
         return Effect(row_to_json(current), superseded=True)
 
     return apply

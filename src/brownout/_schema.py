@@ -51,6 +51,8 @@ applied_commands = Table(
     Column("path", Text, nullable=False),  # "direct" or "queued"
     Column("outcome", Text, nullable=False),  # "applied" or "superseded"
     Column("result", JSONB, nullable=False),
+    # Who submitted it (a key's NAME, `user:<id>`): whom GET /commands/{id} answers. NULL before it was kept.
+    Column("caller", Text, nullable=True),
     Index("applied_commands_entity_order", "entity_key", "apply_seq"),
     Index("applied_commands_applied_at", "applied_at"),
 )

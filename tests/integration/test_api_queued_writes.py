@@ -24,7 +24,7 @@ from app.schema import notifications
 from brownout._db import Database
 from brownout._dispatch.apply import apply_envelope
 from brownout._dispatch.dead_letters import store
-from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for
+from brownout._dispatch.envelope import Envelope, caller_scope, command_id_for, entity_id_for
 from brownout._schema import dead_letters
 from brownout._settings import Settings
 from tests.conftest import REDIS_URL
@@ -257,7 +257,7 @@ def test_same_key_while_queued_gives_same_ids_and_other_body_is_422(
     first = queue_create(api, key="queued-1")
     again = queue_create(api, key="queued-1")
     assert again == first
-    assert first["id"] == str(entity_id_for(CREATE, "user:42", "queued-1"))
+    assert first["id"] == str(entity_id_for(CREATE, caller_scope("user:42", "tests"), "queued-1"))  # the key's NAME in scope
     other = api.client.post("/notifications", json=ADA | {"subject": "Other"}, headers={"Idempotency-Key": "queued-1"})
     assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
     assert ready_count(queue_name) == 2  # the other body never reached the queue
@@ -277,7 +277,7 @@ def test_rabbitmq_unreachable_is_503_and_nothing_pending(
         response = api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "lost-1"})
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1 and "Idempotency-Key" in response.json()["detail"]
-    command = command_id_for(CREATE, "user:42", "lost-1")
+    command = command_id_for(CREATE, caller_scope("user:42", "tests"), "lost-1")
     assert api.client.get("/users/42/notifications").json()["items"] == []
     assert api.client.get(f"/commands/{command}").status_code == 503
     assert list(redis_client.scan_iter(match=f"{redis_prefix}pending:*")) == []

@@ -244,6 +244,25 @@ def test_rows_survive_every_upgrade_and_every_downgrade_that_keeps_their_table(u
             "outbox",
             {"id": uuid.uuid4(), "notification_id": notification_id, "kind": "email", "payload": "{}", "sent_at": now},
         ),
+        "brownout_0007": (
+            "applied_commands",
+            {
+                "command_id": uuid.uuid4(),
+                "name": "mark_notification_read",
+                "version": 1,
+                "scope": "notification:1",
+                "idempotency_key": "k",
+                "payload_hash": "h",
+                "entity_key": f"notification:{notification_id}",
+                "accepted_stamp": 2,
+                "accepted_at": now,
+                "apply_seq": 2,
+                "path": "queued",
+                "outcome": "dropped",
+                "result": '{"dropped": "not the caller\'s notification"}',
+                "caller": "user:ada",
+            },
+        ),
     }
     assert set(written) == set(revisions_base_to_head(config)), "add a row for the new revision here"
 
@@ -423,7 +442,7 @@ def test_a_database_migrated_by_the_shared_history_is_adopted_not_recreated(
         oid_before = connection.execute(text("SELECT 'dead_letters'::regclass::oid")).scalar_one()
     upgrade_database(url)
     head = revisions_base_to_head()[-1]
-    assert versions(engine) == {"alembic_version": [head], brownout_migrations.VERSION_TABLE: ["brownout_0006"]}
+    assert versions(engine) == {"alembic_version": [head], brownout_migrations.VERSION_TABLE: ["brownout_0007"]}
     assert model_differences(engine) == []
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM notifications")).scalar_one() == 1

@@ -25,7 +25,7 @@ EXPECTED = {
         "Applied", "BreakerState", "BrownoutDbError", "CircuitBreaker", "CircuitOpenError", "Command",
         "CommitOutcomeUnknown", "ConfigurationError", "Database", "DatabaseUnavailable", "DeadlineExceeded",
         "DependencyMissing", "DependencyPending", "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor",
-        "InvalidCommand", "KeyConflict", "Lookup", "Metrics", "PendingReplay", "PublishRejected", "Publisher",
+        "InvalidCommand", "KeyConflict", "Lookup", "Metrics", "NotPermitted", "PendingReplay", "PublishRejected", "Publisher",
         "Queued", "ReadCache", "ReadResult", "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound",
         "Rejected", "Resilience", "RetryPolicy", "SafeLine", "SafeText", "Settings", "SingleFlight", "StaleReads",
         "UnknownCommand", "__version__", "add_email", "applied_commands", "build_redis_link", "check_db_health",

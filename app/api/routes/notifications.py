@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 
-from app.api.access import require_list_of, require_owner, require_reader
+from app.api.access import require_list_of, require_marker, require_owner, require_reader
 from app.api.deps import ServicesDep
 from app.api.queries import MAX_PAGE
 from app.api.writes import WriteResult
@@ -43,7 +43,10 @@ _WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 _MARK_RESPONSES: dict[int | str, dict[str, Any]] = _WRITE_RESPONSES | {
-    404: {"description": "No such notification, and no creation of it queued (when Redis cannot tell: 202)"},
+    404: {
+        "description": "No such notification, and no creation of it queued (when Redis cannot tell: 202); "
+        "or, for an end user, not theirs (a queued one is then recorded dropped)"
+    },
 }
 
 
@@ -53,24 +56,31 @@ def _respond(result: WriteResult) -> JSONResponse:
 
 @router.post("/notifications", status_code=201, responses=_WRITE_RESPONSES, dependencies=[WRITE])
 def create_notification(
-    body: CreateNotificationV1, services: ServicesDep, idempotency_key: IdempotencyKey = None
+    body: CreateNotificationV1, services: ServicesDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Create a notification: 201 when applied, 202 when queued, 503 when neither can be made sure of."""
     payload = body.model_dump(mode="json")
-    return _respond(services.writes.submit(CREATE, payload, idempotency_key=idempotency_key))
+    return _respond(services.writes.submit(CREATE, payload, idempotency_key=idempotency_key, caller=caller.name))
 
 
-@router.post("/notifications/{notification_id}/read", responses=_MARK_RESPONSES, dependencies=[WRITE])
-def mark_read(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    """Mark read: the last write accepted wins, whichever path each took."""
+@router.post("/notifications/{notification_id}/read", responses=_MARK_RESPONSES)
+def mark_read(
+    notification_id: uuid.UUID, services: ServicesDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Mark read: the last write accepted wins, whichever path each took. A service with `write` marks any
+    notification, an end user their own (another's is 404, as one that does not exist)."""
+    require_marker(caller)
     payload = {"notification_id": str(notification_id)}
-    return _respond(services.writes.submit(MARK_READ, payload, idempotency_key=idempotency_key))
+    return _respond(services.writes.submit(MARK_READ, payload, idempotency_key=idempotency_key, caller=caller.name))
 
 
-@router.post("/notifications/{notification_id}/unread", responses=_MARK_RESPONSES, dependencies=[WRITE])
-def mark_unread(notification_id: uuid.UUID, services: ServicesDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+@router.post("/notifications/{notification_id}/unread", responses=_MARK_RESPONSES)
+def mark_unread(
+    notification_id: uuid.UUID, services: ServicesDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    require_marker(caller)
     payload = {"notification_id": str(notification_id)}
-    return _respond(services.writes.submit(MARK_UNREAD, payload, idempotency_key=idempotency_key))
+    return _respond(services.writes.submit(MARK_UNREAD, payload, idempotency_key=idempotency_key, caller=caller.name))
 
 
 def _read_response(result: ReadResult) -> JSONResponse:

@@ -72,6 +72,7 @@ _RECORD_COLUMNS = (
     "entity_key",
     "accepted_stamp",
     "accepted_at",
+    "caller",
 )
 RECORD = (
     insert(applied_commands)
@@ -140,8 +141,8 @@ def applied(envelope: Envelope, effect: Effect, apply_seq: int) -> AppliedWrite:
 
 
 def record_dropped(session: Session, envelope: Envelope, reason: str, *, path: Path = "queued") -> AppliedWrite:
-    """Record *envelope* as ``dropped`` (it waited its whole wait for a prerequisite that never came) and
-    commit: it takes no effect, and its command id is spent like an applied one's (a redelivery is a
+    """Record *envelope* as ``dropped`` (it waited its whole wait for a prerequisite that never came, or was
+    NotPermitted) and commit: it takes no effect, and its command id is spent like an applied one's (a redelivery is a
     duplicate). Raises KeyConflict when the id was recorded before with another body."""
     return _take_effect(session, envelope, lambda: Effect(result={"dropped": reason}, dropped=True), path=path)
 

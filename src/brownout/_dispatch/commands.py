@@ -45,6 +45,19 @@ class DependencyMissing(CommandError):
         super().__init__(f"{kind} {ident} not found")
 
 
+class NotPermitted(CommandError):
+    """Raised by apply when the write's caller may not write this entity (an end user's mark of another
+    user's notification). Answered as DependencyMissing is (HTTP 404, the same words), so an entity's
+    existence is not revealed; nothing is recorded on the direct path, and the worker records a queued
+    one ``dropped`` with *reason*."""
+
+    def __init__(self, entity_key: str, reason: str | None = None) -> None:
+        self.entity_key = entity_key
+        kind, _, ident = entity_key.partition(":")
+        self.reason = reason or f"not the caller's {kind}"
+        super().__init__(f"{kind} {ident} not found")
+
+
 @dataclass(frozen=True)
 class Effect:
     """What applying did: the resulting entity, and whether a later write had already won (or nothing was done)."""

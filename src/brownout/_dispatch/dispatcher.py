@@ -11,7 +11,9 @@ deadline is spent on transient failures, or the write needs one that is still
 queued (DependencyPending), it is queued instead; the worker applies it with
 the same `apply_envelope`, which makes either path's result count once.
 A write needing an entity that nothing creates (the caller's `expected` says
-so) is not queued to wait for nothing: DependencyMissing (404).
+so) is not queued to wait for nothing: DependencyMissing (404). A write of an
+entity that is not its caller's (the command's apply says) is NotPermitted
+(404): nothing is recorded.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sqlalchemy import text
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
 from brownout._dispatch.apply import AppliedWrite, apply_envelope
 from brownout._dispatch.commands import CommandError, DependencyMissing, DependencyPending, Registry
-from brownout._dispatch.envelope import Envelope, command_id_for, entity_id_for, payload_hash
+from brownout._dispatch.envelope import Envelope, caller_scope, command_id_for, entity_id_for, payload_hash
 from brownout._dispatch.hlc import HybridClock, datetime_of
 from brownout._settings import Settings
 
@@ -174,8 +176,21 @@ class Dispatcher:
         if self._owned_publisher is not None:
             self._owned_publisher.close()
 
-    def accept(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Envelope:
-        """Validate and stamp a write; raise InvalidCommand (or UnknownCommand)."""
+    def accept(
+        self,
+        name: str,
+        payload: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        caller: str | None = None,
+        caller_in_scope: bool = True,
+    ) -> Envelope:
+        """Validate and stamp a write; raise InvalidCommand (or UnknownCommand).
+
+        *caller* (a key's NAME, `user:<id>`) travels in the envelope, for the apply to check ownership, and
+        is folded into the scope the ids are derived in (`caller_scope`): one caller's key never names
+        another's write. *caller_in_scope* False derives them as a release that did not know callers did
+        (a retry of a write that release accepted keeps its ids)."""
         command = self._registry.get(name)
         try:
             model = command.parse(command.current_version, payload)
@@ -185,12 +200,13 @@ class Dispatcher:
         if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_KEY_LENGTH and idempotency_key.isprintable()):
             raise InvalidCommand(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters")
         scope = command.scope(model)
+        ids_scope = caller_scope(scope, caller if caller_in_scope else None)
         key = idempotency_key or uuid.uuid4().hex
         data = model.model_dump(mode="json")
-        entity_id = command.entity(model, entity_id_for(name, scope, key))
+        entity_id = command.entity(model, entity_id_for(name, ids_scope, key))
         stamp = self.clock.now()
         return Envelope(
-            command_id=command_id_for(name, scope, key),
+            command_id=command_id_for(name, ids_scope, key),
             name=name,
             version=command.current_version,
             scope=scope,
@@ -202,11 +218,14 @@ class Dispatcher:
             entity_id=entity_id,
             accepted_stamp=stamp,
             accepted_at=datetime_of(stamp),
+            caller=caller,
         )
 
-    def submit(self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Outcome:
-        """Apply now, queue, or reject; raise InvalidCommand or KeyConflict for a bad request."""
-        return self.submit_envelope(self.accept(name, payload, idempotency_key=idempotency_key))
+    def submit(
+        self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None, caller: str | None = None
+    ) -> Outcome:
+        """Apply now, queue, or reject; raise InvalidCommand, KeyConflict or NotPermitted for a bad request."""
+        return self.submit_envelope(self.accept(name, payload, idempotency_key=idempotency_key, caller=caller))
 
     def submit_envelope(self, envelope: Envelope, *, expected: Callable[[Envelope], bool] | None = None) -> Outcome:
         """`submit` for an envelope from `accept` (the API looks at it in between).

@@ -31,6 +31,16 @@ def payload_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+USER_CALLER = "user:"
+"""How an end user's caller name starts (`user:<id>`); a service key's NAME cannot contain ':'."""
+
+
+def caller_scope(scope: str, caller: str | None) -> str:
+    """The scope a key's ids are derived in: the command's scope (its entity's owner) and, when known, the
+    caller, so one caller's key never collides with, nor is claimed by, another's."""
+    return scope if caller is None else f"{caller}|{scope}"
+
+
 def command_id_for(name: str, scope: str, key: str) -> uuid.UUID:
     """UUIDv5 of command, caller scope and key: two callers using the same key never collide."""
     return uuid.uuid5(COMMAND_NAMESPACE, f"{name}\n{scope}\n{key}")
@@ -58,6 +68,22 @@ class Envelope(BaseModel):
     entity_id: uuid.UUID
     accepted_stamp: int
     accepted_at: datetime
+    caller: str | None = None
+    """Who submitted it: a service key's NAME or `user:<id>`; None in messages queued by a release that did
+    not say (they still validate, and apply as they would have)."""
+
+    @property
+    def caller_user_id(self) -> str | None:
+        """The end user who submitted it, whose ownership the apply checks; None for a service (or unknown)."""
+        if self.caller is None or not self.caller.startswith(USER_CALLER):
+            return None
+        return self.caller[len(USER_CALLER) :]
+
+    @property
+    def command_id_without_caller(self) -> uuid.UUID:
+        """The command id a release that kept no caller gave this write's key (`caller_scope`): how a retry
+        across the upgrade finds the write that release accepted."""
+        return command_id_for(self.name, self.scope, self.idempotency_key)
 
     def to_message(self, queue_name: str) -> dramatiq.Message[Any]:
         return dramatiq.Message(

@@ -22,6 +22,9 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   (`DeliveryBatch.one_by_one`); a write that fails that way alone is the one
   to blame, and is dead-lettered with the error. Nothing goes to ``Q.XQ``
   but a body that cannot be decoded at all.
+- NotPermitted (the write's caller may not write that entity: an end user's mark of another user's
+  notification, queued while the database could not tell): recorded ``dropped`` with the reason, like a
+  wait that ended, and acknowledged. An ordinary refusal of the caller's, not an operator's alert.
 - UnknownCommand (a version newer than this release, queued by a newer web
   process during a deploy) and DependencyPending (an update of an entity
   whose creation is not applied yet): deferred. The message is enqueued again
@@ -64,7 +67,7 @@ from brownout._db import Database, describe, execute_with_retry
 from brownout._dispatch import dead_letters, waiting
 from brownout._dispatch.apply import AppliedWrite, KeyConflict, Path, record_dropped
 from brownout._dispatch.apply_batch import Outcome, Pending, apply_batch
-from brownout._dispatch.commands import DependencyPending, Registry, UnknownCommand
+from brownout._dispatch.commands import DependencyPending, NotPermitted, Registry, UnknownCommand
 from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
@@ -161,6 +164,7 @@ class _Slot:
     envelope: Envelope | None = None
     pending: Pending | None = None
     defer_reason: Exception | None = None
+    drop_reason: str | None = None
     dead_reason: str | None = None
 
 
@@ -226,6 +230,8 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
             committed.append((outcome.result, not outcome.duplicate))
         elif isinstance(outcome, DependencyPending):
             slot.defer_reason = outcome
+        elif isinstance(outcome, NotPermitted):
+            slot.drop_reason = outcome.reason
         elif isinstance(outcome, KeyConflict):
             slot.dead_reason = str(outcome)
         else:
@@ -239,7 +245,15 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
 
 
 def _finish(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: _Slot, index: int) -> None:
-    """Defer or dead-letter one write, as its outcome says; an unexpected error doing so is that write's."""
+    """Defer, drop or dead-letter one write, as its outcome says; an unexpected error doing so is that write's."""
+    if slot.drop_reason is not None:
+        try:
+            _drop(runtime, slot, slot.drop_reason)
+        except Exception as exc:
+            if is_unavailability(exc):
+                raise
+            log.exception("write %s: error while recording it dropped", slot.message.message_id)
+            slot.dead_reason = f"error while recording it dropped: {describe(exc)}"
     if slot.defer_reason is not None:
         try:
             _defer_or_dead_letter(broker, runtime, slot, index)
@@ -305,7 +319,7 @@ def _defer_or_dead_letter(broker: dramatiq.Broker, runtime: ApplyRuntime, slot: 
 def _drop(runtime: ApplyRuntime, slot: _Slot, reason: str) -> None:
     """Record the write ``dropped``, its own end: not a dead letter, not an alert."""
     envelope = slot.envelope
-    assert envelope is not None  # noqa: S101 - narrows the type for mypy: called only for a parsed write that waited too long
+    assert envelope is not None  # noqa: S101 - narrows the type for mypy: called only for a parsed write (waited too long, or not permitted)
     try:
         with runtime.database.session() as session:
             execute_with_retry(session, lambda: record_dropped(session, envelope, reason), idempotent=True)

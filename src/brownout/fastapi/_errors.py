@@ -6,6 +6,7 @@ InvalidCommand         422 with field and reason
 KeyConflict            422 (an Idempotency-Key reused with another body; recorded, not applied)
 UnknownCommand         422
 DependencyMissing      404 (a write of an entity that neither exists nor is being created; not queued)
+NotPermitted           404 (a write of an entity not the caller's: the same answer, its existence not revealed)
 BodyTooLarge           413
 RequestValidationError 422 with field and reason
 anything else          500 {"detail": "internal error"} (logged with its trace, server side)
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brownout._cache.stale_reads import DatabaseUnavailable
 from brownout._dispatch.apply import KeyConflict
-from brownout._dispatch.commands import DependencyMissing, UnknownCommand
+from brownout._dispatch.commands import DependencyMissing, NotPermitted, UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
 from brownout.fastapi._body_limit import BodyTooLarge
 
@@ -77,6 +78,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DependencyMissing)
     async def missing(request: Request, exc: DependencyMissing) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(NotPermitted)
+    async def not_permitted(request: Request, exc: NotPermitted) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(BodyTooLarge)
