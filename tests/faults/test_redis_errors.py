@@ -25,13 +25,15 @@ def full_redis() -> Iterator[int]:
     """A Redis whose memory is full: every write is refused with OOM, reads still answer."""
     with throwaway_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as port:
         client = redis.Redis(port=port)
-        try:
-            for index in range(1000):
-                client.set(f"filler:{index}", b"x" * 65536)
-        except redis.exceptions.OutOfMemoryError:
-            pass
-        else:
-            pytest.fail("the throwaway Redis never filled up")
+        # Large values first, then small ones: once a 64 KB write is refused, freeing its query buffer can leave
+        # room for a small write (the test's own failed in CI that way); full means even a small one is refused.
+        for size in (65536, 1024, 1):
+            try:
+                for index in range(100_000):
+                    client.set(f"filler:{size}:{index}", b"x" * size)
+            except redis.exceptions.OutOfMemoryError:
+                continue
+            pytest.fail(f"the throwaway Redis never filled up with {size}-byte values")
         yield port
 
 

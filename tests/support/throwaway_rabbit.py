@@ -23,17 +23,27 @@ def free_port() -> int:
         return port
 
 
+class PortTaken(RuntimeError):
+    """The node could not listen on the port chosen for it."""
+
+
 class ThrowawayRabbit:
     """A RabbitMQ node of our own (name, ports, data, cookie in a temp folder), started for
     this module and shut down after it; `ctl` runs rabbitmqctl against it only."""
 
     def __init__(self, folder: Path) -> None:
         self.node = f"bo-test-{uuid.uuid4().hex[:8]}@localhost"
-        self.port = free_port()
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.folder = folder
+        self.process: subprocess.Popen[bytes] | None = None
         (folder / "home").mkdir()
         (folder / "env.conf").write_text("")
         (folder / "enabled_plugins").write_text("[].\n")
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        folder = self.folder
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
         inherited = {key: value for key, value in os.environ.items() if not key.startswith(("RABBITMQ_", "ERL_"))}
         self.env = inherited | {
@@ -48,10 +58,20 @@ class ThrowawayRabbit:
             "RABBITMQ_LOG_BASE": str(folder / "log"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
-        self.folder = folder
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start the node; a port taken between its probe and the node's bind (another test's ephemeral port,
+        seen in CI) means new ports and another try, up to three."""
+        for attempt in range(3):
+            try:
+                self._start_once()
+                return
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self._choose_ports()
+
+    def _start_once(self) -> None:
         with open(self.folder / "stdout", "wb") as output:
             self.process = subprocess.Popen(
                 [f"{RABBITMQ_SBIN}/rabbitmq-server"],
@@ -67,6 +87,8 @@ class ThrowawayRabbit:
     def _accepts_amqp(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
+            if b"could_not_start_listener" in (self.folder / "stdout").read_bytes():
+                raise PortTaken(self.port)
             raise RuntimeError(f"throwaway RabbitMQ exited; see {self.folder / 'stdout'}")
         try:
             parameters = pika.URLParameters(self.url)
