@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         default=30.0,
         description="Longest any single wait on the database may take without a shorter deadline (cuts a silent peer).",
     )
+    db_min_wait_seconds: PositiveSeconds = Field(
+        default=0.1,
+        description="The least a query or connect is given from when the database is asked, even past the call's "
+        "deadline: a process that spent its deadline before asking (CPU overload) does not blame the database.",
+    )
     db_statement_timeout_seconds: float | None = Field(
         default=None,
         gt=0,

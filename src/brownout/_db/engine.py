@@ -109,6 +109,7 @@ def build_engine(settings: Settings) -> Engine:
         waiting.WaitBounds(
             connect_seconds=settings.db_connect_timeout_seconds,
             io_seconds=settings.db_io_timeout_seconds,
+            min_wait_seconds=settings.db_min_wait_seconds,
         )
     )
     engine = create_engine(

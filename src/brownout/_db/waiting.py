@@ -11,7 +11,13 @@ commit, pre-ping) to Python, so one `poll()` with a timeout bounds it. (A
 wait cost more CPU than the query itself on short statements.)
 
 The bound is the current call's deadline (`brownout._db.deadline`) when one is set
-(the HTTP request path), otherwise the process-wide background bounds.
+(the HTTP request path), otherwise the process-wide background bounds. Whatever
+is left of the deadline, the database always gets `min_wait_seconds` from when
+it is asked: under CPU overload a request can spend its deadline before its query
+is sent (the thread pool, the GIL), and cutting the query then blamed a healthy
+database (a failure counted toward the breaker, a connection thrown away and
+rebuilt over TLS, which costs more of the CPU that was missing). A cut therefore
+always means the database itself took at least that long.
 
 When the bound is reached the callback raises `DatabaseDeadlineReached`;
 psycopg2 then closes the connection (its `closed` becomes 2), so nothing can
@@ -49,6 +55,7 @@ class WaitBounds:
 
     connect_seconds: float = 5.0
     io_seconds: float = 30.0
+    min_wait_seconds: float = 0.1  # the database's own slice, however late the call asked it
 
 
 _bounds = WaitBounds()
@@ -73,8 +80,8 @@ def wait_with_deadline(conn: ext.connection) -> None:
     connecting = conn.status == ext.STATUS_SETUP
     limit = now + (_bounds.connect_seconds if connecting else _bounds.io_seconds)
     deadline = current_deadline()
-    if deadline is not None and deadline < limit:
-        limit = deadline
+    if deadline is not None:
+        limit = min(limit, max(deadline, now + _bounds.min_wait_seconds))
     poller = select.poll()  # plain memory: no descriptor to open and close per wait
     registered: tuple[int, int] | None = None  # (fd, events); libpq may change sockets while connecting
     while True:
