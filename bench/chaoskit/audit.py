@@ -6,17 +6,18 @@ from itertools import pairwise
 from typing import Any
 
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD
+from bench.chaoskit.config import CALLER
 from bench.chaoskit.urls import admin_connect
-from brownout._dispatch.envelope import command_id_for
+from brownout._dispatch.envelope import caller_scope, command_id_for
 
 ACK = (200, 201, 202)
 
 
 def command_id_of(write: dict[str, Any]) -> str:
     if write["kind"] == "create":
-        return str(command_id_for(CREATE, f"user:{write['user']}", write["key"]))
+        return str(command_id_for(CREATE, caller_scope(f"user:{write['user']}", CALLER), write["key"]))
     name = MARK_READ if write["kind"] == "read" else MARK_UNREAD
-    return str(command_id_for(name, f"notification:{write['nid']}", write["key"]))
+    return str(command_id_for(name, caller_scope(f"notification:{write['nid']}", CALLER), write["key"]))
 
 
 def audit_writes(

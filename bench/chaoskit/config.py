@@ -22,6 +22,8 @@ RUN_SETTINGS = {
     "BROWNOUT_WORKER_GATE_CAP_SECONDS": "4",
 }
 # Always: a good neighbour on a shared PostgreSQL (max_connections 100 here), no access log to parse.
+CALLER = "chaos-run"  # the name of the service key the load calls with: part of every write's idempotency scope
+
 FIXED_SETTINGS = {
     "BROWNOUT_POOL_MAX_OVERFLOW": "5",
     "UVICORN_ACCESS_LOG": "false",

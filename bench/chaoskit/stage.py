@@ -17,6 +17,7 @@ import redis
 
 from bench.chaoskit.backlog import Backlog
 from bench.chaoskit.config import (
+    CALLER,
     FIXED_SETTINGS,
     LOCAL_DB,
     LOCAL_RABBIT,
@@ -185,7 +186,7 @@ class ModeStage:
                 "BROWNOUT_REDIS_KEY_PREFIX": self.prefix,
                 "BROWNOUT_WEB_REPLICAS": str(self.config.web),
                 # The load generator, /ready's detail and the fault timeline call as a service would, with a key.
-                "BROWNOUT_API_KEYS": entry_for("chaos-run", self.service_key, SCOPES),
+                "BROWNOUT_API_KEYS": entry_for(CALLER, self.service_key, SCOPES),
             }
         self.settings = settings
         return env | settings
