@@ -109,8 +109,9 @@ def metrics_refusal(settings: Any) -> Callable[[str | None], tuple[int, str] | N
     """Who may read the worker's metrics: a service key with the `metrics` scope (anyone with BROWNOUT_AUTH=disabled)."""
     if settings.auth == "disabled":
         return lambda authorization: None
-    ring = KeyRing(parse_keys(settings.api_keys))
-    if not any("metrics" in key.scopes for key in parse_keys(settings.api_keys)):
+    keys = parse_keys(settings.api_keys)
+    ring = KeyRing(keys)
+    if not any("metrics" in key.scopes for key in keys):
         log.warning("worker metrics: no key in BROWNOUT_API_KEYS has the metrics scope; every scrape is refused")
 
     def refusal(authorization: str | None) -> tuple[int, str] | None:

@@ -54,6 +54,11 @@ def field_errors(errors: list[Any]) -> list[dict[str, str]]:
     return out
 
 
+# Errors answered with their own text as the detail. NotPermitted says what DependencyMissing says (404):
+# another user's notification must not be told apart from one that does not exist.
+_PLAIN_STATUS: dict[type[Exception], int] = {KeyConflict: 422, UnknownCommand: 422, DependencyMissing: 404, NotPermitted: 404}
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
@@ -68,21 +73,11 @@ def install(app: FastAPI) -> None:
     async def invalid(request: Request, exc: InvalidCommand) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "errors": field_errors(exc.errors)}, status_code=422)
 
-    @app.exception_handler(KeyConflict)
-    async def conflict(request: Request, exc: KeyConflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    async def plain(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=_PLAIN_STATUS[type(exc)])
 
-    @app.exception_handler(UnknownCommand)
-    async def unknown(request: Request, exc: UnknownCommand) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(DependencyMissing)
-    async def missing(request: Request, exc: DependencyMissing) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(NotPermitted)
-    async def not_permitted(request: Request, exc: NotPermitted) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+    for error in _PLAIN_STATUS:
+        app.add_exception_handler(error, plain)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
