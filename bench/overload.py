@@ -43,10 +43,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/overload.py`: bench.* and app importable
@@ -77,9 +79,14 @@ def git_state() -> str:
     return git("rev-parse", "--short", "HEAD") + (f" + {len(changed)} uncommitted file(s) in src/ and app/" if changed else "")
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so the stage is removed on SIGTERM too
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.overloadkit.mixes import MIX_TEXT
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    from bench.overloadkit.mixes import LIST_USERS, MIX_TEXT, UNCACHED_ITEMS
     from bench.overloadkit.report import LEGEND, table, validity, verdicts
     from bench.overloadkit.stage import Stage
     from bench.overloadkit.steps import StepResult, StepRunner
@@ -140,9 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(f"\nload average (1 min): {load_start:.2f} at the start, {load_end:.2f} at the end; run {elapsed:.0f} s")
     print(f"generator CPU: {runner.cpu_seconds:.1f} s over {runner.count} steps of {args.step_seconds:g} s")
+    if not any(step.counts["shed"] for _, _, _, brownout, _ in results for step in brownout):
+        print("no request was answered 503 overloaded: this code has no admission control, or it never refused")
+    if runner.item_cursor > UNCACHED_ITEMS or runner.list_cursor > LIST_USERS:
+        print("the uncached mix ran out of unread rows and read some twice: a few of its reads may have been cache hits")
     counts = validity(load_start, every_step, print)
     return 0 if counts and every_target else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("overload: interrupted; the web process, database, queues and Redis keys it made are removed", file=sys.stderr)
+        sys.exit(130)
