@@ -54,3 +54,15 @@ def test_a_database_that_does_not_answer_within_its_slice_is_still_counted(make_
     waited = time.monotonic() - started
     assert waited < DEADLINE + 0.05 + 1.0, f"cut after its slice, not after the query's 2 s: {waited:.2f} s"
     assert database.breaker.state.value == "open", "the database had its slice and did not answer: that counts"
+
+
+def test_waiting_for_a_pooled_connection_is_the_process_s_own_queue_and_never_counted(
+    make_database: Callable[..., Database],
+) -> None:
+    """More calls at once than connections: the one left waiting past its deadline is not the database's failure."""
+    database = make_database(breaker_failure_threshold=1, pool_size=1, pool_max_overflow=0)
+    with database.session() as holder:
+        execute_with_retry(holder, lambda: holder.execute(text("SELECT 1")).scalar_one(), deadline=5)  # holds the one connection
+        with database.session() as session, pytest.raises(DeadlineExceeded):
+            execute_with_retry(session, lambda: session.execute(text("SELECT 1")).scalar_one(), deadline=DEADLINE)
+    assert database.breaker.state.value == "closed", database.breaker.snapshot()

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -193,6 +194,10 @@ def execute_with_retry(
             casualty = bool((kind.is_disconnect or is_slow_connect(exc)) and incidents.take_casualty())
             if casualty:
                 breaker.release(permit)  # this incident was counted already (incidents.py)
+            elif waited_for_pool(exc):
+                # No connection free in this process's pool within the deadline: the process's own queue
+                # (more calls at once than connections); the calls holding them are counted if slow.
+                breaker.release(permit)
             else:
                 breaker.record_failure(permit, kind)
             if not kind.is_transient:
@@ -227,6 +232,18 @@ def execute_with_retry(
             _tell(res.observers, "on_attempt", time.perf_counter() - started, None)
         breaker.record_success(permit)
         return result
+
+
+def waited_for_pool(exc: BaseException) -> bool:
+    """True when *exc* is (or wraps) a checkout that found no connection free in time."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, sqlalchemy.exc.TimeoutError):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _tell(observers: list[CallObserver], hook: str, *args: object) -> None:
