@@ -52,6 +52,10 @@ def create_app(
         lifespan=lifespan,
     )
     brownout.init_app(app, observability=observability)
+    # Under overload: item reads stay critical and can fall back on the cache, lists go before them, stats first.
+    brownout.criticality("GET", "/notifications/{notification_id}", "critical", cached=True)
+    brownout.criticality("GET", "/users/{user_id}/notifications", "sheddable", cached=True)
+    brownout.criticality("GET", "/users/{user_id}/notifications/stats", "optional")
     errors.install(app)
     for module in (notifications, commands):
         app.include_router(module.router)

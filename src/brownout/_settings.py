@@ -173,6 +173,25 @@ class Settings(BaseSettings):
     request_db_deadline_seconds: PositiveSeconds = Field(
         default=0.3, description="Total time a call on the HTTP request path may spend on the database, retries included."
     )
+    admission: bool = Field(
+        default=True,
+        description="Admission control: each web process bounds its requests in flight and answers the rest 503 "
+        "(Retry-After: 1) at once, optional routes first, critical ones last.",
+    )
+    admission_min_in_flight: int = Field(
+        default=4, ge=1, description="Admission control: the limit never falls below this many requests in flight."
+    )
+    admission_max_in_flight: int = Field(
+        default=32,
+        ge=1,
+        description="Admission control: the most requests in flight per process (the limit starts here, and "
+        "falls while the event loop lags). Keep it below the thread pool's 40 threads.",
+    )
+    admission_lag_target_seconds: PositiveSeconds = Field(
+        default=0.01,
+        description="Admission control: standing event-loop delay above which the limit is halved (the process's "
+        "own queueing: CPU, the GIL; a slow database does not count).",
+    )
     worker_gate_base_seconds: PositiveSeconds = Field(
         default=1.0,
         description="Worker health gate: check interval while healthy, and the first (pre-jitter) wait while paused.",
@@ -413,6 +432,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"BROWNOUT_RETRY_CAP_SECONDS ({self.retry_cap_seconds}) must be >= "
                 f"BROWNOUT_RETRY_BASE_SECONDS ({self.retry_base_seconds})"
+            )
+        if self.admission_min_in_flight > self.admission_max_in_flight:
+            raise ValueError(
+                f"BROWNOUT_ADMISSION_MIN_IN_FLIGHT ({self.admission_min_in_flight}) must be <= "
+                f"BROWNOUT_ADMISSION_MAX_IN_FLIGHT ({self.admission_max_in_flight})"
             )
         return self
 

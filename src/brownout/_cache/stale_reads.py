@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from brownout._admission import database_shed
 from brownout._cache.read_cache import Entry, Lookup, ReadCache
 from brownout._cache.redis_link import RedisUnavailable
 from brownout._cache.single_flight import SingleFlight
@@ -32,6 +33,8 @@ T = TypeVar("T")
 
 CACHE_NAME = "Brownout"
 DEFAULT_RETRY_AFTER = 5.0
+SHED_REASON = "overloaded: this process is past its capacity"
+SHED_RETRY_AFTER = 1.0
 _POLL_SECONDS = 0.01
 
 
@@ -139,6 +142,8 @@ class StaleReads:
                 ttl = math.floor(cache.fresh_seconds - entry.age(now))
                 return ReadResult(entry.value, age=entry.age(now), cache_status=f"{CACHE_NAME}; hit; ttl={ttl}")
         try:
+            if database_shed():  # admitted past the process's limit on condition of asking the database nothing
+                raise DatabaseUnavailable(SHED_REASON, SHED_RETRY_AFTER)
             self._refuse_while_open()  # before any lock: a stale answer needs no loader
             if keys is None or lookup is None:
                 value = self.read_database(query)
@@ -148,16 +153,16 @@ class StaleReads:
             value, stored = self._flights.run(keys[0], lambda: self._load(keys, lookup, query, group), wait=self._deadline)
             status = f"{CACHE_NAME}; fwd=miss" + ("; stored" if stored else "")
             return ReadResult(value, cache_status=status, from_database=True)
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as unavailable:
             if lookup is None or lookup.entry is None or cache is None:
                 raise
-            return self._stale(lookup.entry, self._clock())
+            return self._stale(lookup.entry, self._clock(), shed=unavailable.reason == SHED_REASON)
 
-    def _stale(self, entry: Entry, now: float) -> ReadResult:
+    def _stale(self, entry: Entry, now: float, *, shed: bool = False) -> ReadResult:
         assert self._cache is not None  # noqa: S101 - narrows the type for mypy: a stale entry exists only where a cache does
         age = entry.age(now)
         ttl = math.floor(self._cache.fresh_seconds - age)
-        status = f"{CACHE_NAME}; hit; ttl={ttl}; detail=database-unavailable"
+        status = f"{CACHE_NAME}; hit; ttl={ttl}; detail=" + ("overloaded" if shed else "database-unavailable")
         return ReadResult(entry.value, stale=True, age=age, cache_status=status, stored_at=entry.stored_at)
 
     def _load(

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
@@ -72,6 +74,18 @@ class DeadlineQueuePool(QueuePool):
     deadline, so the timeout is read per checkout.
     """
 
+    on_wait: Callable[[float], None] | None = None
+    """Told each checkout's wait in seconds (metrics): the process's own queueing for a connection."""
+
+    def _do_get(self) -> Any:
+        if self.on_wait is None:
+            return super()._do_get()
+        started = time.perf_counter()
+        try:
+            return super()._do_get()
+        finally:
+            self.on_wait(time.perf_counter() - started)
+
     @property
     def _timeout(self) -> float:
         left = remaining()
@@ -86,6 +100,8 @@ class DeadlineQueuePool(QueuePool):
     def recreate(self) -> QueuePool:
         pool = super().recreate()
         pool._timeout = self._configured_timeout
+        if isinstance(pool, DeadlineQueuePool):
+            pool.on_wait = self.on_wait
         return pool
 
 

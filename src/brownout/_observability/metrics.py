@@ -159,6 +159,37 @@ class Metrics:
         self.cache_reads = Counter(
             "brownout_cache_reads_total", "Reads by how they were served: hit, miss, stale, bypass.", ["result"], registry=r
         )
+        self.pool_wait = Histogram(
+            "brownout_db_pool_wait_seconds",
+            "Time a database call waited for a connection from this process's pool (part of the call's time).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.admission_shed = Counter(
+            "brownout_admission_shed_total",
+            "Requests past the admission limit, by route criticality and outcome (refused: 503; cache_only: "
+            "answered from the cache with no database work).",
+            ["criticality", "outcome"],
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "brownout_admission_limit",
+            "Requests each process admits at once (summed over live processes).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.admission_in_flight = Gauge(
+            "brownout_admission_in_flight",
+            "Requests admitted and not yet answered (summed over live processes).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.event_loop_lag = Gauge(
+            "brownout_event_loop_lag_seconds",
+            "Smallest event-loop delay of the last interval (the process's own queueing; the highest live process).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.http_requests = Counter(
             "brownout_http_requests_total",
             "HTTP requests, by method, route template and status.",

@@ -5,6 +5,7 @@ and the dependencies a route uses.
     app = brownout.init_app(FastAPI(lifespan=my_lifespan))  # my_lifespan runs inside Brownout's
 """
 
+from brownout._admission import Criticality
 from brownout._auth.callers import Caller
 from brownout.fastapi._auth import CallerDep, current_caller, require_scope
 from brownout.fastapi._body_limit import BodyTooLarge
@@ -18,6 +19,7 @@ __all__ = [
     "BrownoutDep",
     "Caller",
     "CallerDep",
+    "Criticality",
     "NonCritical",
     "NotStarted",
     "Shed",

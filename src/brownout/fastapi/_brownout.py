@@ -18,10 +18,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
+from brownout._admission import AdmissionControl, AdmissionSettings, Criticality
 from brownout._cache.read_cache import ReadCache
 from brownout._cache.redis_link import RedisLink, build_redis_link
 from brownout._cache.stale_reads import StaleReads
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
+from brownout._db.engine import DeadlineQueuePool
 from brownout._db.health_check import pool_figures
 from brownout._dispatch.commands import Registry
 from brownout._dispatch.dead_letters import count_unreplayed
@@ -33,6 +35,7 @@ from brownout._observability.logs import DegradedModeLog, configure_logging
 from brownout._observability.metrics import Metrics
 from brownout._observability.sentry import init_sentry
 from brownout._settings import Settings
+from brownout.fastapi._admission import AdmissionGate, CriticalityTable, lag_probe
 from brownout.fastapi._auth import Authenticator
 from brownout.fastapi._body_limit import BodyLimit
 from brownout.fastapi._http_metrics import HttpMetrics
@@ -81,6 +84,19 @@ class Brownout:
         self._monitor: HealthMonitor | None = None
         self._reads: StaleReads | None = None
         self._dead_letters_read_at = -1e9
+        self.admission: AdmissionControl | None = None
+        if settings.admission:
+            self.admission = AdmissionControl(
+                AdmissionSettings(
+                    min_limit=settings.admission_min_in_flight,
+                    max_limit=settings.admission_max_in_flight,
+                    lag_target=settings.admission_lag_target_seconds,
+                )
+            )
+            self.admission.on_change = self._admission_changed
+        self.criticality_table = CriticalityTable()
+        for method, path in (("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("POST", "/admin/breaker")):
+            self.criticality(method, path, Criticality.EXEMPT)  # probes, scrapes and the operator: whatever the load
 
     @property
     def database(self) -> Database:
@@ -115,6 +131,8 @@ class Brownout:
             link.on_error = lambda kind: metrics.redis_errors.labels(kind).inc()
         self._database = database = build_database(settings, link=link)
         metrics.attach_resilience(database.resilience)
+        if isinstance(database.engine.pool, DeadlineQueuePool):
+            database.engine.pool.on_wait = metrics.pool_wait.observe
         database.breaker.add_listener(DegradedModeLog())
         metrics.queue_max_length.set(settings.queue_max_length)
         self._dispatcher = dispatcher = Dispatcher.from_settings(settings, database, registry=self.registry)
@@ -161,9 +179,28 @@ class Brownout:
         await run_in_threadpool(self.start)
         app.state.brownout = self
         try:
-            yield
+            if self.admission is None:
+                yield
+            else:
+                self.metrics.admission_limit.set(self.admission.limit)
+                async with lag_probe(self.admission):
+                    yield
         finally:
             await run_in_threadpool(self.close)
+
+    def criticality(self, method: str, path: str, level: Criticality | str, *, cached: bool = False) -> None:
+        """Declare how much a route matters when the process is past its capacity (undeclared: critical).
+
+        *level*: `critical` (writes, item reads: refused last), `sheddable` (list reads: refused before
+        critical work), `optional` (refused first), `exempt` (never refused; keep it cheap). *cached*: the
+        route reads through Brownout's stale reads, so past its share it is still answered from the cache
+        alone. *path* is the route's template: `brownout.criticality("GET", "/users/{user_id}/orders",
+        "sheddable", cached=True)`."""
+        self.criticality_table.declare(method, path, level, cached=cached)
+
+    def _admission_changed(self, limit: int, why: str) -> None:
+        self.metrics.admission_limit.set(limit)
+        log.debug("admission limit %d (%s)", limit, why)  # the gauge shows it; a line per change would flood
 
     def init_app(self, app: FastAPI, *, routes: bool = True, observability: bool = True) -> FastAPI:
         """Wire Brownout into *app*: its lifespan around the app's own, the body limit, per-route
@@ -183,6 +220,8 @@ class Brownout:
         app.add_middleware(
             RequestLimits, max_query_bytes=self.settings.max_query_bytes, max_header_bytes=self.settings.max_header_bytes
         )
+        if self.admission is not None:  # outside the limits and the body: a refusal costs none of their work
+            app.add_middleware(AdmissionGate, control=self.admission, table=self.criticality_table, metrics=self.metrics)
         app.add_middleware(HttpMetrics, metrics=self.metrics)
         origins = [origin.strip() for origin in (self.settings.cors_origins or "").split(",") if origin.strip()]
         if origins:  # outermost: a browser's preflight is answered before any other work
@@ -218,6 +257,9 @@ class Brownout:
         """At scrape time: this process's pool, the queue depth (cached a few seconds), dead letters (15 s)."""
         database = self.database
         self.metrics.observe_pool(pool_figures(database.engine))
+        if self.admission is not None:
+            self.metrics.admission_in_flight.set(self.admission.in_flight)
+            self.metrics.event_loop_lag.set(self.admission.lag)
         self.metrics.observe_budget(database.resilience)
         if self.queue_depth is not None:
             depth = self.queue_depth.read()

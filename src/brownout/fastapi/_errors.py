@@ -1,6 +1,7 @@
 """The errors Brownout's own pieces raise, mapped to HTTP in one place; no stack trace ever leaves.
 
-DatabaseUnavailable    503 + Retry-After (a read the database cannot answer now, with nothing cached)
+DatabaseUnavailable    503 + Retry-After (a read the database cannot answer now, with nothing cached;
+                       "overloaded" when admission control let it in on condition of using the cache alone)
 Shed                   503 + Retry-After (a non-critical route while the breaker is not CLOSED)
 InvalidCommand         422 with field and reason
 KeyConflict            422 (an Idempotency-Key reused with another body; recorded, not applied)
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from brownout._cache.stale_reads import DatabaseUnavailable
+from brownout._cache.stale_reads import SHED_REASON, DatabaseUnavailable
 from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.commands import DependencyMissing, NotPermitted, UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
@@ -62,7 +63,10 @@ _PLAIN_STATUS: dict[type[Exception], int] = {KeyConflict: 422, UnknownCommand: 4
 def install(app: FastAPI) -> None:
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        body = {"detail": f"database unavailable and nothing cached: {exc.reason}"}
+        if exc.reason == SHED_REASON:  # a read admitted past the limit on condition of using the cache alone
+            body: dict[str, Any] = {"detail": "overloaded", "retry_after": math.ceil(exc.retry_after)}
+        else:
+            body = {"detail": f"database unavailable and nothing cached: {exc.reason}"}
         return JSONResponse(body, status_code=503, headers=retry_after_header(exc.retry_after))
 
     @app.exception_handler(Shed)

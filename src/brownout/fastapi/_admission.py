@@ -1,0 +1,125 @@
+"""The admission gate (src/brownout/_admission.py) as pure ASGI, and the event-loop probe that moves its limit.
+
+The gate runs before routing, the body, the caller's identity and the thread pool, so a refusal is one
+small 503 written on the event loop. It cannot ask FastAPI which route a request will reach (routing
+is FastAPI's, and its internals change between releases), so routes that are not critical are
+declared by method and path template (`Brownout.criticality`) and matched here: a dict for plain paths,
+a few compiled patterns for templated ones; anything undeclared is critical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from brownout._admission import AdmissionControl, Criticality, Verdict, restore, shed_database_work
+from brownout._observability.metrics import Metrics
+
+RETRY_AFTER_SECONDS = 1
+_REFUSAL_BODY = json.dumps({"detail": "overloaded", "retry_after": RETRY_AFTER_SECONDS}).encode()
+_REFUSAL_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_REFUSAL_BODY)).encode()),
+    (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+]
+_PARAMETER = re.compile(r"\{([^{}:]+)(?::path)?\}")
+Level = tuple[Criticality, bool]  # (criticality, served from the cache)
+CRITICAL: Level = (Criticality.CRITICAL, False)
+
+
+class CriticalityTable:
+    """Method and path template -> (criticality, cached); undeclared routes are critical."""
+
+    def __init__(self) -> None:
+        self._exact: dict[tuple[str, str], Level] = {}
+        self._patterns: dict[str, list[tuple[re.Pattern[str], Level]]] = {}
+
+    def declare(self, method: str, path: str, level: Criticality | str, *, cached: bool = False) -> None:
+        """*path*: the route's template as declared (`/users/{user_id}/orders`); `{name:path}` spans slashes."""
+        entry = (Criticality(level), cached)
+        methods = [method.upper()] + (["HEAD"] if method.upper() == "GET" else [])
+        for name in methods:
+            if "{" not in path:
+                self._exact[(name, path)] = entry
+            else:
+                self._patterns.setdefault(name, []).append((_compile(path), entry))
+
+    def classify(self, method: str, path: str) -> Level:
+        entry = self._exact.get((method, path))
+        if entry is not None:
+            return entry
+        for pattern, entry in self._patterns.get(method, ()):
+            if pattern.fullmatch(path):
+                return entry
+        return CRITICAL
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    parts, last = [], 0
+    for found in _PARAMETER.finditer(template):
+        parts.append(re.escape(template[last : found.start()]))
+        parts.append(".+" if found.group(0).endswith(":path}") else "[^/]+")
+        last = found.end()
+    parts.append(re.escape(template[last:]))
+    return re.compile("".join(parts))
+
+
+class AdmissionGate:
+    """Admit, admit with the database shed, or refuse at once (pure ASGI middleware)."""
+
+    def __init__(self, app: ASGIApp, *, control: AdmissionControl, table: CriticalityTable, metrics: Metrics) -> None:
+        self.app = app
+        self.control = control
+        self.table = table
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        level, cached = self.table.classify(scope["method"], scope["path"])
+        if level is Criticality.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        verdict = self.control.admit(level, cached=cached)
+        if verdict is Verdict.REFUSE:
+            self.metrics.admission_shed.labels(level.value, "refused").inc()
+            await send({"type": "http.response.start", "status": 503, "headers": _REFUSAL_HEADERS})
+            await send({"type": "http.response.body", "body": _REFUSAL_BODY})
+            return
+        token = None
+        if verdict is Verdict.CACHE_ONLY:
+            self.metrics.admission_shed.labels(level.value, "cache_only").inc()
+            token = shed_database_work()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.control.done()
+            if token is not None:
+                restore(token)
+
+
+@contextlib.asynccontextmanager
+async def lag_probe(control: AdmissionControl) -> AsyncIterator[None]:
+    """Measure the event loop's lag every tick and feed it to the limit, for as long as the app runs."""
+    tick = control.settings.tick
+
+    async def probe() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(tick)
+            control.observe_lag(time.monotonic() - started - tick)
+
+    task = asyncio.create_task(probe(), name="brownout-admission-lag-probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
