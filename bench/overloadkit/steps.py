@@ -19,6 +19,7 @@ from bench.overloadkit.stage import Stage
 
 LATE_MS = 10.0  # a request sent later than this after its scheduled time was sent late
 CAPACITY_P99_MS = 100.0
+MIN_RATE = 5.0  # per second: the capacity search gives up below this
 
 
 @dataclasses.dataclass
@@ -179,6 +180,8 @@ class StepRunner:
     def capacity(self, service: str, url: str, mix: str, start: float, bisections: int) -> tuple[float, list[StepResult]]:
         """The highest rate served (p99 < 100 ms): doubling from *start* until a step fails, then bisecting.
 
+        0 when not even MIN_RATE is served.
+
         A failed step is run once more before it counts: on this shared machine one slow second (another
         process, a checkpoint) fails a short step at a rate the service serves."""
         steps: list[StepResult] = []
@@ -191,9 +194,15 @@ class StepRunner:
             return False
 
         good, bad, rate = 0.0, 0.0, start
-        while not bad:
+        while not bad:  # up by doubling
             if served(rate):
                 good, rate = rate, rate * 2
+            else:
+                bad = rate
+        while not good and rate >= 2 * MIN_RATE:  # or down by halving, when the first rate already failed
+            rate /= 2
+            if served(rate):
+                good = rate
             else:
                 bad = rate
         for _ in range(bisections if good else 0):
