@@ -220,6 +220,13 @@ class Settings(BaseSettings):
         description="Most queued writes the worker applies in one transaction (one batch of deliveries); "
         "RabbitMQ's prefetch is twice this.",
     )
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU priority (Unix nice) of `brownout worker`'s processes: where web and worker share a machine, "
+        "the web's requests get the CPU first and a backlog drains with what is left; 0: the web's priority.",
+    )
     worker_min_concurrency: int = Field(
         default=1, ge=1, description="Adaptive drain: batches applied at once after boot or a pause (slow start)."
     )

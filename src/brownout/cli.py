@@ -191,8 +191,18 @@ def _worker(args: argparse.Namespace, settings: Any) -> int:
         "--worker-shutdown-timeout", str(WORKER_SHUTDOWN_TIMEOUT_MS), "--skip-logging",
         "--queues", settings.queue_name, settings.email_queue_name,
     ]  # fmt: skip
+    _lower_priority(settings.worker_nice)
     os.execv(sys.executable, argv)  # noqa: S606 - becomes our own interpreter with a fixed argv, no shell
     return 0  # not reached
+
+
+def _lower_priority(nice: int) -> None:
+    """At least *nice* for this process and the worker processes it becomes (inherited), never less than it had:
+    on a machine it shares with web processes, the web answers first and the backlog drains on what is left
+    (a drain signal fed by the web's latency would need the two to talk; the kernel's scheduler already knows)."""
+    current = os.nice(0)
+    if nice > current:
+        os.nice(nice - current)
 
 
 def _migrate(args: argparse.Namespace, settings: Any) -> int:

@@ -7,6 +7,7 @@ what they count must add up across processes, as Prometheus will scrape it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,13 @@ def dyno(line: str, env: dict[str, str], output: Any = None) -> Iterator[subproc
         stop(process, grace=30)
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
 def fields_of(settings: Settings, **extra: Any) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in type(settings).model_fields} | extra
 
@@ -61,8 +69,10 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
     env = settings_env(fields_of(settings, web_processes=2)) | {"PORT": str(port)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     web = f"http://127.0.0.1:{port}"
-    with dyno("web", env):
+    with dyno("web", env) as dyno_process:
         assert wait_until(lambda: _answers(f"{web}/health"), timeout=60), "the web dyno did not start"
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in [dyno_process.pid, *children(dyno_process.pid)]} == {ours}
         for _ in range(20):  # a new connection each: the two processes share the listening socket
             with httpx.Client(base_url=web, timeout=10) as fresh:
                 assert fresh.get("/health").status_code == 200
@@ -102,8 +112,10 @@ def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
-        with dyno("worker", env):
+        with dyno("worker", env) as worker:
             assert wait_until(lambda: _answers(url), timeout=60), "the worker's metrics did not come up"
+            family = [worker.pid, *children(worker.pid)]
+            assert len(family) >= 2 and {os.getpriority(os.PRIO_PROCESS, pid) for pid in family} == {settings.worker_nice}
             refused = httpx.get(url, timeout=5)
             assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", refused.text
             applied = wait_until(
