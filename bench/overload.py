@@ -80,6 +80,10 @@ def git_state() -> str:
     return git("rev-parse", "--short", "HEAD") + (f" + {len(changed)} uncommitted file(s) in src/ and app/" if changed else "")
 
 
+def pool_text(pool: dict[str, float]) -> str:
+    return "/".join(f"{pool.get(key, 0):.0f}" for key in ("size", "checked_out", "overflow"))
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # so the stage is removed on SIGTERM too
 
@@ -137,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         table("Brownout, one web process:", brownout, print)
         if naive:
             table("naive service, one web process, the same rates:", naive, print)
-        pools = ", ".join(
-            f"{s.label} " + "/".join(f"{s.pool.get(k, 0):.0f}" for k in ("size", "checked_out", "overflow")) for s in brownout
-        )
-        print(f"  Brownout's pool after each step (size/checked out/overflow): {pools}")
+        print("  after each step, Brownout's pool (size/checked out/overflow) and the database's backends in brackets:")
+        print("  " + ", ".join(f"{s.label} {pool_text(s.pool)} ({s.backends})" for s in brownout))
         print("Brownout's targets:")
         every_target = verdicts(capacity, {s.label: s for s in brownout}, print) and every_target
     load_end = os.getloadavg()[0]
