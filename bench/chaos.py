@@ -3,15 +3,18 @@
     .venv/bin/python bench/chaos.py                       # full scenario (about 8 minutes, both modes)
     .venv/bin/python bench/chaos.py --scenario short      # under two minutes per mode
     .venv/bin/python bench/chaos.py --writes 100 --reads 200 --outage 30 --modes brownout,naive
+    .venv/bin/python bench/chaos.py --proxy-cost          # the proxies' CPU per MB relayed
 
 What one run does, for each mode (`brownout`, then `naive`):
 
 1. makes a throwaway database on the configured PostgreSQL (DATABASE_URL, else the
    local set-up), runs the Procfile's `release` line on it, and starts the `web` line
    (`--web` replicas, one uvicorn process each, on their own ports) and the `worker`
-   line, every service URL going through a TCP proxy (FaultProxy from tests/support, each
-   in a process of its own so its relaying shares no GIL: TLS stays end to end); its own
+   line, every service URL going through a fault proxy (one selector loop for all of them,
+   in a child process of its own so its relaying shares no GIL: TLS stays end to end); its own
    queues and Redis key prefix;
+   then, unless the rates are given (--writes/--reads), measures the stage's capacity with a
+   stepped ramp of the run's own mix and sets the rates to --load-fraction of it;
 2. runs a steady open-loop load from a child process (asyncio + httpx, fixed rate,
    latency measured from each request's scheduled time): creations and read/unread
    toggles with Idempotency-Keys over many users and a hot set of notifications (one
@@ -30,7 +33,9 @@ What one run does, for each mode (`brownout`, then `naive`):
    writes (201/200/202) against `applied_commands` and `notifications`; lost,
    duplicated and out-of-order (per notification) writes; reads answered, stale,
    failed; breaker open and close times (from the dynos' own transition log lines),
-   drain time, peak backlog;
+   drain time, peak backlog; and what the run cost the machine (CPU per process, new
+   PostgreSQL sessions, the web's database errors and breaker transitions, load average,
+   and whether the generator kept to its schedule: if not, the summary says so first);
 5. restores and removes everything it made: proxies back to pass-through and stopped,
    dynos stopped, database dropped, queues deleted, Redis keys deleted; also on
    Ctrl-C (SIGINT/SIGTERM) or error.
@@ -61,7 +66,8 @@ if str(ROOT) not in sys.path:  # `python bench/chaos.py`: tests.support and benc
 
 from bench.chaoskit.config import SCENARIOS, ChaosConfig  # noqa: E402
 from bench.chaoskit.load import load_child  # noqa: E402
-from bench.chaoskit.proxies import proxy_child  # noqa: E402
+from bench.chaoskit.proxy_cost import proxy_cost  # noqa: E402
+from bench.chaoskit.relay import hub_child  # noqa: E402
 from bench.chaoskit.run import ChaosResult, run_chaos  # noqa: E402
 
 __all__ = ["ChaosConfig", "ChaosResult", "main", "run_chaos"]
@@ -70,8 +76,14 @@ __all__ = ["ChaosConfig", "ChaosResult", "main", "run_chaos"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="full")
-    parser.add_argument("--writes", type=float, help="writes per second (full: 100, short: 40)")
-    parser.add_argument("--reads", type=float, help="reads per second (full: 200, short: 80)")
+    parser.add_argument("--writes", type=float, help="writes per second (no calibration; full: 100, short: 40)")
+    parser.add_argument("--reads", type=float, help="reads per second (no calibration; full: 200, short: 80)")
+    parser.add_argument(
+        "--load-fraction",
+        type=float,
+        default=0.5,
+        help="measure the stage's capacity first and run at this fraction of it (default 0.5; 0: the scenario's rates)",
+    )
     parser.add_argument("--duration", type=float, help="seconds of load per mode (default: the scenario's)")
     parser.add_argument("--outage", type=float, help="length of the main database outage, seconds (full: 30)")
     parser.add_argument("--faults", help="comma-separated subset: ssl_kills,db_outage,rabbit_outage,redis_outage,worker_kill")
@@ -87,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{service}-down", help=f"shell command that takes {service} down instead of the proxy")
         parser.add_argument(f"--{service}-up", help=f"shell command that brings {service} back (also run on exit)")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
-    parser.add_argument("--proxy-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--proxy-cost", action="store_true", help="measure the proxies' CPU per MB relayed, then exit")
+    parser.add_argument("--proxy-hub", help=argparse.SUPPRESS)
+    parser.add_argument("--splice", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for service in ("db", "rabbit", "redis"):
         down, up = getattr(args, f"{service}_down"), getattr(args, f"{service}_up")
@@ -105,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_child:
         load_child(args.load_child)
         return 0
-    if args.proxy_child:
-        proxy_child(args.proxy_child)
+    if args.proxy_cost:
+        proxy_cost()
+        return 0
+    if args.proxy_hub:
+        hub_child([int(port) for port in args.proxy_hub.split(",")], splice=args.splice)
         return 0
     signal.signal(signal.SIGTERM, _raise_interrupt)
     commands = {
@@ -131,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         commands=commands,
         plot=not args.no_plot,
+        load_fraction=args.load_fraction or None,
     )
     try:
         result = run_chaos(config)

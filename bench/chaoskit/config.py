@@ -143,7 +143,7 @@ SCENARIOS = {
 @dataclasses.dataclass
 class ChaosConfig:
     scenario: str = "full"
-    writes: float | None = None  # per second; None: the scenario's
+    writes: float | None = None  # per second; None: the scenario's (or the calibration's, with load_fraction)
     reads: float | None = None
     duration: float | None = None  # whole load; None: the scenario's (faults that do not fit are dropped)
     outage: float | None = None  # the main database outage, seconds
@@ -161,4 +161,5 @@ class ChaosConfig:
     commands: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # db/rabbit/redis -> (down, up)
     client_timeout: float = 5.0
     plot: bool = True
+    load_fraction: float | None = None  # measure the capacity first, run at this fraction of it (writes/reads unset)
     echo: Callable[[str], None] = print

@@ -96,3 +96,34 @@ def window_stats(result: ModeResult, start: float, end: float) -> dict[str, Any]
         "p50_ms": percentile(latencies, 0.50),
         "lost": lost,
     }
+
+
+def windows(result: ModeResult) -> list[tuple[str, float, float]]:
+    """(label, start, end): the fault-free warm-up, each fault that lasted, and what follows the last one."""
+    faults = [f for f in result.faults if f.end > f.start]
+    first = result.faults[0].start if result.faults else result.duration
+    spans = [("warm-up (no fault)", 0.0, first)]
+    spans += [(f.label, f.start, f.end) for f in faults]
+    last = max((f.end for f in result.faults), default=first)
+    if last < result.duration:
+        spans.append(("after the faults", last, result.duration))
+    return spans
+
+
+def late_requests(result: ModeResult, start: float, end: float, lag_ms: float) -> tuple[int, int]:
+    """(requests sent more than *lag_ms* after their scheduled time, requests) among those scheduled in the window."""
+    rows = [r for r in result.requests if start <= r[0] < end]
+    return sum(1 for r in rows if (r[1] - r[0]) * 1000 > lag_ms), len(rows)
+
+
+def sessions_per_second(result: ModeResult, start: float, end: float) -> float | None:
+    """New PostgreSQL sessions per second in the window, from the monitor's samples (the last one at or before each edge)."""
+
+    def at(t: float) -> tuple[float, int] | None:
+        before = [sample for sample in result.sessions if sample[0] <= t]
+        return before[-1] if before else None
+
+    first, last = at(start), at(end)
+    if first is None or last is None or last[0] <= first[0]:
+        return None
+    return (last[1] - first[1]) / (last[0] - first[0])

@@ -41,3 +41,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
             return True
         time.sleep(interval)
     return condition()
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from bench.chaoskit.helpers import now
+from bench.chaoskit.helpers import now, percentile
 from bench.chaoskit.http_client import LeanHttp
 
 KINDS = ("create", "read", "unread", "list", "get")
@@ -63,10 +63,25 @@ class Workload:
         return "list", f"/users/{self.rng.randint(1, self.users)}/notifications?limit=20"
 
 
+def step_verdict(rows: list[list[Any]], shed: int, stop: dict[str, float]) -> dict[str, Any]:
+    """A calibration step passes with p99 (from the scheduled time) under the bound and no generator lag."""
+    latencies = [(r[2] - r[0]) * 1000 for r in rows]
+    late = sum(1 for r in rows if (r[1] - r[0]) * 1000 > stop["lag_ms"]) + shed
+    p99 = percentile(latencies, 0.99) if latencies else float("inf")
+    errors = sum(1 for r in rows if r[4] not in (200, 201, 202))
+    lagged = late > stop["lag_fraction"] * max(1, len(rows) + shed)
+    ok = p99 <= stop["p99_ms"] and not lagged and errors <= stop["error_fraction"] * max(1, len(rows))
+    return {"requests": len(rows), "p99_ms": round(p99, 1), "late": late, "errors": errors, "lagged": lagged, "ok": ok}
+
+
 async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     work = Workload(cfg)
     clients = [LeanHttp(url, 64, headers=cfg.get("headers")) for url in cfg["urls"]]
-    t0, duration, timeout = cfg["t0"], cfg["duration"], cfg["timeout"]
+    # t0 half a second from now, once this process is up: its start-up (imports, on a busy machine more than a
+    # second) is not counted as lag. The harness reads it from the first line.
+    t0, timeout = now() + 0.5, cfg["timeout"]
+    sys.stdout.write(json.dumps({"t0": t0}) + "\n")
+    sys.stdout.flush()
     # [t_sched, t_sent, t_done, kind, status, stale, detail, replica] (times relative to t0; detail: the id read, or the error)
     requests: list[list[Any]] = []
     writes: list[dict[str, Any]] = []
@@ -74,6 +89,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     queued_ids: list[str] = []
     inflight = 0
     shed = 0
+    steps: list[dict[str, Any]] = []
     turn = 0
 
     def client() -> tuple[int, LeanHttp]:
@@ -156,27 +172,41 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     while now() < t0:
         await asyncio.sleep(min(0.05, max(0.0, t0 - now())))
     reporter = asyncio.get_running_loop().create_task(report())
-    sent_w = sent_r = 0
-    w_rate, r_rate = cfg["writes"], cfg["reads"]
-    while True:  # bounded: at most duration * rate requests of each kind, then it stops
-        elapsed = now() - t0
-        if elapsed >= duration:
+    start = t0
+    for step_duration, w_rate, r_rate in cfg["steps"]:  # bounded: duration * rate requests of each kind per step
+        first = len(requests)
+        shed_before = shed
+        end = start + step_duration
+        sent_w = sent_r = 0
+        while now() < end:
+            elapsed = now() - start
+            while w_rate and sent_w < elapsed * w_rate:
+                scheduled = start + sent_w / w_rate
+                sent_w += 1
+                if inflight >= cfg["max_inflight"]:
+                    shed += 1
+                    continue
+                launch(write(scheduled, work.next_write()))
+            while r_rate and sent_r < elapsed * r_rate:
+                scheduled = start + sent_r / r_rate
+                sent_r += 1
+                if inflight >= cfg["max_inflight"]:
+                    shed += 1
+                    continue
+                launch(read(scheduled))
+            await asyncio.sleep(0.002)
+        if cfg.get("stop") is None:
+            start = end
+            continue
+        if tasks:  # a calibration step: judged on all its answers, then the next one or the end
+            await asyncio.wait(set(tasks), timeout=timeout + 1)
+        verdict = step_verdict(requests[first:], shed - shed_before, cfg["stop"]) | {"writes": w_rate, "reads": r_rate}
+        sys.stdout.write(json.dumps({"step": verdict}) + "\n")
+        sys.stdout.flush()
+        steps.append(verdict)
+        if not verdict["ok"]:
             break
-        while sent_w < elapsed * w_rate:
-            scheduled = t0 + sent_w / w_rate
-            sent_w += 1
-            if inflight >= cfg["max_inflight"]:
-                shed += 1
-                continue
-            launch(write(scheduled, work.next_write()))
-        while sent_r < elapsed * r_rate:
-            scheduled = t0 + sent_r / r_rate
-            sent_r += 1
-            if inflight >= cfg["max_inflight"]:
-                shed += 1
-                continue
-            launch(read(scheduled))
-        await asyncio.sleep(0.002)
+        start = now()
     if tasks:
         await asyncio.wait(set(tasks), timeout=timeout + 5)
     reporter.cancel()
@@ -185,7 +215,8 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     for c in clients:
         await c.close()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"requests": requests, "writes": writes, "shed": shed, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"requests": requests, "writes": writes, "shed": shed, "cpu_seconds": cpu, "steps": steps}
 
 
 def load_child(config_path: str) -> None:

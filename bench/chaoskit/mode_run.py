@@ -11,17 +11,34 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 from bench.chaoskit.audit import audit_database
 from bench.chaoskit.backlog import Backlog
+from bench.chaoskit.calibrate import RAMP_FACTOR, RAMP_START, STEP_SECONDS, STOP, Calibration, ramp
 from bench.chaoskit.config import ROOT
 from bench.chaoskit.faults import FaultTimeline
 from bench.chaoskit.figures import outage_timings
 from bench.chaoskit.helpers import now
+from bench.chaoskit.monitor import Monitor, usage_between
 from bench.chaoskit.processes import ENTRY_POINT, die_with_parent
 from bench.chaoskit.progress import Progress
 from bench.chaoskit.results import ModeResult
-from bench.chaoskit.urls import pg_url
+from bench.chaoskit.urls import pg_url, port_of
+
+SETTLE_SECONDS = 3.0
+
+
+def monitor_usage(monitor: Monitor) -> dict[str, Any]:
+    """The warm-up's and the whole run's usage (usage_between), for the marks that were taken."""
+    marks = monitor.marks
+    usage = {}
+    if "start" in marks and "warm-up" in marks:
+        usage["warm-up"] = usage_between(marks["start"], marks["warm-up"])
+    if "start" in marks and "end" in marks:
+        usage["whole run"] = usage_between(marks["start"], marks["end"])
+    return usage
 
 
 class ModeRun(FaultTimeline):
@@ -33,29 +50,23 @@ class ModeRun(FaultTimeline):
             return self._play()
         raise AssertionError("unreachable")
 
-    def _play(self) -> ModeResult:
-        config = self.config
-        records_path = self.out_dir / f"records-{self.mode}.json"
-        cfg = {
+    def _load_cfg(self, records: Path, run_id: str, steps: list[list[float]]) -> dict[str, Any]:
+        return {
             "urls": [web.url for web in self.webs],
             "headers": self.auth,
-            "t0": now() + 1.0,
-            "duration": self.duration,
-            "writes": self.writes_rate,
-            "reads": self.reads_rate,
+            "steps": steps,
             "users": self.scenario.users,
             "hot": self.scenario.hot,
-            "seed": config.seed,
-            "run_id": self.tag,
-            "timeout": config.client_timeout,
+            "seed": self.config.seed,
+            "run_id": run_id,
+            "timeout": self.config.client_timeout,
             "max_inflight": 512,
-            "records": str(records_path),
+            "records": str(records),
         }
-        self.t0 = float(cfg["t0"])  # type: ignore[arg-type]
-        load_before = os.getloadavg()[0]
-        wall_t0 = dt.datetime.now() + dt.timedelta(seconds=self.t0 - now())
-        config.echo(f"[{self.mode}] load starts at {wall_t0.strftime('%H:%M:%S.%f')[:-3]} (t = 0 in the logs' local time)")
-        cfg_path = self.out_dir / f"load-{self.mode}.json"
+
+    def _start_load(self, cfg: dict[str, Any], name: str) -> tuple[subprocess.Popen[str], float]:
+        """The load child and its t0 (monotonic, the first line it writes)."""
+        cfg_path = self.out_dir / f"load-{name}.json"
         cfg_path.write_text(json.dumps(cfg))
         child = subprocess.Popen(
             [sys.executable, str(ENTRY_POINT), "--load-child", str(cfg_path)],
@@ -64,6 +75,66 @@ class ModeRun(FaultTimeline):
             start_new_session=True,
             preexec_fn=die_with_parent,
             text=True,
+        )
+        assert child.stdout is not None
+        try:
+            return child, float(json.loads(child.stdout.readline())["t0"])
+        except (ValueError, KeyError):
+            child.kill()
+            child.wait(timeout=10)
+            raise RuntimeError(f"the load generator ({name}) did not start") from None
+
+    def _calibrate(self) -> Calibration:
+        """The stepped ramp (calibrate.py) against this stage; sets the timeline's rates from it."""
+        share = self.writes_rate / (self.writes_rate + self.reads_rate)
+        records = self.out_dir / f"records-calibration-{self.mode}.json"
+        cfg = self._load_cfg(records, f"{self.tag}c", ramp(share)) | {"stop": STOP}
+        self.config.echo(
+            f"[{self.mode}] calibration: a ramp from {RAMP_START:g} requests/s, x{RAMP_FACTOR:g} every {STEP_SECONDS:g} s"
+        )
+        child, _ = self._start_load(cfg, f"calibration-{self.mode}")
+        bound = len(cfg["steps"]) * (STEP_SECONDS + self.config.client_timeout + 2) + 30
+        watchdog = threading.Timer(bound, child.kill)
+        watchdog.start()
+        try:
+            assert child.stdout is not None
+            for line in child.stdout:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    step = json.loads(line)["step"]
+                    rate = step["writes"] + step["reads"]
+                    self.config.echo(
+                        f"[{self.mode}] calibration: {rate:.0f} requests/s, p99 {step['p99_ms']:.1f} ms, {step['late']} late, "
+                        f"{step['errors']} errors: {'passed' if step['ok'] else 'failed'}"
+                    )
+            child.wait(timeout=10)
+        finally:
+            watchdog.cancel()
+        if child.returncode != 0:
+            raise RuntimeError(f"the calibration's load generator exited with {child.returncode}")
+        data = json.loads(records.read_text())
+        self.calibration_writes = data["writes"]
+        calibration = Calibration(data["steps"], self.config.load_fraction or 0.5, share)
+        self.writes_rate, self.reads_rate = calibration.rates()
+        self.config.echo(f"[{self.mode}] calibration: {calibration.describe()}")
+        time.sleep(SETTLE_SECONDS)  # the last step's backlog and connections settle before the warm-up
+        return calibration
+
+    def _play(self) -> ModeResult:
+        config = self.config
+        calibration = self._calibrate() if self.calibrate else None
+        records_path = self.out_dir / f"records-{self.mode}.json"
+        cfg = self._load_cfg(records_path, self.tag, [[self.duration, self.writes_rate, self.reads_rate]])
+        load_before = os.getloadavg()[0]
+        monitor = Monitor(stage=self, redis_port=port_of(self.base_redis, 6379))
+        monitor.mark("start")  # half a second before t0: the load's start-up is in the figures
+        child, self.t0 = self._start_load(cfg, self.mode)
+        monitor.generator_pid = child.pid
+        monitor.marks_due["warm-up"] = self.t0 + (self.faults[0].start if self.faults else self.duration)
+        monitor.start()
+        wall_t0 = dt.datetime.now() + dt.timedelta(seconds=self.t0 - now())
+        config.echo(
+            f"[{self.mode}] load ({self.writes_rate:g} writes/s + {self.reads_rate:g} reads/s) starts at "
+            f"{wall_t0.strftime('%H:%M:%S.%f')[:-3]} (t = 0 in the logs' local time)"
         )
         reader = threading.Thread(target=self._read_child, args=(child,), name="load-reports", daemon=True)
         reader.start()
@@ -82,11 +153,13 @@ class ModeRun(FaultTimeline):
                 raise RuntimeError("the load generator did not stop in time")
             if child.returncode != 0:
                 raise RuntimeError(f"the load generator exited with {child.returncode}")
+            monitor.mark("end")
             self._stop.set()
             timeline.join(timeout=60)
             drained_after = self._wait_for_drain()
         finally:
             self._stop.set()
+            monitor.stop()
             if child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
@@ -96,7 +169,8 @@ class ModeRun(FaultTimeline):
                 self.backlog.stop()
             timeline.join(timeout=30)
         data = json.loads(records_path.read_text())
-        audit = audit_database(self.base_db, self.dbname, self.mode, data["writes"], data["requests"])
+        # The calibration's writes went to the same database: audited too (acknowledged ones must be there).
+        audit = audit_database(self.base_db, self.dbname, self.mode, self.calibration_writes + data["writes"], data["requests"])
         result = ModeResult(
             mode=self.mode,
             duration=self.duration,
@@ -115,6 +189,10 @@ class ModeRun(FaultTimeline):
             settings=self.settings,
             load_cpu_seconds=data.get("cpu_seconds", 0.0),
             loadavg=(load_before, os.getloadavg()[0]),
+            calibration=calibration,
+            calibration_writes=len(self.calibration_writes),
+            usage=monitor_usage(monitor),
+            sessions=[(t - self.t0, n) for t, n in monitor.sessions],
         )
         result.timings = outage_timings(result)
         return result

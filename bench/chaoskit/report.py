@@ -6,7 +6,8 @@ import os
 
 from bench.chaoskit.config import FIXED_SETTINGS, RUN_SETTINGS, TARGETS, ChaosConfig
 from bench.chaoskit.figures import window_stats
-from bench.chaoskit.helpers import percentile
+from bench.chaoskit.helpers import md_table, percentile
+from bench.chaoskit.machine_report import lag_line, machine_markdown
 from bench.chaoskit.results import ModeResult
 
 
@@ -16,12 +17,6 @@ def fmt_s(value: float | None) -> str:
 
 def fmt_pct(value: float) -> str:
     return f"{value * 100:.2f} %" if value < 0.9995 or value == 1 else f"{value * 100:.3f} %"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def targets(results: dict[str, ModeResult]) -> list[tuple[str, str, bool | None]]:
@@ -89,6 +84,8 @@ def report_markdown(results: dict[str, ModeResult], config: ChaosConfig, started
         f"{config.web} web replica(s) (`brownout web`) and one worker (`brownout worker`); "
         f"settings: {', '.join(f'`{k}={v}`' for k, v in first.settings.items() if k in RUN_SETTINGS or k in FIXED_SETTINGS)}"
         ", the default settings otherwise.",
+        "",
+        *(lag_line(result) for result in results.values()),
         "",
         "**Audit, from the database** (acknowledged = 201/200 applied or 202 queued):",
         "",
@@ -189,6 +186,7 @@ def report_markdown(results: dict[str, ModeResult], config: ChaosConfig, started
         + ", ".join(f"{m} {results[m].loadavg[0]:.1f} -> {results[m].loadavg[1]:.1f}" for m in modes)
         + ".",
     ]
+    parts += machine_markdown(results)
     return "\n".join(parts) + "\n"
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.chaoskit.calibrate import Calibration
 
 
 @dataclasses.dataclass
@@ -34,3 +37,7 @@ class ModeResult:
     settings: dict[str, str]
     load_cpu_seconds: float = 0.0
     loadavg: tuple[float, float] = (0.0, 0.0)  # the machine's 1-minute load average at the start and the end
+    calibration: Calibration | None = None
+    calibration_writes: int = 0  # writes the calibration sent (audited with the run's)
+    usage: dict[str, Any] = dataclasses.field(default_factory=dict)  # "warm-up", "whole run": monitor.usage_between
+    sessions: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (t, pg_stat_database.sessions)

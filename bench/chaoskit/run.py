@@ -43,8 +43,15 @@ def run_chaos(config: ChaosConfig) -> ChaosResult:
     if not config.default_settings:
         config.echo("chaos: run settings " + " ".join(f"{k}={v}" for k, v in (RUN_SETTINGS | FIXED_SETTINGS).items()))
     results: dict[str, ModeResult] = {}
+    calibrate = bool(config.load_fraction) and config.writes is None and config.reads is None
     for mode in config.modes:
-        results[mode] = ModeRun(config, mode, out_dir, kept, duration).run()
+        run = ModeRun(config, mode, out_dir, kept, duration)
+        if results:  # the first mode's calibration sets the rates of every mode: the same load, compared
+            first = next(iter(results.values()))
+            run.writes_rate, run.reads_rate = first.writes_rate, first.reads_rate
+        else:
+            run.calibrate = calibrate
+        results[mode] = run.run()
     markdown = report_markdown(results, config, started)
     (out_dir / "summary.md").write_text(markdown)
     png = plot(results, out_dir / "chaos.png") if config.plot else None

@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pika
 import redis
@@ -32,7 +33,7 @@ from bench.chaoskit.dynos import BreakerTracker, Dyno
 from bench.chaoskit.helpers import answers, free_port, wait_for
 from bench.chaoskit.processes import procfile
 from bench.chaoskit.progress import Live
-from bench.chaoskit.proxies import ProxyProcess
+from bench.chaoskit.proxies import Proxy, ProxyHub
 from bench.chaoskit.results import FaultRecord
 from bench.chaoskit.urls import admin_connect, loopback_only, pg_url, port_of, with_port
 from brownout._auth.keys import SCOPES, entry_for, new_key
@@ -67,12 +68,15 @@ class ModeStage:
         self.live = Live()
         self.webs: list[Dyno] = []
         self.worker: Dyno | None = None
-        self.proxies: dict[str, ProxyProcess] = {}
+        self.proxies: dict[str, Proxy] = {}
+        self.hub: ProxyHub | None = None
         self.records: list[FaultRecord] = []
         self.t0 = 0.0
         self.backlog: Backlog | None = None
         self.current_fault = ""
         self.settings: dict[str, str] = {}
+        self.calibrate = False  # measure the stage's capacity first and run at a fraction of it (calibrate.py)
+        self.calibration_writes: list[dict[str, Any]] = []
         self.service_key = new_key()
         self.auth = {"Authorization": f"Bearer {self.service_key}"}
         self._stop = threading.Event()
@@ -101,16 +105,12 @@ class ModeStage:
         )
         if migrate.returncode != 0:
             raise RuntimeError(f"release line failed:\n{migrate.stdout}\n{migrate.stderr}")
-        for name, url, default in (
-            ("db", self.base_db, 5432),
-            ("rabbit", self.base_rabbit, 5672),
-            ("redis", self.base_redis, 6379),
-        ):
-            if self.mode == "naive" and name != "db":
-                continue
-            proxy = ProxyProcess(name, port_of(url, default))
-            self.proxies[name] = proxy
-            stack.callback(self._restore_proxy, proxy)
+        upstreams = {"db": port_of(self.base_db, 5432)}
+        if self.mode == "brownout":
+            upstreams |= {"rabbit": port_of(self.base_rabbit, 5672), "redis": port_of(self.base_redis, 6379)}
+        self.hub = ProxyHub(upstreams)
+        stack.callback(self.hub.stop)  # every proxy back to pass-through, then stopped
+        self.proxies = dict(self.hub.proxies)
         stack.callback(self._restore_commands)
         db_url = pg_url(self.base_db, dbname=self.dbname, port=self.proxies["db"].port)
         env["DATABASE_URL"] = db_url
@@ -196,12 +196,6 @@ class ModeStage:
         assert worker is not None
         port = worker.env["BROWNOUT_METRICS_PORT"]
         return wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") or not worker.alive, timeout) and worker.alive
-
-    @staticmethod
-    def _restore_proxy(proxy: ProxyProcess) -> None:
-        with contextlib.suppress(Exception):
-            proxy.pass_through()
-        proxy.stop()
 
     def _restore_commands(self) -> None:
         for service in sorted(self._down):
