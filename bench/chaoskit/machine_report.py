@@ -82,7 +82,8 @@ def machine_markdown(results: dict[str, ModeResult]) -> list[str]:
             parts.append(md_table(header, rows))
             parts += [
                 "",
-                "PostgreSQL, RabbitMQ and Redis are the machine's shared servers: other work on them is counted too.",
+                "PostgreSQL, RabbitMQ and Redis are the machine's shared servers: other work on them is counted too. "
+                "With the memory alarm in the timeline, the run's broker is a RabbitMQ node of its own.",
             ]
             parts += ["", "Web processes' `/metrics` (both replicas summed):", ""]
             keys = sorted({k for s in spans for k in usage[s]["counters"]})

@@ -70,8 +70,9 @@ class Monitor:
         groups["generator"] = lambda table: {self.generator_pid} if self.generator_pid else set()
         groups["proxies"] = lambda table: {stage.hub.pid} if stage.hub else set()
         groups["PostgreSQL"] = lambda table: find_roots(table, "postgres")
-        groups["RabbitMQ (beam.smp)"] = lambda table: find_roots(table, "beam.smp", outside=harness)
-        groups["RabbitMQ, the run's alarm node"] = lambda table: find_roots(table, "beam.smp") & descendants(table, {harness})
+        # With the memory alarm in the timeline the run's broker is a node of its own (stage.py), else the machine's.
+        groups["RabbitMQ, the machine's (beam.smp)"] = lambda table: find_roots(table, "beam.smp", outside=harness)
+        groups["RabbitMQ, the run's own node"] = lambda table: find_roots(table, "beam.smp") & descendants(table, {harness})
         groups["Redis"] = lambda table: {pid for pid in find_roots(table, "redis-server") if f":{redis_port}" in _cmdline(pid)}
         self.cpu = CpuGroups(groups)
         self._stop = threading.Event()
