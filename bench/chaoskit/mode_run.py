@@ -129,7 +129,8 @@ class ModeRun(FaultTimeline):
         monitor.mark("start")  # half a second before t0: the load's start-up is in the figures
         child, self.t0 = self._start_load(cfg, self.mode)
         monitor.generator_pid = child.pid
-        monitor.marks_due["warm-up"] = self.t0 + (self.faults[0].start if self.faults else self.duration)
+        # Half a second before the first fault: its first errors must not reach the warm-up's counters.
+        monitor.marks_due["warm-up"] = self.t0 + (self.faults[0].start if self.faults else self.duration) - 0.5
         monitor.start()
         wall_t0 = dt.datetime.now() + dt.timedelta(seconds=self.t0 - now())
         config.echo(
