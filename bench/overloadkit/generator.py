@@ -98,11 +98,22 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def main(config_path: str) -> None:
-    cfg = json.loads(Path(config_path).read_text())
-    # The instrument first where allowed (root): it is cheap, and a stall of its own would read as lag.
+def first_in_line() -> None:
+    """The instrument first, where allowed (root): it is cheap, and a stall of its own would read as lag.
+
+    With the kernel's autogroups (one per session) a nice value counts only within its session, and the
+    web process has a session of its own: this process takes its own (started with start_new_session)
+    and raises that group's priority. Measured beside two busy loops: wake-up lag p99 4 ms with nice
+    alone, 0.3 ms with this."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text("-10")
     with contextlib.suppress(OSError):
         os.nice(-10)
+
+
+def main(config_path: str) -> None:
+    cfg = json.loads(Path(config_path).read_text())
+    first_in_line()
     result = asyncio.run(_run(cfg))
     Path(cfg["out"]).write_text(json.dumps(result))
 

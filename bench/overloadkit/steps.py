@@ -136,6 +136,7 @@ class StepRunner:
         child = subprocess.run(
             [sys.executable, "-m", "bench.overloadkit.generator", str(config_path)],
             cwd=ROOT,
+            start_new_session=True,  # its own autogroup (generator.first_in_line); killed if this process dies
             preexec_fn=die_with_parent,
             timeout=self.seconds + self.timeout + 60,
             check=False,
