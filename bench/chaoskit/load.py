@@ -169,16 +169,11 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    while now() < t0:
-        await asyncio.sleep(min(0.05, max(0.0, t0 - now())))
-    reporter = asyncio.get_running_loop().create_task(report())
-    start = t0
-    for step_duration, w_rate, r_rate in cfg["steps"]:  # bounded: duration * rate requests of each kind per step
-        first = len(requests)
-        shed_before = shed
-        end = start + step_duration
+    async def play(start: float, seconds: float, w_rate: float, r_rate: float) -> None:
+        """Send at the given rates for *seconds* from *start* (bounded: seconds * rate requests of each kind)."""
+        nonlocal shed
         sent_w = sent_r = 0
-        while now() < end:
+        while now() < start + seconds:
             elapsed = now() - start
             while w_rate and sent_w < elapsed * w_rate:
                 scheduled = start + sent_w / w_rate
@@ -195,18 +190,39 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
                     continue
                 launch(read(scheduled))
             await asyncio.sleep(0.002)
-        if cfg.get("stop") is None:
-            start = end
-            continue
-        if tasks:  # a calibration step: judged on all its answers, then the next one or the end
-            await asyncio.wait(set(tasks), timeout=timeout + 1)
-        verdict = step_verdict(requests[first:], shed - shed_before, cfg["stop"]) | {"writes": w_rate, "reads": r_rate}
-        sys.stdout.write(json.dumps({"step": verdict}) + "\n")
-        sys.stdout.flush()
-        steps.append(verdict)
-        if not verdict["ok"]:
-            break
-        start = now()
+
+    async def ramp(stop: dict[str, float]) -> None:
+        """Calibration: an unjudged warm-up at the first rates, then each step judged on all its answers; a
+        failed step is played once more (one burst of a neighbour's must not end the ramp), then the ramp ends."""
+        await play(t0, stop["warmup_seconds"], *cfg["steps"][0][1:])
+        index, retried = 0, False
+        while index < len(cfg["steps"]):
+            seconds, w_rate, r_rate = cfg["steps"][index]
+            first, shed_before = len(requests), shed
+            await play(now(), seconds, w_rate, r_rate)
+            if tasks:
+                await asyncio.wait(set(tasks), timeout=timeout + 1)
+            verdict = step_verdict(requests[first:], shed - shed_before, stop) | {"writes": w_rate, "reads": r_rate}
+            sys.stdout.write(json.dumps({"step": verdict}) + "\n")
+            sys.stdout.flush()
+            steps.append(verdict)
+            if verdict["ok"]:
+                index, retried = index + 1, False
+            elif retried:
+                return
+            else:
+                retried = True
+
+    while now() < t0:
+        await asyncio.sleep(min(0.05, max(0.0, t0 - now())))
+    reporter = asyncio.get_running_loop().create_task(report())
+    if cfg.get("stop") is not None:
+        await ramp(cfg["stop"])
+    else:
+        start = t0
+        for seconds, w_rate, r_rate in cfg["steps"]:
+            await play(start, seconds, w_rate, r_rate)
+            start += seconds
     if tasks:
         await asyncio.wait(set(tasks), timeout=timeout + 5)
     reporter.cancel()

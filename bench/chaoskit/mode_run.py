@@ -93,7 +93,7 @@ class ModeRun(FaultTimeline):
             f"[{self.mode}] calibration: a ramp from {RAMP_START:g} requests/s, x{RAMP_FACTOR:g} every {STEP_SECONDS:g} s"
         )
         child, _ = self._start_load(cfg, f"calibration-{self.mode}")
-        bound = len(cfg["steps"]) * (STEP_SECONDS + self.config.client_timeout + 2) + 30
+        bound = (len(cfg["steps"]) + 1) * (STEP_SECONDS + self.config.client_timeout + 2) + STOP["warmup_seconds"] + 30
         watchdog = threading.Timer(bound, child.kill)
         watchdog.start()
         try:
