@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import resource
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 from bench.chaoskit.helpers import now, percentile
 from bench.chaoskit.http_client import LeanHttp
+from bench.chaoskit.processes import first_in_line
 
 KINDS = ("create", "read", "unread", "list", "get")
 WRITE_KINDS = {"create", "read", "unread"}
@@ -237,8 +237,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def load_child(config_path: str) -> None:
     cfg = json.loads(Path(config_path).read_text())
-    with contextlib.suppress(OSError):  # the measuring instrument first, where allowed (root): less noise in its figures
-        os.nice(-5)
+    first_in_line()  # the measuring instrument first: less noise in its figures
     result = asyncio.run(_load(cfg))
     Path(cfg["records"]).write_text(json.dumps(result))
     sys.stdout.write(json.dumps({"finished": True}) + "\n")

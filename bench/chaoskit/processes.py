@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from bench.chaoskit.config import ROOT
@@ -48,3 +51,16 @@ def die_with_parent() -> None:
     The signal follows the starting *thread*: children are started from the main thread only."""
     if _PRCTL is not None:
         _PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def first_in_line(nice: int = -5) -> None:
+    """Priority for the harness's instruments (load generator, proxies), where allowed (root): their stalls
+    would read as the service's latency.
+
+    Each child has a session of its own, and with the kernel's autogroups (one per session) a nice value
+    counts only within its session: the group's priority is raised as well. bench/overloadkit measured it
+    beside two busy loops: wake-up lag p99 4 ms with nice alone, 0.3 ms with the group's priority."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(str(nice))
+    with contextlib.suppress(OSError):
+        os.nice(nice)

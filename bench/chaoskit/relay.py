@@ -28,6 +28,8 @@ import struct
 import sys
 import time
 
+from bench.chaoskit.processes import first_in_line
+
 _TICK_SECONDS = 0.05
 _IO_SECONDS = 5.0  # upstream connect, and a peer that takes nothing
 _CHUNK = 256 * 1024
@@ -368,8 +370,7 @@ class RelayHub:
 
 def hub_child(upstream_ports: list[int], *, splice: bool = False) -> None:
     """`--proxy-hub PORT,PORT,...`: print the listening ports, then serve commands from stdin."""
-    with contextlib.suppress(OSError):  # part of the network, not of the service: first in line for the CPU
-        os.nice(-5)
+    first_in_line()  # part of the network, not of the service
     hub = RelayHub(upstream_ports, splice=splice)
     sys.stdout.write("ports " + " ".join(str(p.port) for p in hub.proxies) + "\n")
     sys.stdout.flush()
