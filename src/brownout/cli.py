@@ -16,12 +16,14 @@ Dramatiq and Alembic are imported by the command that uses them, so `--help` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from brownout import __version__
@@ -203,6 +205,13 @@ def _lower_priority(nice: int) -> None:
     current = os.nice(0)
     if nice > current:
         os.nice(nice - current)
+    # With the kernel's autogroups (on by default), the CPU is shared fairly between sessions first and a nice
+    # value counts only within its session: a worker in a session of its own (a container's first process,
+    # a process manager's child) must lower its session's group too. Only as the session's leader, so a web
+    # process sharing the session is never slowed with it.
+    if nice > 0 and os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError):  # no autogroups (or no /proc): the nice value above is all there is
+            Path("/proc/self/autogroup").write_text(str(nice))
 
 
 def _migrate(args: argparse.Namespace, settings: Any) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
@@ -42,10 +43,11 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def dyno(line: str, env: dict[str, str], output: Any = None) -> Iterator[subprocess.Popen[bytes]]:
-    """The Procfile's *line* (web, worker), started with this interpreter (its output to *output*, a file)."""
+def dyno(line: str, env: dict[str, str], output: Any = None, *, own_session: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """The Procfile's *line* (web, worker), started with this interpreter (its output to *output*, a file);
+    *own_session*: as a container's first process or a process manager's child, the leader of its session."""
     argv = procfile()[line]
-    process = subprocess.Popen(argv, env=env, stdout=output, stderr=output)
+    process = subprocess.Popen(argv, env=env, stdout=output, stderr=output, start_new_session=own_session)
     try:
         yield process
     finally:
@@ -144,3 +146,22 @@ def _answers(url: str) -> bool:
     except httpx.TransportError:
         time.sleep(0.1)
         return False
+
+
+def autogroup_nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="the kernel has no autogroups")
+def test_a_worker_leading_its_own_session_lowers_its_session_s_group(api_settings: Callable[..., Settings]) -> None:
+    """With autogroups the CPU is shared between sessions first: nice alone would not yield to a web in another."""
+    settings = api_settings()
+    env = settings_env(fields_of(settings, metrics_port=free_port()))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    ours = autogroup_nice(os.getpid())
+    with dyno("worker", env, own_session=True) as worker:
+        assert wait_until(lambda: autogroup_nice(worker.pid) == settings.worker_nice, timeout=30), autogroup_nice(worker.pid)
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == settings.worker_nice
+    with dyno("worker", env) as in_our_session:  # not its session's leader: the group is not its alone
+        assert wait_until(lambda: os.getpriority(os.PRIO_PROCESS, in_our_session.pid) == settings.worker_nice, timeout=30)
+        assert autogroup_nice(in_our_session.pid) == ours
