@@ -43,6 +43,7 @@ class StepResult:
     settle_seconds: float
     p99_all: float  # ms, every request (the capacity search's criterion)
     last_ok: float  # s from the step's start to its last 2xx answer
+    by_kind: dict[str, str]  # request kind -> its answers in words (split_text)
 
     @property
     def total(self) -> int:
@@ -76,9 +77,11 @@ def summarize(rows: list[list[Any]]) -> dict[str, Any]:
     admitted, everything = [], []
     within = loop_late = conn_late = 0
     last_ok = 0.0
-    for _kind, status, shed, stale, at, loop_lag, send_lag, latency in rows:
+    by_kind: dict[str, dict[str, list[float]]] = {}  # request kind -> admitted / shed latencies
+    for request, status, shed, stale, at, loop_lag, send_lag, latency in rows:
         kind = classify(status, shed)
         counts[kind] += 1
+        by_kind.setdefault(request, {"admitted": [], "shed": []})["shed" if kind == "shed" else "admitted"].append(latency)
         if kind == "ok":
             last_ok = max(last_ok, at + latency / 1000)
         counts["stale"] += stale
@@ -101,7 +104,19 @@ def summarize(rows: list[list[Any]]) -> dict[str, Any]:
         "loop_late": loop_late / n,
         "conn_late": conn_late / n,
         "last_ok": last_ok,
+        "by_kind": {request: split_text(found) for request, found in by_kind.items()},
     }
+
+
+def split_text(found: dict[str, list[float]]) -> str:
+    """One request kind's answers: how many were shed, and the p50/p99 of the admitted and of the shed."""
+    admitted, shed = found["admitted"], found["shed"]
+    text = f"{len(admitted) + len(shed)} sent, {len(shed)} shed"
+    if admitted:
+        text += f", admitted {percentile(admitted, 0.5):.0f}/{percentile(admitted, 0.99):.0f} ms"
+    if shed:
+        text += f", shed answered in {percentile(shed, 0.5):.0f}/{percentile(shed, 0.99):.0f} ms"
+    return text
 
 
 class StepRunner:
@@ -174,6 +189,7 @@ class StepRunner:
             settle_seconds=waited,
             p99_all=summary["p99_all"],
             last_ok=summary["last_ok"],
+            by_kind=summary["by_kind"],
         )
         self.echo(one_line(result))
         return result
