@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             table("naive service, one web process, the same rates:", naive, print)
         print("  Brownout per request kind (p50/p99 from the scheduled time):")
         for step in brownout[1:]:
-            print(f"  {step.label}: " + "; ".join(f"{kind} {text}" for kind, text in step.by_kind.items()))
+            print(f"  {step.label}: " + "; ".join(f"{kind} {text}" for kind, text in sorted(step.by_kind.items())))
         print("  after each step, Brownout's pool (size/checked out/overflow) and the database's backends in brackets:")
         print("  " + ", ".join(f"{s.label} {pool_text(s.pool)} ({s.backends})" for s in brownout))
         print("Brownout's targets:")
