@@ -91,6 +91,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    from sqlalchemy.engine import make_url
+
     from bench.overloadkit.mixes import LIST_USERS, MIX_TEXT, UNCACHED_ITEMS
     from bench.overloadkit.report import LEGEND, table, validity, verdicts
     from bench.overloadkit.stage import Stage
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  the naive service is offered the same absolute rates as Brownout's multiples of its own capacity")
     mixes = ("cached", "uncached") if args.mix == "both" else (args.mix,)
     stage = Stage(out_dir)
+    print(f"  PostgreSQL: {make_url(stage.base_db).render_as_string(hide_password=True)} (the run's database: {stage.dbname})")
     runner = StepRunner(stage, seconds=args.step_seconds, timeout=args.timeout, connections=args.connections, echo=print)
     results: list[tuple[str, float, list[StepResult], list[StepResult], list[StepResult]]] = []
     try:
