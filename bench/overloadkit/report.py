@@ -11,14 +11,15 @@ MAX_LATE_SHARE = 0.01
 
 HEADER = (
     f"  {'step':<6}{'offered':>8}{'goodput':>8}{'p50':>7}{'p99':>7}{'2xx':>7}{'stale':>6}{'shed':>6}{'503':>6}"
-    f"{'5xx':>6}{'t/o':>6}{'err':>5}{'<=1s':>7}{'breaker':>8}{'conns':>6}{'late':>13}"
+    f"{'5xx':>6}{'other':>6}{'t/o':>6}{'err':>5}{'<=1s':>7}{'breaker':>8}{'conns':>6}{'late':>13}"
 )
 LEGEND = (
     "  offered, goodput: requests/s (goodput: 2xx, stale reads included); p50/p99: ms from the scheduled time, of\n"
     "  admitted requests (all but 503 overloaded; a timeout counts at its give-up time); shed: 503 overloaded;\n"
-    "  503: other 503; t/o: no answer within the client timeout; err: connection error; <=1s: share answered\n"
-    "  within 1 s; breaker: transitions during the step (/metrics); conns: new PostgreSQL sessions during the\n"
-    f"  step (pg_stat_database.sessions); late: share sent > {LATE_MS:g} ms late, loop / waiting for a connection"
+    "  503: other 503; 5xx: other 5xx; other: any other status (4xx); t/o: no answer within the client timeout;\n"
+    "  err: connection error; <=1s: share answered within 1 s; breaker: transitions during the step (/metrics);\n"
+    "  conns: new PostgreSQL sessions during the step (pg_stat_database.sessions); late: share sent\n"
+    f"  > {LATE_MS:g} ms after its scheduled time, by the generator's own loop / waiting for a free connection"
 )
 
 
@@ -28,7 +29,7 @@ def row(step: StepResult) -> str:
     late = f"{step.loop_late:.1%}/{step.conn_late:.1%}"
     return (
         f"  {step.label:<6}{step.rate:8.0f}{step.goodput:8.0f}{step.p50:7.0f}{step.p99:7.0f}{c['ok']:7d}{c['stale']:6d}"
-        f"{c['shed']:6d}{c['other503']:6d}{c['other5xx'] + c['other']:6d}{c['timeout']:6d}{c['error']:5d}"
+        f"{c['shed']:6d}{c['other503']:6d}{c['other5xx']:6d}{c['other']:6d}{c['timeout']:6d}{c['error']:5d}"
         f"{step.within_1s:7.1%}{moved:>8}{step.new_sessions:6d}{late:>13}"
     )
 
