@@ -11,9 +11,25 @@ from tests.support.fakes import FakeClock
 CRITICAL, SHEDDABLE, OPTIONAL, EXEMPT = Criticality.CRITICAL, Criticality.SHEDDABLE, Criticality.OPTIONAL, Criticality.EXEMPT
 
 
-def control(clock: FakeClock, **settings: float) -> AdmissionControl:
+def control(clock: FakeClock, cpu: FakeClock | None = None, **settings: float) -> AdmissionControl:
     values = {"min_limit": 2, "max_limit": 8, "lag_target": 0.01, "interval": 0.1, "tick": 0.02} | settings
-    return AdmissionControl(AdmissionSettings(**values), clock=clock)  # type: ignore[arg-type]
+    return AdmissionControl(AdmissionSettings(**values), clock=clock, cpu_clock=cpu or FakeClock(0))  # type: ignore[arg-type]
+
+
+def serve_for(
+    admission: AdmissionControl, clock: FakeClock, cpu: FakeClock, *, seconds: float, latency: float, cores: float
+) -> None:
+    """Ten requests a tick, each *latency* long in the process, *cores* of CPU used, for *seconds*."""
+    tick = admission.settings.tick + 1e-6
+    for _ in range(round(seconds / admission.settings.tick)):
+        started = clock()
+        admission.in_flight += 10  # as admitted: what is judged here is their time, not their admission
+        clock.advance(latency)
+        for _ in range(10):
+            admission.done(started)
+        clock.advance(max(0.0, tick - latency))
+        cpu.advance(cores * tick)
+        admission.observe_lag(0.0)
 
 
 def fill(admission: AdmissionControl, count: int) -> None:
@@ -119,9 +135,60 @@ def test_changes_are_reported_with_their_reason() -> None:
     assert changes == [(4, "event loop 50 ms late")]
 
 
+def test_a_busy_process_whose_requests_take_twice_their_baseline_halves_its_limit() -> None:
+    clock, cpu = FakeClock(), FakeClock(0)
+    admission = control(clock, cpu, latency_floor=0.005)
+    serve_for(admission, clock, cpu, seconds=1.0, latency=0.004, cores=0.9)  # the baseline: 4 ms
+    assert admission.limit == 8
+    serve_for(admission, clock, cpu, seconds=0.1, latency=0.012, cores=0.95)  # 3x: queueing
+    assert admission.limit == 4
+    assert admission.latency == pytest.approx(0.012) and admission.baseline == pytest.approx(0.004)
+
+
+def test_a_slow_database_under_an_idle_process_is_not_overload() -> None:
+    clock, cpu = FakeClock(), FakeClock(0)
+    admission = control(clock, cpu)
+    serve_for(admission, clock, cpu, seconds=1.0, latency=0.004, cores=0.2)
+    serve_for(admission, clock, cpu, seconds=1.0, latency=0.015, cores=0.2)  # waiting on the database, not on the CPU
+    assert admission.limit == 8
+
+
+def test_requests_cheaper_than_the_floor_are_never_queueing() -> None:
+    clock, cpu = FakeClock(), FakeClock(0)
+    admission = control(clock, cpu, latency_floor=0.005)
+    serve_for(admission, clock, cpu, seconds=1.0, latency=0.001, cores=1.0)
+    serve_for(admission, clock, cpu, seconds=1.0, latency=0.004, cores=1.0)  # 4x the baseline, but under 5 ms
+    assert admission.limit == 8
+
+
+def test_requests_admitted_before_a_decrease_do_not_count_against_the_new_limit() -> None:
+    clock, cpu = FakeClock(), FakeClock(0)
+    admission = control(clock, cpu, latency_floor=0.001)
+    serve_for(admission, clock, cpu, seconds=1.0, latency=0.002, cores=1.0)
+    old = clock()
+    serve_for(admission, clock, cpu, seconds=0.1, latency=0.010, cores=1.0)
+    assert admission.limit == 4
+    for _ in range(10):  # the burst's stragglers, admitted under the old limit, end slowly
+        admission.in_flight += 1
+        admission.done(old)
+    clock.advance(0.11)
+    cpu.advance(0.11)
+    admission.observe_lag(0.0)
+    assert admission.limit == 4
+
+
 @pytest.mark.parametrize(
     "settings",
-    [{"min_limit": 0}, {"min_limit": 9}, {"lag_target": 0}, {"interval": 0}, {"tick": -1}, {"cache_headroom": -0.1}],
+    [
+        {"min_limit": 0},
+        {"min_limit": 9},
+        {"lag_target": 0},
+        {"interval": 0},
+        {"tick": -1},
+        {"cache_headroom": -0.1},
+        {"latency_floor": 0},
+        {"busy_cpu": 0},
+    ],
 )
 def test_bad_settings_are_refused(settings: dict[str, float]) -> None:
     with pytest.raises(ValueError):

@@ -184,6 +184,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.admission_latency = Gauge(
+            "brownout_admission_latency_seconds",
+            "Median time in the process of the requests of the last 100 ms judged by admission control (the "
+            "highest live process).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.event_loop_lag = Gauge(
             "brownout_event_loop_lag_seconds",
             "Smallest event-loop delay of the last interval (the process's own queueing; the highest live process).",

@@ -91,6 +91,7 @@ class Brownout:
                     min_limit=settings.admission_min_in_flight,
                     max_limit=settings.admission_max_in_flight,
                     lag_target=settings.admission_lag_target_seconds,
+                    latency_floor=settings.admission_target_seconds,
                 )
             )
             self.admission.on_change = self._admission_changed
@@ -260,6 +261,7 @@ class Brownout:
         if self.admission is not None:
             self.metrics.admission_in_flight.set(self.admission.in_flight)
             self.metrics.event_loop_lag.set(self.admission.lag)
+            self.metrics.admission_latency.set(self.admission.latency)
         self.metrics.observe_budget(database.resilience)
         if self.queue_depth is not None:
             depth = self.queue_depth.read()
