@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=2.0, help="client timeout from the scheduled time, s (default 2)")
     parser.add_argument("--no-naive", action="store_true", help="measure Brownout only")
     parser.add_argument("--out", type=Path, help="records folder (default bench/out/overload-<time>)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of Brownout's web process for this run (repeatable), e.g. BROWNOUT_ADMISSION=false",
+    )
     return parser.parse_args(argv)
 
 
@@ -107,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  steps of {args.step_seconds:g} s, {args.connections} connections, client timeout {args.timeout:g} s")
     print("  the naive service is offered the same absolute rates as Brownout's multiples of its own capacity")
     mixes = ("cached", "uncached") if args.mix == "both" else (args.mix,)
-    stage = Stage(out_dir)
+    settings = dict(item.split("=", 1) for item in args.set)
+    if settings:
+        print("  Brownout's web process with " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    stage = Stage(out_dir, settings=settings)
     print(f"  PostgreSQL: {make_url(stage.base_db).render_as_string(hide_password=True)} (the run's database: {stage.dbname})")
     runner = StepRunner(stage, seconds=args.step_seconds, timeout=args.timeout, connections=args.connections, echo=print)
     results: list[tuple[str, float, list[StepResult], list[StepResult], list[StepResult]]] = []

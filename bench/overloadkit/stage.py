@@ -28,7 +28,9 @@ KEY_NAME = "overload-bench"
 class Stage:
     """Everything the run creates; `close()` removes it (call it from a `finally`)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, *, settings: dict[str, str] | None = None) -> None:
+        """*settings*: environment of Brownout's web process beyond the run's own (experiments)."""
+        self.settings = settings or {}
         tag = uuid.uuid4().hex[:8]
         self.tag, self.out_dir = tag, out_dir
         self.dbname = f"bo_overload_{tag}"
@@ -87,21 +89,25 @@ class Stage:
             env.pop(key, None)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return env | {
-            "DATABASE_URL": self.db_url,
-            "RABBITMQ_URL": self.base_rabbit,
-            "REDIS_URL": self.base_redis,
-            "UVICORN_ACCESS_LOG": "false",
-            "BROWNOUT_QUEUE_NAME": self.queue,
-            "BROWNOUT_EMAIL_QUEUE_NAME": self.email_queue,
-            "BROWNOUT_REDIS_KEY_PREFIX": self.prefix,
-            "BROWNOUT_DB_APPLICATION_NAME": f"bo-overload-{self.tag}",
-            "BROWNOUT_API_KEYS": entry_for(KEY_NAME, self.key, SCOPES),
-            # One key carries the whole load here, where production spreads it over many callers: no per-caller limit.
-            "BROWNOUT_RATE_LIMIT_WRITES": "",
-            "BROWNOUT_RATE_LIMIT_READS": "",
-            "BROWNOUT_CACHE_FRESH_SECONDS": "3600",  # the cached mix's entries stay fresh for the whole run
-        }
+        return (
+            env
+            | {
+                "DATABASE_URL": self.db_url,
+                "RABBITMQ_URL": self.base_rabbit,
+                "REDIS_URL": self.base_redis,
+                "UVICORN_ACCESS_LOG": "false",
+                "BROWNOUT_QUEUE_NAME": self.queue,
+                "BROWNOUT_EMAIL_QUEUE_NAME": self.email_queue,
+                "BROWNOUT_REDIS_KEY_PREFIX": self.prefix,
+                "BROWNOUT_DB_APPLICATION_NAME": f"bo-overload-{self.tag}",
+                "BROWNOUT_API_KEYS": entry_for(KEY_NAME, self.key, SCOPES),
+                # One key carries the whole load here, where production spreads it over many callers: no per-caller limit.
+                "BROWNOUT_RATE_LIMIT_WRITES": "",
+                "BROWNOUT_RATE_LIMIT_READS": "",
+                "BROWNOUT_CACHE_FRESH_SECONDS": "3600",  # the cached mix's entries stay fresh for the whole run
+            }
+            | self.settings
+        )
 
     def start_web(self, service: str) -> str:
         """One web process of *service* (brownout: the Procfile's line, one uvicorn process; naive: naive_app)."""

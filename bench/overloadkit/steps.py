@@ -14,7 +14,7 @@ from bench.chaoskit.config import ROOT
 from bench.chaoskit.helpers import percentile
 from bench.chaoskit.processes import die_with_parent
 from bench.overloadkit.mixes import seeded_id
-from bench.overloadkit.probes import scrape, settle, transitions_between
+from bench.overloadkit.probes import AdmissionSampler, scrape, settle, transitions_between
 from bench.overloadkit.stage import Stage
 
 LATE_MS = 10.0  # a request sent later than this after its scheduled time was sent late
@@ -148,14 +148,16 @@ class StepRunner:
         sessions_before, _ = self.stage.sessions()
         config_path = out.with_suffix(".cfg.json")
         config_path.write_text(json.dumps(cfg))
-        child = subprocess.run(
-            [sys.executable, "-m", "bench.overloadkit.generator", str(config_path)],
-            cwd=ROOT,
-            start_new_session=True,  # its own autogroup (generator.first_in_line); killed if this process dies
-            preexec_fn=die_with_parent,
-            timeout=self.seconds + self.timeout + 60,
-            check=False,
-        )
+        sampler = AdmissionSampler(url, self.stage.auth)
+        with sampler:
+            child = subprocess.run(
+                [sys.executable, "-m", "bench.overloadkit.generator", str(config_path)],
+                cwd=ROOT,
+                start_new_session=True,  # its own autogroup (generator.first_in_line); killed if this process dies
+                preexec_fn=die_with_parent,
+                timeout=self.seconds + self.timeout + 60,
+                check=False,
+            )
         if child.returncode != 0:
             raise RuntimeError(f"the load generator exited with {child.returncode}")
         data = json.loads(out.read_text())
@@ -191,7 +193,7 @@ class StepRunner:
             last_ok=summary["last_ok"],
             by_kind=summary["by_kind"],
         )
-        self.echo(one_line(result))
+        self.echo(one_line(result) + (f"; {sampler.text()}" if sampler.text() else ""))
         return result
 
     def capacity(self, service: str, url: str, mix: str, start: float, bisections: int) -> tuple[float, list[StepResult]]:
