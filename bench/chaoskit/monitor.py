@@ -18,12 +18,15 @@ from bench.chaoskit.cpu import CpuGroups, descendants, find_roots
 from bench.chaoskit.helpers import now
 from bench.chaoskit.urls import admin_connect
 
-SAMPLE = re.compile(r"^(brownout_db_errors_total|brownout_breaker_transitions_total)\{([^}]*)\}\s+([0-9.eE+-]+)")
+SAMPLE = re.compile(
+    r"^(brownout_db_errors_total|brownout_breaker_transitions_total|brownout_admission_shed_total)\{([^}]*)\}\s+([0-9.eE+-]+)"
+)
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def scrape(url: str, headers: dict[str, str]) -> dict[str, float] | None:
-    """`errors kind` and `transitions breaker to` counters from one /metrics, or None if it did not answer."""
+    """`errors kind`, `transitions breaker to` and `admission criticality outcome` counters from one /metrics,
+    or None if it did not answer."""
     request = urllib.request.Request(f"{url}/metrics", headers=headers)  # noqa: S310 - a loopback http URL of the run's own
     try:
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - as above
@@ -38,6 +41,8 @@ def scrape(url: str, headers: dict[str, str]) -> dict[str, float] | None:
         labels = dict(LABEL.findall(match.group(2)))
         if match.group(1) == "brownout_db_errors_total":
             key = f"errors {labels.get('kind', '?')}"
+        elif match.group(1) == "brownout_admission_shed_total":
+            key = f"admission {labels.get('criticality', '?')} {labels.get('outcome', '?')}"
         else:
             key = f"transitions {labels.get('breaker', '?')} -> {labels.get('to', '?')}"
         found[key] = found.get(key, 0.0) + float(match.group(3))
