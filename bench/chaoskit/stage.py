@@ -13,10 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pika
-import redis
-
 from bench.chaoskit.backlog import Backlog
+from bench.chaoskit.cleanup import delete_queues, delete_redis_keys, drop_database
 from bench.chaoskit.config import (
     CALLER,
     FIXED_SETTINGS,
@@ -215,30 +213,10 @@ class ModeStage:
             )
 
     def _drop_database(self) -> None:
-        conn = admin_connect(self.base_db, "postgres")
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
-        conn.close()
+        drop_database(self.base_db, self.dbname)
 
     def _delete_queues(self) -> None:
-        from dramatiq.common import dq_name, xq_name
-
-        params = pika.URLParameters(self.base_rabbit)
-        params.socket_timeout = params.stack_timeout = 5.0
-        connection = pika.BlockingConnection(params)
-        try:
-            channel = connection.channel()
-            for queue in (self.queue, self.email_queue):
-                for name in (queue, dq_name(queue), xq_name(queue)):
-                    channel.queue_delete(name)
-        finally:
-            connection.close()
+        delete_queues(self.base_rabbit, (self.queue, self.email_queue))
 
     def _delete_redis_keys(self) -> None:
-        client = redis.Redis.from_url(self.base_redis, socket_timeout=5)
-        try:
-            keys = list(client.scan_iter(match=self.prefix + "*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start : start + 1000])
-        finally:
-            client.close()
+        delete_redis_keys(self.base_redis, self.prefix)
