@@ -29,7 +29,7 @@ from bench.chaoskit.config import (
 )
 from bench.chaoskit.dynos import BreakerTracker, Dyno
 from bench.chaoskit.helpers import answers, free_port, wait_for
-from bench.chaoskit.processes import procfile
+from bench.chaoskit.processes import clean_env, procfile
 from bench.chaoskit.progress import Live
 from bench.chaoskit.proxies import Proxy, ProxyHub
 from bench.chaoskit.results import FaultRecord
@@ -168,11 +168,7 @@ class ModeStage:
         self.config.echo(f"[{self.mode}] RabbitMQ: a throwaway node on port {node.port} (the memory alarm is raised there)")
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BROWNOUT_", "UVICORN_"))}
-        for key in ("DATABASE_URL", "RABBITMQ_URL", "REDIS_URL", "MIGRATION_DATABASE_URL", "SMTP_URL", "SENTRY_DSN", "PORT"):
-            env.pop(key, None)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = clean_env()
         settings = dict(FIXED_SETTINGS)
         if self.mode == "brownout":
             if not self.config.default_settings:

@@ -16,7 +16,7 @@ from bench.chaoskit.cleanup import delete_queues, delete_redis_keys, drop_databa
 from bench.chaoskit.config import LOCAL_DB, LOCAL_RABBIT, LOCAL_REDIS, ROOT
 from bench.chaoskit.dynos import BreakerTracker, Dyno
 from bench.chaoskit.helpers import answers, free_port, wait_for
-from bench.chaoskit.processes import procfile
+from bench.chaoskit.processes import clean_env, procfile
 from bench.chaoskit.urls import admin_connect, loopback_only, pg_url
 from bench.overloadkit.mixes import CACHED_ITEMS, SEED_PARAMS, SEED_SQL, seeded_id
 from brownout._auth.keys import SCOPES, entry_for, new_key
@@ -83,11 +83,7 @@ class Stage:
     # -- the web process ----------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BROWNOUT_", "UVICORN_"))}
-        for key in ("DATABASE_URL", "RABBITMQ_URL", "REDIS_URL", "MIGRATION_DATABASE_URL", "SMTP_URL", "SENTRY_DSN", "PORT"):
-            env.pop(key, None)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = clean_env()
         return (
             env
             | {

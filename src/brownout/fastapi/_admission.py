@@ -84,7 +84,13 @@ class AdmissionGate:
         self.app = app
         self.control = control
         self.table = table
-        self.metrics = metrics
+        # Bound once: a refusal is the cheapest answer the process gives, and labels() is a locked lookup.
+        self._shed = {
+            (level, outcome): metrics.admission_shed.labels(level.value, outcome)
+            for level in Criticality
+            if level is not Criticality.EXEMPT
+            for outcome in ("refused", "cache_only")
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,13 +102,13 @@ class AdmissionGate:
             return
         verdict = self.control.admit(level, cached=cached)
         if verdict is Verdict.REFUSE:
-            self.metrics.admission_shed.labels(level.value, "refused").inc()
+            self._shed[level, "refused"].inc()
             await send({"type": "http.response.start", "status": 503, "headers": _REFUSAL_HEADERS})
             await send({"type": "http.response.body", "body": _REFUSAL_BODY})
             return
         token = None
         if verdict is Verdict.CACHE_ONLY:
-            self.metrics.admission_shed.labels(level.value, "cache_only").inc()
+            self._shed[level, "cache_only"].inc()
             token = shed_database_work()
         admitted_at = self.control.clock()
         try:
