@@ -1,11 +1,18 @@
 """What a write costs: `python bench/write_path.py` (see README).
 
 Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
-- `submit` latency p50/p99 with the breaker open: validate, stamp, publish to
-  RabbitMQ and wait for the confirm (target p99 <= 2 ms);
+- the 1-minute load average at the start and at the end; a run that starts
+  above 1.5 is flagged (on this shared machine its figures prove nothing);
+- `submit` latency p50/p99 with the breaker open (validate, stamp, publish to
+  RabbitMQ and wait for the confirm), beside a bare confirmed persistent
+  publish with pika (BlockingConnection, confirm_delivery, delivery_mode=2,
+  mandatory, as the service's publisher sends) of a body the size of a queued
+  command, to a queue declared with the service's arguments and type
+  (queue_declarations), the same number of messages, one at a time; and
+  `queued submit p99 ratio` = submit p99 / bare p99 (target <= 1.5);
 - applied writes/s on the direct path (breaker closed: claim the key, insert,
   record, commit), beside PostgreSQL's own single-row INSERT + COMMIT rate
-  through psycopg2 in the same run;
+  through psycopg2, and `direct write ratio` = direct / raw (target >= 0.5);
 - the worker's drain rate for a backlog queued while the breaker was open
   (the production worker, middleware included, in this process, 8 threads),
   beside Dramatiq's own no-op consume rate on the same broker and threads
@@ -16,7 +23,12 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   applied_commands (the processes' start-up is left out), beside the same
   one-process no-op rate.
 
-It works in a throwaway database and a throwaway queue, both removed at the end.
+Each pair (submit and bare publish; direct and raw) runs interleaved in
+`--rounds` blocks, alternating which goes first, after a few untimed warm-up
+calls of each, so that the machine's load drifting during the run weighs on
+both sides of a ratio alike.
+
+It works in a throwaway database and throwaway queues, all removed at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +93,157 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def raw_insert_rate(url: str, count: int) -> float:
-    conn = psycopg2.connect(url)
-    with conn.cursor() as cur:
-        cur.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, body text)")
-    conn.commit()
-    start = time.perf_counter()
-    with conn.cursor() as cur:
+LOAD_LIMIT = 1.5  # 1-minute load average above which this machine's figures prove nothing
+WARM_UP = 20  # untimed calls of each side before a comparison
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def blocks(count: int, rounds: int) -> list[int]:
+    """*count* split into *rounds* blocks (the first ones one larger), none empty."""
+    rounds = max(1, min(rounds, count))
+    return [count // rounds + (1 if index < count % rounds else 0) for index in range(rounds)]
+
+
+def interleaved(first: Callable[[int], None], second: Callable[[int], None], count: int, rounds: int) -> None:
+    """Run *count* calls of each side in alternating blocks, the side that starts swapping every round."""
+    for index, size in enumerate(blocks(count, rounds)):
+        for run in (first, second) if index % 2 == 0 else (second, first):
+            run(size)
+
+
+class RawInserts:
+    """PostgreSQL's own single-row INSERT + COMMIT through psycopg2, on a table of its own."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg2.connect(url)
+        with self.conn.cursor() as cur:
+            cur.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, body text)")
+        self.conn.commit()
+        self.elapsed = 0.0
+        self.count = 0
+
+    def run(self, count: int, *, timed: bool = True) -> None:
+        start = time.perf_counter()
+        with self.conn.cursor() as cur:
+            for _ in range(count):
+                cur.execute("INSERT INTO bench_raw VALUES (%s, %s)", (str(uuid.uuid4()), NOTE["body"]))
+                self.conn.commit()
+        if timed:
+            self.elapsed += time.perf_counter() - start
+            self.count += count
+
+    def rate(self) -> float:
+        return self.count / self.elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class BarePublisher:
+    """A bare confirmed persistent publish with pika, as the service's publisher sends one: BlockingConnection,
+    confirm_delivery, delivery_mode=2, mandatory, default exchange, to a queue declared exactly as the service
+    declares its own (`queue_declarations`: type, x-max-length, overflow, dead-lettering), with a fixed body
+    of *body_size* bytes. `basic_publish` returns once RabbitMQ acknowledged the message (raises on a nack or
+    a return)."""
+
+    def __init__(self, settings: Settings, queue: str, body_size: int) -> None:
+        assert settings.rabbitmq_url is not None
+        self.queue = queue
+        self.body = b"x" * body_size
+        self.properties = pika.BasicProperties(delivery_mode=2)
+        self.connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        for declaration in queue_declarations(
+            queue,
+            max_length=settings.queue_max_length,
+            queue_type=settings.queue_type,
+            delivery_limit=settings.queue_delivery_limit,
+        ):
+            self.channel.queue_declare(queue=declaration.name, durable=declaration.durable, arguments=declaration.arguments)
+
+    def publish(self) -> None:
+        self.channel.basic_publish(
+            exchange="", routing_key=self.queue, body=self.body, properties=self.properties, mandatory=True
+        )
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def timed_calls(call: Callable[[], object], samples: list[float]) -> Callable[[int], None]:
+    """A block runner for `interleaved`: *count* sequential calls, each one's milliseconds appended to *samples*."""
+
+    def run(count: int) -> None:
         for _ in range(count):
-            cur.execute("INSERT INTO bench_raw VALUES (%s, %s)", (str(uuid.uuid4()), NOTE["body"]))
-            conn.commit()
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return count / elapsed
+            start = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - start) * 1000)
+
+    return run
+
+
+def queued_submit(dispatcher: Dispatcher) -> None:
+    outcome = dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex)
+    assert isinstance(outcome, Queued), outcome
+
+
+def direct_submit(dispatcher: Dispatcher) -> None:
+    outcome = dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex)
+    assert isinstance(outcome, Applied), outcome
+
+
+def queued_message_size(dispatcher: Dispatcher, queue: str) -> int:
+    """Bytes of the body the service publishes for the bench's create (an envelope in a Dramatiq message)."""
+    return len(dispatcher.accept(CREATE, NOTE, idempotency_key=uuid.uuid4().hex).to_message(queue).encode())
+
+
+def compare_queued(settings: Settings, database: Database, dispatcher: Dispatcher, count: int, rounds: int) -> dict[str, Any]:
+    """Submit latency with the breaker open beside the bare publish, interleaved; milliseconds."""
+    bare_queue = f"{settings.queue_name}-bare"
+    size = queued_message_size(dispatcher, settings.queue_name)
+    bare = BarePublisher(settings, bare_queue, size)
+    submits: list[float] = []
+    publishes: list[float] = []
+    database.breaker.force_open()
+    try:
+        timed_calls(lambda: queued_submit(dispatcher), [])(WARM_UP)
+        timed_calls(bare.publish, [])(WARM_UP)
+        interleaved(timed_calls(lambda: queued_submit(dispatcher), submits), timed_calls(bare.publish, publishes), count, rounds)
+    finally:
+        database.breaker.reset()
+        bare.close()
+        delete_queues(settings, bare_queue)
+    return {
+        "size": size,
+        "submit": (statistics.median(submits), percentile(submits, 0.99)),
+        "bare": (statistics.median(publishes), percentile(publishes, 0.99)),
+    }
+
+
+def compare_direct(settings: Settings, dispatcher: Dispatcher, count: int, rounds: int) -> dict[str, float]:
+    """Applied writes/s on the direct path beside raw INSERT + COMMIT/s, interleaved."""
+    raw = RawInserts(plain_url(settings.database_url))
+    elapsed = 0.0
+
+    def direct(block: int) -> None:
+        nonlocal elapsed
+        start = time.perf_counter()
+        for _ in range(block):
+            direct_submit(dispatcher)
+        elapsed += time.perf_counter() - start
+
+    try:
+        for _ in range(50):  # warm the pool
+            direct_submit(dispatcher)
+        raw.run(WARM_UP, timed=False)
+        interleaved(direct, raw.run, count, rounds)
+        return {"direct": count / elapsed, "raw": raw.rate()}
+    finally:
+        raw.close()
 
 
 def queue_backlog(settings: Settings, database: Database, backlog: int) -> None:
@@ -195,7 +346,7 @@ def noop_consume_rate(settings: Settings, count: int) -> float:
     def noop(index: int) -> None:
         done.release()
 
-    actor = dramatiq.actor(noop, broker=broker, actor_name="noop", queue_name=queue)
+    actor = dramatiq.actor(broker=broker, actor_name="noop", queue_name=queue)(noop)
     for index in range(count):
         actor.send(index)
     worker = dramatiq.Worker(broker, queues={queue}, worker_threads=8, worker_timeout=100)
@@ -226,8 +377,9 @@ def delete_queues(settings: Settings, queue: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--queued", type=int, default=2000, help="submits with the breaker open")
-    parser.add_argument("--direct", type=int, default=1000, help="submits applied directly")
+    parser.add_argument("--queued", type=int, default=2000, help="submits with the breaker open, and as many bare publishes")
+    parser.add_argument("--direct", type=int, default=1000, help="submits applied directly, and as many raw INSERT + COMMIT")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved blocks per comparison (see above)")
     parser.add_argument("--drain", type=int, default=10_000, help="backlog the worker drains (0: skip)")
     parser.add_argument(
         "--worker-processes",
@@ -237,6 +389,10 @@ def main() -> None:
         help="also drain the backlog with `brownout worker` and N processes (0: skip)",
     )
     args = parser.parse_args()
+    load_start = load_average()
+    print(f"load average (1 min) at start: {load_start:.2f}", flush=True)
+    if load_start > LOAD_LIMIT:
+        print(f"WARNING: started above {LOAD_LIMIT} load: these figures prove nothing", flush=True)
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)
@@ -258,31 +414,18 @@ def main() -> None:
         upgrade_database(settings.database_url)
         database = Database.from_settings(settings)
         dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
-        results: dict[str, Any] = {}
+        queued = compare_queued(settings, database, dispatcher, args.queued, args.rounds)
+        direct = compare_direct(settings, dispatcher, args.direct, args.rounds)
 
-        database.breaker.force_open()
-        latencies = []
-        for _ in range(args.queued):
-            start = time.perf_counter()
-            outcome = dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex)
-            latencies.append((time.perf_counter() - start) * 1000)
-            assert isinstance(outcome, Queued), outcome
-        database.breaker.reset()
-        results["p50"], results["p99"] = statistics.median(latencies), percentile(latencies, 0.99)
-
-        for _ in range(50):  # warm the pool
-            dispatcher.submit(CREATE, NOTE)
-        start = time.perf_counter()
-        for _ in range(args.direct):
-            assert isinstance(dispatcher.submit(CREATE, NOTE, idempotency_key=uuid.uuid4().hex), Applied)
-        results["direct"] = args.direct / (time.perf_counter() - start)
-        results["raw"] = raw_insert_rate(plain_url(settings.database_url), args.direct)
-
-        print(f"submit, breaker open (queued, confirm included): p50 {results['p50']:.2f} ms, p99 {results['p99']:.2f} ms")
-        print(f"  over {args.queued} sequential submits")
-        print(f"direct path, applied writes/s:                   {results['direct']:8.0f}")
-        print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {results['raw']:8.0f}")
-        print(f"ratio direct/raw: {results['direct'] / results['raw']:.2f}")
+        (submit_p50, submit_p99), (bare_p50, bare_p99) = queued["submit"], queued["bare"]
+        print(f"submit, breaker open (queued, confirm included): p50 {submit_p50:.2f} ms, p99 {submit_p99:.2f} ms")
+        print(f"bare pika confirmed persistent publish:          p50 {bare_p50:.2f} ms, p99 {bare_p99:.2f} ms")
+        print(f"  each over {args.queued} sequential calls, {queued['size']} B messages, {settings.queue_type} queue")
+        print(f"queued submit p50 ratio: {submit_p50 / bare_p50:.2f}")
+        print(f"queued submit p99 ratio: {submit_p99 / bare_p99:.2f} (target <= 1.50)")
+        print(f"direct path, applied writes/s:                   {direct['direct']:8.0f}")
+        print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {direct['raw']:8.0f}")
+        print(f"direct write ratio: {direct['direct'] / direct['raw']:.2f} (target >= 0.50)")
         if args.drain:
             dispatcher.close()
             dispatcher = None
@@ -304,6 +447,10 @@ def main() -> None:
             database.close()
         admin(base.database_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         delete_queues(base, queue)
+        load_end = load_average()
+        print(f"load average (1 min): {load_start:.2f} at start, {load_end:.2f} at end")
+        if load_start > LOAD_LIMIT:
+            print(f"WARNING: started above {LOAD_LIMIT} load: these figures prove nothing")
 
 
 if __name__ == "__main__":
