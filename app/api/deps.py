@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from app.api.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:  # async: FastAPI runs a plain function in the thread pool
     services: Services = request.app.state.services
     return services
 

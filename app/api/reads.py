@@ -13,10 +13,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from starlette.concurrency import run_in_threadpool
+
 from app.api import queries
 from app.api.pending import PendingWrites
 from app.api.queries import Position
 from brownout import (
+    CachedRead,
     Database,
     DatabaseUnavailable,
     ReadCache,
@@ -71,15 +74,34 @@ class NotificationReads(StaleReads):
 
     # -- routes -------------------------------------------------------------
 
-    def notification(self, notification_id: uuid.UUID) -> ReadResult:
+    async def notification_async(self, notification_id: uuid.UUID) -> ReadResult:
+        """`notification`, answered on the event loop when Redis alone can (an entry fresh, or stale while the
+        database would not be asked, with no pending mark over it); otherwise in the thread pool, from this lookup."""
         ident = str(notification_id)
-        mark_keys = (self._pending.mark_key(ident),) if self._pending is not None else ()
+        cached = await self.read_cached(self.item_keys(ident) if self._cache else None, extra_keys=self._mark_keys(ident))
+        result = cached.result
+        if result is None or result.body is None or any(result.extras):  # the database, a pending write, a mark
+            return await run_in_threadpool(self.notification, notification_id, prefetched=cached)
+        result.body = public(result.body)
+        return result
+
+    def _mark_keys(self, ident: str) -> tuple[str, ...]:
+        """The pending mark of the item, read in the same round trip as its entry."""
+        return (self._pending.mark_key(ident),) if self._pending is not None else ()
+
+    def notification(self, notification_id: uuid.UUID, *, prefetched: CachedRead | None = None) -> ReadResult:
+        """*prefetched*: what `read_cached` found for this item (not looked up again)."""
+        ident = str(notification_id)
         try:
-            result = self.read(
-                self.item_keys(ident) if self._cache else None,
-                lambda session: queries.get_notification(session, notification_id),
-                extra_keys=mark_keys,  # the pending mark comes in the same round trip
-            )
+            if prefetched is not None and prefetched.result is not None:
+                result = prefetched.result
+            else:
+                result = self.read(
+                    self.item_keys(ident) if self._cache else None,
+                    lambda session: queries.get_notification(session, notification_id),
+                    extra_keys=self._mark_keys(ident),
+                    prefetched=prefetched,
+                )
         except DatabaseUnavailable:  # nothing cached: a queued creation may still be shown
             pending_item = (self._pending_items(ident) or {}).get(ident)
             if pending_item is None:

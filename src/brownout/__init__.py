@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from brownout._cache.read_cache import Entry, Lookup, ReadCache
     from brownout._cache.redis_link import RedisLink, RedisUnavailable, build_redis_link
     from brownout._cache.single_flight import SingleFlight
-    from brownout._cache.stale_reads import DatabaseUnavailable, ReadResult, StaleReads, invalidate_after_apply
+    from brownout._cache.stale_reads import CachedRead, DatabaseUnavailable, ReadResult, StaleReads, invalidate_after_apply
     from brownout._db import (
         BreakerState,
         BrownoutDbError,
@@ -120,6 +120,7 @@ _EXPORTS: dict[str, str] = {
     "RedisLink": "brownout._cache.redis_link",
     "RedisUnavailable": "brownout._cache.redis_link",
     "SingleFlight": "brownout._cache.single_flight",
+    "CachedRead": "brownout._cache.stale_reads",
     "DatabaseUnavailable": "brownout._cache.stale_reads",
     "ReadResult": "brownout._cache.stale_reads",
     "StaleReads": "brownout._cache.stale_reads",
@@ -144,6 +145,7 @@ __all__ = [
     "Applied",
     "BreakerState",
     "BrownoutDbError",
+    "CachedRead",
     "CircuitBreaker",
     "CircuitOpenError",
     "Command",

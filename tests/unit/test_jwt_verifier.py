@@ -205,3 +205,18 @@ def test_start_and_close_without_a_jwks_do_nothing(clock: FakeClock) -> None:
     v.start()
     v.close()
     v.verify(mint_hs256(supabase_claims(clock.now)))
+
+
+def test_verified_before_answers_only_from_the_cache(clock: FakeClock) -> None:
+    """What an event loop may ask: never a signature check, never a wait for a JWKS."""
+    v = verifier(clock, leeway_seconds=5)
+    payload = supabase_claims(clock.now, exp=int(clock.now) + 60)
+    token = mint_hs256(payload)
+    assert v.verified_before(token) is None  # never verified: the caller verifies it in the thread pool
+    assert v.verify(token).user_id == payload["sub"]
+    claims = v.verified_before(token)
+    assert claims is not None and claims.user_id == payload["sub"]
+    clock.advance(65)
+    assert v.verified_before(token) is None  # expired: verify again (and be refused)
+    assert verifier(clock, cache_size=0).verified_before(token) is None
+    assert v.verified_before("x" * 100_000) is None

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED = {
     "brownout": [
-        "Applied", "BreakerState", "BrownoutDbError", "CircuitBreaker", "CircuitOpenError", "Command",
+        "Applied", "BreakerState", "BrownoutDbError", "CachedRead", "CircuitBreaker", "CircuitOpenError", "Command",
         "CommitOutcomeUnknown", "ConfigurationError", "Database", "DatabaseUnavailable", "DeadlineExceeded",
         "DependencyMissing", "DependencyPending", "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor",
         "InvalidCommand", "KeyConflict", "Lookup", "Metrics", "NotPermitted", "PendingReplay", "PublishRejected", "Publisher",

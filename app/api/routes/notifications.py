@@ -89,11 +89,11 @@ def _read_response(result: ReadResult) -> JSONResponse:
 
 
 @router.get("/notifications/{notification_id}")
-def get_notification(notification_id: uuid.UUID, services: ServicesDep, caller: CallerDep) -> JSONResponse:
+async def get_notification(notification_id: uuid.UUID, services: ServicesDep, caller: CallerDep) -> JSONResponse:
     """From the database or the cache; stale (Age, X-Brownout: stale) while the database is sick.
     An end user sees only their own (another's is 404, as one that does not exist)."""
     require_reader(caller)
-    result = services.reads.notification(notification_id)
+    result = await services.reads.notification_async(notification_id)
     require_owner(caller, result.body if isinstance(result.body, dict) else None)
     return _read_response(result)
 

@@ -85,8 +85,13 @@ class Rate:
         return cls(int(match.group(1)), float(match.group(2) or 1) * unit)
 
 
+def _check_cost(rate: Rate, cost: int) -> None:
+    if not 1 <= cost <= rate.count:
+        raise ValueError(f"cost must be between 1 and the rate's count ({rate.count}), not {cost}")
+
+
 class RateLimiter:
-    """Counts requests per subject; thread-safe (FastAPI runs sync routes in a thread pool)."""
+    """Counts requests per subject; thread-safe (sync routes run in a thread pool, `ahit` on the event loop)."""
 
     def __init__(
         self,
@@ -114,26 +119,44 @@ class RateLimiter:
     def hit(self, subject: str, rate: Rate, *, cost: int = 1) -> float | None:
         """Count one request of *subject* (e.g. "key:orders:writes", "user:<id>:reads", "auth-failures:<ip>");
         None when allowed, else the seconds to wait (for Retry-After, at least 1)."""
-        if not 1 <= cost <= rate.count:
-            raise ValueError(f"cost must be between 1 and the rate's count ({rate.count}), not {cost}")
+        _check_cost(rate, cost)
         wait = None
         if self._link is not None and self._script is not None:
             try:
                 wait = self._shared_hit(self._link, self._script, subject, rate, cost)
             except RedisUnavailable:
                 pass  # the link logs and skips Redis for a while; this process takes its share meanwhile
-        if wait is None:
-            wait = self._local_hit(subject, rate, cost)
+        return self._verdict(subject, rate, cost, wait)
+
+    async def ahit(self, subject: str, rate: Rate, *, cost: int = 1) -> float | None:
+        """`hit` on the event loop (the link's asyncio client): a request's rate costs no thread-pool hop."""
+        _check_cost(rate, cost)
+        wait = None
+        if self._link is not None:
+            key, args = self._shared_args(self._link, subject, rate, cost)
+            try:
+                # EVAL, not EVALSHA: Redis hashes the script's few hundred bytes, and no NOSCRIPT fallback is needed.
+                wait_us = await self._link.arun(lambda client: client.eval(_GCRA, 1, key, *args))
+                wait = int(wait_us) / 1_000_000
+            except RedisUnavailable:
+                pass
+        return self._verdict(subject, rate, cost, wait)
+
+    def _verdict(self, subject: str, rate: Rate, cost: int, shared_wait: float | None) -> float | None:
+        wait = self._local_hit(subject, rate, cost) if shared_wait is None else shared_wait
         if wait <= _SLACK:
             return None
         return float(max(1, math.ceil(round(wait, 3))))
 
-    def _shared_hit(self, link: RedisLink, script: Script, subject: str, rate: Rate, cost: int) -> float:
-        """One EVALSHA (a SCRIPT LOAD too, the first time on a Redis server); the wait in seconds."""
+    @staticmethod
+    def _shared_args(link: RedisLink, subject: str, rate: Rate, cost: int) -> tuple[str, list[int]]:
         period_us = round(rate.seconds * 1_000_000)
         interval_us = max(1, period_us // rate.count)  # rounded down: `count` at once always fits the period
-        args = [interval_us, period_us, cost]
-        key = link.key("rate", subject)
+        return link.key("rate", subject), [interval_us, period_us, cost]
+
+    def _shared_hit(self, link: RedisLink, script: Script, subject: str, rate: Rate, cost: int) -> float:
+        """One EVALSHA (a SCRIPT LOAD too, the first time on a Redis server); the wait in seconds."""
+        key, args = self._shared_args(link, subject, rate, cost)
         wait_us = link.run(lambda client: script(keys=[key], args=args, client=client))
         return int(wait_us) / 1_000_000
 

@@ -204,14 +204,9 @@ class JwtVerifier:
             raise InvalidToken("malformed token")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         now = self._clock()
-        if self._cache_size:
-            with self._cache_lock:
-                hit = self._cache.get(digest)
-            if hit is not None:
-                if hit.not_before <= now < hit.not_after:
-                    return hit.claims
-                with self._cache_lock:
-                    self._cache.pop(digest, None)
+        claims = self._cached(digest, now)
+        if claims is not None:
+            return claims
         verified = self._verify_uncached(token, now)
         if self._cache_size:
             with self._cache_lock:
@@ -219,6 +214,26 @@ class JwtVerifier:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return verified.claims
+
+    def verified_before(self, token: str) -> UserClaims | None:
+        """The token's user when it was verified before and still holds, else None: never waits (no signature
+        check, no JWKS fetch), so an event loop may ask; None sends the caller to `verify`."""
+        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
+            return None
+        return self._cached(hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest(), self._clock())
+
+    def _cached(self, digest: bytes, now: float) -> UserClaims | None:
+        if not self._cache_size:
+            return None
+        with self._cache_lock:
+            hit = self._cache.get(digest)
+        if hit is None:
+            return None
+        if hit.not_before <= now < hit.not_after:
+            return hit.claims
+        with self._cache_lock:
+            self._cache.pop(digest, None)
+        return None
 
     def _verify_uncached(self, token: str, now: float) -> _Verified:
         try:

@@ -125,6 +125,18 @@ class Lookup:
     """Other keys read in the same round trip (a pending mark), raw."""
 
 
+def _parse_lookup(values: Sequence[Any]) -> Lookup:
+    """MGET of [entry, generation, epoch, *extras]."""
+    raw, gen, epoch, *extras = values
+    current, current_epoch = int(gen or 0), int(epoch or 0)
+    extra = tuple(str(value) if value is not None else None for value in extras)
+    if raw is None:
+        return Lookup(None, current, current_epoch, extra)
+    data = json.loads(raw)
+    entry = Entry(data["value"], float(data["stored_at"]), int(data["gen"]), current, int(data.get("epoch", 0)), current_epoch)
+    return Lookup(entry, current, current_epoch, extra)
+
+
 class ReadCache:
     def __init__(
         self,
@@ -149,15 +161,13 @@ class ReadCache:
         return int(self.stale_seconds * 1000)
 
     def lookup(self, key: str, gen_key: str, extra_keys: Sequence[str] = ()) -> Lookup:
-        raw, gen, epoch, *extras = self.link.run(lambda client: client.mget([key, gen_key, self.link.epoch_key, *extra_keys]))
-        current, current_epoch = int(gen or 0), int(epoch or 0)
-        if raw is None:
-            return Lookup(None, current, current_epoch, tuple(str(raw) if raw is not None else None for raw in extras))
-        data = json.loads(raw)
-        entry = Entry(
-            data["value"], float(data["stored_at"]), int(data["gen"]), current, int(data.get("epoch", 0)), current_epoch
-        )
-        return Lookup(entry, current, current_epoch, tuple(str(raw) if raw is not None else None for raw in extras))
+        keys = [key, gen_key, self.link.epoch_key, *extra_keys]
+        return _parse_lookup(self.link.run(lambda client: client.mget(keys)))
+
+    async def alookup(self, key: str, gen_key: str, extra_keys: Sequence[str] = ()) -> Lookup:
+        """`lookup` on the event loop (the asyncio client: no thread-pool hop for a cache hit)."""
+        keys = [key, gen_key, self.link.epoch_key, *extra_keys]
+        return _parse_lookup(await self.link.arun(lambda client: client.mget(keys)))
 
     def fill(
         self,

@@ -26,12 +26,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from starlette.concurrency import run_in_threadpool
 
 from brownout._redaction import mask_secrets
 from brownout._settings import Settings
@@ -56,8 +59,12 @@ class RedisLink:
         skip_seconds: float,
         where: str = "redis",
         clock: Callable[[], float] = time.monotonic,
+        aclient: redis.asyncio.Redis | None = None,
     ) -> None:
+        """*aclient*: the same server through redis.asyncio, for `arun` on the event loop (None: `arun`
+        runs the command with *client* in the thread pool)."""
         self.client = client
+        self.aclient = aclient
         self.prefix = prefix
         self.on_error: Callable[[str], None] | None = None  # told each failed call's kind (metrics)
         self._skip_seconds = skip_seconds
@@ -90,9 +97,7 @@ class RedisLink:
 
     def run(self, fn: Callable[[redis.Redis], T]) -> T:
         """Run *fn* with the client; raise RedisUnavailable instead of any Redis connection error."""
-        if not self.available:
-            raise RedisUnavailable(f"skipping Redis after: {self.last_error}")
-        trips_before = self._trips
+        trips_before = self._before()
         try:
             if self._missed_write:  # before anything is read from Redis again (read_cache.py)
                 self._bump_epoch()
@@ -100,15 +105,43 @@ class RedisLink:
         # Any error, not only a lost connection: OOM (maxmemory with noeviction) and READONLY (a replica after
         # a failover) answer every write, and this call's caller can only go around Redis either way.
         except (redis.RedisError, OSError) as exc:
-            if self.on_error is not None:
-                self.on_error(error_kind(exc))
-            if not self._lone_timeout(exc):
-                self._tripped(exc)
-            raise RedisUnavailable(self.last_error or "redis failed") from exc
+            raise self._failed(exc) from exc
+        self._answered(trips_before)
+        return result
+
+    async def arun(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """`run` on the event loop: *fn* gets the asyncio client (a command there has the same name and
+        arguments), under the same deadline and skip window. Without one, the command runs in the thread pool."""
+        if self.aclient is None:
+            return await run_in_threadpool(self.run, fn)  # type: ignore[arg-type]  # the sync client answers in place
+        trips_before = self._before()
+        try:
+            if self._missed_write:
+                await self._abump_epoch(self.aclient)
+            result = await fn(self.aclient)
+        # RuntimeError too: under uvloop, a pooled connection whose peer reset it raises "the handler is closed"
+        # on its next write (redis-py then drops the connection, so the next command reconnects).
+        except (redis.RedisError, OSError, RuntimeError) as exc:
+            raise self._failed(exc) from exc
+        self._answered(trips_before)
+        return result
+
+    def _before(self) -> int:
+        if not self.available:
+            raise RedisUnavailable(f"skipping Redis after: {self.last_error}")
+        return self._trips
+
+    def _failed(self, exc: BaseException) -> RedisUnavailable:
+        if self.on_error is not None:
+            self.on_error(error_kind(exc))
+        if not self._lone_timeout(exc):
+            self._tripped(exc)
+        return RedisUnavailable(self.last_error or "redis failed")
+
+    def _answered(self, trips_before: int) -> None:
         self._timed_out = False
         if self._down and self._trips == trips_before:  # a call that began before a trip proves nothing
             self._recovered()
-        return result
 
     def _lone_timeout(self, exc: BaseException) -> bool:
         """True for a first timeout on a link that was answering: reported, not tripped (module docstring)."""
@@ -128,6 +161,17 @@ class RedisLink:
             self._missed_write = False
         log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
 
+    async def _abump_epoch(self, aclient: redis.asyncio.Redis) -> None:
+        """`_bump_epoch` on the event loop: the flag is cleared before the await, so coroutines coming back
+        at once make one INCR; a failed one sets it again (a thread racing it makes one more: harmless)."""
+        self._missed_write = False
+        try:
+            await aclient.incr(self.epoch_key)
+        except BaseException:
+            self._missed_write = True
+            raise
+        log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
+
     def ping(self) -> dict[str, Any]:
         """Readiness view: never raises."""
         if not self.available:
@@ -141,6 +185,11 @@ class RedisLink:
 
     def close(self) -> None:
         self.client.close()
+
+    async def aclose(self) -> None:
+        """Close the asyncio client's connections, on the loop that made them."""
+        if self.aclient is not None:
+            await self.aclient.aclose()
 
     def _tripped(self, exc: BaseException) -> None:
         with self._lock:
@@ -165,7 +214,7 @@ def error_kind(exc: BaseException) -> str:
     """A failed call's kind, as metrics label it (a bounded set)."""
     if isinstance(exc, redis.TimeoutError):
         return "timeout"
-    if isinstance(exc, (redis.ConnectionError, OSError)):
+    if isinstance(exc, (redis.ConnectionError, OSError, RuntimeError)):  # RuntimeError: a closed transport (arun)
         return "connection"
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return "out_of_memory"
@@ -179,20 +228,22 @@ def build_redis_link(settings: Settings) -> RedisLink | None:
     if not settings.redis_url:
         return None
     timeout = settings.redis_timeout_seconds
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        # No retry: one attempt within the deadline, then the skip window decides.
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-        decode_responses=True,
-        client_name="brownout",
-    )
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry_on_timeout": False,
+        "health_check_interval": 0,
+        "decode_responses": True,
+        "client_name": "brownout",
+    }
+    # No retry: one attempt within the deadline, then the skip window decides. The asyncio client serves
+    # the requests answered on the event loop (a cache hit); it connects on its first command, on that loop.
+    client = redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **options)
+    aclient = redis.asyncio.Redis.from_url(settings.redis_url, retry=AsyncRetry(NoBackoff(), 0), **options)
     return RedisLink(
         client,
         prefix=settings.redis_key_prefix,
         skip_seconds=settings.redis_skip_seconds,
         where=mask_secrets(settings.redis_url),
+        aclient=aclient,
     )

@@ -67,6 +67,14 @@ class ReadResult:
         return headers
 
 
+@dataclass(frozen=True)
+class CachedRead:
+    """What Redis alone answered, on the event loop: the result, or (None) the lookup `read` goes on from."""
+
+    result: ReadResult | None
+    lookup: Lookup | None  # None: no cache, or Redis did not answer
+
+
 class StaleReads:
     """The read path of a service's items: `read(keys, query)` with `keys` from `keys(...)`."""
 
@@ -121,15 +129,51 @@ class StaleReads:
         *,
         extra_keys: tuple[str, ...] = (),
         group: tuple[str, int] | None = None,
+        prefetched: CachedRead | None = None,
     ) -> ReadResult:
-        """*group*: (index key, most entries kept) this entry counts against, e.g. one user's pages (read_cache.py)."""
-        lookup = self._lookup(keys, extra_keys)
+        """*group*: (index key, most entries kept) this entry counts against, e.g. one user's pages (read_cache.py).
+        *prefetched*: `read_cached`'s lookup for the same keys, which this read goes on from (no second round trip)."""
+        lookup = prefetched.lookup if prefetched is not None else self._lookup(keys, extra_keys)
         result = self._read_through(keys, lookup, query, group)
         result.extras = lookup.extras if lookup is not None else ()
+        self._count(result, lookup)
+        return result
+
+    async def read_cached(self, keys: tuple[str, str] | None, *, extra_keys: tuple[str, ...] = ()) -> CachedRead:
+        """On the event loop, from Redis alone: a fresh entry, or a stale one when the database would not be
+        asked anyway (its breaker refuses, or the process is shedding). Otherwise `result` is None: run
+        `read(..., prefetched=this)` in the thread pool. A hit so costs no thread-pool hop, and no
+        in-process copy is ever served: every answer is checked against Redis's generations."""
+        cache = self._cache
+        if keys is None or cache is None:
+            return CachedRead(None, None)
+        try:
+            lookup = await cache.alookup(*keys, extra_keys)
+        except RedisUnavailable:
+            return CachedRead(None, None)
+        entry, now = lookup.entry, self._clock()
+        if entry is None:
+            return CachedRead(None, lookup)
+        if entry.fresh(now, cache.fresh_seconds):
+            result = self._hit(entry, now)
+        elif database_shed():
+            result = self._stale(entry, now, shed=True)
+        elif self._database.breaker.refuse_now() is not None:
+            result = self._stale(entry, now)
+        else:
+            return CachedRead(None, lookup)
+        result.extras = lookup.extras
+        self._count(result, lookup)
+        return CachedRead(result, lookup)
+
+    def _count(self, result: ReadResult, lookup: Lookup | None) -> None:
         if self.on_read is not None:
             served = "stale" if result.stale else ("hit" if not result.from_database else "bypass" if lookup is None else "miss")
             self.on_read(served)
-        return result
+
+    def _hit(self, entry: Entry, now: float) -> ReadResult:
+        ttl = math.floor(self._require_cache().fresh_seconds - entry.age(now))
+        return ReadResult(entry.value, age=entry.age(now), cache_status=f"{CACHE_NAME}; hit; ttl={ttl}")
 
     def _read_through(
         self, keys: tuple[str, str] | None, lookup: Lookup | None, query: Callable[[Session], T], group: tuple[str, int] | None
@@ -139,8 +183,7 @@ class StaleReads:
         if lookup is not None and lookup.entry is not None and cache is not None:
             entry = lookup.entry
             if entry.fresh(now, cache.fresh_seconds):
-                ttl = math.floor(cache.fresh_seconds - entry.age(now))
-                return ReadResult(entry.value, age=entry.age(now), cache_status=f"{CACHE_NAME}; hit; ttl={ttl}")
+                return self._hit(entry, now)
         try:
             if database_shed():  # admitted past the process's limit on condition of asking the database nothing
                 raise DatabaseUnavailable(SHED_REASON, SHED_RETRY_AFTER)

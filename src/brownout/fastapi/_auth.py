@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from brownout._auth.callers import OPERATOR, Caller
 from brownout._auth.keys import SCOPES, KeyRing, bearer, parse_keys
@@ -106,21 +107,21 @@ class Authenticator:
         if self._users is not None:
             self._users.start()
 
-    def count(self, caller: Caller, method: str) -> None:
+    async def count(self, caller: Caller, method: str) -> None:
         """Spend one of *caller*'s requests; TooManyRequests when its rate is spent."""
         kind = "reads" if method in ("GET", "HEAD") else "writes"
         rate = self._rates[kind]
         if rate is None or self.disabled:
             return
-        wait = self.limiter.hit(f"{caller.name}:{kind}", rate)
+        wait = await self.limiter.ahit(f"{caller.name}:{kind}", rate)
         if wait is not None:
             raise TooManyRequests(f"rate limit of {caller.name}'s {kind} reached ({rate.count} per {rate.seconds:g} s)", wait)
 
-    def count_failure(self, address: str) -> None:
+    async def count_failure(self, address: str) -> None:
         rate = self._rates["auth-failures"]
         if rate is None:
             return
-        wait = self.limiter.hit(f"auth-failures:{address}", rate)
+        wait = await self.limiter.ahit(f"auth-failures:{address}", rate)
         if wait is not None:
             raise TooManyRequests("too many requests with invalid credentials from this address", wait)
 
@@ -130,6 +131,21 @@ class Authenticator:
 
     def identify(self, token: str | None) -> Caller:
         """The caller presenting *token*; raise Unauthenticated when there is none or it is not valid."""
+        caller = self.identify_now(token)
+        if caller is not None:
+            return caller
+        from brownout._auth.tokens import InvalidToken
+
+        assert self._users is not None and token is not None  # noqa: S101 - identify_now answers every other case
+        try:
+            claims = self._users.verify(token)
+        except InvalidToken as invalid:
+            raise Unauthenticated(f"invalid token: {invalid}") from None
+        return _user(claims)
+
+    def identify_now(self, token: str | None) -> Caller | None:
+        """`identify` where it needs no waiting (a service key, the operator's token, a user token verified
+        before): an event loop may call it. None: a user token to verify (a signature, maybe a JWKS fetch)."""
         if self.disabled:
             return Caller("service", "auth-disabled", _EVERY_SCOPE)
         if not token:
@@ -140,14 +156,13 @@ class Authenticator:
         if self._admin is not None and hmac.compare_digest(token.encode(), self._admin):
             return Caller("service", OPERATOR, frozenset({"admin"}))
         if self._users is not None and self._users.looks_like_jwt(token):
-            from brownout._auth.tokens import InvalidToken
-
-            try:
-                claims = self._users.verify(token)
-            except InvalidToken as invalid:
-                raise Unauthenticated(f"invalid token: {invalid}") from None
-            return Caller("user", f"user:{claims.user_id}", frozenset(), user_id=claims.user_id)
+            claims = self._users.verified_before(token)
+            return None if claims is None else _user(claims)
         raise Unauthenticated("invalid credentials")
+
+
+def _user(claims: Any) -> Caller:
+    return Caller("user", f"user:{claims.user_id}", frozenset(), user_id=claims.user_id)
 
 
 def _authenticator(request: Request) -> Authenticator:
@@ -158,24 +173,30 @@ def _authenticator(request: Request) -> Authenticator:
     return authenticator  # type: ignore[no-any-return]
 
 
-def current_caller(
+async def current_caller(
     request: Request,
     key: Annotated[HTTPAuthorizationCredentials | None, Depends(_SERVICE_KEY)],
     token: Annotated[HTTPAuthorizationCredentials | None, Depends(_USER_TOKEN)],
 ) -> Caller:
-    """The request's caller (401 without a valid credential); kept on `request.state.caller` for logs and metrics."""
+    """The request's caller (401 without a valid credential); kept on `request.state.caller` for logs and metrics.
+
+    On the event loop (a plain function would cost every request a thread-pool hop), except a user token
+    seen for the first time: its signature check, and a JWKS fetch it may wait for, run in the thread pool."""
     cached = getattr(request.state, "caller", None)
     if isinstance(cached, Caller):
         return cached
     credentials = key or token
     authenticator = _authenticator(request)
+    presented = credentials.credentials if credentials else None
     try:
-        caller = authenticator.identify(credentials.credentials if credentials else None)
+        caller = authenticator.identify_now(presented)
+        if caller is None:
+            caller = await run_in_threadpool(authenticator.identify, presented)
     except Unauthenticated:
         if credentials is not None:  # a wrong credential, not a missing one: guessing is what this limits
-            authenticator.count_failure(request.client.host if request.client else "unknown")
+            await authenticator.count_failure(request.client.host if request.client else "unknown")
         raise
-    authenticator.count(caller, request.method)
+    await authenticator.count(caller, request.method)
     request.state.caller = caller
     return caller
 
@@ -189,7 +210,7 @@ def require_scope(*scopes: str) -> Any:
     if unknown:
         raise ValueError(f"unknown scope(s) {sorted(unknown)}: scopes are {', '.join(SCOPES)}")
 
-    def check(caller: CallerDep) -> Caller:
+    async def check(caller: CallerDep) -> Caller:
         if not caller.may(*scopes):
             raise HTTPException(403, f"this credential lacks the {' or '.join(scopes)} scope")
         return caller

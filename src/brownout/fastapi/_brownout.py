@@ -187,6 +187,11 @@ class Brownout:
                 async with lag_probe(self.admission):
                     yield
         finally:
+            if self.link is not None:
+                try:
+                    await self.link.aclose()  # on the loop its connections were made on
+                except Exception:
+                    log.exception("shutdown step failed")
             await run_in_threadpool(self.close)
 
     def criticality(self, method: str, path: str, level: Criticality | str, *, cached: bool = False) -> None:

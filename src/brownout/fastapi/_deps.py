@@ -11,7 +11,7 @@ from brownout.fastapi._brownout import Brownout
 from brownout.fastapi._errors import Shed
 
 
-def get_brownout(request: Request) -> Brownout:
+async def get_brownout(request: Request) -> Brownout:  # async: FastAPI runs a plain function in the thread pool
     brownout: Brownout = request.app.state.brownout
     return brownout
 
@@ -19,7 +19,7 @@ def get_brownout(request: Request) -> Brownout:
 BrownoutDep = Annotated[Brownout, Depends(get_brownout)]
 
 
-def non_critical(brownout: BrownoutDep) -> None:
+async def non_critical(brownout: BrownoutDep) -> None:
     """Declare a route non-critical: shed at once (503) while the breaker is not CLOSED."""
     breaker = brownout.database.breaker
     if breaker.state is not BreakerState.CLOSED:
