@@ -371,6 +371,11 @@ class Settings(BaseSettings):
     )
 
     log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per log line.")
+    access_log: bool = Field(
+        default=False,
+        description="`brownout web`: uvicorn's line per request (off: requests are counted and timed per route in "
+        "/metrics, and a line per request costs a cache hit a sizeable part of its time).",
+    )
     log_profile: Literal["production", "dev"] = Field(
         default="production", description="'dev' logs more detail (DEBUG for Brownout's own loggers) with the same values."
     )

@@ -158,6 +158,7 @@ def _web(args: argparse.Namespace, settings: Any) -> int:
         sys.executable, "-m", "uvicorn", args.app, *(["--factory"] if args.factory else []),
         "--host", args.host, "--port", str(port), "--workers", str(processes),
         "--proxy-headers", "--timeout-graceful-shutdown", str(WEB_GRACEFUL_SHUTDOWN_SECONDS), "--no-server-header",
+        *([] if settings.access_log else ["--no-access-log"]),
     ]  # fmt: skip
     os.execv(sys.executable, argv)  # noqa: S606 - becomes our own interpreter with a fixed argv, no shell
     return 0  # not reached

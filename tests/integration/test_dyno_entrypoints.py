@@ -86,18 +86,29 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
 
 
 def test_the_web_dyno_masks_a_password_in_its_access_log(api_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    """uvicorn's own access-log handler, in a process started as the Procfile does: masked without being told."""
+    """uvicorn's own access-log handler (BROWNOUT_ACCESS_LOG=true), in a process started as the Procfile does:
+    masked without being told."""
+    text = _web_log(api_settings(access_log=True), tmp_path, "/health?next=redis://:hunter2@cache.internal:6379")
+    assert '"GET /health?next=redis://:***@cache.internal:6379 HTTP/1.1" 200' in text, text
+    assert "hunter2" not in text, text
+
+
+def test_the_web_dyno_writes_no_line_per_request_by_default(api_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    text = _web_log(api_settings(), tmp_path, "/health?probe=42")
+    assert "probe=42" not in text and "GET /health" not in text, text
+
+
+def _web_log(settings: Settings, tmp_path: Path, path: str) -> str:
+    """What a web dyno started as the Procfile does logs while it answers one GET of *path*."""
     port = free_port()
-    env = settings_env(fields_of(api_settings(), web_processes=1)) | {"PORT": str(port)}
+    env = settings_env(fields_of(settings, web_processes=1)) | {"PORT": str(port)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     web = f"http://127.0.0.1:{port}"
     log = tmp_path / "web.log"
     with log.open("wb") as output, dyno("web", env, output):
         assert wait_until(lambda: _answers(f"{web}/health"), timeout=60), "the web dyno did not start"
-        assert httpx.get(f"{web}/health?next=redis://:hunter2@cache.internal:6379", timeout=10).status_code == 200
-    text = log.read_text()
-    assert '"GET /health?next=redis://:***@cache.internal:6379 HTTP/1.1" 200' in text, text
-    assert "hunter2" not in text, text
+        assert httpx.get(f"{web}{path}", timeout=10).status_code == 200
+    return log.read_text()
 
 
 def test_the_worker_dyno_applies_and_counts(api_settings: Callable[..., Settings]) -> None:
