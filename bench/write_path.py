@@ -12,7 +12,9 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   `queued submit p99 ratio` = submit p99 / bare p99 (target <= 1.5);
 - applied writes/s on the direct path (breaker closed: claim the key, insert,
   record, commit), beside PostgreSQL's own single-row INSERT + COMMIT rate
-  through psycopg2, and `direct write ratio` = direct / raw (target >= 0.5);
+  through psycopg2 (blocking, as it comes), and `direct write ratio` =
+  direct / raw (target >= 0.5); also the raw rate with every wait going
+  through the wait callback the engine installs process-wide, for reference;
 - the worker's drain rate for a backlog queued while the breaker was open
   (the production worker, middleware included, in this process, 8 threads),
   beside Dramatiq's own no-op consume rate on the same broker and threads
@@ -23,10 +25,10 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   applied_commands (the processes' start-up is left out), beside the same
   one-process no-op rate.
 
-Each pair (submit and bare publish; direct and raw) runs interleaved in
-`--rounds` blocks, alternating which goes first, after a few untimed warm-up
-calls of each, so that the machine's load drifting during the run weighs on
-both sides of a ratio alike.
+Each comparison (submit and bare publish; direct and the raw rates) runs
+interleaved in `--rounds` blocks, the side that goes first rotating, after a
+few untimed warm-up calls of each, so that the machine's load drifting during
+the run weighs on both sides of a ratio alike.
 
 It works in a throwaway database and throwaway queues, all removed at the end.
 """
@@ -34,6 +36,7 @@ It works in a throwaway database and throwaway queues, all removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -45,7 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,32 +110,53 @@ def blocks(count: int, rounds: int) -> list[int]:
     return [count // rounds + (1 if index < count % rounds else 0) for index in range(rounds)]
 
 
-def interleaved(first: Callable[[int], None], second: Callable[[int], None], count: int, rounds: int) -> None:
-    """Run *count* calls of each side in alternating blocks, the side that starts swapping every round."""
+def interleaved(runners: list[Callable[[int], None]], count: int, rounds: int) -> None:
+    """Run *count* calls of each runner in blocks, one block of each per round, the one that starts
+    rotating every round."""
     for index, size in enumerate(blocks(count, rounds)):
-        for run in (first, second) if index % 2 == 0 else (second, first):
+        start = index % len(runners)
+        for run in runners[start:] + runners[:start]:
             run(size)
 
 
 class RawInserts:
-    """PostgreSQL's own single-row INSERT + COMMIT through psycopg2, on a table of its own."""
+    """PostgreSQL's own single-row INSERT + COMMIT through psycopg2, on a table of its own.
 
-    def __init__(self, url: str) -> None:
-        self.conn = psycopg2.connect(url)
-        with self.conn.cursor() as cur:
-            cur.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, body text)")
-        self.conn.commit()
+    *blocking*: psycopg2 as it comes, libpq waiting in C (the baseline). Otherwise every wait goes through
+    the wait callback the engine installs process-wide (brownout._db.waiting), as the direct path's do."""
+
+    def __init__(self, url: str, table: str, *, blocking: bool) -> None:
+        self.table = table
+        self.blocking = blocking
+        with self.waits():
+            self.conn = psycopg2.connect(url)
+            with self.conn.cursor() as cur:
+                cur.execute(f"CREATE TABLE {table} (id uuid PRIMARY KEY, body text)")
+            self.conn.commit()
         self.elapsed = 0.0
         self.count = 0
 
+    @contextlib.contextmanager
+    def waits(self) -> Iterator[None]:
+        installed = psycopg2.extensions.get_wait_callback()
+        if self.blocking:
+            psycopg2.extensions.set_wait_callback(None)
+        try:
+            yield
+        finally:
+            psycopg2.extensions.set_wait_callback(installed)
+
     def run(self, count: int, *, timed: bool = True) -> None:
-        start = time.perf_counter()
-        with self.conn.cursor() as cur:
-            for _ in range(count):
-                cur.execute("INSERT INTO bench_raw VALUES (%s, %s)", (str(uuid.uuid4()), NOTE["body"]))
-                self.conn.commit()
+        statement = f"INSERT INTO {self.table} VALUES (%s, %s)"  # noqa: S608 - the bench's own table name
+        with self.waits():
+            start = time.perf_counter()
+            with self.conn.cursor() as cur:
+                for _ in range(count):
+                    cur.execute(statement, (str(uuid.uuid4()), NOTE["body"]))
+                    self.conn.commit()
+            elapsed = time.perf_counter() - start
         if timed:
-            self.elapsed += time.perf_counter() - start
+            self.elapsed += elapsed
             self.count += count
 
     def rate(self) -> float:
@@ -212,7 +236,9 @@ def compare_queued(settings: Settings, database: Database, dispatcher: Dispatche
     try:
         timed_calls(lambda: queued_submit(dispatcher), [])(WARM_UP)
         timed_calls(bare.publish, [])(WARM_UP)
-        interleaved(timed_calls(lambda: queued_submit(dispatcher), submits), timed_calls(bare.publish, publishes), count, rounds)
+        interleaved(
+            [timed_calls(lambda: queued_submit(dispatcher), submits), timed_calls(bare.publish, publishes)], count, rounds
+        )
     finally:
         database.breaker.reset()
         bare.close()
@@ -225,8 +251,11 @@ def compare_queued(settings: Settings, database: Database, dispatcher: Dispatche
 
 
 def compare_direct(settings: Settings, dispatcher: Dispatcher, count: int, rounds: int) -> dict[str, float]:
-    """Applied writes/s on the direct path beside raw INSERT + COMMIT/s, interleaved."""
-    raw = RawInserts(plain_url(settings.database_url))
+    """Applied writes/s on the direct path beside raw INSERT + COMMIT/s (blocking psycopg2, and under the
+    engine's wait callback), interleaved."""
+    url = plain_url(settings.database_url)
+    raw = RawInserts(url, "bench_raw", blocking=True)
+    raw_waits = RawInserts(url, "bench_raw_waits", blocking=False)
     elapsed = 0.0
 
     def direct(block: int) -> None:
@@ -240,10 +269,12 @@ def compare_direct(settings: Settings, dispatcher: Dispatcher, count: int, round
         for _ in range(50):  # warm the pool
             direct_submit(dispatcher)
         raw.run(WARM_UP, timed=False)
-        interleaved(direct, raw.run, count, rounds)
-        return {"direct": count / elapsed, "raw": raw.rate()}
+        raw_waits.run(WARM_UP, timed=False)
+        interleaved([direct, raw.run, raw_waits.run], count, rounds)
+        return {"direct": count / elapsed, "raw": raw.rate(), "raw_waits": raw_waits.rate()}
     finally:
         raw.close()
+        raw_waits.close()
 
 
 def queue_backlog(settings: Settings, database: Database, backlog: int) -> None:
@@ -425,6 +456,7 @@ def main() -> None:
         print(f"queued submit p99 ratio: {submit_p99 / bare_p99:.2f} (target <= 1.50)")
         print(f"direct path, applied writes/s:                   {direct['direct']:8.0f}")
         print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {direct['raw']:8.0f}")
+        print(f"  the same under the engine's wait callback:     {direct['raw_waits']:8.0f}")
         print(f"direct write ratio: {direct['direct'] / direct['raw']:.2f} (target >= 0.50)")
         if args.drain:
             dispatcher.close()
