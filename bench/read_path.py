@@ -28,12 +28,13 @@ Prints, in one run (about 90 s with the defaults), for `GET /notifications/{id}`
     which fails the bench, as it did at 16 and 32 connections; it never refuses at 4 or fewer. Without wrk
     (or with --no-wrk), the closed-loop mode of the Python generator below, whose own CPU bounds the figures.
   - latency: open loop at a fixed rate, the same for both servers and both cases: --rate, by default half the
-    peer's requests/s in case (a). bench/readkit/load.py sends on its schedule whatever the server does, over C
-    keep-alive connections, and measures each latency from the request's scheduled time (a request waiting for
-    a connection counts its wait; no coordinated omission). A failure (not 200, or past --timeout) ranks above
-    every answer. Prints p50/p99 of both and `p99 ratio: X.XX`. Target: <= 2.0. The generator's own lag
-    behind its schedule (uvloop's timers count whole ms) is printed; a case where its p99 passed 2 ms is
-    marked GENERATOR LAGGED: there the latencies overstate both servers'.
+    peer's requests/s in case (a). bench/readkit/load.py sends on its schedule whatever the server does, over
+    --connections keep-alive connections (32), and measures each latency from the request's scheduled time (a
+    request waiting for a connection counts its wait; no coordinated omission); 1 s at the rate first, not
+    counted. A failure (not 200, e.g. admission control's 503, or past --timeout) ranks above every answer.
+    Prints p50/p99 of both and `p99 ratio: X.XX`. Target: <= 2.0. The generator's own lag behind its
+    schedule (uvloop's timers count whole ms) is printed; a case where its p99 passed 2 ms is marked
+    GENERATOR LAGGED: there the latencies overstate both servers'.
 - what identifying the caller costs each request (`--auth-only` prints just this, in seconds): the
   authenticator's `identify` for a service key, an HS256 user token and an ES256 user token (its JWKS
   served on loopback), each with its verified-token cache warm, best of 5 rounds of N calls, beside the
@@ -336,8 +337,10 @@ def throughput(url: str, ids: list[str], case: str, args: argparse.Namespace, *,
 
 
 def latency(url: str, ids: list[str], case: str, rate: float, args: argparse.Namespace, *, brownout: bool) -> dict[str, Any]:
-    """Open loop at *rate*; a 200 of Brownout's that is not what *case* says fails the bench."""
+    """Open loop at *rate* after a 1 s warm-up at that rate (the first seconds after closed-loop load were the
+    peer's worst: a full garbage collection among them); a 200 of Brownout's not what *case* says fails the bench."""
     cfg = {"mode": "open", "rate": rate, "connections": args.connections, "timeout": args.timeout}
+    run_generator(url, ids, CASES[case] if brownout else None, duration=1, **cfg)
     result = run_generator(url, ids, CASES[case] if brownout else None, duration=args.latency_duration, **cfg)
     if result["unexpected"]:
         raise SystemExit(f"{result['unexpected']} of Brownout's answers at {rate:.0f}/s were not a {case} read ({CASES[case]})")
