@@ -414,7 +414,8 @@ def print_latency(case: str, ours: dict[str, Any], peer: dict[str, Any]) -> None
     line = f"  {CASE_LABELS[case] + ':':<30}brownout p50 {ms(ours['p50'])}, p99 {ms(ours['p99'])}; "
     line += f"peer p50 {ms(peer['p50'])}, p99 {ms(peer['p99'])}; "
     if ours["p99"] is None or peer["p99"] is None:
-        ratio, verdict = "inf" if peer["p99"] is not None else "n/a", "NOT met"
+        failing = "Brownout's" if ours["p99"] is None else "the peer's"
+        ratio, verdict = f"none, over 1 % of {failing} requests failed", "NOT met"
     else:
         ratio = f"{ours['p99'] / peer['p99']:.2f}"
         verdict = "met" if ours["p99"] / peer["p99"] <= 2.0 else "NOT met"
@@ -423,7 +424,9 @@ def print_latency(case: str, ours: dict[str, Any], peer: dict[str, Any]) -> None
         failed = sum(result["failed"].values())
         detail = ", ".join(f"{kind} {count}" for kind, count in sorted(result["failed"].items()))
         share = f"{failed / max(1, result['requests']):.0%} failed: {detail}"
-        answered = f"{result['ok']} of {result['requests']} answered 200 in time" + (f" ({share})" if failed else "")
+        answered = f"{result['ok']} of {result['requests']} answered 200 in time"
+        if failed:
+            answered += f" ({share}; the 200s alone: p50 {ms(result['ok_p50'])}, p99 {ms(result['ok_p99'])})"
         waited = result["waited_for_connection"]
         lag = f"generator lag p50 {result['lag_p50']:.2f} ms, p99 {result['lag_p99']:.2f} ms, max {result['lag_max']:.1f} ms"
         mark = f"  GENERATOR LAGGED (p99 over {LAG_LIMIT_MS:g} ms)" if result["lag_p99"] > LAG_LIMIT_MS else ""

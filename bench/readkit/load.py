@@ -244,6 +244,8 @@ class Load:
             "p50": percentile(0.5) if count else None,
             "p99": percentile(0.99) if count else None,
             "max": ranked[-1] if ranked else None,
+            "ok_p50": ranked[len(ranked) // 2] if ranked else None,  # of the 200 answers alone
+            "ok_p99": ranked[min(len(ranked) - 1, int(0.99 * len(ranked)))] if ranked else None,
             "lag_p50": lag[len(lag) // 2] if lag else 0.0,
             "lag_p99": lag[min(len(lag) - 1, int(0.99 * len(lag)))] if lag else 0.0,
             "lag_max": lag[-1] if lag else 0.0,
