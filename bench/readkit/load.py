@@ -15,7 +15,7 @@ uvloop's timers count whole milliseconds, so due requests go out when a timer fi
 an answer arrives, whichever comes first: how late that is behind the schedule is the generator's own lag,
 reported beside the latencies (which include it). A failure (an answer other than 200, a timeout, a connection
 lost) counts as slower than every answer in the percentiles. A 200 whose headers lack `expect` (a lower-case
-`name: value` prefix, e.g. `x-brownout: stale`) is counted as `unexpected`.
+`name: value` prefix, e.g. `x-brownout: stale`) is counted as `unexpected`, the first one's head kept.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class Load:
         self.lag: list[float] = []  # ms, how late each request was taken up behind its schedule
         self.failed: Counter[str] = Counter()
         self.unexpected = 0
+        self.unexpected_head = ""  # the first one's status line and headers
         self.waited = 0  # requests that found no idle connection
         self.next = 0  # open loop: index of the next request due
         self.sent = 0
@@ -143,6 +144,7 @@ class Load:
             self.latencies.append(latency)
             if self.expect is not None and self.expect not in head:
                 self.unexpected += 1
+                self.unexpected_head = self.unexpected_head or head.decode("latin-1")[:600]
         if CONNECTION_CLOSE in head and conn.transport is not None:
             conn.transport.close()  # lost() replaces it
             return
@@ -240,6 +242,7 @@ class Load:
             "rps": len(ranked) / self.duration,
             "failed": dict(self.failed),
             "unexpected": self.unexpected,
+            "unexpected_head": self.unexpected_head,
             "waited_for_connection": self.waited,
             "p50": percentile(0.5) if count else None,
             "p99": percentile(0.99) if count else None,
