@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app.api import errors
+from app.api import cached_item, errors
 from app.api.routes import commands, notifications
 from app.api.services import Services
 from app.dispatch.notifications import build_registry
@@ -40,6 +40,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:  # runs inside Brownout's: its pieces are ready
         services = await run_in_threadpool(Services.build, brownout)
         app.state.services = services
+        brownout.cached_route(cached_item.PATH, cached_item.CachedNotification(services.reads))
         try:
             yield
         finally:

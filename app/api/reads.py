@@ -78,14 +78,14 @@ class NotificationReads(StaleReads):
         """`notification`, answered on the event loop when Redis alone can (an entry fresh, or stale while the
         database would not be asked, with no pending mark over it); otherwise in the thread pool, from this lookup."""
         ident = str(notification_id)
-        cached = await self.read_cached(self.item_keys(ident) if self._cache else None, extra_keys=self._mark_keys(ident))
+        cached = await self.read_cached(self.item_keys(ident) if self._cache else None, extra_keys=self.mark_keys(ident))
         result = cached.result
         if result is None or result.body is None or any(result.extras):  # the database, a pending write, a mark
             return await run_in_threadpool(self.notification, notification_id, prefetched=cached)
         result.body = public(result.body)
         return result
 
-    def _mark_keys(self, ident: str) -> tuple[str, ...]:
+    def mark_keys(self, ident: str) -> tuple[str, ...]:
         """The pending mark of the item, read in the same round trip as its entry."""
         return (self._pending.mark_key(ident),) if self._pending is not None else ()
 
@@ -99,7 +99,7 @@ class NotificationReads(StaleReads):
                 result = self.read(
                     self.item_keys(ident) if self._cache else None,
                     lambda session: queries.get_notification(session, notification_id),
-                    extra_keys=self._mark_keys(ident),
+                    extra_keys=self.mark_keys(ident),
                     prefetched=prefetched,
                 )
         except DatabaseUnavailable:  # nothing cached: a queued creation may still be shown

@@ -35,8 +35,9 @@ EXPECTED = {
         "normalise_database_url", "reason_summary", "recordset", "rows_param", "settings_from_values",
     ],
     "brownout.fastapi": [
-        "BodyTooLarge", "Brownout", "BrownoutDep", "Caller", "CallerDep", "Criticality", "NonCritical", "NotStarted",
-        "Shed", "current_caller", "field_errors", "get_brownout", "non_critical", "require_scope", "retry_after_header",
+        "BodyTooLarge", "Brownout", "BrownoutDep", "CachedRoute", "Caller", "CallerDep", "Criticality", "NonCritical",
+        "NotStarted", "Shed", "current_caller", "field_errors", "get_brownout", "non_critical", "require_scope",
+        "retry_after_header",
     ],
     "brownout.migrations": [
         "ADOPTED_REVISIONS", "MIGRATIONS", "VERSION_TABLE", "alembic_config", "skip_brownout_tables", "upgrade",

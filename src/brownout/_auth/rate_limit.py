@@ -21,6 +21,7 @@ because Redis is away. The local state is an LRU of at most `max_subjects`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import threading
@@ -28,15 +29,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from brownout._cache.redis_link import RedisLink, RedisUnavailable
 
-# KEYS[1] the subject's key; ARGV: emission interval (us), period (us), cost. Answers the wait in us, 0 when allowed.
-# TAT is the subject's theoretical arrival time; it is written only when the hit is allowed, with a TTL of
+# KEYS[1] the subject's key; ARGV: emission interval (us), period (us), cost. Sets `wait`: the wait in us, <= 0 when
+# allowed. TAT is the subject's theoretical arrival time; it is written only when the hit is allowed, with a TTL of
 # (new TAT - now) <= period. Numbers are formatted with %d: Lua's tostring keeps 14 digits, microseconds need 16.
-_GCRA = """
+_GCRA_CORE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval, period, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -44,10 +47,26 @@ local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local new_tat = tat + interval * cost
 local wait = new_tat - period - now
+if wait <= 0 then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', string.format('%d', math.ceil((new_tat - now) / 1000)))
+end
+"""
+# Answers the wait in us, 0 when allowed.
+_GCRA = (
+    _GCRA_CORE
+    + """
 if wait > 0 then return wait end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', string.format('%d', math.ceil((new_tat - now) / 1000)))
 return 0
 """
+)
+# KEYS[2..]: keys read when the hit is allowed, in the same round trip. Answers {wait} when refused, else {0, values...}.
+_GCRA_THEN_MGET = (
+    _GCRA_CORE
+    + """
+if wait > 0 then return {wait} end
+return {0, unpack(redis.call('MGET', unpack(KEYS, 2)))}
+"""
+)
 
 _UNITS = {
     **dict.fromkeys(("s", "sec", "second", "seconds"), 1.0),
@@ -83,6 +102,18 @@ class Rate:
                 "'1000/hour' or '50/30s' (a count >= 1; a period in s, m, h or d, with an optional number > 0)"
             )
         return cls(int(match.group(1)), float(match.group(2) or 1) * unit)
+
+
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_GCRA_THEN_MGET,)}  # noqa: S324 - Redis's name
+
+
+async def _evalsha(client: Any, script: str, keys: list[str], args: list[int]) -> Any:
+    """EVALSHA, and EVAL (which loads it) the first time on a Redis server: the script's text is not sent,
+    nor hashed by Redis, on every request."""
+    try:
+        return await client.evalsha(_SHA[script], len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script, len(keys), *keys, *args)
 
 
 def _check_cost(rate: Rate, cost: int) -> None:
@@ -141,6 +172,20 @@ class RateLimiter:
             except RedisUnavailable:
                 pass
         return self._verdict(subject, rate, cost, wait)
+
+    async def ahit_and_read(self, subject: str, rate: Rate, keys: list[str]) -> tuple[float | None, list[Any] | None]:
+        """`ahit` with a cost of one and, when it is allowed, the values of *keys* read in the same round trip
+        (a cached read's rate and lookup: one Redis call instead of two). Values None: refused, or Redis did
+        not answer (the hit was then counted by this process alone)."""
+        if self._link is None or self._link.aclient is None:  # no asyncio client: the rate alone, the caller reads
+            return await self.ahit(subject, rate), None
+        key, args = self._shared_args(self._link, subject, rate, 1)
+        try:
+            reply = await self._link.arun(lambda client: _evalsha(client, _GCRA_THEN_MGET, [key, *keys], args))
+        except RedisUnavailable:
+            return self._verdict(subject, rate, 1, None), None
+        wait = self._verdict(subject, rate, 1, int(reply[0]) / 1_000_000)
+        return wait, (list(reply[1:]) if wait is None else None)
 
     def _verdict(self, subject: str, rate: Rate, cost: int, shared_wait: float | None) -> float | None:
         wait = self._local_hit(subject, rate, cost) if shared_wait is None else shared_wait

@@ -125,8 +125,8 @@ class Lookup:
     """Other keys read in the same round trip (a pending mark), raw."""
 
 
-def _parse_lookup(values: Sequence[Any]) -> Lookup:
-    """MGET of [entry, generation, epoch, *extras]."""
+def parse_lookup(values: Sequence[Any]) -> Lookup:
+    """A Lookup from the values of [key, generation key, epoch key, *extra keys] (`lookup_keys`), in that order."""
     raw, gen, epoch, *extras = values
     current, current_epoch = int(gen or 0), int(epoch or 0)
     extra = tuple(str(value) if value is not None else None for value in extras)
@@ -160,14 +160,18 @@ class ReadCache:
     def _ttl_ms(self) -> int:
         return int(self.stale_seconds * 1000)
 
+    def lookup_keys(self, key: str, gen_key: str, extra_keys: Sequence[str] = ()) -> list[str]:
+        """What a lookup reads, in one MGET (or in a caller's own script: the fast reads' rate check)."""
+        return [key, gen_key, self.link.epoch_key, *extra_keys]
+
     def lookup(self, key: str, gen_key: str, extra_keys: Sequence[str] = ()) -> Lookup:
-        keys = [key, gen_key, self.link.epoch_key, *extra_keys]
-        return _parse_lookup(self.link.run(lambda client: client.mget(keys)))
+        keys = self.lookup_keys(key, gen_key, extra_keys)
+        return parse_lookup(self.link.run(lambda client: client.mget(keys)))
 
     async def alookup(self, key: str, gen_key: str, extra_keys: Sequence[str] = ()) -> Lookup:
         """`lookup` on the event loop (the asyncio client: no thread-pool hop for a cache hit)."""
-        keys = [key, gen_key, self.link.epoch_key, *extra_keys]
-        return _parse_lookup(await self.link.arun(lambda client: client.mget(keys)))
+        keys = self.lookup_keys(key, gen_key, extra_keys)
+        return parse_lookup(await self.link.arun(lambda client: client.mget(keys)))
 
     def fill(
         self,

@@ -151,9 +151,14 @@ class StaleReads:
             lookup = await cache.alookup(*keys, extra_keys)
         except RedisUnavailable:
             return CachedRead(None, None)
-        entry, now = lookup.entry, self._clock()
-        if entry is None:
-            return CachedRead(None, lookup)
+        return CachedRead(self.answer(lookup), lookup)
+
+    def answer(self, lookup: Lookup) -> ReadResult | None:
+        """What *lookup* answers with no database call (no I/O at all): a fresh entry, or a stale one while the
+        database would not be asked anyway (its breaker refuses, or the process is shedding); else None."""
+        cache, entry, now = self._cache, lookup.entry, self._clock()
+        if entry is None or cache is None:
+            return None
         if entry.fresh(now, cache.fresh_seconds):
             result = self._hit(entry, now)
         elif database_shed():
@@ -161,10 +166,10 @@ class StaleReads:
         elif self._database.breaker.refuse_now() is not None:
             result = self._stale(entry, now)
         else:
-            return CachedRead(None, lookup)
+            return None
         result.extras = lookup.extras
         self._count(result, lookup)
-        return CachedRead(result, lookup)
+        return result
 
     def _count(self, result: ReadResult, lookup: Lookup | None) -> None:
         if self.on_read is not None:

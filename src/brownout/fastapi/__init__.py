@@ -12,11 +12,13 @@ from brownout.fastapi._body_limit import BodyTooLarge
 from brownout.fastapi._brownout import Brownout, NotStarted
 from brownout.fastapi._deps import BrownoutDep, NonCritical, get_brownout, non_critical
 from brownout.fastapi._errors import Shed, field_errors, retry_after_header
+from brownout.fastapi._fast_reads import CachedRoute
 
 __all__ = [
     "BodyTooLarge",
     "Brownout",
     "BrownoutDep",
+    "CachedRoute",
     "Caller",
     "CallerDep",
     "Criticality",

@@ -109,13 +109,27 @@ class Authenticator:
 
     async def count(self, caller: Caller, method: str) -> None:
         """Spend one of *caller*'s requests; TooManyRequests when its rate is spent."""
-        kind = "reads" if method in ("GET", "HEAD") else "writes"
-        rate = self._rates[kind]
-        if rate is None or self.disabled:
+        limit = self.rate_of(caller, method)
+        if limit is None:
             return
-        wait = await self.limiter.ahit(f"{caller.name}:{kind}", rate)
+        subject, rate = limit
+        wait = await self.limiter.ahit(subject, rate)
         if wait is not None:
-            raise TooManyRequests(f"rate limit of {caller.name}'s {kind} reached ({rate.count} per {rate.seconds:g} s)", wait)
+            raise self.too_many(caller, method, wait)
+
+    def rate_of(self, caller: Caller, method: str) -> tuple[str, Rate] | None:
+        """The subject and rate *caller*'s request with *method* counts against (None: not limited)."""
+        rate = self._rates[_kind(method)]
+        if rate is None or self.disabled:
+            return None
+        return f"{caller.name}:{_kind(method)}", rate
+
+    def too_many(self, caller: Caller, method: str, wait: float) -> TooManyRequests:
+        rate = self._rates[_kind(method)]
+        assert rate is not None  # noqa: S101 - only a limited request is refused
+        return TooManyRequests(
+            f"rate limit of {caller.name}'s {_kind(method)} reached ({rate.count} per {rate.seconds:g} s)", wait
+        )
 
     async def count_failure(self, address: str) -> None:
         rate = self._rates["auth-failures"]
@@ -159,6 +173,10 @@ class Authenticator:
             claims = self._users.verified_before(token)
             return None if claims is None else _user(claims)
         raise Unauthenticated("invalid credentials")
+
+
+def _kind(method: str) -> str:
+    return "reads" if method in ("GET", "HEAD") else "writes"
 
 
 def _user(claims: Any) -> Caller:

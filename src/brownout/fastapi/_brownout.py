@@ -38,6 +38,7 @@ from brownout._settings import Settings
 from brownout.fastapi._admission import AdmissionGate, CriticalityTable, lag_probe
 from brownout.fastapi._auth import Authenticator
 from brownout.fastapi._body_limit import BodyLimit
+from brownout.fastapi._fast_reads import CachedRoute, CachedRoutes, FastReads
 from brownout.fastapi._http_metrics import HttpMetrics
 from brownout.fastapi._request_limits import RequestLimits
 
@@ -96,6 +97,7 @@ class Brownout:
             )
             self.admission.on_change = self._admission_changed
         self.criticality_table = CriticalityTable()
+        self.cached_routes = CachedRoutes()
         for method, path in (("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("POST", "/admin/breaker")):
             self.criticality(method, path, Criticality.EXEMPT)  # probes, scrapes and the operator: whatever the load
 
@@ -115,6 +117,10 @@ class Brownout:
     def reads(self) -> StaleReads:
         """Reads that answer from the cache, stale if need be, while the database cannot."""
         return _started(self._reads)
+
+    @property
+    def reads_if_started(self) -> StaleReads | None:
+        return self._reads
 
     def start(self) -> Brownout:
         """Build every piece; if one fails, those already built are closed before the error is raised."""
@@ -204,6 +210,13 @@ class Brownout:
         "sheddable", cached=True)`."""
         self.criticality_table.declare(method, path, level, cached=cached)
 
+    def cached_route(self, path: str, route: CachedRoute) -> None:
+        """Answer `GET path` from Redis before FastAPI's routing when Redis alone can (a fresh entry, or a stale
+        one while the database would not be asked): one round trip for the caller's rate and the entry, no
+        thread pool. Anything else goes on to the route, which must exist and stays the reference: *route*
+        (`brownout.fastapi.CachedRoute`) names the item's keys and shapes its body as the route would."""
+        self.cached_routes.declare(path, route)
+
     def _admission_changed(self, limit: int, why: str) -> None:
         self.metrics.admission_limit.set(limit)
         log.debug("admission limit %d (%s)", limit, why)  # the gauge shows it; a line per change would flood
@@ -223,6 +236,7 @@ class Brownout:
         if observability:
             self.observe()
         app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
+        app.add_middleware(FastReads, brownout=self)  # inside the limits, admission and metrics: they apply to it
         app.add_middleware(
             RequestLimits, max_query_bytes=self.settings.max_query_bytes, max_header_bytes=self.settings.max_header_bytes
         )
