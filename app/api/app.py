@@ -1,8 +1,10 @@
 """`create_app(settings)`: the notification service, its routes, on Brownout's lifespan and middleware.
 
-Route handlers that touch PostgreSQL, Redis or RabbitMQ are plain `def`
-functions: FastAPI runs them on its thread pool, so database work never
-blocks the event loop, and each call carries its own deadline.
+Route handlers that touch PostgreSQL or RabbitMQ are plain `def` functions:
+FastAPI runs them on its thread pool, so database work never blocks the event
+loop, and each call carries its own deadline. The item read is `async`: a
+cache hit is answered on the loop, and before routing at all when Redis alone
+holds it (app/api/cached_item.py); a miss goes to the thread pool.
 """
 
 from __future__ import annotations
