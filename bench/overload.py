@@ -27,13 +27,21 @@ For each mix (`cached`, `uncached`, or `both`), in one run:
 4. Brownout's targets, PASS/FAIL: at 2x, goodput >= 90 % of capacity, admitted p99 <= 2 x its value at 0.5x,
    no new database connection beyond 0.5x's count; from 0.5x to 3x, no breaker transition; at 3x, every
    request answered (admitted or shed) within 1 s. Also the 1-minute load average at the start and the end,
-   the generator's CPU seconds, and "THIS RUN PROVES NOTHING" when the load average at the start was above
-   1.5 or the generator's own loop sent more than 1 % of a step's requests over 10 ms late.
+   the generator's CPU seconds and loop lag (per step too), and "THIS RUN PROVES NOTHING" when the load
+   average at the start was above 1.5, the generator's own loop sent more than 1 % of a step's requests
+   over 10 ms late, or the generator used more than 80 % of its core while sending a step.
 
-The load generator (bench/overloadkit/generator.py) is a child process per step: chaos's LeanHttp client,
-open loop, latency from each request's scheduled time, at most --connections connections. A request that
-finds them all busy waits for one: counted as sent late (its wait is in its latency), never dropped; that
-wait is the server's backlog seen through a client pool and is reported apart from the generator's own lag.
+The web process and the load generator run on different cores (os.sched_setaffinity on each child: the web
+process on CPU 0, the generator on CPU 1; PostgreSQL, Redis, RabbitMQ and this process float), so a step
+measures the web process and not the generator's share of the machine. On a machine with one core nothing
+is pinned, and the header says so.
+
+The load generator (bench/overloadkit/generator.py) is a child process per step, built as
+bench/readkit/load.py is (uvloop, raw keep-alive connections as asyncio protocols, each request's bytes
+built before the step): open loop, latency from each request's scheduled time, at most --connections
+connections. A request that finds them all busy waits for one: counted as sent late (its wait is in its
+latency), never dropped; that wait is the server's backlog seen through a client pool and is reported apart
+from the generator's own lag.
 Records of each step go to --out (default bench/out/overload-<time>/). DATABASE_URL, RABBITMQ_URL and
 REDIS_URL default to the local set-up; every address must be 127.0.0.1. The exit status is 0 when every
 target is met on a run that counts.
@@ -113,13 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  load average (1 min) at the start: {load_start:.2f}; {os.cpu_count()} cores; records in {out_dir}")
     print(f"  steps of {args.step_seconds:g} s, {args.connections} connections, client timeout {args.timeout:g} s")
     print("  the naive service is offered the same absolute rates as Brownout's multiples of its own capacity")
+    pinned = {0, 1} <= os.sched_getaffinity(0)
+    web_cpu, generator_cpu = (0, 1) if pinned else (None, None)
+    if pinned:
+        print(
+            "  web process pinned to CPU 0, load generator to CPU 1 (os.sched_setaffinity); "
+            "PostgreSQL, Redis, RabbitMQ and this process float"
+        )
+    else:
+        print(f"  nothing pinned (CPUs {sorted(os.sched_getaffinity(0))}): the generator and the web process share them")
     mixes = ("cached", "uncached") if args.mix == "both" else (args.mix,)
     settings = dict(item.split("=", 1) for item in args.set)
     if settings:
         print("  Brownout's web process with " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    stage = Stage(out_dir, settings=settings)
+    stage = Stage(out_dir, settings=settings, web_cpu=web_cpu)
     print(f"  PostgreSQL: {make_url(stage.base_db).render_as_string(hide_password=True)} (the run's database: {stage.dbname})")
-    runner = StepRunner(stage, seconds=args.step_seconds, timeout=args.timeout, connections=args.connections, echo=print)
+    runner = StepRunner(
+        stage,
+        seconds=args.step_seconds,
+        timeout=args.timeout,
+        connections=args.connections,
+        echo=print,
+        generator_cpu=generator_cpu,
+    )
     results: list[tuple[str, float, list[StepResult], list[StepResult], list[StepResult]]] = []
     try:
         stage.create_database()
@@ -166,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(f"\nload average (1 min): {load_start:.2f} at the start, {load_end:.2f} at the end; run {elapsed:.0f} s")
     print(f"generator CPU: {runner.cpu_seconds:.1f} s over {runner.count} steps of {args.step_seconds:g} s")
+    if every_step:
+        busiest = max(every_step, key=lambda s: s.core_share)
+        laggiest = max(every_step, key=lambda s: s.lag_p99)
+        print(
+            f"  busiest step: {busiest.service} {busiest.mix} {busiest.label} at {busiest.rate:.0f}/s, "
+            f"{busiest.cpu_seconds:.2f} s, {busiest.core_share:.0%} of its core (CPUs {list(busiest.generator_cpus)}); "
+            f"its loop lag p99 at worst {laggiest.lag_p99:.1f} ms ({laggiest.service} {laggiest.mix} {laggiest.label})"
+        )
     if not any(step.counts["shed"] for _, _, _, brownout, _ in results for step in brownout):
         print("no request was answered 503 overloaded: this code has no admission control, or it never refused")
     if runner.item_cursor > UNCACHED_ITEMS or runner.list_cursor > LIST_USERS:

@@ -8,6 +8,7 @@ from bench.overloadkit.steps import LATE_MS, StepResult
 
 MAX_START_LOAD = 1.5
 MAX_LATE_SHARE = 0.01
+MAX_CORE_SHARE = 0.8  # the generator's CPU while sending, of its one core: beyond it, its own lag is in the latencies
 
 HEADER = (
     f"  {'step':<6}{'offered':>8}{'goodput':>8}{'p50':>7}{'p99':>7}{'2xx':>7}{'stale':>6}{'shed':>6}{'503':>6}"
@@ -78,7 +79,8 @@ def verdicts(capacity: float, steps: dict[str, StepResult], echo: Callable[[str]
 
 
 def validity(load_start: float, steps: list[StepResult], echo: Callable[[str], None]) -> bool:
-    """Whether the run can be read: a quiet machine at the start and a generator that kept its schedule."""
+    """Whether the run can be read: a quiet machine at the start, and a generator that kept its schedule with
+    CPU to spare."""
     reasons = []
     if load_start > MAX_START_LOAD:
         reasons.append(f"the load average at the start was {load_start:.2f} (> {MAX_START_LOAD})")
@@ -88,6 +90,13 @@ def validity(load_start: float, steps: list[StepResult], echo: Callable[[str], N
         reasons.append(
             f"the generator lagged in {len(lagged)} step(s) (worst: {worst.service} {worst.mix} {worst.label}, "
             f"{worst.loop_late:.1%} sent > {LATE_MS:g} ms late by its own loop)"
+        )
+    busy = [s for s in steps if s.core_share > MAX_CORE_SHARE]
+    if busy:
+        worst = max(busy, key=lambda s: s.core_share)
+        reasons.append(
+            f"the generator used more than {MAX_CORE_SHARE:.0%} of its core in {len(busy)} step(s) (worst: {worst.service} "
+            f"{worst.mix} {worst.label} at {worst.rate:.0f}/s, {worst.core_share:.0%})"
         )
     waited = [s for s in steps if s.conn_late > MAX_LATE_SHARE]
     if waited:

@@ -22,14 +22,19 @@ from bench.overloadkit.mixes import CACHED_ITEMS, SEED_PARAMS, SEED_SQL, seeded_
 from brownout._auth.keys import SCOPES, entry_for, new_key
 
 KEY_NAME = "overload-bench"
+# Runs the command after it pinned to one core (affinity is inherited through exec, fork and new threads).
+PINNED = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); os.execvp(sys.argv[2], sys.argv[2:])"
 
 
 class Stage:
     """Everything the run creates; `close()` removes it (call it from a `finally`)."""
 
-    def __init__(self, out_dir: Path, *, settings: dict[str, str] | None = None) -> None:
-        """*settings*: environment of Brownout's web process beyond the run's own (experiments)."""
+    def __init__(self, out_dir: Path, *, settings: dict[str, str] | None = None, web_cpu: int | None = None) -> None:
+        """*settings*: environment of Brownout's web process beyond the run's own (experiments); *web_cpu*: the
+        core the web process is pinned to (os.sched_setaffinity before its exec), None to let it float."""
         self.settings = settings or {}
+        self.web_cpu = web_cpu
+        self.web_cpus: list[int] = []  # the cores the last web process started may run on, read back
         tag = uuid.uuid4().hex[:8]
         self.tag, self.out_dir = tag, out_dir
         self.dbname = f"bo_overload_{tag}"
@@ -113,11 +118,17 @@ class Stage:
         else:
             argv = [sys.executable, "-m", "uvicorn", "--factory", "bench.chaoskit.naive_app:naive_app"]
             argv += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--workers", "1"]
+        if self.web_cpu is not None:
+            argv = [sys.executable, "-c", PINNED, str(self.web_cpu), *argv]
         web = Dyno(f"web-{service}", argv, self._env() | {"PORT": str(port)}, self.out_dir, self.tracker)
         web.url = f"http://127.0.0.1:{port}"
         self.web = web.start()
         if not wait_for(lambda: answers(f"{web.url}/health") or not web.alive, 60) or not web.alive:
             raise RuntimeError(f"{web.name} did not answer /health:\n{web.tail()}")
+        assert web.process is not None
+        self.web_cpus = sorted(os.sched_getaffinity(web.process.pid))
+        if self.web_cpu is not None and self.web_cpus != [self.web_cpu]:
+            raise RuntimeError(f"{web.name} runs on CPUs {self.web_cpus}, not pinned to CPU {self.web_cpu}")
         return web.url
 
     def stop_web(self) -> None:

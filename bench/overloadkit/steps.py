@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,6 +45,10 @@ class StepResult:
     p99_all: float  # ms, every request (the capacity search's criterion)
     last_ok: float  # s from the step's start to its last 2xx answer
     by_kind: dict[str, str]  # request kind -> its answers in words (split_text)
+    lag_p50: float = 0.0  # ms, the generator's own loop lag (scheduled time to taken up), every request
+    lag_p99: float = 0.0
+    core_share: float = 0.0  # the generator's CPU while sending, as a share of one core
+    generator_cpus: tuple[int, ...] = ()  # the cores the generator was allowed to run on
 
     @property
     def total(self) -> int:
@@ -74,7 +79,7 @@ def classify(status: int, shed: int) -> str:
 
 def summarize(rows: list[list[Any]]) -> dict[str, Any]:
     counts = dict.fromkeys(("ok", "stale", "shed", "other503", "other5xx", "other", "timeout", "error"), 0)
-    admitted, everything = [], []
+    admitted, everything, lags = [], [], []
     within = loop_late = conn_late = 0
     last_ok = 0.0
     by_kind: dict[str, dict[str, list[float]]] = {}  # request kind -> admitted / shed latencies
@@ -86,6 +91,7 @@ def summarize(rows: list[list[Any]]) -> dict[str, Any]:
             last_ok = max(last_ok, at + latency / 1000)
         counts["stale"] += stale
         everything.append(latency)
+        lags.append(loop_lag)
         if kind != "shed":
             admitted.append(latency)
         if status > 0 and latency <= 1000:
@@ -104,6 +110,8 @@ def summarize(rows: list[list[Any]]) -> dict[str, Any]:
         "loop_late": loop_late / n,
         "conn_late": conn_late / n,
         "last_ok": last_ok,
+        "lag_p50": percentile(lags, 0.5),
+        "lag_p99": percentile(lags, 0.99),
         "by_kind": {request: split_text(found) for request, found in by_kind.items()},
     }
 
@@ -120,13 +128,30 @@ def split_text(found: dict[str, list[float]]) -> str:
 
 
 class StepRunner:
-    """Runs steps against the stage's current web process, one generator child per step."""
+    """Runs steps against the stage's current web process, one generator child per step.
 
-    def __init__(self, stage: Stage, *, seconds: float, timeout: float, connections: int, echo: Callable[[str], None]) -> None:
+    *generator_cpu*: the core the generator is pinned to (os.sched_setaffinity), None to let it float."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        seconds: float,
+        timeout: float,
+        connections: int,
+        echo: Callable[[str], None],
+        generator_cpu: int | None = None,
+    ) -> None:
         self.stage, self.seconds, self.timeout, self.connections, self.echo = stage, seconds, timeout, connections, echo
+        self.generator_cpu = generator_cpu
         self.item_cursor = self.list_cursor = 0
         self.cpu_seconds = 0.0
         self.count = 0
+
+    def _preexec(self) -> None:
+        die_with_parent()
+        if self.generator_cpu is not None:
+            os.sched_setaffinity(0, {self.generator_cpu})
 
     def run(self, service: str, url: str, mix: str, rate: float, label: str) -> StepResult:
         self.count += 1
@@ -142,6 +167,7 @@ class StepRunner:
             "duration": self.seconds,
             "timeout": self.timeout,
             "connections": self.connections,
+            "cpu": self.generator_cpu,
             "out": str(out),
         }
         metrics_before = scrape(url, self.stage.auth)
@@ -154,7 +180,7 @@ class StepRunner:
                 [sys.executable, "-m", "bench.overloadkit.generator", str(config_path)],
                 cwd=ROOT,
                 start_new_session=True,  # its own autogroup (generator.first_in_line); killed if this process dies
-                preexec_fn=die_with_parent,
+                preexec_fn=self._preexec,  # pinned from its first instruction, imports included
                 timeout=self.seconds + self.timeout + 60,
                 check=False,
             )
@@ -192,6 +218,10 @@ class StepRunner:
             p99_all=summary["p99_all"],
             last_ok=summary["last_ok"],
             by_kind=summary["by_kind"],
+            lag_p50=summary["lag_p50"],
+            lag_p99=summary["lag_p99"],
+            core_share=data["sending_cpu_seconds"] / max(1e-9, data["sending_seconds"]),
+            generator_cpus=tuple(data["cpus"]),
         )
         self.echo(one_line(result) + (f"; {sampler.text()}" if sampler.text() else ""))
         return result
@@ -240,5 +270,7 @@ def one_line(step: StepResult) -> str:
         f"  [{step.service} {step.mix} {step.label}] {step.rate:.0f}/s: goodput {step.goodput:.0f}/s, "
         f"p99 all {step.p99_all:.0f} ms, admitted p50/p99 {step.p50:.0f}/{step.p99:.0f} ms, 2xx {c['ok']} shed {c['shed']} "
         f"503 {c['other503']} 5xx {c['other5xx']} timeout {c['timeout']} error {c['error']}, "
-        f"breaker moves {moved}, new sessions {step.new_sessions}, late: loop {step.loop_late:.1%} conn {step.conn_late:.1%}"
+        f"breaker moves {moved}, new sessions {step.new_sessions}, late: loop {step.loop_late:.1%} conn {step.conn_late:.1%}; "
+        f"generator CPU {step.cpu_seconds:.2f} s ({step.core_share:.0%} of its core while sending), "
+        f"lag p50/p99 {step.lag_p50:.1f}/{step.lag_p99:.1f} ms"
     )
