@@ -91,7 +91,8 @@ def test_every_key_the_service_writes_expires_but_the_fleet_override(
         if kind in never_expire:
             assert ttls == [-1]
         else:
-            assert all(0 < ttl <= bounds[kind] * 1000 for ttl in ttls), f"{kind}: PTTL {ttls}"
+            # -2: gone between the listing and its PTTL (a rate key lives a few milliseconds): it did expire.
+            assert all(ttl == -2 or 0 < ttl <= bounds[kind] * 1000 for ttl in ttls), f"{kind}: PTTL {ttls}"
 
 
 def test_a_remembered_miss_lives_no_longer_than_the_fresh_window(api: RunningApi, client: redis.Redis, redis_prefix: str) -> None:
