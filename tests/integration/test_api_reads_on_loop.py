@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from brownout._settings import Settings
+from brownout.fastapi._fast_reads import CachedRoutes
 from tests.support.api_server import RunningApi, serve_in_thread
 
 ADA = {"user_id": 7, "email": "ada@example.com", "subject": "On the loop", "body": "b"}
@@ -42,8 +43,9 @@ class HoldThreads:
         await send({"type": "http.response.body", "body": b""})
 
 
-@pytest.fixture
-def held(api_settings: Callable[..., Settings]) -> Iterator[tuple[RunningApi, HoldThreads]]:
+@pytest.fixture(params=["fast path", "route"])
+def held(request: pytest.FixtureRequest, api_settings: Callable[..., Settings]) -> Iterator[tuple[RunningApi, HoldThreads]]:
+    """Served with the item read's fast path, or by its FastAPI route alone (on the loop too)."""
     holder: list[HoldThreads] = []
 
     def wrap(app: Any) -> HoldThreads:
@@ -51,6 +53,8 @@ def held(api_settings: Callable[..., Settings]) -> Iterator[tuple[RunningApi, Ho
         return holder[0]
 
     with serve_in_thread(api_settings(), wrap=wrap) as running:
+        if request.param == "route":
+            running.brownout.cached_routes = CachedRoutes()
         yield running, holder[0]
         running.client.post("/__release")
 

@@ -184,8 +184,9 @@ class RateLimiter:
             reply = await self._link.arun(lambda client: _evalsha(client, _GCRA_THEN_MGET, [key, *keys], args))
         except RedisUnavailable:
             return self._verdict(subject, rate, 1, None), None
-        wait = self._verdict(subject, rate, 1, int(reply[0]) / 1_000_000)
-        return wait, (list(reply[1:]) if wait is None else None)
+        if len(reply) == 1:  # the script refused (and read nothing), however short the wait it names
+            return float(max(1, math.ceil(round(int(reply[0]) / 1_000_000, 3)))), None
+        return None, list(reply[1:])
 
     def _verdict(self, subject: str, rate: Rate, cost: int, shared_wait: float | None) -> float | None:
         wait = self._local_hit(subject, rate, cost) if shared_wait is None else shared_wait

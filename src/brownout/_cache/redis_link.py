@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_LOOP_LATE_SECONDS = 0.01
+"""How late past its deadline a command's timer may run before the event loop, not Redis, is deemed slow."""
+
 
 class RedisUnavailable(Exception):
     """Raised when Redis is being skipped after a failure, or a command just failed."""
@@ -120,6 +123,8 @@ class RedisLink:
         if self.aclient is None:
             return await run_in_threadpool(self.run, fn)  # type: ignore[arg-type]  # the sync client answers in place
         trips_before = self._before()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(self._atimeout):  # a cancelled command's connection is dropped by redis-py
                 if self._missed_write:
@@ -128,11 +133,25 @@ class RedisLink:
         # RuntimeError too: under uvloop, a pooled connection whose peer reset it raises "the handler is closed"
         # on its next write (redis-py then drops the connection, so the next command reconnects).
         except (redis.RedisError, OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                raise  # a bug, not Redis
             if isinstance(exc, TimeoutError) and not isinstance(exc, redis.TimeoutError):  # asyncio.timeout's
+                late = loop.time() - started - (self._atimeout or 0.0)
+                if late > max(_LOOP_LATE_SECONDS, (self._atimeout or 0.0) / 2):
+                    raise self._loop_late(late) from exc
                 exc = redis.TimeoutError(f"no answer within {self._atimeout} s")
             raise self._failed(exc) from exc
         self._answered(trips_before)
         return result
+
+    def _loop_late(self, late: float) -> RedisUnavailable:
+        """The deadline's timer ran *late* past its time: the event loop stalled (a CPU-bound callback, a
+        collection, a saturated process), and a reply may be waiting unread, as libuv runs due timers before it
+        polls. The process's own slowness, not Redis's: this call goes around Redis, the link does not trip
+        (a socket timeout in a thread would not have fired either: the kernel kept the reply)."""
+        if self.on_error is not None:
+            self.on_error("loop_late")
+        return RedisUnavailable(f"the event loop ran {late * 1000:.0f} ms late: no verdict on Redis")
 
     def _before(self) -> int:
         if not self.available:
@@ -170,15 +189,13 @@ class RedisLink:
         log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
 
     async def _abump_epoch(self, aclient: redis.asyncio.Redis) -> None:
-        """`_bump_epoch` on the event loop: the flag is cleared before the await, so coroutines coming back
-        at once make one INCR; a failed one sets it again (a thread racing it makes one more: harmless)."""
-        self._missed_write = False
-        try:
-            await aclient.incr(self.epoch_key)
-        except BaseException:
-            self._missed_write = True
-            raise
-        log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
+        """`_bump_epoch` on the event loop. The flag stays set until Redis has counted the INCR, so nothing
+        reads Redis in between as if it had (threads bump too, coroutines arriving meanwhile bump again: an
+        extra INCR only costs freshness, which the first already did)."""
+        await aclient.incr(self.epoch_key)
+        if self._missed_write:
+            self._missed_write = False
+            log.warning("Redis answers again after missing a write: cached entries are no longer fresh")
 
     def ping(self) -> dict[str, Any]:
         """Readiness view: never raises."""

@@ -60,7 +60,8 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "brownout_redis_errors_total",
-            "Redis calls that failed, by kind (connection, timeout, out_of_memory, read_only, other); each is a degraded answer.",
+            "Redis calls that failed, by kind (connection, timeout, out_of_memory, read_only, other; loop_late: the "
+            "event loop ran the deadline late, no verdict on Redis); each is a degraded answer.",
             ["kind"],
             registry=r,
         )

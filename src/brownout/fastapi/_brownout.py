@@ -214,7 +214,10 @@ class Brownout:
         """Answer `GET path` from Redis before FastAPI's routing when Redis alone can (a fresh entry, or a stale
         one while the database would not be asked): one round trip for the caller's rate and the entry, no
         thread pool. Anything else goes on to the route, which must exist and stays the reference: *route*
-        (`brownout.fastapi.CachedRoute`) names the item's keys and shapes its body as the route would."""
+        (`brownout.fastapi.CachedRoute`) names the item's keys and shapes its body as the route would. The
+        route's own dependencies (`require_scope`, `NonCritical`, yours) do not run on this path: `body`
+        makes the same checks, and returns None where the route would refuse. Paths are matched without
+        the app's root_path (a mounted app is not served this way)."""
         self.cached_routes.declare(path, route)
 
     def _admission_changed(self, limit: int, why: str) -> None:
