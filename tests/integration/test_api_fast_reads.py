@@ -112,9 +112,15 @@ def test_what_the_fast_path_declines_the_route_answers(fast: tuple[RunningApi, W
 
     api.brownout.database.breaker.force_open()
     assert api.client.post(f"/notifications/{ident}/read").status_code == 202
+    hits = hits_counted(api)
     marked = api.client.get(f"/notifications/{ident}")  # a pending mark over the entry: the route overlays it
     assert marked.status_code == 200 and (marked.json()["read"], marked.json()["status"]) == (True, "pending")
     assert watched.answered == 1
+    assert hits_counted(api) == hits + 1  # one read, one count: the fast path counts only what it serves
+
+
+def hits_counted(api: RunningApi) -> float:
+    return api.brownout.metrics.registry.get_sample_value("brownout_cache_reads_total", {"result": "hit"}) or 0.0
 
 
 def test_a_read_is_counted_once_whichever_path_answers(api_settings: Callable[..., Settings]) -> None:

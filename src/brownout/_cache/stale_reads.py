@@ -153,9 +153,10 @@ class StaleReads:
             return CachedRead(None, None)
         return CachedRead(self.answer(lookup), lookup)
 
-    def answer(self, lookup: Lookup) -> ReadResult | None:
+    def answer(self, lookup: Lookup, *, count: bool = True) -> ReadResult | None:
         """What *lookup* answers with no database call (no I/O at all): a fresh entry, or a stale one while the
-        database would not be asked anyway (its breaker refuses, or the process is shedding); else None."""
+        database would not be asked anyway (its breaker refuses, or the process is shedding); else None.
+        *count* False: the caller may still not serve it, and counts it with `served` if it does."""
         cache, entry, now = self._cache, lookup.entry, self._clock()
         if entry is None or cache is None:
             return None
@@ -168,8 +169,13 @@ class StaleReads:
         else:
             return None
         result.extras = lookup.extras
-        self._count(result, lookup)
+        if count:
+            self._count(result, lookup)
         return result
+
+    def served(self, result: ReadResult) -> None:
+        """Count a result of `answer(..., count=False)` that was served."""
+        self._count(result, None)  # from the cache: hit or stale
 
     def _count(self, result: ReadResult, lookup: Lookup | None) -> None:
         if self.on_read is not None:

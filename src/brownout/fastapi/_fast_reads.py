@@ -135,7 +135,7 @@ class FastReads:
                 _counted(scope, caller)
                 return False
             values = read
-        result = reads.answer(parse_lookup(values))
+        result = reads.answer(parse_lookup(values), count=False)  # counted if served: else the route counts it
         body = None if result is None else declared.route.body(result, caller)
         if result is None or body is None:
             _counted(scope, caller)
@@ -143,6 +143,7 @@ class FastReads:
         content = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         headers = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]
         headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in result.headers().items()]
+        reads.served(result)
         scope["route"] = declared  # what the metrics label the request with (`.path`, the template)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
