@@ -135,3 +135,20 @@ def test_admission_control_can_be_turned_off(api_settings: Callable[..., Setting
     with serve_in_thread(api_settings(admission=False)) as api:
         assert api.brownout.admission is None
         assert api.client.get("/users/7/notifications/stats").status_code == 200
+
+
+def test_a_refusal_costs_none_of_the_app_s_middleware_and_a_browser_can_read_it(api_settings: Callable[..., Settings]) -> None:
+    """Past capacity refusals are most of what a process does: the gate sits outside Starlette's stack (its
+    error handler, the HTTP metrics), inside CORS only. Counted once, as a refusal."""
+    settings = api_settings(admission_min_in_flight=LIMIT, admission_max_in_flight=LIMIT, cors_origins="https://app.example.com")
+    with serve_in_thread(settings) as api:
+        busy(api, LIMIT)
+        refused = api.client.post("/notifications", json=ADA, headers={"Origin": "https://app.example.com"})
+        assert_overloaded(refused)
+        assert refused.headers["access-control-allow-origin"] == "https://app.example.com"
+        busy(api, 0)
+        registry = api.brownout.metrics.registry
+        shed = {"criticality": "critical", "outcome": "refused"}
+        assert registry.get_sample_value("brownout_admission_shed_total", shed) == 1
+        as_request = {"method": "POST", "route": "unmatched", "status": "503"}
+        assert registry.get_sample_value("brownout_http_requests_total", as_request) is None
