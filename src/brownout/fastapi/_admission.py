@@ -1,7 +1,8 @@
 """The admission gate (src/brownout/_admission.py) as pure ASGI, and the event-loop probe that moves its limit.
 
-The gate runs before routing, the body, the caller's identity and the thread pool, so a refusal is one
-small 503 written on the event loop. It cannot ask FastAPI which route a request will reach (routing
+The gate runs before routing, the body, the caller's identity, the thread pool and Starlette's own
+middleware (Brownout.init_app puts it around the built stack), so a refusal is one small 503 written on
+the event loop. It cannot ask FastAPI which route a request will reach (routing
 is FastAPI's, and its internals change between releases), so routes that are not critical are
 declared by method and path template (`Brownout.criticality`) and matched here: a dict for plain paths,
 a few compiled patterns for templated ones; anything undeclared is critical.
