@@ -69,10 +69,10 @@ class Verdict(enum.Enum):
 class AdmissionSettings:
     min_limit: int = 4
     max_limit: int = 32
-    latency_floor: float = 0.005  # seconds: an interval's median latency below this is never queueing
+    latency_floor: float = 0.002  # seconds: an interval's median latency below this is never queueing
     baseline_window: float = 10.0  # seconds over which the lowest median latency is the no-queue baseline
     busy_cpu: float = 0.5  # cores: below this CPU use over an interval the process is not overloaded
-    lag_target: float = 0.010  # seconds of standing event-loop (or thread wake-up) delay
+    lag_target: float = 0.005  # seconds of standing event-loop (or thread wake-up) delay
     interval: float = 0.1  # seconds: one verdict on the signals per interval
     tick: float = 0.02  # seconds between lag probes
     cache_headroom: float = 0.5  # cache-served reads admitted up to limit x (1 + headroom)

@@ -188,13 +188,13 @@ class Settings(BaseSettings):
         "falls while the event loop lags). Keep it below the thread pool's 40 threads.",
     )
     admission_target_seconds: PositiveSeconds = Field(
-        default=0.005,
+        default=0.002,
         description="Admission control: while the process is busy (half a core or more), requests' time in it "
         "(the median over 100 ms) is queueing above twice its lowest value of the last 10 s and above this; the "
         "limit then halves.",
     )
     admission_lag_target_seconds: PositiveSeconds = Field(
-        default=0.01,
+        default=0.005,
         description="Admission control: standing event-loop delay above which the limit is halved (the process's "
         "own queueing: CPU, the GIL; a slow database does not count).",
     )
