@@ -33,6 +33,7 @@ from typing import Any
 
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
+from starlette.concurrency import run_in_threadpool
 
 from brownout._cache.redis_link import RedisLink, RedisUnavailable
 
@@ -104,7 +105,7 @@ class Rate:
         return cls(int(match.group(1)), float(match.group(2) or 1) * unit)
 
 
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_GCRA_THEN_MGET,)}  # noqa: S324 - Redis's name
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_GCRA, _GCRA_THEN_MGET)}  # noqa: S324 - Redis's name
 
 
 async def _evalsha(client: Any, script: str, keys: list[str], args: list[int]) -> Any:
@@ -160,17 +161,16 @@ class RateLimiter:
         return self._verdict(subject, rate, cost, wait)
 
     async def ahit(self, subject: str, rate: Rate, *, cost: int = 1) -> float | None:
-        """`hit` on the event loop (the link's asyncio client): a request's rate costs no thread-pool hop."""
+        """`hit` on the event loop (the link's asyncio client): a request's rate costs no thread-pool hop.
+        Without an asyncio client, `hit` in the thread pool."""
+        if self._link is None or self._link.aclient is None:
+            return await run_in_threadpool(self.hit, subject, rate, cost=cost)
         _check_cost(rate, cost)
-        wait = None
-        if self._link is not None:
-            key, args = self._shared_args(self._link, subject, rate, cost)
-            try:
-                # EVAL, not EVALSHA: Redis hashes the script's few hundred bytes, and no NOSCRIPT fallback is needed.
-                wait_us = await self._link.arun(lambda client: client.eval(_GCRA, 1, key, *args))
-                wait = int(wait_us) / 1_000_000
-            except RedisUnavailable:
-                pass
+        key, args = self._shared_args(self._link, subject, rate, cost)
+        try:
+            wait: float | None = int(await self._link.arun(lambda client: _evalsha(client, _GCRA, [key], args))) / 1_000_000
+        except RedisUnavailable:
+            wait = None
         return self._verdict(subject, rate, cost, wait)
 
     async def ahit_and_read(self, subject: str, rate: Rate, keys: list[str]) -> tuple[float | None, list[Any] | None]:

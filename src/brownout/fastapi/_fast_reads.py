@@ -120,22 +120,21 @@ class FastReads:
         if named is None:
             return False
         (key, gen_key), extra = named
-        keys = cache.lookup_keys(key, gen_key, extra)
         limit = authenticator.rate_of(caller, "GET")
         if limit is None:
             try:
-                values: list[Any] = await cache.link.arun(lambda client: client.mget(keys))
+                lookup = await cache.alookup(key, gen_key, extra)
             except RedisUnavailable:
                 return False
         else:
-            wait, read = await authenticator.limiter.ahit_and_read(*limit, keys)
+            wait, values = await authenticator.limiter.ahit_and_read(*limit, cache.lookup_keys(key, gen_key, extra))
             if wait is not None:  # refused: the route counts again and answers 429 in its own words
                 return False
-            if read is None:  # counted by this process alone (Redis away): the route must not count again
+            if values is None:  # counted by this process alone (Redis away): the route must not count again
                 _counted(scope, caller)
                 return False
-            values = read
-        result = reads.answer(parse_lookup(values), count=False)  # counted if served: else the route counts it
+            lookup = parse_lookup(values)
+        result = reads.answer(lookup, count=False)  # counted if served: else the route counts it
         body = None if result is None else declared.route.body(result, caller)
         if result is None or body is None:
             _counted(scope, caller)
