@@ -9,8 +9,10 @@ from typing import Any
 
 import sentry_sdk
 from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine
 
 from brownout._db import BreakerState, CircuitBreaker, ErrorKind
+from brownout._db.health_check import pool_figures
 from brownout._observability.logs import DegradedModeLog, configure_logging
 from brownout._observability.metrics import BreakerMetrics, DbCallMetrics, Metrics, metric_names
 from brownout._observability.sentry import init_sentry, scrubber
@@ -127,3 +129,23 @@ def test_scrubber_drops_bodies_messages_and_frame_variables() -> None:
     assert "data" not in scrubbed["request"] and "cookies" not in scrubbed["request"]
     assert scrubbed["contexts"]["dramatiq"] == {"type": "dramatiq"}
     assert scrubbed["exception"]["values"][0] == {"value": "refused ***@example.com", "stacktrace": {"frames": [{}]}}
+
+
+PSYCOPG2_URL = "postgresql+psycopg2://u:pw@localhost/db"
+
+
+def test_pool_gauges_export_the_pools_maximum() -> None:
+    """Size and max overflow are what the pool-near-its-maximum alert divides by."""
+    metrics = Metrics(CollectorRegistry())
+    engine = create_engine(PSYCOPG2_URL, pool_size=3, max_overflow=7)  # never connects
+    unbounded = create_engine(PSYCOPG2_URL, pool_size=0)  # QueuePool without a limit: no maximum to export
+    try:
+        assert "max_overflow" not in pool_figures(unbounded)
+        metrics.observe_pool(pool_figures(engine))
+    finally:
+        engine.dispose()
+        unbounded.dispose()
+    value = metrics.registry.get_sample_value
+    assert value("brownout_pool_connections", {"state": "size"}) == 3
+    assert value("brownout_pool_max_overflow") == 7
+    assert value("brownout_pool_connections", {"state": "checked_out"}) == 0

@@ -34,12 +34,17 @@ def pool_figures(engine: Engine) -> dict[str, int]:
     pool = engine.pool
     if not isinstance(pool, QueuePool):
         return {}
-    return {
+    figures = {
         "size": pool.size(),
         "checked_out": pool.checkedout(),
         "overflow": max(0, pool.overflow()),
         "checked_in": pool.checkedin(),
     }
+    # The pool's limit above its size; QueuePool keeps it only privately, -1 when unbounded (pool_size 0).
+    max_overflow = getattr(pool, "_max_overflow", -1)
+    if max_overflow >= 0:
+        figures["max_overflow"] = max_overflow
+    return figures
 
 
 def check_db_health(db: Session, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:

@@ -80,6 +80,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.pool_max_overflow = Gauge(
+            "brownout_pool_max_overflow",
+            "Connections the pool may open above its size (summed over live processes): with size, the pool's maximum.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.health_up = Gauge(
             "brownout_health_check_up",
             "1 when the last SELECT 1 health check passed (the worst of the live processes).",
@@ -239,6 +245,8 @@ class Metrics:
         for state in ("size", "checked_out", "overflow"):
             if state in pool:
                 self.pool_connections.labels(state).set(pool[state])
+        if "max_overflow" in pool:
+            self.pool_max_overflow.set(pool["max_overflow"])
 
     def mark_process_dead(self) -> None:
         """At process exit: live gauges stop counting this process."""
