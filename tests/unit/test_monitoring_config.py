@@ -4,8 +4,9 @@ promtool (Debian package `prometheus`) and amtool (`prometheus-alertmanager`) ch
 the alert rules' unit tests (deploy/prometheus/alerts_test.yml). Without them these tests skip, except
 under CI=true, where the set-up installs them and their absence is a failure.
 
-Every `brownout_` metric the dashboard and the alert rules query must be one the code exports:
-`brownout._observability.metrics.metric_names()` when it exists, else the contract below (`EXPORTED`).
+Every metric the dashboard and the alert rules query must be one the code exports
+(`brownout._observability.metrics.metric_names()` when it exists, else the contract below, `EXPORTED`),
+one Prometheus makes itself (`up`), or the operating mode (`brownout_mode`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ EXPORTED = [
     "brownout_http_request_duration_seconds",
 ]
 
+# Series Prometheus adds to every scrape.
+PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added"}
+# The operating mode (read-write, read-only, read-only-automatic), a prometheus_client Enum: allowed
+# before metric_names() lists it.
+MODE_METRIC = "brownout_mode"
+
 ALERT_NAMES = {
     "BrownoutDatabaseErrorRateHigh",
     "BrownoutSslErrorRateHigh",
@@ -69,6 +76,10 @@ ALERT_NAMES = {
     "BrownoutDelayQueueNearlyFull",
     "BrownoutDatabaseLatencyHigh",
     "BrownoutDeadLetters",
+    "BrownoutBreakerFlapping",
+    "BrownoutPoolNearlyFull",
+    "BrownoutWebDown",
+    "BrownoutWorkerDown",
 }
 
 PANEL_TITLES = {
@@ -87,7 +98,14 @@ PANEL_TITLES = {
 # Alertmanager reads a webhook URL from a file (`url_file`) since 0.26.
 AMTOOL_URL_FILE_SINCE = (0, 26)
 
-METRIC = re.compile(r"\bbrownout_[a-zA-Z0-9_]*")
+# A PromQL expression less its strings, label matchers, ranges and groupings: each name left that is not
+# called (a function, an aggregation), not a keyword and not inside a number (5m, 1e3) is a metric.
+PROMQL_STRING = re.compile(r"\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'|`[^`]*`")
+PROMQL_BRACKETS = re.compile(r"\{[^}]*\}|\[[^\]]*\]")
+PROMQL_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE)
+PROMQL_NAME = re.compile(r"(?<![\w.:$])([a-zA-Z_:][\w:]*)(\s*\()?")
+PROMQL_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool"}
+PROMQL_NUMBERS = {"inf", "nan"}
 HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")
 # Grafana's interval variables, replaced by a plain duration before promtool parses an expression.
 GRAFANA_INTERVAL = re.compile(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}")
@@ -143,7 +161,16 @@ def _exported() -> set[str]:
 
 
 def _metrics_in(expr: str) -> set[str]:
-    return {HISTOGRAM_SERIES.sub("", name) for name in METRIC.findall(expr)}
+    """The metric names an expression queries, histograms by their base name."""
+    bare = PROMQL_GROUPING.sub(" ", PROMQL_BRACKETS.sub(" ", PROMQL_STRING.sub(" ", expr)))
+    names = {
+        name for name, call in PROMQL_NAME.findall(bare) if not call and name.lower() not in PROMQL_KEYWORDS | PROMQL_NUMBERS
+    }
+    return {HISTOGRAM_SERIES.sub("", name) for name in names}
+
+
+def _unknown_metrics(expr: str, exported: set[str]) -> list[str]:
+    return sorted(_metrics_in(expr) - exported - PROMETHEUS_BUILTINS - {MODE_METRIC})
 
 
 def _dashboard() -> dict[str, Any]:
@@ -298,15 +325,15 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     exported = _exported()
     exprs = _dashboard_exprs()
     assert exprs
-    unknown = {where: sorted(_metrics_in(expr) - exported) for where, expr in exprs.items() if _metrics_in(expr) - exported}
+    unknown = {where: _unknown_metrics(expr, exported) for where, expr in exprs.items() if _unknown_metrics(expr, exported)}
     assert not unknown, f"dashboard queries metrics the code does not export: {unknown}"
-    assert all(_metrics_in(expr) for expr in exprs.values()), "a dashboard query without a brownout_ metric"
+    assert all(_metrics_in(expr) for expr in exprs.values()), "a dashboard query without a metric"
 
 
 def test_alert_rules_query_only_exported_metrics() -> None:
     exported = _exported()
     rules = _alert_rules()
-    unknown = {r["alert"]: sorted(_metrics_in(r["expr"]) - exported) for r in rules if _metrics_in(r["expr"]) - exported}
+    unknown = {r["alert"]: _unknown_metrics(r["expr"], exported) for r in rules if _unknown_metrics(r["expr"], exported)}
     assert not unknown, f"alert rules query metrics the code does not export: {unknown}"
     assert all(_metrics_in(r["expr"]) for r in rules)
 
@@ -315,4 +342,10 @@ def test_metric_name_extraction() -> None:
     expr = 'histogram_quantile(0.95, sum by (le) (rate(brownout_db_call_duration_seconds_bucket{result="ok"}[5m])))'
     assert _metrics_in(expr) == {"brownout_db_call_duration_seconds"}
     assert _metrics_in("sum(rate(brownout_dispatch_total[5m])) / brownout_x_count") == {"brownout_dispatch_total", "brownout_x"}
-    assert _metrics_in('up{job="brownout-web"}') == set()
+    assert _metrics_in('up{job="brownout-web"} == 0 or absent(up{job="brownout-web"})') == {"up"}
+    # Label names in groupings and matchers, keywords, numbers, durations and strings are no metrics.
+    grouped = "max by (breaker) (brownout_breaker_state) / on (job) group_left () (x_total > bool 1e3) offset 5m"
+    assert _metrics_in(grouped) == {"brownout_breaker_state", "x_total"}
+    assert _metrics_in('label_replace(up, "a", "b_c", "job", "(.*)") > Inf or vector(0.8)') == {"up"}
+    assert _metrics_in("rate(brownout_x_total[$__rate_interval])") == {"brownout_x_total"}
+    assert _unknown_metrics("max by (brownout_mode) (brownout_mode) == 1 or up or brownout_nope", set()) == ["brownout_nope"]
