@@ -93,7 +93,13 @@ PANEL_TITLES = {
     "Cache hit and stale ratio",
     "Worker drain rate",
     "HTTP 5xx rate",
+    "Mode",
+    "Breaker openings",
 }
+
+# Every panel and query names its datasource through this variable, so the dashboard imports into any
+# Grafana; provisioned, the variable opens on the provisioned datasource.
+DATASOURCE_VARIABLE = "datasource"
 
 # Alertmanager reads a webhook URL from a file (`url_file`) since 0.26.
 AMTOOL_URL_FILE_SINCE = (0, 26)
@@ -295,12 +301,18 @@ def test_alertmanager_reads_the_webhook_url_from_the_file_the_container_writes()
     assert hooks and all(hook.get("url_file") == "/etc/alertmanager/webhook_url" and "url" not in hook for hook in hooks)
 
 
-def test_dashboard_has_the_panels_and_uses_the_provisioned_datasource() -> None:
+def test_dashboard_has_the_panels_and_takes_its_datasource_from_a_variable() -> None:
     datasources = _load_yaml(DATASOURCES)["datasources"]
     assert [d["type"] for d in datasources] == ["prometheus"]
     uid = datasources[0]["uid"]
 
     dashboard = _dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    variable = variables[DATASOURCE_VARIABLE]
+    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+    assert variable.get("current", {}).get("value", uid) == uid, "provisioned, it opens on another datasource"
+    rest = json.dumps({**dashboard, "templating": {"list": [v for v in variables.values() if v is not variable]}})
+    assert uid not in rest, "a panel names the provisioned datasource instead of the variable"
     panels = list(_panels(dashboard["panels"]))
     titles = [p["title"] for p in panels]
     assert len(titles) == len(set(titles)), "duplicate panel titles"
@@ -310,12 +322,20 @@ def test_dashboard_has_the_panels_and_uses_the_provisioned_datasource() -> None:
         if panel.get("type") == "row":
             continue
         for owner in [panel, *panel.get("targets", [])]:
-            assert owner.get("datasource") == {"type": "prometheus", "uid": uid}, panel["title"]
+            assert owner.get("datasource") == {"type": "prometheus", "uid": f"${{{DATASOURCE_VARIABLE}}}"}, panel["title"]
         assert panel.get("targets"), panel["title"]
 
     provider = _load_yaml(DASHBOARD_PROVIDER)["providers"]
     assert [p["type"] for p in provider] == ["file"]
     assert provider[0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_dashboard_shows_the_mode_and_the_breaker_openings() -> None:
+    exprs = _dashboard_exprs()
+    mode = [expr for where, expr in exprs.items() if where.startswith("Mode / ")]
+    assert mode and all(_metrics_in(expr) == {MODE_METRIC} for expr in mode)
+    openings = [expr for where, expr in exprs.items() if where.startswith("Breaker openings / ")]
+    assert any('brownout_breaker_transitions_total{to="open"}' in expr for expr in openings)
 
 
 # --- metric names ----------------------------------------------------------------------------------
