@@ -33,6 +33,7 @@ GRAFANA = ROOT / "deploy" / "grafana"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "brownout.yml"
 DASHBOARD = GRAFANA / "dashboards" / "brownout.json"
+COMPOSE = ROOT / "docker-compose.yml"
 
 # The metric families the code exports, as Prometheus names them (counters with `_total`,
 # histograms by their base name).
@@ -249,16 +250,76 @@ def _amtool_version(amtool: str) -> tuple[int, int]:
     return int(found[1]), int(found[2])
 
 
-def test_alertmanager_config_is_valid(tmp_path: Path) -> None:
+def _check_alertmanager_config(config: Path, tmp_path: Path) -> None:
     amtool = _tool("amtool", "prometheus-alertmanager")
-    config = ALERTMANAGER_CONFIG
     if _amtool_version(amtool) < AMTOOL_URL_FILE_SINCE:
         # This amtool does not know `url_file`: check the rest with a placeholder URL.
         text = config.read_text()
         assert "url_file: /etc/alertmanager/webhook_url" in text
-        config = tmp_path / "alertmanager.yml"
+        config = tmp_path / "alertmanager-checked.yml"
         config.write_text(text.replace("url_file: /etc/alertmanager/webhook_url", "url: http://127.0.0.1:9/placeholder"))
     _assert_ok(_run(amtool, "check-config", config))
+
+
+def test_alertmanager_config_is_valid(tmp_path: Path) -> None:
+    _check_alertmanager_config(ALERTMANAGER_CONFIG, tmp_path)
+
+
+# --- Alertmanager's start-up script (docker-compose.yml) ---------------------------------------------
+
+
+def _start_alertmanager(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The compose service's start-up script, run by sh with its folders under *tmp_path*, up to the exec."""
+    entrypoint = _load_yaml(COMPOSE)["services"]["alertmanager"]["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-ec"], entrypoint
+    script = entrypoint[2].replace("$$", "$")  # compose's escape
+    assert "exec /bin/alertmanager " in script
+    source, target = tmp_path / "alertmanager-config", tmp_path / "alertmanager"
+    shutil.copytree(ALERTMANAGER_CONFIG.parent, source)
+    target.mkdir()
+    script = script.replace("/etc/alertmanager-config", str(source)).replace("/etc/alertmanager", str(target))
+    script = script.replace("exec /bin/alertmanager ", "exit 0 # ")
+    return subprocess.run(
+        ["sh", "-ec", script], env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_alertmanager_starts_with_the_webhook_by_default(tmp_path: Path) -> None:
+    environment = _load_yaml(COMPOSE)["services"]["alertmanager"]["environment"]
+    assert environment["ALERT_RECEIVER"] == "${ALERT_RECEIVER:-webhook}"
+    assert environment["ALERT_PAGERDUTY_ROUTING_KEY"] is None, "passed through from compose's environment, no default"
+    _assert_ok(_start_alertmanager(tmp_path, ALERT_RECEIVER="webhook", ALERT_WEBHOOK_URL="https://hooks.example/T0/B0"))
+    written = tmp_path / "alertmanager"
+    assert _load_yaml(written / "alertmanager.yml")["route"]["receiver"] == "webhook"
+    assert (written / "webhook_url").read_text() == "https://hooks.example/T0/B0"
+    assert (written / "webhook_url").stat().st_mode & 0o077 == 0, "a secret readable by others"
+    _check_alertmanager_config(written / "alertmanager.yml", tmp_path)
+
+
+def test_alertmanager_starts_with_pagerduty_when_chosen(tmp_path: Path) -> None:
+    result = _start_alertmanager(tmp_path, ALERT_RECEIVER="pagerduty", ALERT_PAGERDUTY_ROUTING_KEY="R0UT1NGKEY")
+    _assert_ok(result)
+    written = tmp_path / "alertmanager"
+    config = _load_yaml(written / "alertmanager.yml")
+    assert config["route"]["receiver"] == "pagerduty"
+    # The rest of the file is the repository's, untouched.
+    assert {**config, "route": {}} == {**_load_yaml(ALERTMANAGER_CONFIG), "route": {}}
+    assert (written / "pagerduty_routing_key").read_text() == "R0UT1NGKEY"
+    assert (written / "pagerduty_routing_key").stat().st_mode & 0o077 == 0, "a secret readable by others"
+    _check_alertmanager_config(written / "alertmanager.yml", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ALERT_RECEIVER": "pagerduty"}, "needs ALERT_PAGERDUTY_ROUTING_KEY"),
+        ({"ALERT_RECEIVER": "slack", "ALERT_PAGERDUTY_ROUTING_KEY": "R0UT1NGKEY"}, "webhook or pagerduty"),
+        ({}, "webhook or pagerduty"),
+    ],
+)
+def test_alertmanager_refuses_to_start_without_a_usable_receiver(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    result = _start_alertmanager(tmp_path, **env)
+    assert result.returncode != 0 and message in result.stderr, result
 
 
 # --- structure -------------------------------------------------------------------------------------
@@ -293,12 +354,18 @@ def test_every_alert_has_severity_summary_and_description_and_is_tested() -> Non
     assert silent == ALERT_NAMES, f"alerts without a silent case: {ALERT_NAMES - silent}"
 
 
-def test_alertmanager_reads_the_webhook_url_from_the_file_the_container_writes() -> None:
+def test_alertmanager_reads_its_secrets_from_the_files_the_container_writes() -> None:
     config = _load_yaml(ALERTMANAGER_CONFIG)
     receivers = {r["name"]: r for r in config["receivers"]}
-    assert config["route"]["receiver"] in receivers
+    assert set(receivers) == {"webhook", "pagerduty"}
+    assert config["route"]["receiver"] == "webhook"
     hooks = [hook for r in receivers.values() for hook in r.get("webhook_configs", [])]
     assert hooks and all(hook.get("url_file") == "/etc/alertmanager/webhook_url" and "url" not in hook for hook in hooks)
+    pagers = [pager for r in receivers.values() for pager in r.get("pagerduty_configs", [])]
+    assert pagers and all(
+        pager.get("routing_key_file") == "/etc/alertmanager/pagerduty_routing_key" and "routing_key" not in pager
+        for pager in pagers
+    )
 
 
 def test_dashboard_has_the_panels_and_takes_its_datasource_from_a_variable() -> None:
