@@ -252,6 +252,16 @@ class Settings(BaseSettings):
     smtp_timeout_seconds: PositiveSeconds = Field(
         default=10.0, description="Deadline of each SMTP step (connect, TLS, login, each command)."
     )
+    email_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("EMAIL_URL", "BROWNOUT_EMAIL_URL"),
+        description="Where the outbox's emails go: resend://API_KEY, postmark://SERVER_TOKEN (HTTPS), or an SMTP URL "
+        "as SMTP_URL takes; unset: SMTP_URL, and without it emails wait in the outbox. Not both.",
+    )
+    email_timeout_seconds: PositiveSeconds = Field(
+        default=10.0,
+        description="Deadline of each call to an HTTPS email provider (its connect within at most 3 s of it).",
+    )
     email_from: str = Field(default="Brownout <noreply@localhost>", min_length=3, description="From header of emails.")
     outbox_relay_interval_seconds: PositiveSeconds = Field(
         default=1.0, description="How often the worker's relay publishes unpublished outbox rows."
@@ -451,12 +461,19 @@ class Settings(BaseSettings):
                 f"BROWNOUT_RETRY_CAP_SECONDS ({self.retry_cap_seconds}) must be >= "
                 f"BROWNOUT_RETRY_BASE_SECONDS ({self.retry_base_seconds})"
             )
+        if self.email_url and self.smtp_url:
+            raise ValueError("EMAIL_URL and SMTP_URL are both set: keep one (EMAIL_URL takes SMTP URLs too)")
         if self.admission_min_in_flight > self.admission_max_in_flight:
             raise ValueError(
                 f"BROWNOUT_ADMISSION_MIN_IN_FLIGHT ({self.admission_min_in_flight}) must be <= "
                 f"BROWNOUT_ADMISSION_MAX_IN_FLIGHT ({self.admission_max_in_flight})"
             )
         return self
+
+    @property
+    def email_target_url(self) -> str | None:
+        """Where emails go: EMAIL_URL, or SMTP_URL (its older name)."""
+        return self.email_url or self.smtp_url
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
@@ -536,6 +553,8 @@ def _env_name(field: str) -> str:
         return "RABBITMQ_URL"
     if field.lower() in ("smtp_url", "brownout_smtp_url"):
         return "SMTP_URL"
+    if field.lower() in ("email_url", "brownout_email_url"):
+        return "EMAIL_URL"
     if field.lower() in ("migration_database_url", "brownout_migration_database_url"):
         return "MIGRATION_DATABASE_URL"
     if field.lower() in ("redis_url", "brownout_redis_url"):
