@@ -116,6 +116,20 @@ class Metrics:
         self.dead_letters = Gauge(
             "brownout_dead_letters", "Dead letters not yet replayed.", registry=r, multiprocess_mode="mostrecent"
         )
+        self.emails = Counter(
+            "brownout_emails_total",
+            "Attempts to send an outbox email, by backend (smtp, resend, postmark) and outcome: sent, failed_transient, "
+            "rate_limited, rejected (dead-lettered), bad_credentials (key, account or sender refused: the emails wait).",
+            ["backend", "outcome"],
+            registry=r,
+        )
+        self.outbox_oldest_unsent_age = Gauge(
+            "brownout_outbox_oldest_unsent_age_seconds",
+            "Age of the oldest outbox email neither sent nor dead-lettered (of the last 7 days, which the relay "
+            "still publishes); 0: none. Read by the worker's relay every 15 s.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.worker_messages = Counter(
             "brownout_worker_messages_total",
             "Queued writes handled by the worker, by outcome: applied, superseded, duplicate, deferred, dead_lettered, "
