@@ -5,6 +5,8 @@
     Rejected -> 503 + Retry-After (outcome unknown: retry with the same Idempotency-Key)
     DependencyMissing -> 404: a mark of a notification neither in the database nor queued for creation
                          (as far as Redis knows; when it cannot tell, the mark is queued)
+    ReadOnlyMode      -> 503 + Retry-After (brownout maps it): raised by `accept`, before the key is claimed,
+                         so nothing of the write is kept
 
 An Idempotency-Key reused with another body is refused at once (422) when this
 service can see it: the direct path finds it in `applied_commands`; while the
@@ -71,8 +73,8 @@ class NotificationWrites:
     def submit(
         self, name: str, payload: dict[str, Any], *, idempotency_key: str | None, caller: str | None = None
     ) -> WriteResult:
-        """Raise InvalidCommand, KeyReused, DependencyMissing or NotPermitted (404); every other outcome is a
-        WriteResult. *caller*: who submits it (a key's NAME, `user:<id>`), part of its idempotency scope."""
+        """Raise InvalidCommand, KeyReused, DependencyMissing or NotPermitted (404), ReadOnlyMode (503); every
+        other outcome is a WriteResult. *caller*: who submits it (a key's NAME, `user:<id>`), part of its idempotency scope."""
         envelope = self._dispatcher.accept(name, payload, idempotency_key=idempotency_key, caller=caller)
         if envelope.client_key:
             envelope = self._claim_key(envelope)

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from brownout._dispatch.envelope import Envelope
     from brownout._dispatch.outbox import add_email, email_row, emails_of
     from brownout._dispatch.publisher import Publisher, PublishRejected
+    from brownout._fleet.read_only import ReadOnlyMode
     from brownout._observability.log_masking import install_log_masking
     from brownout._observability.logs import configure_logging
     from brownout._observability.metrics import Metrics
@@ -107,6 +108,8 @@ _EXPORTS: dict[str, str] = {
     "load_registry": "brownout._dispatch.commands",
     "recordset": "brownout._dispatch.bulk",
     "rows_param": "brownout._dispatch.bulk",
+    # read-only mode (POST /admin/mode, BROWNOUT_READ_ONLY): what Dispatcher.accept raises
+    "ReadOnlyMode": "brownout._fleet.read_only",
     # side effects written with the write (the outbox)
     "reason_summary": "brownout._dispatch.dead_letters",
     "add_email": "brownout._dispatch.outbox",
@@ -172,6 +175,7 @@ __all__ = [
     "Publisher",
     "Queued",
     "ReadCache",
+    "ReadOnlyMode",
     "ReadResult",
     "RedisLink",
     "RedisUnavailable",

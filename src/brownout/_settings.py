@@ -357,7 +357,14 @@ class Settings(BaseSettings):
         description="Comma-separated origins whose browsers may call the API (CORS); none by default.",
     )
     override_poll_seconds: PositiveSeconds = Field(
-        default=1.0, description="How often each web process reads the fleet-wide breaker override from Redis."
+        default=1.0,
+        description="How often each web and worker process reads the fleet-wide operator records (breaker override, "
+        "read-only mode) from Redis.",
+    )
+    read_only: bool = Field(
+        default=False,
+        description="This process is read-only from start-up whatever the fleet's mode: writes refused with 503, "
+        "the worker holds its queue (POST /admin/mode read-write does not lift it).",
     )
     max_body_bytes: int = Field(
         default=65_536, ge=1024, description="Largest request body accepted; larger ones get 413 before being read."

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.pending import PendingWrites
 from brownout._settings import Settings
@@ -169,11 +170,29 @@ def test_ready_is_503_when_no_write_can_be_made_durable(
             with api.anonymous() as outsider:
                 assert outsider.get("/ready").json() == {"ready": False}  # anonymous: the status, nothing else
             body = api.client.get("/ready", headers=operator).json()
-            assert body["ready"] is False and body["writes"] == "unavailable"
+            # Neither the database nor the queue can take a write: read-only in effect, said as the operator's
+            # mode is (the status stays 503: a failure, not a decision).
+            assert body["ready"] is False and body["writes"] == "read-only" and body["mode"]["reason"] == "automatic"
             assert body["parts"]["breaker"] == "open" and body["parts"]["rabbitmq"] != "ready"
             assert any("circuit breaker open" in reason for reason in body["reasons"])
             assert any("RabbitMQ publisher" in reason for reason in body["reasons"])
             assert "guest:guest" not in str(body)  # the URL's password never shows
+            assert mode_metric(api.client.get("/metrics").text) == {
+                "read-write": 0,
+                "read-only": 0,
+                "read-only-automatic": 1,
+            }
+            rabbit.pass_through()  # the queue takes writes again: the automatic state ends, in /ready and the metric
+            assert wait_until(lambda: api.client.get("/ready").status_code == 200, timeout=30)
+            assert api.client.get("/ready", headers=operator).json()["writes"] == "queued"
+            assert mode_metric(api.client.get("/metrics").text)["read-write"] == 1
+
+
+def mode_metric(text: str) -> dict[str, float]:
+    for family in text_string_to_metric_families(text):
+        if family.name == "brownout_mode":
+            return {sample.labels["brownout_mode"]: sample.value for sample in family.samples}
+    return {}
 
 
 def test_a_cached_not_found_never_joins_a_stale_list(api: RunningApi, wall: JumpingWallClock) -> None:

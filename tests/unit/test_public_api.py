@@ -26,7 +26,7 @@ EXPECTED = {
         "CommitOutcomeUnknown", "ConfigurationError", "Database", "DatabaseUnavailable", "DeadlineExceeded",
         "DependencyMissing", "DependencyPending", "Dispatcher", "Effect", "Entry", "Envelope", "ErrorKind", "HealthMonitor",
         "InvalidCommand", "KeyConflict", "Lookup", "Metrics", "NotPermitted", "PendingReplay", "PublishRejected", "Publisher",
-        "Queued", "ReadCache", "ReadResult", "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound",
+        "Queued", "ReadCache", "ReadOnlyMode", "ReadResult", "RedisLink", "RedisUnavailable", "Registry", "RegistryNotFound",
         "Rejected", "Resilience", "RetryPolicy", "SafeLine", "SafeText", "Settings", "SingleFlight", "StaleReads",
         "UnknownCommand", "__version__", "add_email", "applied_commands", "build_redis_link", "check_db_health",
         "classify", "command_conflicts", "configure_logging", "dead_letters", "email_row", "emails_of",

@@ -14,6 +14,10 @@ A write needing an entity that nothing creates (the caller's `expected` says
 so) is not queued to wait for nothing: DependencyMissing (404). A write of an
 entity that is not its caller's (the command's apply says) is NotPermitted
 (404): nothing is recorded.
+
+In read-only mode (src/brownout/_fleet/read_only.py) `accept` raises ReadOnlyMode
+(503) before the write gets its ids or stamp: every write of the library's and a
+service's own goes through it, and nothing of a refused write is kept.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from brownout._dispatch.apply import AppliedWrite, apply_envelope
 from brownout._dispatch.commands import CommandError, DependencyMissing, DependencyPending, Registry
 from brownout._dispatch.envelope import Envelope, caller_scope, command_id_for, entity_id_for, payload_hash
 from brownout._dispatch.hlc import HybridClock, datetime_of
+from brownout._fleet.read_only import WriteMode
 from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +100,10 @@ class Dispatcher:
         request_deadline: float,
         publish_timeout: float = 2.0,
         clock: HybridClock | None = None,
+        mode: WriteMode | None = None,
     ) -> None:
+        """*mode*: the process's write mode, asked once per write in `accept` (None: always read-write)."""
+        self.mode = mode
         self._database = database
         self._publisher = publisher
         self._registry = registry
@@ -107,10 +115,17 @@ class Dispatcher:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, database: Database, *, registry: Registry, clock: HybridClock | None = None
+        cls,
+        settings: Settings,
+        database: Database,
+        *,
+        registry: Registry,
+        clock: HybridClock | None = None,
+        mode: WriteMode | None = None,
     ) -> Dispatcher:
         """The process's dispatcher for *registry*'s commands, with its own started publisher (closed by
-        `close()`), its clock seeded from the database (`seed_clock`)."""
+        `close()`), its clock seeded from the database (`seed_clock`); *mode* defaults to BROWNOUT_READ_ONLY's
+        alone (`Brownout` passes one that follows the fleet's too)."""
         from brownout._dispatch.publisher import Publisher
 
         publisher = None
@@ -132,6 +147,7 @@ class Dispatcher:
             request_deadline=settings.request_db_deadline_seconds,
             publish_timeout=settings.publish_timeout_seconds,
             clock=clock,
+            mode=mode or WriteMode.from_settings(settings),
         )
         dispatcher._owned_publisher = publisher
         dispatcher.seed_clock(deadline=max(settings.request_db_deadline_seconds, settings.health_timeout_seconds))
@@ -185,7 +201,9 @@ class Dispatcher:
         caller: str | None = None,
         caller_in_scope: bool = True,
     ) -> Envelope:
-        """Validate and stamp a write; raise InvalidCommand (or UnknownCommand).
+        """Validate and stamp a write; raise InvalidCommand (or UnknownCommand), or ReadOnlyMode while the
+        service is read-only (checked once, after validation and before anything else: a write that passes
+        goes on to the end even if the mode changes meanwhile).
 
         *caller* (a key's NAME, `user:<id>`) travels in the envelope, for the apply to check ownership, and
         is folded into the scope the ids are derived in (`caller_scope`): one caller's key never names
@@ -199,6 +217,8 @@ class Dispatcher:
             raise InvalidCommand(f"invalid {name} payload", errors) from None
         if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_KEY_LENGTH and idempotency_key.isprintable()):
             raise InvalidCommand(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters")
+        if self.mode is not None:
+            self.mode.check()
         scope = command.scope(model)
         ids_scope = caller_scope(scope, caller if caller_in_scope else None)
         key = idempotency_key or uuid.uuid4().hex
@@ -224,7 +244,8 @@ class Dispatcher:
     def submit(
         self, name: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None, caller: str | None = None
     ) -> Outcome:
-        """Apply now, queue, or reject; raise InvalidCommand, KeyConflict or NotPermitted for a bad request."""
+        """Apply now, queue, or reject; raise InvalidCommand, KeyConflict or NotPermitted for a bad request,
+        ReadOnlyMode while the service is read-only."""
         return self.submit_envelope(self.accept(name, payload, idempotency_key=idempotency_key, caller=caller))
 
     def submit_envelope(self, envelope: Envelope, *, expected: Callable[[Envelope], bool] | None = None) -> Outcome:

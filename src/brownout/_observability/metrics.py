@@ -19,9 +19,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from brownout._db import BreakerListener, BreakerState, CallObserver, CircuitBreaker, ErrorKind, Resilience
+from brownout._fleet.read_only import METRIC_STATES
 
 STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -231,6 +241,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        mode_help = (
+            "Write mode: read-write, read-only (the operator's POST /admin/mode or BROWNOUT_READ_ONLY), "
+            "read-only-automatic (neither the database nor the queue can take a write)."
+        )
+        self.mode = Enum("brownout_mode", mode_help, states=list(METRIC_STATES), registry=r)
+        # prometheus_client's Enum keeps its value in process memory, which multiprocess mode never reads: there
+        # the same series (`brownout_mode{brownout_mode="read-only"} 1`) come from a gauge written to the
+        # multiprocess files, each state 1 while any live process is in it.
+        self._mode_files = (
+            Gauge("brownout_mode", mode_help, ["brownout_mode"], registry=None, multiprocess_mode="livemax")
+            if multiprocess_dir()
+            else None
+        )
 
     # -- hooks ----------------------------------------------------------------
 
@@ -261,6 +284,13 @@ class Metrics:
                 self.pool_connections.labels(state).set(pool[state])
         if "max_overflow" in pool:
             self.pool_max_overflow.set(pool["max_overflow"])
+
+    def observe_mode(self, state: str) -> None:
+        """This process's write mode, one of METRIC_STATES."""
+        self.mode.state(state)
+        if self._mode_files is not None:
+            for each in METRIC_STATES:
+                self._mode_files.labels(each).set(1 if each == state else 0)
 
     def mark_process_dead(self) -> None:
         """At process exit: live gauges stop counting this process."""

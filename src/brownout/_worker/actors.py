@@ -37,6 +37,9 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
 - A deferral RabbitMQ refuses (the delay queue full, a resource alarm): that
   delivery alone is given back to RabbitMQ a few seconds later (`DeliveryBatch.hold`),
   the rest of its batch goes on.
+- Read-only mode (src/brownout/_fleet/read_only.py), checked once as a batch
+  starts: the batch is held as below, untouched; a batch that started before
+  the switch completes.
 - The database unreachable (breaker open, deadline spent, a transient failure
   that outlasts the retry schedule) for the batch, or a dead letter that
   cannot be kept even as text: the whole batch is raised as
@@ -71,6 +74,7 @@ from brownout._dispatch.commands import DependencyPending, NotPermitted, Registr
 from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
+from brownout._fleet.read_only import WriteMode
 from brownout._worker.batched_delivery import DeliveryBatch, batched
 from brownout._worker.drain import AdaptiveDrain
 from brownout._worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
@@ -108,6 +112,8 @@ class ApplyRuntime:
     """Set at worker shutdown: a batch not started by then is left for RabbitMQ to take back (the
     adaptive drain's, wired by `declare_apply_actor`: it lets every thread waiting for a permit through)."""
     path: Path = "queued"
+    mode: WriteMode | None = None
+    """The process's write mode: a batch starting while it refuses writes is held (back to RabbitMQ)."""
 
     def apply_all(self, items: Sequence[Pending]) -> list[Outcome]:
         """Apply *items* in one transaction, in entity-key order; outcomes in *items*' order.
@@ -175,6 +181,8 @@ def _apply_messages(broker: dramatiq.Broker, runtime: ApplyRuntime, messages: li
         runtime.on_batch(len(slots))
     try:
         with unavailable_as_hold():  # the database's fault: the health gate holds the whole batch
+            if runtime.mode is not None and runtime.mode.refusing:  # once, before anything of the batch is done
+                raise DatabaseUnavailable("read-only mode: the batch waits in RabbitMQ")
             try:
                 _apply_slots(runtime, [slot for slot in slots if slot.pending is not None])
                 for index, slot in enumerate(slots):

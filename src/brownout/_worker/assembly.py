@@ -14,6 +14,7 @@ from brownout._db import Database
 from brownout._dispatch.commands import Registry
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
+from brownout._fleet.read_only import WriteMode
 from brownout._observability.metrics import Metrics
 from brownout._settings import Settings
 from brownout._worker.actors import APPLY_BATCH_ACTOR, ApplyRuntime, declare_apply_actor
@@ -22,7 +23,7 @@ from brownout._worker.email import EmailRuntime, declare_email_actor
 from brownout._worker.health_gate import HealthGate
 from brownout._worker.metrics import WorkerMetrics
 from brownout._worker.outbox import OutboxRelayMiddleware
-from brownout._worker.override import FollowBreakerOverride
+from brownout._worker.override import FollowOperator
 
 
 def dramatiq_middleware() -> list[Middleware]:
@@ -54,15 +55,22 @@ def build_worker_broker(
         middleware=dramatiq_middleware(),
     )
     broker.add_middleware(CurrentMessage())
+    mode = WriteMode.from_settings(settings)  # no automatic state here: the worker has no queue of its own to ask
     gate = HealthGate.for_database(
         database,
         base_seconds=settings.worker_gate_base_seconds,
         cap_seconds=settings.worker_gate_cap_seconds,
         timeout=settings.health_timeout_seconds,
+        hold=lambda: mode.refusing,
     )
+    mode.add_listener(lambda state: gate.check_now())  # the gate pauses or resumes within one poll of the switch
+    if metrics is not None:
+        mode.add_listener(lambda state: metrics.observe_mode(state.metric_state))
     override_link = build_redis_link(settings)
-    if override_link is not None:  # before the gate: the standing override applies before its first check
-        follow = FollowBreakerOverride(override_link, database.breaker, gate=gate, poll_seconds=settings.override_poll_seconds)
+    if override_link is not None:  # before the gate: the standing records apply before its first check
+        follow = FollowOperator(
+            override_link, database.breaker, gate=gate, mode=mode, poll_seconds=settings.override_poll_seconds
+        )
         broker.add_middleware(follow)
     broker.add_middleware(gate)
     drain = AdaptiveDrain.for_database(
@@ -83,6 +91,7 @@ def build_worker_broker(
         ),
         on_applied=after_apply,
         batch_max=settings.worker_batch_max,
+        mode=mode,
     )
     if metrics is not None:
         metrics.attach_resilience(database.resilience)

@@ -57,7 +57,9 @@ when the breaker is open or half-open and not forced:
   the fleet is HALF_OPEN (another process holds the trial) holds the batch and
   pauses, but is no strike: it says nothing about the database.
 
-A breaker forced open by an operator keeps the gate closed.
+A breaker forced open by an operator keeps the gate closed, and so does read-only mode (*hold*): while it
+stands the gate pauses without checking the database or counting strikes, and `check_now()` (told by the
+mode's change) makes it resume at once when it ends.
 
 Timing: while healthy, one check every ``base_seconds``. While paused, wait
 before check n drawn uniformly from [nominal/2, nominal], nominal =
@@ -149,7 +151,9 @@ class HealthGate(Middleware):
 
     *check* returns True when the database answers (it may raise: that counts
     as False). *breaker*, when given, is the worker's own: closed after a
-    passing check, and when forced OPEN it keeps the gate closed.
+    passing check, and when forced OPEN it keeps the gate closed. *hold*,
+    when given, is asked before each check: True keeps the gate closed
+    (read-only mode) with no check and no strike.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class HealthGate(Middleware):
         check: Callable[[], bool],
         *,
         breaker: CircuitBreaker | None = None,
+        hold: Callable[[], bool] | None = None,
         base_seconds: float = 1.0,
         cap_seconds: float = 60.0,
         rng: random.Random | None = None,
@@ -165,6 +170,8 @@ class HealthGate(Middleware):
             raise ValueError(f"need 0 < base_seconds <= cap_seconds, got {base_seconds} and {cap_seconds}")
         self._check = check
         self._breaker = breaker
+        self._hold = hold
+        self._held_last = False
         self.base_seconds = base_seconds
         self.cap_seconds = cap_seconds
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
@@ -189,10 +196,12 @@ class HealthGate(Middleware):
         cap_seconds: float = 60.0,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         rng: random.Random | None = None,
+        hold: Callable[[], bool] | None = None,
     ) -> HealthGate:
         return cls(
             select_one(database, timeout=timeout),
             breaker=database.breaker,
+            hold=hold,
             base_seconds=base_seconds,
             cap_seconds=cap_seconds,
             rng=rng,
@@ -209,7 +218,8 @@ class HealthGate(Middleware):
         return self._rng.uniform(nominal / 2, nominal)
 
     def check_now(self) -> None:
-        """Run the next check at once (the operator lifted an override: no need to wait out the backoff)."""
+        """Run the next check at once (the operator lifted an override or changed the mode: no need to wait
+        out the backoff)."""
         self._wake.set()
 
     def trip(self, *, strike: bool = True) -> None:
@@ -274,7 +284,10 @@ class HealthGate(Middleware):
             tripped = self._tripped.is_set()
             self._tripped.clear()
             strike = True
-            if tripped and not self.paused:
+            held = self._hold is not None and self._hold()
+            if held:  # read-only mode: nothing to learn from the database, nothing to count against it
+                healthy, strike = False, False
+            elif tripped and not self.paused:
                 healthy, strike = False, self._strike_trip
             else:
                 healthy = self.probe()
@@ -284,16 +297,21 @@ class HealthGate(Middleware):
                 if self.paused:
                     worker.resume()
                     self.paused = False
-                    log.warning("health gate: database is back; consuming again")
+                    log.warning("health gate: %s; consuming again", "writes allowed" if self._held_last else "database is back")
+                self._held_last = False
                 delay = self.base_seconds
             else:
                 if strike:
                     self.strikes += 1
+                self._held_last = held
                 if not self.paused:
-                    log.warning("health gate: database unavailable; pausing consumption")
+                    if held:
+                        log.warning("health gate: read-only mode; pausing consumption, queued writes wait in RabbitMQ")
+                    else:
+                        log.warning("health gate: database unavailable; pausing consumption")
                     if not self._pause(worker):
                         return
-                delay = self.wait_before_check(max(1, self.strikes))
+                delay = self.base_seconds if held else self.wait_before_check(max(1, self.strikes))
             self._wake.wait(delay)
 
     def probe(self) -> bool:

@@ -23,7 +23,7 @@ from brownout._admission import AdmissionControl, AdmissionSettings, Criticality
 from brownout._cache.read_cache import ReadCache
 from brownout._cache.redis_link import RedisLink, build_redis_link
 from brownout._cache.stale_reads import StaleReads
-from brownout._db import CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
+from brownout._db import BreakerState, CircuitOpenError, Database, DeadlineExceeded, HealthMonitor, execute_with_retry
 from brownout._db.engine import DeadlineQueuePool
 from brownout._db.health_check import pool_figures
 from brownout._dispatch.commands import Registry
@@ -32,6 +32,8 @@ from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.queue_depth import QueueDepth
 from brownout._fleet.assembly import build_database, build_monitor, stop_breaker
 from brownout._fleet.breaker_override import BreakerOverride
+from brownout._fleet.override_record import OverrideRecord
+from brownout._fleet.read_only import WriteMode
 from brownout._observability.logs import DegradedModeLog, configure_logging
 from brownout._observability.metrics import Metrics
 from brownout._observability.sentry import init_sentry
@@ -80,11 +82,14 @@ class Brownout:
         self.link: RedisLink | None = None
         self.cache: ReadCache | None = None
         self.override: BreakerOverride | None = None
+        self.mode_override: OverrideRecord | None = None
+        """The fleet's read-only mode record (`POST /admin/mode`); None without REDIS_URL."""
         self.queue_depth: QueueDepth | None = None
         self._database: Database | None = None
         self._dispatcher: Dispatcher | None = None
         self._monitor: HealthMonitor | None = None
         self._reads: StaleReads | None = None
+        self._write_mode: WriteMode | None = None
         self._dead_letters_read_at = -1e9
         self.admission: AdmissionControl | None = None
         if settings.admission:
@@ -99,7 +104,8 @@ class Brownout:
             self.admission.on_change = self._admission_changed
         self.criticality_table = CriticalityTable()
         self.cached_routes = CachedRoutes()
-        for method, path in (("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("POST", "/admin/breaker")):
+        exempt = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("POST", "/admin/breaker")]
+        for method, path in [*exempt, ("POST", "/admin/mode")]:
             self.criticality(method, path, Criticality.EXEMPT)  # probes, scrapes and the operator: whatever the load
 
     @property
@@ -113,6 +119,11 @@ class Brownout:
     @property
     def monitor(self) -> HealthMonitor:
         return _started(self._monitor)
+
+    @property
+    def write_mode(self) -> WriteMode:
+        """Whether this process accepts writes: the fleet's mode, BROWNOUT_READ_ONLY, the automatic state."""
+        return _started(self._write_mode)
 
     @property
     def reads(self) -> StaleReads:
@@ -143,13 +154,18 @@ class Brownout:
             database.engine.pool.on_wait = metrics.pool_wait.observe
         database.breaker.add_listener(DegradedModeLog())
         metrics.queue_max_length.set(settings.queue_max_length)
-        self._dispatcher = dispatcher = Dispatcher.from_settings(settings, database, registry=self.registry)
+        self._write_mode = mode = WriteMode.from_settings(settings, automatic=self._no_write_can_be_made_durable)
+        mode.add_listener(lambda state: metrics.observe_mode(state.metric_state))
+        self._dispatcher = dispatcher = Dispatcher.from_settings(settings, database, registry=self.registry, mode=mode)
         dispatcher.on_publisher_restart(metrics.publisher_restarts.inc)
         if link is not None:
             self.cache = ReadCache(
                 link, fresh_seconds=settings.cache_fresh_seconds, stale_seconds=settings.cache_stale_seconds, clock=self.clock
             )
             self.override = BreakerOverride(link, database.breaker, poll_seconds=settings.override_poll_seconds).start()
+            self.mode_override = OverrideRecord(
+                link, "mode", field="mode", poll_seconds=settings.override_poll_seconds, follow=mode.follow, each_poll=mode.watch
+            ).start()
         self._monitor = build_monitor(settings, database, on_result=[metrics.observe_health]).start()
         self._reads = StaleReads(
             database=database, cache=self.cache, deadline=settings.request_db_deadline_seconds, clock=self.clock
@@ -167,6 +183,7 @@ class Brownout:
             self.authenticator.close,
             self._monitor.stop if self._monitor else None,
             self.override.stop if self.override else None,
+            self.mode_override.stop if self.mode_override else None,
             self._dispatcher.close if self._dispatcher else None,
             self.link.close if self.link else None,
             (lambda: stop_breaker(self.database.breaker)) if self._database else None,
@@ -179,8 +196,8 @@ class Brownout:
                 step()
             except Exception:
                 log.exception("shutdown step failed")
-        self.link = self.cache = self.override = self.queue_depth = None
-        self._database = self._dispatcher = self._monitor = self._reads = None
+        self.link = self.cache = self.override = self.mode_override = self.queue_depth = None
+        self._database = self._dispatcher = self._monitor = self._reads = self._write_mode = None
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -221,13 +238,30 @@ class Brownout:
         the app's root_path (a mounted app is not served this way)."""
         self.cached_routes.declare(path, route)
 
+    def queue_accepts(self) -> bool:
+        """Whether a write could be queued now: the publisher connected and the queue not full (its depth is
+        read at most every few seconds, and only asked when the publisher is ready)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.publisher_state != "ready":
+            return False
+        depth = self.queue_depth.read() if self.queue_depth is not None else {}
+        return not (depth.get("ok") and depth["messages"] >= self.settings.queue_max_length)
+
+    def _no_write_can_be_made_durable(self) -> bool:
+        """Automatic read-only: the breaker refuses the database and the queue cannot take a write."""
+        database = self._database
+        if database is None or database.breaker.state is BreakerState.CLOSED:
+            return False
+        return not self.queue_accepts()
+
     def _admission_changed(self, limit: int, why: str) -> None:
         self.metrics.admission_limit.set(limit)
         log.debug("admission limit %d (%s)", limit, why)  # the gauge shows it; a line per change would flood
 
     def init_app(self, app: FastAPI, *, routes: bool = True, observability: bool = True) -> FastAPI:
         """Wire Brownout into *app*: its lifespan around the app's own, the body limit, per-route
-        metrics, the error mapping, and (with *routes*) `/health`, `/ready`, `/metrics`, `/admin/breaker`.
+        metrics, the error mapping, and (with *routes*) `/health`, `/ready`, `/metrics`, `/admin/breaker`,
+        `/admin/mode`.
 
         *observability*: configure this process's logging (BROWNOUT_LOG_FORMAT, BROWNOUT_LOG_PROFILE) and
         Sentry (SENTRY_DSN), as `brownout web` runs the app in processes of its own; False when the service
@@ -296,6 +330,7 @@ class Brownout:
     def refresh_gauges(self) -> None:
         """At scrape time: this process's pool, the queue depth (cached a few seconds), dead letters (15 s)."""
         database = self.database
+        self.write_mode.watch()  # the automatic state as of this scrape
         self.metrics.observe_pool(pool_figures(database.engine))
         if self.admission is not None:
             self.metrics.admission_in_flight.set(self.admission.in_flight)

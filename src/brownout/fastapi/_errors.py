@@ -3,6 +3,8 @@
 DatabaseUnavailable    503 + Retry-After (a read the database cannot answer now, with nothing cached;
                        "overloaded" when admission control let it in on condition of using the cache alone)
 Shed                   503 + Retry-After (a non-critical route while the breaker is not CLOSED)
+ReadOnlyMode           503 + Retry-After, {"detail": "read-only mode", "reason", "since", "retry_after"}
+                       (a write while the service is read-only: nothing kept, the same key is a new write later)
 InvalidCommand         422 with field and reason
 KeyConflict            422 (an Idempotency-Key reused with another body; recorded, not applied)
 UnknownCommand         422
@@ -30,6 +32,7 @@ from brownout._cache.stale_reads import SHED_REASON, DatabaseUnavailable
 from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.commands import DependencyMissing, NotPermitted, UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
+from brownout._fleet.read_only import ReadOnlyMode, iso
 from brownout.fastapi._body_limit import BodyTooLarge
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Shed)
     async def shed(request: Request, exc: Shed) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after_header(exc.retry_after))
+
+    @app.exception_handler(ReadOnlyMode)
+    async def read_only(request: Request, exc: ReadOnlyMode) -> JSONResponse:
+        headers = retry_after_header(exc.retry_after)
+        body = {"detail": str(exc), "reason": exc.reason, "since": iso(exc.since), "retry_after": int(headers["Retry-After"])}
+        return JSONResponse(body, status_code=503, headers=headers)
 
     @app.exception_handler(InvalidCommand)
     async def invalid(request: Request, exc: InvalidCommand) -> JSONResponse:

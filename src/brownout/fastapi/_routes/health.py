@@ -7,6 +7,11 @@ directly, or queued with a confirm): 200 or 503 to anyone, and why to the
 operator (the `admin` or `metrics` scope): each part's state in a word, then its masked
 detail. Error texts name hosts, ports, users and, on Supabase, the project:
 an anonymous caller learns none of it, and the logs keep the full story.
+
+Read-only mode by decision (the operator's, or BROWNOUT_READ_ONLY) is a state
+the process serves in: 200, with `"writes": "read-only"` and the reason. The
+automatic one (no write can be made durable) is said in the same words and
+stays a 503, as it was: it is a failure, not a decision.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from brownout._db import BreakerState
+from brownout._fleet.read_only import iso
 from brownout.fastapi._auth import optional_caller
 from brownout.fastapi._deps import BrownoutDep
 
@@ -55,13 +61,21 @@ def ready(request: Request, brownout: BrownoutDep, authorization: Annotated[str 
     redis = brownout.link.ping() if brownout.link is not None else {"ok": False, "error": "REDIS_URL not set"}
     if not redis["ok"]:
         reasons.append(f"Redis unavailable ({redis.get('error')}): no cache, reads go to the database")
-    status = 200 if direct or queued else 503
+    mode = brownout.write_mode.watch()
+    automatic = mode.reason == "automatic"
+    if mode.mode == "read-only":
+        reasons.insert(0, f"read-only mode ({mode.reason}) since {iso(mode.since)}: writes are answered 503")
+        if automatic and queued:
+            reasons.append(f"queue full ({brownout.settings.queue_max_length} messages): RabbitMQ refuses publishes")
+    decided = mode.mode == "read-only" and not automatic  # the operator's or the setting's: a state to serve in
+    status = 200 if decided or ((direct or queued) and not automatic) else 503
     caller = optional_caller(request, authorization)
     if caller is None or not caller.may("admin", "metrics"):
         return JSONResponse({"ready": status == 200}, status_code=status)
     body = {
-        "ready": direct or queued,
-        "writes": "direct" if direct else ("queued" if queued else "unavailable"),
+        "ready": status == 200,
+        "writes": "read-only" if mode.mode == "read-only" else "direct" if direct else "queued" if queued else "unavailable",
+        "mode": mode.as_json() | {"fleet": _fleet_mode(brownout.write_mode.operator_record)},
         "parts": {
             "database": "unchecked" if last is None else "healthy" if last["healthy"] else str(last["error_kind"]),
             "breaker": breaker.state.value,
@@ -80,6 +94,13 @@ def ready(request: Request, brownout: BrownoutDep, authorization: Annotated[str 
         "time": time.time(),
     }
     return JSONResponse(body, status_code=status)
+
+
+def _fleet_mode(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The operator's record this process follows (None: none recorded, or Redis not reached yet)."""
+    if record is None:
+        return None
+    return {"mode": record["mode"], "since": iso(record.get("since") or record["at"]), "seq": record["seq"]}
 
 
 def _redis_state(configured: bool, ping: dict[str, Any]) -> str:
