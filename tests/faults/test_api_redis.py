@@ -287,3 +287,27 @@ def test_a_queued_creation_redis_missed_is_recorded_once_redis_answers(
         assert shown["status"] == "pending" and shown["subject"] == ADA["subject"]
         assert reader.client.get(f"/commands/{command_id}").json()["status"] == "queued"
         assert len(replay) == 0
+
+
+def test_an_item_written_while_redis_was_away_is_served_stale_in_a_later_database_outage(
+    settings_via: Callable[..., Settings], redis_proxy: FaultProxy, proxy: FaultProxy, pg_database: str
+) -> None:
+    """Redis down, then (after it is back) the database down: the item created meanwhile is still answered.
+    Before, it had no cached copy until someone read it with both up, and every read of it was a 503."""
+    settings = settings_via(database_url=database_url(pg_database, port=proxy.port), redis_skip_seconds=0.5)
+    with serve_in_thread(settings) as api:
+        link = link_of(api)
+        break_redis(redis_proxy, "refuse")
+        item = create(api)  # 201 from the database; its write-through missed Redis
+        assert not link.available
+
+        redis_proxy.pass_through()
+        cached = link.key("cache", "item", item["id"])
+        assert wait_until(lambda: link.available and bool(link.client.exists(cached)), timeout=10), "never stored"
+        proxy.refuse()
+        proxy.reset_existing()
+        stale = api.client.get(f"/notifications/{item['id']}")
+    assert stale.status_code == 200, stale.text
+    assert stale.json() == item
+    assert stale.headers["x-brownout"] == "stale"
+    assert "detail=database-unavailable" in stale.headers["cache-status"]

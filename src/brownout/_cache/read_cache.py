@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from brownout._cache.redis_link import RedisLink
+from brownout._cache.held_copies import HeldCopies
+from brownout._cache.redis_link import RedisLink, RedisUnavailable
 
 # KEYS[1] value key, KEYS[2] generation key, KEYS[3] (optional) a capped index of value keys;
 # ARGV: observed generation, entry JSON, ttl ms, most keys the index keeps, score (ms), and '1' when
@@ -155,6 +156,7 @@ class ReadCache:
         self._store = link.client.register_script(_STORE_IF_CURRENT)
         self._write_through = link.client.register_script(_WRITE_THROUGH)
         self._release = link.client.register_script(_RELEASE)
+        self.held = HeldCopies(link, stale_seconds=stale_seconds, clock=clock)
 
     @property
     def _ttl_ms(self) -> int:
@@ -203,7 +205,17 @@ class ReadCache:
         """After a committed write: bump every generation, and store *value* under *key* as current
         unless a later *version* is there already. With key None, only bump (invalidate)."""
         keys, args = self._write_through_call(key, gen_keys, value, version)
-        self.link.run(lambda client: self._write_through(keys=keys, args=args))
+        try:
+            self.link.run(lambda client: self._write_through(keys=keys, args=args))
+        except RedisUnavailable:
+            if key is not None and not holds_nothing(value):  # stored stale-only once Redis answers (held_copies.py)
+                self.held.hold(key, str(args[0]), taken_at=float(args[1]), version=version)
+            raise
+
+    def hold_read(self, key: str, value: Any) -> None:
+        """A value read from the database while Redis could not take it: stored stale-only once Redis answers."""
+        if not holds_nothing(value):
+            self.held.hold(key, json.dumps(value, separators=(",", ":")), taken_at=self.clock())
 
     def queue_write_through(
         self, pipe: Any, key: str | None, gen_keys: Sequence[str], value: Any = None, *, version: int = 0

@@ -201,6 +201,9 @@ class StaleReads:
             self._refuse_while_open()  # before any lock: a stale answer needs no loader
             if keys is None or lookup is None:
                 value = self.read_database(query)
+                # Redis is away (not merely late: a reply the loop read late trips nothing): held for later
+                if keys is not None and cache is not None and group is None and not cache.link.available:
+                    cache.hold_read(keys[0], value)
                 detail = "; detail=cache-unavailable" if self._cache is not None else ""
                 status = f"{CACHE_NAME}; fwd=miss{detail}" if self._cache else ""
                 return ReadResult(value, cache_status=status, from_database=True)
