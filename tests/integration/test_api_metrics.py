@@ -49,6 +49,7 @@ def test_metrics_follow_reads_writes_and_the_breaker(api_settings: Callable[...,
     assert transitions[(("breaker", "database"), ("to", "closed"))] == 1
     assert found[("brownout_breaker_state", (("breaker", "database"),))] == 0
     assert found[("brownout_pool_connections", (("state", "size"),))] == 10
+    assert found[("brownout_pool_max_overflow", ())] == 20  # with the size, the pool's maximum (default 10 + 20)
     assert found[("brownout_queue_max_length", ())] == 100_000
     assert found[("brownout_queue_messages", ())] == 1  # the queued write, read from RabbitMQ
     assert found[("brownout_dead_letters", ())] == 0
