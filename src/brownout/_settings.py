@@ -402,6 +402,11 @@ class Settings(BaseSettings):
         description="Sentry DSN; unset: Sentry is not initialised.",
     )
     sentry_environment: str = Field(default="production", description="Sentry environment tag.")
+    sentry_incident_interval_seconds: PositiveSeconds = Field(
+        default=600,
+        description="At most one Sentry event per kind of incident (disconnect burst, breaker opening, dead letter) "
+        "per process in this time; those held back are counted on the next one.",
+    )
     metrics_port: int = Field(
         default=9191,
         ge=1,

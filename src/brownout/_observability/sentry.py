@@ -1,4 +1,5 @@
-"""Sentry, only when SENTRY_DSN is set: FastAPI, SQLAlchemy and Dramatiq integrations.
+"""Sentry, only when SENTRY_DSN is set: FastAPI, SQLAlchemy and Dramatiq integrations, and one event per
+incident (disconnect burst, breaker opening, dead letter: incident_events.py), grouped and rate-limited.
 
 Every event is tagged with the database breaker's state (an error while the
 breaker is open reads differently). What never leaves for Sentry:
@@ -21,10 +22,12 @@ from typing import Any
 import sentry_sdk
 from sentry_sdk.integrations.dramatiq import DramatiqIntegration
 from sentry_sdk.integrations.fastapi import FastApiIntegration
+from sentry_sdk.integrations.logging import ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
 from brownout._db import CircuitBreaker
+from brownout._observability import incident_events
 from brownout._observability.log_masking import install_log_masking
 from brownout._redaction import redact
 from brownout._settings import Settings
@@ -40,6 +43,7 @@ def init_sentry(settings: Settings, *, breaker: BreakerSource = None, transport:
 
     *breaker*: the process's breaker, or a function returning it (once built). *transport*: tests only."""
     if settings.sentry_dsn is None:
+        incident_events.disable()
         return False
     install_log_masking()  # log records become events and breadcrumbs: masked where they are made
     options: dict[str, Any] = {}
@@ -57,6 +61,8 @@ def init_sentry(settings: Settings, *, breaker: BreakerSource = None, transport:
         **options,
     )
     sentry_sdk.set_tag("component", component)
+    ignore_logger(incident_events.DEAD_LETTER_LOGGER)  # a dead letter's event is its incident event, reason summarised
+    incident_events.enable(interval_seconds=settings.sentry_incident_interval_seconds, component=component)
     return True
 
 
