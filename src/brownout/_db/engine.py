@@ -28,7 +28,8 @@ What this module adds, in the `handle_error` event:
   * a deadline reached by our own wait callback invalidates only that
     connection (psycopg2 closed it): a slow query is not a dead database;
 - disconnect epochs (incidents.py): the connections one incident kills count
-  once on the breaker, not once each.
+  once on the breaker, not once each, and make one Sentry event when Sentry
+  is on (src/brownout/_observability/incident_events.py).
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ from sqlalchemy.pool import QueuePool
 
 from brownout._db import waiting
 from brownout._db.deadline import remaining
-from brownout._db.errors import classify, describe
+from brownout._db.errors import ErrorKind, classify, describe
 from brownout._db.incidents import DisconnectEpochs
 from brownout._db.pre_ping import CheckoutPinger
+from brownout._observability import incident_events
 from brownout._settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ def build_engine(settings: Settings) -> Engine:
         hide_parameters=True,  # parameters can hold personal data; logs must not
     )
     behind_pooler = settings.database_pooler == "transaction"
-    epochs = DisconnectEpochs()
+    epochs = DisconnectEpochs(on_burst=incident_events.disconnect_burst, watch=incident_events.active)
     event.listen(engine, "connect", epochs.on_connect)
     if settings.pool_pre_ping:
         pinger = CheckoutPinger(behind_pooler=behind_pooler, epochs=epochs, idle_seconds=settings.pool_pre_ping_idle_seconds)
@@ -182,7 +184,8 @@ def _make_error_handler(*, behind_pooler: bool, epochs: DisconnectEpochs) -> Any
             ctx.is_disconnect = True
         if not ctx.is_disconnect:
             return
-        casualty = epochs.on_disconnect(_connection_info(ctx))
+        burst_kind = ErrorKind.SSL if kind is ErrorKind.SSL else ErrorKind.DISCONNECT  # SQLAlchemy's verdict may be the only one
+        casualty = epochs.on_disconnect(_connection_info(ctx), kind=burst_kind.value, connecting=ctx.connection is None)
         if behind_pooler or casualty:
             # Behind a pooler only this link is known dead. A casualty's pool was
             # invalidated after it was made; doing it again would discard the

@@ -76,8 +76,9 @@ class CheckoutPinger:
                 cursor.close()
         except psycopg2.Error as exc:
             cut_by_deadline = isinstance(exc, DatabaseDeadlineReached)
-            disconnect = not cut_by_deadline and classify(exc).is_disconnect
+            kind = classify(exc)
+            disconnect = not cut_by_deadline and kind.is_disconnect
             if disconnect:
-                self.epochs.on_disconnect(None)
+                self.epochs.on_disconnect(None, kind=kind.value)
             error = sa_exc.InvalidatePoolError if disconnect and not self.behind_pooler else sa_exc.DisconnectionError
             raise error(f"pre-ping failed: {describe(exc)}") from exc
