@@ -31,6 +31,10 @@ call a process starts between the database's failure and the breaker's
 opening (locally, or as news from the fleet) reaches a dead database: with a
 fleet breaker that was twice the threshold. The cost on a healthy database is
 one round trip after a blip during which concurrent calls are refused.
+
+An opening from CLOSED on this process's own failure is one Sentry event when
+Sentry is on (src/brownout/_observability/incident_events.py); a failed trial
+re-opening it is the same incident, and an operator's override none.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from brownout._db.errors import CircuitOpenError, ErrorKind, classify
+from brownout._observability import incident_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -222,6 +227,8 @@ class CircuitBreaker:
         for listener in self._listeners:
             self._safely(listener.on_failure, self, kind)
         self._notify_transition(transition)
+        if transition == (BreakerState.CLOSED, BreakerState.OPEN):
+            self._report_opening(kind, scope="process")
 
     def release(self, permit: int) -> None:
         """End a call with no verdict (permanent error, cancellation): free the trial slot."""
@@ -343,6 +350,17 @@ class CircuitBreaker:
         self._end_wary()
         self._state = new
         return None if old is new else (old, new)
+
+    def _report_opening(self, kind: ErrorKind, *, scope: str) -> None:
+        """One Sentry event per opening this process's failure caused (a failed trial re-opening it is the same
+        incident; an override is no incident): a no-op without Sentry."""
+        incident_events.breaker_opened(
+            breaker=self.name,
+            kind=kind.value,
+            scope=scope,
+            failure_threshold=self.failure_threshold,
+            open_seconds=self.open_seconds,
+        )
 
     def _notify_transition(self, transition: tuple[BreakerState, BreakerState] | None) -> None:
         if transition is None:

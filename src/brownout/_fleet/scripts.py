@@ -32,17 +32,20 @@ local function move(state, open_ms)
 end
 """
 
-# ARGV: channel, member, window ms, threshold, open ms
+# ARGV: channel, member, window ms, threshold, open ms. Answers a 4th element: 1 when this failure opened it.
 FAILURE = (
     _PRELUDE
     + """
 local v = view()
-if v[1] ~= 'closed' then return v end
+if v[1] ~= 'closed' then return {v[1], v[2], v[3], 0} end
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return move('open', tonumber(ARGV[5])) end
-return v
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
+  local opened = move('open', tonumber(ARGV[5]))
+  return {opened[1], opened[2], opened[3], 1}
+end
+return {v[1], v[2], v[3], 0}
 """
 )
 

@@ -18,6 +18,9 @@ not atomic across processes, and resilience4j and Polly refuse shared state.
 - **Probe-gated recovery.** With `probe_gated`, OPEN ends when a health check
   passes (`on_health`), not after a timer, so no user request is the probe
   that finds the database still down.
+- **One report per fleet opening.** The failure script says whether this
+  call's failure opened the breaker; only that process sends the Sentry event
+  (scope `fleet`), the others hear of the opening and send nothing.
 - **Redis unreachable.** The first failed Redis call (or a view older than
   `view_ttl`) switches to the local breaker's own logic, logged once; when
   Redis answers again the process adopts the shared state, logged once.
@@ -154,6 +157,8 @@ class SharedBreaker(CircuitBreaker):
                     self._become_wary(permit)  # the fleet has not opened (yet): one call at a time here
         for listener in self._listeners:
             self._safely(listener.on_failure, self, kind)
+        if permit <= NOT_TRIAL and len(answer) > 3 and int(answer[3]):
+            self._report_opening(kind, scope="fleet")  # this failure opened it: the rest of the fleet only hears of it
 
     def record_success(self, permit: int) -> None:
         if permit <= NOT_TRIAL or self._forced is not None or not self._usable():
