@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from brownout._db import classify, describe
+from brownout._dispatch.envelope import APPLY_ACTOR
 from brownout._dispatch.waiting import fresh_options
 from brownout._schema import dead_letters
 
@@ -69,6 +70,18 @@ def reason_summary(reason: str) -> str:
     What follows quotes the driver, the SMTP server or the validator: hosts, users, row values, the
     payload's own text. It stays in `dead_letters` (and `brownout dead-letters show`) for the operator."""
     return reason.partition(": ")[0].partition(" (")[0]
+
+
+def command_name(message: dramatiq.Message[Any]) -> str | None:
+    """The command's name as a queued write's envelope says it (its `name`), None for another actor's message
+    (an email job) or one whose envelope is not a mapping. Unchecked: a message that does not validate can hold
+    anything there."""
+    if message.actor_name != APPLY_ACTOR:
+        return None
+    args = message.args
+    first = args[0] if isinstance(args, list | tuple) and args else None
+    name = first.get("name") if isinstance(first, dict) else None
+    return name if isinstance(name, str) else None
 
 
 TEXT_KEY = "text"

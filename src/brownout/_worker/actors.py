@@ -75,11 +75,13 @@ from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
 from brownout._fleet.read_only import WriteMode
+from brownout._observability import incident_events
 from brownout._worker.batched_delivery import DeliveryBatch, batched
 from brownout._worker.drain import AdaptiveDrain
 from brownout._worker.health_gate import DatabaseUnavailable, is_unavailability, unavailable_as_hold
 
 log = logging.getLogger(__name__)
+dead_letter_log = logging.getLogger(incident_events.DEAD_LETTER_LOGGER)
 
 APPLY_BATCH_ACTOR = "apply_command_batch"
 """The actor a batch of the command queue's deliveries is handed to (worker-internal: never published)."""
@@ -357,7 +359,14 @@ def dead_letter(database: Database, message: dramatiq.Message[Any], reason: str)
     with database.session() as session:
         # Idempotent per message and attempt: a COMMIT lost with the connection is retried, never a second row.
         dead_letter_id = execute_with_retry(session, lambda: dead_letters.store(session, message, reason), idempotent=True)
-    log.error("%s %s dead-lettered as #%d: %s", message.actor_name, message.message_id, dead_letter_id, reason)
+    dead_letter_log.error("%s %s dead-lettered as #%d: %s", message.actor_name, message.message_id, dead_letter_id, reason)
+    incident_events.write_dead_lettered(
+        command=dead_letters.command_name(message),
+        command_id=str(message.message_id),
+        actor=message.actor_name,
+        reason=dead_letters.reason_summary(reason),  # what follows it quotes the payload, the driver or the SMTP server
+        dead_letter_id=dead_letter_id,
+    )
     return dead_letter_id
 
 
