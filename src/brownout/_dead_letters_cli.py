@@ -8,6 +8,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported by run(): building the parser (`brownout --help`) must stay cheap
+    import random
+
     from brownout._db import Database
     from brownout._settings import Settings
 
@@ -25,7 +27,8 @@ def add_parser(sub: Any) -> None:
     purge.add_argument("--older-than-days", type=float, default=None, help="default: BROWNOUT_DEAD_LETTER_RETENTION_DAYS")
 
 
-def run(args: argparse.Namespace, settings: Settings, database: Database) -> int:
+def run(args: argparse.Namespace, settings: Settings, database: Database, *, rng: random.Random | None = None) -> int:
+    """Run one action; *rng* shuffles RabbitMQ's nodes for a replay (tests pass their own)."""
     from brownout._dispatch import dead_letters
 
     with database.session() as session:
@@ -45,10 +48,10 @@ def run(args: argparse.Namespace, settings: Settings, database: Database) -> int
         if args.action == "show":
             print(json.dumps(found, indent=2, default=str))
             return 0
-        return _replay(settings, session, found)
+        return _replay(settings, session, found, rng=rng)
 
 
-def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
+def _replay(settings: Settings, session: Any, row: dict[str, Any], *, rng: random.Random | None) -> int:
     from brownout._dispatch import dead_letters
     from brownout._dispatch.publisher import Publisher, PublishRejected
 
@@ -61,12 +64,13 @@ def _replay(settings: Settings, session: Any, row: dict[str, Any]) -> int:
         return 1
     message = dead_letters.for_replay(row)
     with Publisher(
-        url=settings.rabbitmq_url,
+        url=settings.rabbitmq_urls,
         queue_name=message.queue_name,
         max_length=settings.queue_max_length,
         queue_type=settings.queue_type,
         delivery_limit=settings.queue_delivery_limit,
         confirm_timeout=settings.publish_timeout_seconds,
+        rng=rng,
     ) as publisher:
         try:
             publisher.publish(message, timeout=max(5.0, settings.publish_timeout_seconds))

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from brownout._auth.keys import MIN_KEY_LENGTH as MIN_TOKEN_LENGTH
 from brownout._auth.keys import parse_keys
+from brownout._dispatch.rabbitmq_nodes import NODE_SEPARATOR, split_node_urls
 from brownout._redaction import mask_secrets
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -61,7 +62,9 @@ class Settings(BaseSettings):
     rabbitmq_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("RABBITMQ_URL", "BROWNOUT_RABBITMQ_URL"),
-        description="AMQP URL of RabbitMQ (amqp://user:pass@host:5672/vhost); required by the write path.",
+        description="AMQP URL of RabbitMQ (amqp://user:pass@host:5672/vhost); required by the write path. "
+        "A cluster: one URL per node separated by `;`, each with its own credentials, the same vhost and scheme; "
+        "every client tries them in its own shuffled order.",
     )
     queue_name: str = Field(
         default="brownout-commands",
@@ -260,7 +263,8 @@ class Settings(BaseSettings):
     )
     email_timeout_seconds: PositiveSeconds = Field(
         default=10.0,
-        description="Deadline of each call to an HTTPS email provider (its connect within at most 3 s of it).",
+        description="How long a call to an HTTPS email provider may wait for its answer (and to send its request; "
+        "the connect gets at most 3 s).",
     )
     email_from: str = Field(default="Brownout <noreply@localhost>", min_length=3, description="From header of emails.")
     outbox_relay_interval_seconds: PositiveSeconds = Field(
@@ -435,6 +439,13 @@ class Settings(BaseSettings):
     def _normalise_migration_url(cls, value: str | None) -> str | None:
         return None if value is None else normalise_database_url(value)
 
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _valid_rabbitmq_nodes(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # unset (or set empty): no write path, as before
+        return NODE_SEPARATOR.join(split_node_urls(value))
+
     @field_validator("admin_token")
     @classmethod
     def _long_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -481,6 +492,12 @@ class Settings(BaseSettings):
                 f"BROWNOUT_ADMISSION_MAX_IN_FLIGHT ({self.admission_max_in_flight})"
             )
         return self
+
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """RABBITMQ_URL's node URLs (`brownout._dispatch.rabbitmq_nodes`); empty when unset. Checked, stripped and
+        joined again by its validator, so this split is the whole parse (and follows a `model_copy`)."""
+        return tuple(self.rabbitmq_url.split(NODE_SEPARATOR)) if self.rabbitmq_url else ()
 
     @property
     def email_target_url(self) -> str | None:

@@ -131,7 +131,7 @@ class Dispatcher:
         publisher = None
         if settings.rabbitmq_url:
             publisher = Publisher(
-                url=settings.rabbitmq_url,
+                url=settings.rabbitmq_urls,
                 queue_name=settings.queue_name,
                 max_length=settings.queue_max_length,
                 queue_type=settings.queue_type,

@@ -38,7 +38,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dramatiq
@@ -56,7 +56,7 @@ from brownout._dispatch.publisher_link import (
     reconnect_delay,
 )
 from brownout._dispatch.queues import DEFAULT_DELIVERY_LIMIT, QueueType, queue_declarations
-from brownout._redaction import mask_secrets
+from brownout._dispatch.rabbitmq_nodes import NodeRing
 
 __all__ = [
     "BLOCKED_CONNECTION_SECONDS",
@@ -90,12 +90,15 @@ class Publisher:
     Build one per process at the entry point, ``start()`` it, and ``close()`` it on the way out.
     *max_length*, *queue_type* and *delivery_limit* say how the queues are declared
     (``brownout._dispatch.queues``) and must be the worker's: give all three from the settings.
+    *url* is one node's URL or a cluster's (a list, or ``;``-separated: the settings' ``rabbitmq_urls``);
+    each connect attempt goes to one node, the next round a ring shuffled with *rng*
+    (``brownout._dispatch.rabbitmq_nodes``).
     """
 
     def __init__(
         self,
         *,
-        url: str,
+        url: str | Sequence[str],
         queue_name: str,
         max_length: int,
         queue_type: QueueType = "classic",
@@ -114,19 +117,23 @@ class Publisher:
         self._queue_name = queue_name
         self._confirm_timeout = confirm_timeout
         connect_timeout = confirm_timeout if connect_timeout is None else connect_timeout
-        parameters = pika.URLParameters(url)
-        # Our own heartbeat, not the server's proposal (60 s): the I/O loop sends one every
-        # heartbeat/2 s while idle, and pika drops a link that sent nothing for heartbeat + 5 s.
-        parameters.heartbeat = heartbeat
-        # TCP connect (pika: 10 s) and the whole TCP+AMQP bring-up (pika: 15 s) each fail
-        # within connect_timeout: a black-holed SYN and a peer that accepts and never answers.
-        parameters.socket_timeout = connect_timeout
-        parameters.stack_timeout = connect_timeout
-        # One try per attempt: pika's own retries would sleep retry_delay (2 s) past every
-        # caller's deadline; reconnecting is ours, jittered.
-        parameters.connection_attempts = 1
-        parameters.blocked_connection_timeout = BLOCKED_CONNECTION_SECONDS
-        parameters.client_properties = {"connection_name": f"brownout-publisher {queue_name}"}
+        rng = rng or random.Random()  # noqa: S311 - node order and reconnect backoff jitter, not a secret
+
+        def configure(parameters: Any) -> None:
+            # Our own heartbeat, not the server's proposal (60 s): the I/O loop sends one every
+            # heartbeat/2 s while idle, and pika drops a link that sent nothing for heartbeat + 5 s.
+            parameters.heartbeat = heartbeat
+            # TCP connect (pika: 10 s) and the whole TCP+AMQP bring-up (pika: 15 s) each fail
+            # within connect_timeout: a black-holed SYN and a peer that accepts and never answers.
+            parameters.socket_timeout = connect_timeout
+            parameters.stack_timeout = connect_timeout
+            # One try per attempt: pika's own retries would sleep retry_delay (2 s) past every
+            # caller's deadline; reconnecting is ours, jittered.
+            parameters.connection_attempts = 1
+            parameters.blocked_connection_timeout = BLOCKED_CONNECTION_SECONDS
+            parameters.client_properties = {"connection_name": f"brownout-publisher {queue_name}"}
+
+        nodes = NodeRing(url, rng=rng, configure=configure)
 
         # Shared with callers, under _lock (with the link's incoming and ioloop).
         self._lock = threading.Lock()
@@ -135,12 +142,11 @@ class Publisher:
         self.restarts = 0
         """Times the I/O thread was found dead and started again (`brownout_publisher_restarts_total`)."""
         self.on_restart: Callable[[], None] | None = None
-        rng = rng or random.Random()  # noqa: S311 - reconnect backoff jitter, not a secret
         declarations = queue_declarations(queue_name, max_length=max_length, queue_type=queue_type, delivery_limit=delivery_limit)
 
         def new_link() -> PublisherLink:
             return PublisherLink(
-                parameters=parameters,
+                nodes=nodes,
                 queue_name=queue_name,
                 declarations=declarations,
                 confirm_timeout=confirm_timeout,
@@ -148,7 +154,6 @@ class Publisher:
                 reconnect_base=reconnect_base,
                 reconnect_cap=reconnect_cap,
                 rng=rng,
-                where=mask_secrets(url),
             )
 
         self._new_link = new_link

@@ -23,6 +23,16 @@ publish after a RabbitMQ restart succeeds. A publish that times out after it
 was sent makes the I/O thread open a probe channel; no answer within
 ``confirm_timeout`` drops the connection (a silent link would otherwise live
 until the heartbeat check, up to 2 x (heartbeat + 5) s).
+
+A cluster (``RABBITMQ_URL`` naming several nodes): each attempt goes to one
+node, the next round the publisher's shuffled `NodeRing`, so a lost connection
+is followed by an attempt on another node. While some node has not been tried
+since the last connection, a failed attempt (whatever its cause) fails no
+publish: the publishes waiting for it go on to the next node on demand, and
+"unreachable" means every node failed in turn. A node that refuses or resets
+costs milliseconds; a silent one costs ``connect_timeout``, once per round.
+A refused connect is never taken for a missing queue: that is only RabbitMQ
+returning a message (``mandatory``), on a connection that is up.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from pika.adapters.select_connection import IOLoop
 
 from brownout._dispatch.publish_outcomes import RETRY_AFTER, PublishRejected, PublishRequest, RejectReason, resolve
 from brownout._dispatch.queues import QueueDeclaration
+from brownout._dispatch.rabbitmq_nodes import NodeRing
 from brownout._redaction import mask_secrets
 
 # The publisher's logger, as before the I/O thread had its own module: one name to configure.
@@ -105,7 +116,7 @@ class PublisherLink:
     def __init__(
         self,
         *,
-        parameters: pika.URLParameters,
+        nodes: NodeRing,
         queue_name: str,
         declarations: tuple[QueueDeclaration, ...],
         confirm_timeout: float,
@@ -113,9 +124,8 @@ class PublisherLink:
         reconnect_base: float,
         reconnect_cap: float,
         rng: random.Random,
-        where: str,
     ) -> None:
-        self._parameters = parameters
+        self._nodes = nodes
         self._queue_name = queue_name
         self._declarations = declarations
         self._confirm_timeout = confirm_timeout
@@ -123,7 +133,8 @@ class PublisherLink:
         self._reconnect_base = reconnect_base
         self._reconnect_cap = reconnect_cap
         self._rng = rng
-        self._where = where
+        self._where = nodes.where  # every node, passwords masked
+        self._node = ""  # the node of the attempt or connection in progress, masked
         # Shared with callers: appended to and set under the Publisher's lock.
         self.incoming: collections.deque[PublishRequest] = collections.deque()
         self.ioloop: IOLoop | None = None
@@ -283,6 +294,8 @@ class PublisherLink:
             self._reconnect_timer = None
         if self._stopped or self.state not in (PublisherState.NEW, PublisherState.DISCONNECTED):
             return
+        node = self._nodes.next_node()  # one node per attempt, the next round the ring
+        self._node = node.where
         self._generation += 1
         generation = self._generation
         self._set_state(PublisherState.CONNECTING)
@@ -292,7 +305,7 @@ class PublisherLink:
         self._watchdog = self.ioloop.call_later(self._connect_timeout, functools.partial(self._on_watchdog, generation))
         try:
             self._connection = pika.SelectConnection(
-                parameters=self._parameters,
+                parameters=node.parameters,
                 on_open_callback=functools.partial(self._on_connection_open, generation),
                 on_open_error_callback=functools.partial(self._on_open_error, generation),
                 on_close_callback=functools.partial(self._on_connection_closed, generation),
@@ -384,23 +397,32 @@ class PublisherLink:
         self._connection = self._channel = None
         now = time.monotonic()
         self._attempt_ended = now
-        self._on_demand = _cheap_failure(exc, now - self._attempt_started, self._connect_timeout)
         delay = reconnect_delay(self._failures, rng=self._rng, base=self._reconnect_base, cap=self._reconnect_cap)
         self._failures += 1
+        # Failures in a row count attempts on successive nodes: fewer than the nodes, and some node is untried.
+        untried = self._failures % len(self._nodes) != 0
+        self._on_demand = untried or _cheap_failure(exc, now - self._attempt_started, self._connect_timeout)
         self._schedule_connect(delay)
         self._set_state(PublisherState.DISCONNECTED)
         rejected = self.rejection(RejectReason.UNREACHABLE, _describe(exc))
-        self._fail_pending(rejected)
+        if untried and self._waiting:
+            self._keep_waiting(rejected)
+            self._connect_soon()  # the next node, for the publishes that wait
+        else:
+            self._fail_pending(rejected)
         if not self._outage_logged:
             self._outage_logged = True
             log.warning(
-                "RabbitMQ at %s unreachable (%s); reconnecting with backoff up to %.0fs",
-                self._where,
+                "RabbitMQ at %s unreachable (%s); %s with backoff up to %.0fs",
+                self._node,
                 _describe(exc),
+                f"trying the other nodes of {self._where}" if len(self._nodes) > 1 else "reconnecting",
                 self._reconnect_cap,
             )
         else:
-            log.debug("RabbitMQ connect attempt %d failed (%s); next in %.2fs", self._failures, _describe(exc), delay)
+            log.debug(
+                "RabbitMQ connect attempt %d failed at %s (%s); next in %.2fs", self._failures, self._node, _describe(exc), delay
+            )
 
     def _lost(self, exc: BaseException, *, abort: bool) -> None:
         """An established connection is gone (or given up): reconnect, and send again what it
@@ -414,7 +436,7 @@ class PublisherLink:
         self._connection = self._channel = None
         self._failures = 0
         self._on_demand = True
-        log.warning("RabbitMQ connection lost (%s); reconnecting", _describe(exc))
+        log.warning("RabbitMQ connection to %s lost (%s); reconnecting", self._node, _describe(exc))
         self._schedule_connect(reconnect_delay(0, rng=self._rng, base=self._reconnect_base, cap=self._reconnect_cap))
         self._set_state(PublisherState.DISCONNECTED)
         now = time.monotonic()
@@ -427,6 +449,13 @@ class PublisherLink:
         self._waiting.extendleft(reversed([request for request in unconfirmed if request.deadline > now]))
         if self._waiting:
             self._connect_soon()
+
+    def _keep_waiting(self, error: PublishRejected) -> None:
+        """Keep the publishes waiting for the next attempt, failing those whose callers' deadline has passed."""
+        now = time.monotonic()
+        for request in [request for request in self._waiting if request.deadline <= now]:
+            self._waiting.remove(request)
+            resolve(request, error)
 
     def _fail_pending(self, error: PublishRejected) -> None:
         pending = [*self._waiting, *self._unconfirmed.values()]
@@ -493,11 +522,11 @@ class PublisherLink:
             return
         previous, self.state = self.state, state
         if state is PublisherState.READY and previous is PublisherState.CONNECTING:
-            log.info("RabbitMQ publisher connected to %s (queue %r)", self._where, self._queue_name)
+            log.info("RabbitMQ publisher connected to %s (queue %r)", self._node, self._queue_name)
         elif state is PublisherState.READY:
             log.info("RabbitMQ unblocked publishing")
         elif state is PublisherState.CONNECTING and previous is PublisherState.DISCONNECTED:
-            log.debug("RabbitMQ publisher reconnecting to %s", self._where)
+            log.debug("RabbitMQ publisher reconnecting to %s", self._node)
 
     def shutdown(self) -> None:
         assert self.ioloop is not None  # noqa: S101 - narrows the type for mypy: runs on the I/O thread, after ioloop is set

@@ -7,33 +7,53 @@ RabbitMQ one connection per interval, not one per probe. A blocking
 connection's calls after the handshake have no deadline of their own, so the
 question runs on a short-lived thread that the caller waits for at most
 `timeout` (the connection's heartbeat then ends a stuck one).
+
+A cluster's nodes are tried in pika's order, each with `timeout`, starting one
+node further round the probe's shuffled ring at each read
+(``brownout._dispatch.rabbitmq_nodes``): a refused or reset node costs
+milliseconds. Only RabbitMQ's own answer that the queue does not exist (a
+passive declare refused) reads as a missing queue; a node that cannot be
+reached reads as RabbitMQ unreachable.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pika
 import pika.exceptions
 from dramatiq.common import dq_name
 
+from brownout._dispatch.rabbitmq_nodes import NodeRing
 from brownout._redaction import mask_secrets
 
 
 class QueueDepth:
-    def __init__(self, *, url: str, queue_name: str, timeout: float, cache_seconds: float = 5.0) -> None:
-        self._parameters = pika.URLParameters(url)
-        self._parameters.socket_timeout = timeout
-        self._parameters.stack_timeout = timeout
-        self._parameters.blocked_connection_timeout = timeout
-        self._parameters.connection_attempts = 1
-        self._parameters.heartbeat = max(1, round(timeout))
+    def __init__(
+        self,
+        *,
+        url: str | Sequence[str],
+        queue_name: str,
+        timeout: float,
+        cache_seconds: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        def configure(parameters: Any) -> None:
+            parameters.socket_timeout = timeout
+            parameters.stack_timeout = timeout
+            parameters.blocked_connection_timeout = timeout
+            parameters.connection_attempts = 1  # of the whole list: each node once
+            parameters.heartbeat = max(1, round(timeout))
+
+        self._nodes = NodeRing(url, rng=rng, configure=configure)
         self._queue_name = queue_name
         self._timeout = timeout
         self._cache_seconds = cache_seconds
-        self._where = mask_secrets(url)
+        self._where = self._nodes.where
         self._lock = threading.Lock()
         self._last: tuple[float, dict[str, Any]] | None = None
 
@@ -57,7 +77,7 @@ class QueueDepth:
 
     def _ask(self) -> dict[str, Any]:
         try:
-            connection = pika.BlockingConnection(self._parameters)
+            connection = pika.BlockingConnection(self._nodes.next_order())
         except (pika.exceptions.AMQPError, OSError) as exc:
             return {"ok": False, "error": mask_secrets(f"{type(exc).__name__} connecting to {self._where}: {exc}")}
         try:

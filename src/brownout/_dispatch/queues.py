@@ -26,18 +26,24 @@ draining the queues, deleting them and letting the new release declare them.
 consumers settling only deliveries of their own channel (`TagSafeConsumer`), and with
 ``confirm_delivery=True``: without confirms a publish to a full queue is dropped
 silently (RabbitMQ's reject-publish only tells publishers that asked for
-confirms). Nothing here connects or reads the environment at import.
+confirms). It reaches a cluster's nodes through a `NodeRing`
+(``brownout._dispatch.rabbitmq_nodes``): each connection it or a consumer opens
+tries every node, starting one further round its shuffled ring. Nothing here
+connects or reads the environment at import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 from dramatiq import Consumer
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import dq_name, xq_name
+
+from brownout._dispatch.rabbitmq_nodes import NodeRing
 
 OVERFLOW = "reject-publish"
 
@@ -218,16 +224,19 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
     raises as ``ConnectionClosed``). ``max_priority`` is refused: it would add
     ``x-max-priority`` on the worker's side only, and RabbitMQ would refuse the
     other declarations. *queue_type* and *delivery_limit* must be the publishers'
-    (both come from the same settings).
+    (both come from the same settings). *url* is one node's URL or a cluster's (a list,
+    or ``;``-separated as Dramatiq takes it); *rng* shuffles the nodes.
     """
 
     def __init__(
         self,
         *,
+        url: str | Sequence[str],
         max_length: int,
         queue_type: QueueType = "classic",
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         publish_deadline: float = PUBLISH_DEADLINE_SECONDS,
+        rng: random.Random | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("max_priority") is not None:
@@ -241,10 +250,19 @@ class BrownoutRabbitmqBroker(RabbitmqBroker):
         self.dead_letter_queue_arguments = dead_letter_queue_arguments(queue_type=queue_type, delivery_limit=delivery_limit)
         self._type_arguments = quorum_arguments(delivery_limit=delivery_limit) if queue_type == "quorum" else {}
         self._consumers: dict[str, ConsumerFactory] = {}
-        super().__init__(**kwargs)
+        self._nodes = NodeRing(url, rng=rng, configure=lambda parameters: bound_waits(parameters, publish_deadline))
+        super().__init__(url=list(self._nodes.urls), **kwargs)
         self.publish_deadline = publish_deadline
-        for parameters in self.parameters if isinstance(self.parameters, list) else [self.parameters]:
-            bound_waits(parameters, publish_deadline)
+
+    @property
+    def parameters(self) -> list[Any]:
+        """Every node, for one new connection (Dramatiq's per thread, a consumer's): pika tries them in order,
+        starting one node further round this broker's shuffled ring than the last connection."""
+        return self._nodes.next_order()
+
+    @parameters.setter
+    def parameters(self, _value: Any) -> None:
+        """Dramatiq's __init__ sets its own from the same URLs: the ring stands in for them."""
 
     consumer_class = TagSafeConsumer
 

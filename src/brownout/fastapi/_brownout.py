@@ -173,7 +173,7 @@ class Brownout:
         self._reads.on_read = lambda served: metrics.cache_reads.labels(served).inc()
         if settings.rabbitmq_url:
             self.queue_depth = QueueDepth(
-                url=settings.rabbitmq_url, queue_name=settings.queue_name, timeout=settings.publish_timeout_seconds
+                url=settings.rabbitmq_urls, queue_name=settings.queue_name, timeout=settings.publish_timeout_seconds
             )
         return self
 
