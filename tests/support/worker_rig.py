@@ -8,6 +8,9 @@ every Worker stopped before the broker closes. The `make_worker_rig` fixture
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
@@ -16,8 +19,10 @@ from tests.support.rabbit import RABBITMQ_URL
 
 
 class WorkerRig:
-    def __init__(self, *, max_length: int = 1000) -> None:
-        self.broker = BrownoutRabbitmqBroker(url=RABBITMQ_URL, max_length=max_length)
+    def __init__(
+        self, *, max_length: int = 1000, url: str | Sequence[str] = RABBITMQ_URL, rng: random.Random | None = None
+    ) -> None:
+        self.broker = BrownoutRabbitmqBroker(url=url, max_length=max_length, rng=rng)
         self.broker.add_middleware(CurrentMessage())
         self.workers: list[dramatiq.Worker] = []
 
