@@ -81,6 +81,8 @@ ALERT_NAMES = {
     "BrownoutPoolNearlyFull",
     "BrownoutWebDown",
     "BrownoutWorkerDown",
+    "BrownoutOutboxStuck",
+    "BrownoutEmailCredentialsRejected",
 }
 
 PANEL_TITLES = {
@@ -96,6 +98,8 @@ PANEL_TITLES = {
     "HTTP 5xx rate",
     "Mode",
     "Breaker openings",
+    "Emails by backend and outcome",
+    "Oldest unsent email",
 }
 
 # Every panel and query names its datasource through this variable, so the dashboard imports into any
