@@ -73,3 +73,27 @@ def test_a_publisher_back_on_a_surviving_node_stays_there_and_keeps_publishing(
 
     assert bodies(queue_name) == [(number,) for number in range(20)]
     assert node.connection_count == accepted_before, "no further attempt on the dead node while the other serves"
+
+
+def test_a_silent_node_costs_one_connect_deadline_then_the_next_node_serves(
+    node: FaultProxy, make_publisher: Callable[..., Publisher], queue_name: str
+) -> None:
+    """A node that accepts and never answers: the attempt on it ends at the connect deadline (the publish
+    waiting on it with it), and the next attempt goes to the other node."""
+    from brownout._dispatch.publisher import PublishRejected
+
+    node.silence()
+    deadline = 1.0
+    started = time.monotonic()
+    publisher = make_publisher(url=[node_url(node.port), RABBITMQ_URL], rng=InOrder(), confirm_timeout=deadline)
+    with pytest.raises(PublishRejected):
+        publisher.publish(message(queue_name, "lost to the silent node"))
+    assert time.monotonic() - started < deadline + 0.5
+
+    assert wait_until(lambda: publisher.state is PublisherState.READY, timeout=3)
+    ready_after = time.monotonic() - started
+    publisher.publish(message(queue_name, "through the other"))
+
+    assert deadline <= ready_after < deadline + 1.5  # the silent attempt, the backoff (at most 0.5 s), a connect
+    assert bodies(queue_name) == [("through the other",)]
+    assert node.connection_count == 1, "the silent node was tried once"
