@@ -223,6 +223,33 @@ def test_admin_breaker_refused_and_ready_says_why_while_redis_is_down(
         assert wait_until(lambda: api.client.get("/ready", headers=auth).json()["redis"]["ok"] is True, timeout=10)
 
 
+def test_read_only_mode_refused_while_redis_is_down_and_nothing_changes(
+    settings_via: Callable[..., Settings], redis_proxy: FaultProxy
+) -> None:
+    with serve_in_thread(settings_via(admin_token=TOKEN, redis_skip_seconds=0.5)) as api:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        break_redis(redis_proxy, "refuse")
+        refused = api.client.post("/admin/mode", json={"mode": "read-only"}, headers=auth)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "5" and "nothing was changed" in refused.json()["detail"]
+        assert api.brownout.write_mode.state.mode == "read-write"
+        assert api.client.post("/notifications", json=ADA).status_code == 201  # writes go on
+
+        # Control: the same request works once Redis answers, so the 503 above was Redis's doing.
+        redis_proxy.pass_through()
+        assert wait_until(lambda: link_of(api).available, timeout=10)
+        entered = api.client.post("/admin/mode", json={"mode": "read-only"}, headers=auth)
+        assert entered.status_code == 200 and entered.json()["mode"] == "read-only", entered.text
+        assert api.client.post("/notifications", json=ADA).status_code == 503
+        # Redis down again: the process keeps the mode it last followed, and read-write cannot reach the fleet either.
+        break_redis(redis_proxy, "refuse")
+        assert api.client.post("/admin/mode", json={"mode": "read-write"}, headers=auth).status_code == 503
+        assert api.client.post("/notifications", json=ADA).status_code == 503
+        redis_proxy.pass_through()
+        assert wait_until(lambda: link_of(api).available, timeout=10)
+        assert api.client.post("/admin/mode", json={"mode": "read-write"}, headers=auth).status_code == 200
+
+
 @pytest.mark.parametrize("outage", ["breaker", "refuse"])
 def test_database_down_uncached_read_is_503_cached_one_is_stale(
     settings_via: Callable[..., Settings], proxy: FaultProxy, pg_database: str, outage: str

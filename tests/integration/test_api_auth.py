@@ -76,6 +76,7 @@ def routes(notification_id: str) -> list[tuple[str, str, dict[str, Any] | None]]
         ("GET", f"/commands/{uuid.uuid4()}", None),
         ("GET", "/metrics", None),
         ("POST", "/admin/breaker", {"action": "reset"}),
+        ("POST", "/admin/mode", {"mode": "read-write"}),
     ]
 
 

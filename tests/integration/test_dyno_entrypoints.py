@@ -85,6 +85,32 @@ def test_web_processes_add_up_in_metrics(api_settings: Callable[..., Settings]) 
     assert sample(text, "brownout_pool_connections", state="size") == 2 * settings.pool_size  # two live pools
 
 
+def test_read_only_shows_in_the_metrics_of_the_web_and_worker_dynos(api_settings: Callable[..., Settings]) -> None:
+    """`brownout_mode` is a prometheus_client Enum, whose value multiprocess mode never reads: the dynos'
+    processes must still export `brownout_mode{brownout_mode="read-only"} 1`."""
+    settings = api_settings(read_only=True)
+    port, metrics_port = free_port(), free_port()
+    env = settings_env(fields_of(settings, web_processes=2, metrics_port=metrics_port)) | {"PORT": str(port)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    web = f"http://127.0.0.1:{port}"
+    with dyno("web", env):
+        assert wait_until(lambda: _answers(f"{web}/health"), timeout=60), "the web dyno did not start"
+        refused = httpx.post(f"{web}/notifications", json=ADA, headers=AS_SERVICE, timeout=10)
+        assert refused.status_code == 503 and refused.json()["detail"] == "read-only mode", refused.text
+        text = httpx.get(f"{web}/metrics", headers=AS_SERVICE, timeout=10).text
+    assert sample(text, "brownout_mode", brownout_mode="read-only") == 1, text
+    assert sample(text, "brownout_mode", brownout_mode="read-write") == 0
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with dyno("worker", env):
+        assert wait_until(lambda: _answers(url), timeout=60), "the worker's metrics did not come up"
+        assert wait_until(
+            lambda: sample(httpx.get(url, headers=AS_SERVICE, timeout=5).text, "brownout_mode", brownout_mode="read-only") == 1,
+            timeout=30,
+        )
+        text = httpx.get(url, headers=AS_SERVICE, timeout=5).text
+    assert sample(text, "brownout_mode", brownout_mode="read-write") == 0
+
+
 def test_the_web_dyno_masks_a_password_in_its_access_log(api_settings: Callable[..., Settings], tmp_path: Path) -> None:
     """uvicorn's own access-log handler (BROWNOUT_ACCESS_LOG=true), in a process started as the Procfile does:
     masked without being told."""

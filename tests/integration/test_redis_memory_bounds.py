@@ -65,6 +65,8 @@ def test_every_key_the_service_writes_expires_but_the_fleet_override(
     assert api.client.get(f"/notifications/{uuid.uuid4()}").status_code == 404  # a remembered miss
     opened = api.client.post("/admin/breaker", json={"action": "open"}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert opened.status_code == 200, opened.text
+    mode = api.client.post("/admin/mode", json={"mode": "read-write"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert mode.status_code == 200, mode.text
     assert api.client.post("/notifications", json=ADA, headers={"Idempotency-Key": "k-2"}).status_code == 202
     assert api.client.post(f"/notifications/{created['id']}/unread").status_code == 202  # a pending mark
 
@@ -82,7 +84,7 @@ def test_every_key_the_service_writes_expires_but_the_fleet_override(
         "command": PENDING,
         "rate": 60,  # a caller's rate budget: within its period (a minute by default)
     }
-    never_expire = {"breaker:override"}  # the operator's forced state: see README "Redis memory"
+    never_expire = {"breaker:override", "mode:override"}  # the operator's records: see README "Redis memory"
     seen: dict[str, list[int]] = {}
     for key in keys_under(client, redis_prefix):
         seen.setdefault(kind_of(key, redis_prefix), []).append(int(client.pttl(key)))

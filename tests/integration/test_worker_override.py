@@ -1,8 +1,9 @@
-"""The operator's fleet-wide breaker override reaches the worker: while "open", queued writes wait in RabbitMQ.
+"""The operator's fleet-wide records reach the worker: while the breaker is forced "open", or while the
+service is read-only, queued writes wait in RabbitMQ.
 
 The production worker broker (brownout._worker.assembly) runs in-process on this test's queue, database and Redis
-prefix; the operator's action is recorded as `POST /admin/breaker` records it, by another process's
-BreakerOverride. Nothing here is faked: the worker learns of the override through Redis.
+prefix; the operator's action is recorded as `POST /admin/breaker` and `POST /admin/mode` record it, by another
+process's BreakerOverride or OverrideRecord. Nothing here is faked: the worker learns of them through Redis.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from brownout._cache.redis_link import build_redis_link
 from brownout._db import BreakerState, CircuitBreaker, Database
 from brownout._dispatch.dispatcher import Dispatcher, Queued
 from brownout._fleet.breaker_override import Action, BreakerOverride
+from brownout._fleet.override_record import OverrideRecord
 from brownout._settings import Settings
 from brownout._worker.assembly import build_worker_broker
 from tests.support.polling import wait_until
+from tests.support.rabbit import ready_count
 
 
 @pytest.fixture
@@ -44,6 +47,13 @@ def operator(settings: Settings, action: Action) -> None:
     link = build_redis_link(settings)
     assert link is not None
     BreakerOverride(link, CircuitBreaker(), poll_seconds=60).apply(action)
+
+
+def operator_mode(settings: Settings, mode: str) -> None:
+    """What `POST /admin/mode` does in a web process: record the mode for the fleet."""
+    link = build_redis_link(settings)
+    assert link is not None
+    OverrideRecord(link, "mode", field="mode", poll_seconds=60, follow=lambda record: None).record(mode)
 
 
 def count(database: Database) -> int:
@@ -92,12 +102,12 @@ class SlowBoot(Middleware):
 
 
 @pytest.fixture
-def start_worker(settings: Settings, make_database: Callable[..., Database]) -> Iterator[Callable[[], Database]]:
+def start_worker(settings: Settings, make_database: Callable[..., Database]) -> Iterator[Callable[..., Database]]:
     started: list[tuple[dramatiq.Worker, Any]] = []
 
-    def start() -> Database:
+    def start(worker_settings: Settings | None = None) -> Database:
         worker_database = make_database()  # this test's database: the worker's own pool and breaker
-        broker = build_worker_broker(settings, worker_database, registry=build_registry())
+        broker = build_worker_broker(worker_settings or settings, worker_database, registry=build_registry())
         broker.add_middleware(SeenByTheActor(worker_database.breaker))
         broker.add_middleware(SlowBoot())  # "after" hooks run last-added first: this one before the override's
         worker = dramatiq.Worker(broker, queues={settings.queue_name}, worker_threads=2, worker_timeout=100)
@@ -140,3 +150,49 @@ def test_an_open_override_during_the_run_stops_the_worker_and_close_resumes_it(
     operator(settings, "close")
     assert wait_until(lambda: count(database) == 2, timeout=10)
     assert time.monotonic() - lifted < 5  # the gate checked at once, not after its backoff
+
+
+def test_a_standing_read_only_mode_keeps_queued_writes_in_rabbitmq_until_read_write(
+    settings: Settings, database: Database, start_worker: Callable[..., Database]
+) -> None:
+    operator_mode(settings, "read-only")
+    enqueue(settings, database, "accepted-before-the-switch")  # a write that passed the check before the switch
+    start_worker()
+    assert stays(lambda: count(database) == 0, 1.5), "the worker applied a write while the service was read-only"
+    assert wait_until(lambda: ready_count(settings.queue_name) == 1, timeout=10)  # back in RabbitMQ, not lost
+    lifted = time.monotonic()
+    operator_mode(settings, "read-write")
+    assert wait_until(lambda: count(database) == 1, timeout=10)
+    assert time.monotonic() - lifted < 5  # the gate checked at once, not after a backoff
+
+
+def test_read_only_during_the_run_holds_the_drain_within_a_poll_and_read_write_resumes_it(
+    settings: Settings, database: Database, start_worker: Callable[..., Database], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="brownout")
+    start_worker()
+    enqueue(settings, database, "before")
+    assert wait_until(lambda: count(database) == 1, timeout=10)
+    switched = time.monotonic()
+    operator_mode(settings, "read-only")
+    assert wait_until(lambda: any("read-only mode; pausing consumption" in line for line in caplog.messages), timeout=5)
+    assert time.monotonic() - switched < 1.0  # poll interval 0.1 s: held within a few of them
+    assert sum(line.startswith("read-only mode entered") for line in caplog.messages) == 1
+    enqueue(settings, database, "during")
+    assert stays(lambda: count(database) == 1, 1.5), "the worker applied a write while the service was read-only"
+    assert wait_until(lambda: ready_count(settings.queue_name) == 1, timeout=10)
+    lifted = time.monotonic()
+    operator_mode(settings, "read-write")
+    assert wait_until(lambda: count(database) == 2, timeout=10)
+    assert time.monotonic() - lifted < 5
+    assert sum(line.startswith("read-only mode left") for line in caplog.messages) == 1
+
+
+def test_the_read_only_setting_holds_the_worker_whatever_the_fleet_says(
+    settings: Settings, database: Database, start_worker: Callable[..., Database]
+) -> None:
+    enqueue(settings, database, "queued")
+    operator_mode(settings, "read-write")
+    start_worker(settings.model_copy(update={"read_only": True}))
+    assert stays(lambda: count(database) == 0, 2.0), "BROWNOUT_READ_ONLY=true: the worker must apply nothing"
+    assert wait_until(lambda: ready_count(settings.queue_name) == 1, timeout=10)

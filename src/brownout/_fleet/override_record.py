@@ -59,7 +59,7 @@ class OverrideRecord:
         field: str,
         poll_seconds: float,
         follow: Callable[[dict[str, Any]], None],
-        each_poll: Callable[[], None] | None = None,
+        each_poll: Callable[[], object] | None = None,
     ) -> None:
         self.name = name
         self.field = field

@@ -1,4 +1,4 @@
-"""The routes Brownout brings: liveness and readiness, Prometheus metrics, the fleet-wide breaker override."""
+"""The routes Brownout brings: liveness and readiness, Prometheus metrics, the operator's fleet-wide records (breaker, mode)."""
 
 from __future__ import annotations
 
