@@ -17,6 +17,7 @@ from sqlalchemy import text
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
 from brownout._db import BreakerState, CircuitBreaker, CircuitOpenError, Database, ErrorKind, execute_with_retry
+from brownout._db.circuit_breaker import NOT_TRIAL
 from brownout._db.retry import Resilience, RetryPolicy
 from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.publisher import Publisher
@@ -103,6 +104,8 @@ def test_a_fleet_opening_is_one_event_from_the_process_whose_failure_opened_it(
         breaker_failure_threshold=3,
         breaker_probe_interval_seconds=0.2,
     )
+    limit = FakeClock()
+    incident_events.enable(interval_seconds=600, component="web", clock=limit)
     first, second = build_fleet_breaker(settings), build_fleet_breaker(settings)
     try:
         for breaker, failures in ((first, 2), (second, 1)):  # the third failure fleet-wide is the second's
@@ -110,6 +113,8 @@ def test_a_fleet_opening_is_one_event_from_the_process_whose_failure_opened_it(
                 breaker.record_failure(breaker.before_call(), ErrorKind.SSL)
         assert second.state is BreakerState.OPEN
         assert wait_until(lambda: first.state is BreakerState.OPEN, timeout=5)  # told by Redis: no event of its own
+        limit.advance(601)  # so that the limit hides nothing below
+        first.record_failure(NOT_TRIAL, ErrorKind.SSL)  # a call in flight when the fleet opened fails after: old news
     finally:
         stop_breaker(first)
         stop_breaker(second)
