@@ -85,6 +85,7 @@ def _shared_variables(cache: Any) -> dict[str, Any]:
         "DATABASE_URL": preserve(),  # Supabase's transaction pooler, port 6543, sslmode=verify-full
         "MIGRATION_DATABASE_URL": preserve(),  # its session-mode pooler (port 5432) or the direct connection
         "SENTRY_DSN": preserve(),
+        "EMAIL_URL": preserve(),  # resend://KEY or postmark://TOKEN: HTTPS, as Railway blocks SMTP below Pro
         "SMTP_URL": preserve(),
         "RABBITMQ_URL": _rabbitmq_url(),
         "REDIS_URL": cache.env.REDIS_URL,

@@ -69,7 +69,8 @@ def first_in_line(nice: int = -5) -> None:
 def clean_env() -> dict[str, str]:
     """This environment without the caller's own service settings: a run's processes get only the run's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BROWNOUT_", "UVICORN_"))}
-    for key in ("DATABASE_URL", "RABBITMQ_URL", "REDIS_URL", "MIGRATION_DATABASE_URL", "SMTP_URL", "SENTRY_DSN", "PORT"):
+    service_keys = ("DATABASE_URL", "RABBITMQ_URL", "REDIS_URL", "MIGRATION_DATABASE_URL", "EMAIL_URL", "SMTP_URL", "SENTRY_DSN")
+    for key in (*service_keys, "PORT"):
         env.pop(key, None)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

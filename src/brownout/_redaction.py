@@ -12,7 +12,9 @@ A URL's userinfo ends at the last `@` before its path, so a password with an
 unescaped `@` (`u:p@ss@h`) is masked whole; a password with an unescaped space
 is masked up to its `@`. A user-only URL (`redis://token@h`, a Sentry DSN's key)
 is masked whole, except for schemes whose user is a login name (PostgreSQL,
-AMQP, SMTP), where hiding it would only hurt a diagnosis.
+AMQP, SMTP), where hiding it would only hurt a diagnosis. An email provider's
+URL carries its key where a host would be (`resend://KEY`, `postmark://TOKEN`):
+masked whole too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ _KEYWORD_SECRET = re.compile(
 )
 _KEYWORD_HINTS = ("pass", "pwd", "secret", "token", "key")
 
+# EMAIL_URL's provider form: the key stands where a host would be, up to the query (or a path, an `@`, a quote, a space).
+_KEY_AS_HOST = re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])(?:resend|postmark)://)[^\s\"'<>`/?#@]+", re.IGNORECASE)
+
 
 def mask_secrets(value: str) -> str:
     """Return *value* with URL userinfo secrets and keyword passwords replaced by ***."""
@@ -49,6 +54,7 @@ def mask_secrets(value: str) -> str:
         return value
     if "://" in value:
         value = _URL_USERINFO.sub(_mask_userinfo, value)
+        value = _KEY_AS_HOST.sub(lambda m: m["head"] + MASK, value)
     lowered = value.lower()
     if any(hint in lowered for hint in _KEYWORD_HINTS):
         value = _KEYWORD_SECRET.sub(lambda m: m["head"] + MASK, value)

@@ -177,11 +177,11 @@ def _worker(args: argparse.Namespace, settings: Any) -> int:
     except RegistryNotFound as exc:
         print(f"brownout worker: {exc}", file=sys.stderr)
         return 2
-    if settings.smtp_url:
-        from brownout._worker.email import SmtpTarget
+    if settings.email_target_url:
+        from brownout._worker.email_url import parse_email_url
 
         try:
-            SmtpTarget.from_url(settings.smtp_url)  # here too: a refused SMTP_URL stops the dyno with its reason
+            parse_email_url(settings.email_target_url)  # here too: a refused EMAIL_URL stops the dyno with its reason
         except ValueError as exc:
             print(f"brownout worker: {exc}", file=sys.stderr)
             return 2

@@ -103,7 +103,7 @@ def settings_env(settings_fields: dict[str, Any]) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        if name in ("database_url", "rabbitmq_url", "redis_url", "smtp_url"):
+        if name in ("database_url", "rabbitmq_url", "redis_url", "smtp_url", "email_url"):
             env[name.upper()] = str(value)
         else:
             env[f"BROWNOUT_{name.upper()}"] = str(value)

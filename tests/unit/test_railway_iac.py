@@ -52,7 +52,7 @@ print(json.dumps({"partial": partial, "project": project}, default=str))
 
 WEB, WORKER, REDIS, RABBITMQ = "brownout-web", "brownout-worker", "brownout-redis", "brownout-rabbitmq"
 # Settings whose values are credentials or carry them: a Railway variable set by hand, never in the file.
-SECRETS = {"DATABASE_URL", "MIGRATION_DATABASE_URL", "SENTRY_DSN", "SMTP_URL", "BROWNOUT_ADMIN_TOKEN"}
+SECRETS = {"DATABASE_URL", "MIGRATION_DATABASE_URL", "SENTRY_DSN", "EMAIL_URL", "SMTP_URL", "BROWNOUT_ADMIN_TOKEN"}
 BUDGET = {
     "BROWNOUT_POOLER_CONNECTION_LIMIT",
     "BROWNOUT_WEB_REPLICAS",

@@ -7,6 +7,8 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
 from brownout._cache.redis_link import build_redis_link
@@ -100,9 +102,14 @@ def build_worker_broker(
         broker.add_middleware(exposition)
         runtime.observe = exposition.observe
     declare_apply_actor(broker, runtime, queue_name=settings.queue_name)
-    if settings.smtp_url:
+    if settings.email_target_url:
         if settings.email_queue_name == settings.queue_name:
             raise SystemExit("brownout worker: BROWNOUT_EMAIL_QUEUE_NAME must differ from BROWNOUT_QUEUE_NAME")
-        declare_email_actor(broker, EmailRuntime.from_settings(settings, database), queue_name=settings.email_queue_name)
-        broker.add_middleware(OutboxRelayMiddleware.from_settings(settings, database))
+        email = EmailRuntime.from_settings(settings, database)
+        oldest: Callable[[float], None] | None = None
+        if metrics is not None:
+            email.on_outcome = lambda backend, outcome: metrics.emails.labels(backend, outcome).inc()
+            oldest = metrics.outbox_oldest_unsent_age.set
+        declare_email_actor(broker, email, queue_name=settings.email_queue_name)
+        broker.add_middleware(OutboxRelayMiddleware.from_settings(settings, database, on_oldest_unsent=oldest))
     return broker

@@ -1,7 +1,7 @@
-"""The `send_email` actor: send an outbox email through SMTP, at least once, de-duplicated.
+"""The `send_email` actor: send an outbox email through its backend (SMTP, Resend, Postmark), at least once, de-duplicated.
 
-What is promised: every email in the outbox is handed to the SMTP server at
-least once, and in all but one window exactly once. A job (published by the
+What is promised: every email in the outbox is handed to the backend at
+least once, and in all but one window (per backend, below) exactly once. A job (published by the
 outbox relay, src/brownout/_worker/outbox.py, possibly more than once) is handled as:
 
 1. In one transaction: lock the job's outbox row (``FOR UPDATE``, waiting at
@@ -10,44 +10,45 @@ outbox relay, src/brownout/_worker/outbox.py, possibly more than once) is handle
    email went out already; acknowledge (a duplicate job, a redelivery). Row
    still locked: another thread or worker is sending it now; raise
    `SendInProgress`, so the job is retried later and then finds the record.
-2. Still holding the lock, send it via SMTP with ``Message-ID:
-   <{notification_id}@brownout>``, the same for every attempt.
+2. Still holding the lock, send it (``EMAIL_URL``, src/brownout/_worker/email_url.py) with ``Message-ID:
+   <{notification_id}@brownout>`` (SMTP, Postmark) or ``Idempotency-Key: brownout-email/{notification_id}``
+   (Resend), the same for every attempt.
 3. Insert the send record, mark the row published (the relay skips a row a
    job holds), and commit (retried up to ``record_deadline``).
 
-**The one window for a duplicate**: the SMTP server accepted the message
-(step 2) and the process dies, or the database stays unreachable past
-``record_deadline``, before the send record commits (step 3). The job is then
-redelivered, finds no record and sends again, with the same Message-ID, so a
-receiver (or mail store) that de-duplicates on Message-ID shows it once. SMTP
-has no way to ask the server "did you already take this one", so this window
-cannot be closed from here, only kept short.
+**The window for a duplicate**: the backend took the email and its answer never
+reached us (a deadline cut a stalled answer, the connection dropped), or the process dies, or the database
+stays unreachable past ``record_deadline``, before the send record commits (step 3). The job is then
+redelivered, finds no record and sends again:
 
-Failures:
+- SMTP and Postmark: sent again, with the same Message-ID, so a receiver (or mail store) that
+  de-duplicates on it shows it once. Neither can be asked "did you already take this one".
+- Resend: the retry carries the same Idempotency-Key, and Resend answers it with the first email's id
+  without sending again, for 24 h: a duplicate needs the retry to come more than 24 h after the send.
 
-- SMTP unreachable, a timeout, a 4xx answer, refused login (fixable by the
-  operator): `EmailNotSent`, raised outside the health gate's reach, so
-  Dramatiq's Retries backs off (``min_backoff`` .. ``max_backoff``, up to
-  ``max_retries``; then Dramatiq's dead-letter queue).
-- A 5xx answer for the message itself (bad recipient, rejected content): it
-  would fail forever; kept as a dead letter in PostgreSQL with the reason.
+Failures (src/brownout/_worker/email_delivery.py sorts every backend's answers):
+
+- Unreachable, a timeout, a 5xx, a busy answer: `EmailNotSent`, raised outside the health gate's reach,
+  so Dramatiq's Retries backs off (``min_backoff`` .. ``max_backoff``, up to ``max_retries``; then
+  Dramatiq's dead-letter queue, and the relay publishes the job again after ``resend_after``).
+- Rate limited: `EmailRateLimited`, retried after the provider's Retry-After.
+- Refused credentials, account or sender: `EmailCredentialsRefused`, retried with backoff like a transient
+  failure but neither logged per email nor sent to Sentry: counted, and said once per process.
+- The email itself refused for good (bad recipient, rejected content): kept as a dead letter in
+  PostgreSQL with the reason, once.
 - The database unreachable: `DatabaseUnavailable`, held by the health gate
   like the apply actor's (src/brownout/_worker/health_gate.py): no retry spent.
 
-Passwords are masked in every log line and error (brownout._redaction).
+Passwords and keys are masked in every log line and error (brownout._redaction).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import smtplib
-import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.utils import formatdate
-from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import dramatiq
 from pydantic import ValidationError
@@ -58,65 +59,38 @@ from sqlalchemy.orm import Session
 
 from brownout._db import Database, execute_with_retry
 from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
-from brownout._redaction import mask_secrets
 from brownout._schema import email_sends, outbox
 from brownout._settings import Settings
 from brownout._worker.actors import dead_letter_current
+from brownout._worker.email_delivery import CredentialsAlarm, Delivery, EmailBackend, Outcome
+from brownout._worker.email_smtp import SmtpTarget, build_message
+from brownout._worker.email_url import email_backend
 from brownout._worker.health_gate import DatabaseUnavailable, unavailable_as_hold
+
+__all__ = ["EmailNotSent", "EmailRuntime", "SendInProgress", "SmtpTarget", "build_message", "declare_email_actor"]
 
 log = logging.getLogger(__name__)
 
-Security = Literal["plain", "starttls", "tls"]
-_SCHEMES: dict[str, tuple[Security, int]] = {
-    "smtp": ("plain", 25),
-    "smtp+starttls": ("starttls", 587),
-    "smtps": ("tls", 465),
-}
-
-
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # a relay on the same host: nothing crosses a network
-
 
 class EmailNotSent(Exception):
-    """Raised when the SMTP server could not take the email now; Dramatiq retries it with backoff."""
+    """Raised when the backend could not take the email now; Dramatiq retries it with backoff (and logs it)."""
+
+
+class EmailRateLimited(dramatiq.Retry):
+    """Raised when the provider asks us to slow down: retried after its Retry-After (a Retry: not an error)."""
+
+
+class EmailCredentialsRefused(dramatiq.Retry):
+    """Raised while the backend refuses our key, account or sender: retried with backoff, said once per process."""
 
 
 BUSY_LOCK_TIMEOUT = 0.5  # seconds a job waits for its outbox row before calling it busy
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's error code for lock_timeout
+MIN_RETRY_AFTER_SECONDS = 1.0  # a Retry-After of 0 must not turn a backlog into a busy loop
 
 
 class SendInProgress(Exception):
     """Raised when another delivery of the same job holds its outbox row (is sending it); retried later."""
-
-
-@dataclass(frozen=True)
-class SmtpTarget:
-    """Where and how to send, from ``SMTP_URL``; repr never shows the password."""
-
-    host: str
-    port: int
-    security: Security
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_url(cls, url: str) -> SmtpTarget:
-        """Parse smtp://, smtp+starttls:// or smtps:// (user and password optional); raise ValueError."""
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in _SCHEMES:
-            raise ValueError(f"SMTP_URL {mask_secrets(url)!r}: scheme must be one of {', '.join(_SCHEMES)}")
-        if not parts.hostname:
-            raise ValueError(f"SMTP_URL {mask_secrets(url)!r}: no host")
-        security, default_port = _SCHEMES[scheme]
-        username = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password is not None else None
-        if security == "plain" and password is not None and parts.hostname not in _LOCAL_HOSTS:
-            raise ValueError(
-                f"SMTP_URL {mask_secrets(url)!r}: a login over plain smtp:// to a remote host sends the password in clear;"
-                " use smtp+starttls:// (587) or smtps:// (465)"
-            )
-        return cls(parts.hostname, parts.port or default_port, security, username, password)
 
 
 @dataclass
@@ -124,23 +98,28 @@ class EmailRuntime:
     """What the actor needs; built by the entry point (brownout._worker.main) or a test."""
 
     database: Database
-    smtp: SmtpTarget
+    backend: EmailBackend
     sender: str
-    smtp_timeout: float = 10.0
     db_deadline: float = 10.0
     record_deadline: float = 30.0  # the duplicate window's guard: try hard to record a send
-    ssl_context: ssl.SSLContext | None = None
+    on_outcome: Callable[[str, str], None] | None = None  # (backend, outcome): the metrics' hook
+    alarm: CredentialsAlarm = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.alarm = CredentialsAlarm(self.backend.name)
 
     @classmethod
     def from_settings(cls, settings: Settings, database: Database) -> EmailRuntime:
-        if not settings.smtp_url:
-            raise ValueError("the send_email actor needs SMTP_URL")
-        return cls(
-            database=database,
-            smtp=SmtpTarget.from_url(settings.smtp_url),
-            sender=settings.email_from,
-            smtp_timeout=settings.smtp_timeout_seconds,
-        )
+        url = settings.email_target_url
+        if not url:
+            raise ValueError("the send_email actor needs EMAIL_URL")
+        backend = email_backend(url, smtp_timeout=settings.smtp_timeout_seconds, http_timeout=settings.email_timeout_seconds)
+        return cls(database=database, backend=backend, sender=settings.email_from)
+
+    def observe(self, delivery: Delivery) -> None:
+        self.alarm.observe(delivery)
+        if self.on_outcome is not None:
+            self.on_outcome(self.backend.name, delivery.outcome.value)
 
 
 def declare_email_actor(
@@ -157,8 +136,8 @@ def declare_email_actor(
     def send_email(data: dict[str, Any]) -> None:
         with unavailable_as_hold():  # the database's fault: the health gate holds the job
             failure = _send(runtime, data)
-        if failure is not None:  # raised here, outside the hold, so an SMTP socket error is not the database's
-            raise EmailNotSent(failure)
+        if failure is not None:  # raised here, outside the hold, so a socket error is not the database's
+            raise failure
 
     decorate = dramatiq.actor(
         broker=broker,
@@ -205,8 +184,8 @@ def _claim(session: Session, job: EmailJob) -> _Claim:
     return _Claim.MINE
 
 
-def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
-    """Send the job's email once; return why SMTP failed (to retry), None when done or dead-lettered."""
+def _send(runtime: EmailRuntime, data: dict[str, Any]) -> Exception | None:
+    """Send the job's email once; return what to raise to retry it, None when done or dead-lettered."""
     try:
         job = EmailJob.model_validate(data)
     except ValidationError as invalid:
@@ -223,24 +202,20 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
             _dead_letter(runtime, f"outbox row {job.outbox_id} does not exist")
             return None
         try:
-            message = build_message(job, sender=runtime.sender)
+            build_message(job, sender=runtime.sender)  # every backend's headers: a line break is never sendable
         except ValueError as unbuildable:  # a header the email library refuses (a line break): never sendable
             session.rollback()
             _dead_letter(runtime, f"email {job.message_id} cannot be built: {unbuildable}")
             return None
         try:
-            failure = _smtp_send(runtime, message)
+            delivery = runtime.backend.send(job, runtime.sender)
         except BaseException:
             session.rollback()
             raise
-        if failure is not None:
+        runtime.observe(delivery)
+        if delivery.outcome is not Outcome.SENT:
             session.rollback()
-            permanent, reason = failure
-            if permanent:
-                _dead_letter(runtime, f"SMTP refused {job.message_id} for good: {reason}")
-                return None
-            log.warning("email %s not sent, will retry: %s", job.message_id, reason)
-            return reason
+            return _failure(runtime, job, delivery)
 
         def record() -> None:
             session.execute(
@@ -258,63 +233,24 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> str | None:
 
         # Sent: from here until this commit is the duplicate window (module docstring).
         execute_with_retry(session, record, deadline=runtime.record_deadline, idempotent=True)
-    log.info("email %s sent", job.message_id)
+    log.info("email %s sent (%s)", job.message_id, runtime.backend.name)
     return None
 
 
-def build_message(job: EmailJob, *, sender: str) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = job.to
-    message["Subject"] = job.subject
-    message["Message-ID"] = job.message_id
-    message["Date"] = formatdate(localtime=False, usegmt=True)
-    message.set_content(job.body)
-    return message
-
-
-def _smtp_send(runtime: EmailRuntime, message: EmailMessage) -> tuple[bool, str] | None:
-    """Hand *message* to the SMTP server; None when accepted, else (permanent?, masked reason)."""
-    target = runtime.smtp
-    context = runtime.ssl_context or ssl.create_default_context()
-    client: smtplib.SMTP | None = None
-    try:
-        if target.security == "tls":
-            client = smtplib.SMTP_SSL(target.host, target.port, timeout=runtime.smtp_timeout, context=context)
-        else:
-            client = smtplib.SMTP(target.host, target.port, timeout=runtime.smtp_timeout)
-        client.ehlo()
-        if target.security == "starttls":
-            client.starttls(context=context)
-            client.ehlo()
-        if target.username is not None:
-            client.login(target.username, target.password or "")
-        client.send_message(message)
-    except smtplib.SMTPAuthenticationError as exc:  # the operator fixes the credentials: keep retrying
-        return False, _reason(exc)
-    except smtplib.SMTPRecipientsRefused as exc:
-        codes = [code for code, _ in exc.recipients.values()]
-        return bool(codes) and all(code >= 500 for code in codes), _reason(exc)
-    except smtplib.SMTPResponseException as exc:
-        return exc.smtp_code >= 500, _reason(exc)
-    except (smtplib.SMTPException, OSError) as exc:  # refused, unreachable, timed out, dropped, TLS failed
-        return False, _reason(exc)
-    finally:
-        if client is not None:
-            _quit(client)
-    return None
-
-
-def _quit(client: smtplib.SMTP) -> None:
-    """QUIT, bounded by the client's timeout; the message is already taken (or not), so failures only close."""
-    try:
-        client.quit()
-    except (smtplib.SMTPException, OSError):
-        client.close()
-
-
-def _reason(exc: BaseException) -> str:
-    return mask_secrets(f"{type(exc).__name__}: {exc}")
+def _failure(runtime: EmailRuntime, job: EmailJob, delivery: Delivery) -> Exception | None:
+    """What a failed attempt becomes: a dead letter (None), or the exception that retries it."""
+    backend = runtime.backend.name
+    if delivery.outcome is Outcome.REJECTED:
+        _dead_letter(runtime, f"{backend} refused {job.message_id} for good: {delivery.reason}")
+        return None
+    if delivery.outcome is Outcome.BAD_CREDENTIALS:  # said once per process by the alarm, counted by the hook
+        return EmailCredentialsRefused(f"{backend} refuses our credentials: {delivery.reason}")
+    if delivery.outcome is Outcome.RATE_LIMITED:
+        delay = None if delivery.retry_after is None else int(max(delivery.retry_after, MIN_RETRY_AFTER_SECONDS) * 1000)
+        log.info("email %s rate limited by %s, retried in %s ms", job.message_id, backend, delay or "backoff")
+        return EmailRateLimited(f"{backend} rate limited: {delivery.reason}", delay=delay)
+    log.warning("email %s not sent, will retry: %s", job.message_id, delivery.reason)
+    return EmailNotSent(delivery.reason)
 
 
 def _dead_letter(runtime: EmailRuntime, reason: str) -> None:

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
-from sqlalchemy import Text, bindparam, cast, exists, func, or_, select
+from sqlalchemy import Text, bindparam, cast, exists, extract, func, or_, select
 
 from brownout._db import Database, describe, execute_with_retry
 from brownout._dispatch.outbox import EMAIL, email_message
@@ -84,6 +85,15 @@ _UNSENT = (
 )
 _REOPEN = outbox.update().where(outbox.c.id.in_(_UNSENT)).values(published_at=None, claimed_until=None).returning(outbox.c.id)
 
+# The age of the oldest email still to send: neither sent nor dead-lettered, of the rows the relay still publishes.
+_OLDEST_UNSENT = select(extract("epoch", func.now() - func.min(outbox.c.created_at))).where(
+    outbox.c.kind == EMAIL,
+    outbox.c.sent_at.is_(None),
+    outbox.c.created_at > func.now() - func.make_interval(0, 0, 0, RESEND_HORIZON_DAYS),
+    ~exists().where(dead_letters.c.message_id == cast(outbox.c.id, Text)),
+)
+OLDEST_REFRESH_SECONDS = 15.0  # how often the relay thread reads it (a metric: no need for every pass)
+
 # Mark and release skip a row an email job holds while it sends (src/brownout/_worker/email.py): the relay never waits on
 # SMTP, and that job marks its row published itself when it records the send.
 _FREE_OF_THE_IDS = (
@@ -107,6 +117,7 @@ class OutboxRelay:
         db_deadline: float = 5.0,
         publish_timeout: float = 2.0,
         resend_after: float = 3600.0,
+        on_oldest_unsent: Callable[[float], None] | None = None,
     ) -> None:
         if interval <= 0 or db_deadline <= 0 or publish_timeout <= 0 or batch_size < 1 or resend_after <= 0:
             raise ValueError("interval, deadlines, resend_after and batch_size must be positive")
@@ -121,6 +132,8 @@ class OutboxRelay:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.published = 0  # jobs confirmed by RabbitMQ since start
+        self._on_oldest_unsent = on_oldest_unsent  # the metrics' hook, fed from the relay thread
+        self._oldest_read_at: float | None = None
 
     @property
     def lease_seconds(self) -> float:
@@ -176,6 +189,17 @@ class OutboxRelay:
                 execute_with_retry(session, write, deadline=self._db_deadline, idempotent=True)
         return len(confirmed)
 
+    def oldest_unsent_age(self) -> float:
+        """Seconds since the oldest email still to send was written (0: none); raises what the database raises."""
+        with self._database.session() as session:
+
+            def read() -> float:
+                age = session.execute(_OLDEST_UNSENT).scalar_one_or_none()
+                session.rollback()
+                return max(float(age), 0.0) if age is not None else 0.0
+
+            return execute_with_retry(session, read, deadline=self._db_deadline, idempotent=True)
+
     def start(self) -> None:
         """Start the relay thread (first pass at once)."""
         if self._thread is not None and self._thread.is_alive():
@@ -201,9 +225,19 @@ class OutboxRelay:
             try:
                 while self.relay_once() == self._batch and not self._stopping.is_set():
                     pass  # a full batch: more may be waiting
+                self._observe_oldest()
             except Exception as exc:  # the database is down or slow: the rows wait for the next pass
                 log.warning("outbox relay: pass skipped: %s", describe(exc))
             self._stopping.wait(self.interval)
+
+    def _observe_oldest(self) -> None:
+        now = time.monotonic()
+        if self._on_oldest_unsent is None or (
+            self._oldest_read_at is not None and now - self._oldest_read_at < OLDEST_REFRESH_SECONDS
+        ):
+            return
+        self._oldest_read_at = now
+        self._on_oldest_unsent(self.oldest_unsent_age())
 
 
 class OutboxRelayMiddleware(Middleware):
@@ -215,7 +249,9 @@ class OutboxRelayMiddleware(Middleware):
         self._publisher: Publisher | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, database: Database) -> OutboxRelayMiddleware:
+    def from_settings(
+        cls, settings: Settings, database: Database, *, on_oldest_unsent: Callable[[float], None] | None = None
+    ) -> OutboxRelayMiddleware:
         if not settings.rabbitmq_url:
             raise ValueError("the outbox relay needs RABBITMQ_URL")
         url = settings.rabbitmq_url
@@ -237,6 +273,7 @@ class OutboxRelayMiddleware(Middleware):
                 interval=settings.outbox_relay_interval_seconds,
                 publish_timeout=settings.publish_timeout_seconds,
                 resend_after=settings.outbox_resend_after_minutes * 60,
+                on_oldest_unsent=on_oldest_unsent,
             )
             return publisher, relay
 
