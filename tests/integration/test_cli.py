@@ -130,3 +130,17 @@ def test_the_worker_refuses_a_password_sent_in_clear_before_starting(pg_database
     }
     result = brownout("worker", "app.dispatch.notifications:build_registry", env=env)
     assert result.returncode == 2 and "in clear" in result.stderr and "hunter2" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("email", "says"),
+    [
+        ({"EMAIL_URL": "resend://re_Cli7secretKey0123?base_url=http://mail.example.com"}, "in clear"),
+        ({"EMAIL_URL": "postmark://re_Cli7secretKey0123/email"}, "nothing but the query"),
+        ({"EMAIL_URL": "resend://re_Cli7secretKey0123", "SMTP_URL": "smtp://127.0.0.1:25"}, "both set"),
+    ],
+)
+def test_the_worker_refuses_an_unusable_email_url_before_starting(pg_database: str, email: dict[str, str], says: str) -> None:
+    env = {"DATABASE_URL": database_url(pg_database), "RABBITMQ_URL": "amqp://127.0.0.1", **email}
+    result = brownout("worker", "app.dispatch.notifications:build_registry", env=env)
+    assert result.returncode == 2 and says in result.stderr and "re_Cli7secretKey0123" not in result.stderr, result.stderr
