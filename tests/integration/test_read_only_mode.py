@@ -16,13 +16,17 @@ import httpx
 import pika.exceptions
 import pytest
 import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
+from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications
 from brownout._auth.keys import entry_for
 from brownout._db import Database
 from brownout._settings import Settings
+from brownout.fastapi import Brownout, BrownoutDep, require_scope
 from tests.conftest import REDIS_URL
 from tests.support.api_server import serve_in_process, serve_in_thread
 from tests.support.credentials import AS_OPERATOR, AS_SERVICE, OPERATOR_TOKEN, SERVICE_KEY_ENTRY
@@ -220,3 +224,20 @@ def test_the_read_only_setting_holds_a_process_whatever_the_fleet_says(
         assert lifted.json()["fleet"]["mode"] == "read-write" and "BROWNOUT_READ_ONLY" in lifted.json()["detail"]
         assert api.client.post("/notifications", json=ADA).status_code == 503
         assert rows(database) == 0
+
+
+def test_a_service_s_own_write_route_gets_the_same_answer(api_settings: Callable[..., Settings]) -> None:
+    """The check is in the library's write path (`Dispatcher.accept`, under `submit`), and `init_app` maps it:
+    a route of a service's own, which knows nothing of the mode, answers as the reference service's do."""
+    brownout = Brownout(api_settings(read_only=True), registry=build_registry())
+    app = brownout.init_app(FastAPI(), observability=False)
+
+    @app.post("/orders", dependencies=[require_scope("write")])
+    def place(brownout: BrownoutDep) -> dict[str, str]:
+        outcome = brownout.dispatcher.submit(CREATE, ADA, idempotency_key="own-route-1")
+        return {"outcome": type(outcome).__name__}
+
+    with TestClient(app, headers=AS_SERVICE) as client:  # the app's lifespan: Brownout started on the real services
+        refused = client.post("/orders")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "30", refused.text
+    assert refused.json()["detail"] == "read-only mode" and refused.json()["reason"] == "setting"
