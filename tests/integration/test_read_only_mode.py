@@ -241,3 +241,19 @@ def test_a_service_s_own_write_route_gets_the_same_answer(api_settings: Callable
         refused = client.post("/orders")
     assert refused.status_code == 503 and refused.headers["retry-after"] == "30", refused.text
     assert refused.json()["detail"] == "read-only mode" and refused.json()["reason"] == "setting"
+
+
+def test_a_full_queue_with_the_breaker_open_is_automatic_read_only(api_settings: Callable[..., Settings]) -> None:
+    with serve_in_thread(api_settings(queue_max_length=2, admin_token=OPERATOR_TOKEN)) as api:
+        assert wait_until(lambda: ready_detail(api.client)[1]["rabbitmq"]["publisher"] == "ready", timeout=20)
+        api.brownout.database.breaker.force_open()
+        for index in range(2):
+            assert api.client.post("/notifications", json=ADA | {"subject": f"queued {index}"}).status_code == 202
+        full = api.client.post("/notifications", json=ADA | {"subject": "one too many"})
+        assert full.status_code == 503 and full.json()["detail"] != "read-only mode", full.text  # the queue's refusal
+        # The queue's depth is read every few seconds: the state shows within that.
+        assert wait_until(lambda: ready_detail(api.client)[1]["writes"] == "read-only", timeout=15)
+        status, body = ready_detail(api.client)
+        assert status == 503 and body["mode"]["reason"] == "automatic"
+        assert any("queue full" in reason for reason in body["reasons"]), body["reasons"]
+        assert mode_metric(api.client.get("/metrics").text)["read-only-automatic"] == 1
