@@ -44,16 +44,16 @@ class SmtpTarget:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in SCHEMES:
-            raise ValueError(f"SMTP_URL {mask_secrets(url)!r}: scheme must be one of {', '.join(SCHEMES)}")
+            raise ValueError(f"EMAIL_URL/SMTP_URL {mask_secrets(url)!r}: scheme must be one of {', '.join(SCHEMES)}")
         if not parts.hostname:
-            raise ValueError(f"SMTP_URL {mask_secrets(url)!r}: no host")
+            raise ValueError(f"EMAIL_URL/SMTP_URL {mask_secrets(url)!r}: no host")
         security, default_port = SCHEMES[scheme]
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
         if security == "plain" and password is not None and parts.hostname not in _LOCAL_HOSTS:
             raise ValueError(
-                f"SMTP_URL {mask_secrets(url)!r}: a login over plain smtp:// to a remote host sends the password in clear;"
-                " use smtp+starttls:// (587) or smtps:// (465)"
+                f"EMAIL_URL/SMTP_URL {mask_secrets(url)!r}: a login over plain smtp:// to a remote host sends the password"
+                " in clear; use smtp+starttls:// (587) or smtps:// (465)"
             )
         return cls(parts.hostname, parts.port or default_port, security, username, password)
 
