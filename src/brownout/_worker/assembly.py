@@ -50,7 +50,7 @@ def build_worker_broker(
     if not settings.rabbitmq_url:
         raise SystemExit("brownout worker: RABBITMQ_URL is required")
     broker = BrownoutRabbitmqBroker(
-        url=settings.rabbitmq_url,
+        url=settings.rabbitmq_urls,
         max_length=settings.queue_max_length,
         queue_type=settings.queue_type,
         delivery_limit=settings.queue_delivery_limit,

@@ -254,11 +254,11 @@ class OutboxRelayMiddleware(Middleware):
     ) -> OutboxRelayMiddleware:
         if not settings.rabbitmq_url:
             raise ValueError("the outbox relay needs RABBITMQ_URL")
-        url = settings.rabbitmq_url
+        urls = settings.rabbitmq_urls
 
         def build() -> tuple[Publisher, OutboxRelay]:
             publisher = Publisher(
-                url=url,
+                url=urls,
                 queue_name=settings.email_queue_name,
                 max_length=settings.queue_max_length,
                 queue_type=settings.queue_type,
