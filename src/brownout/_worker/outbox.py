@@ -86,11 +86,18 @@ _UNSENT = (
 _REOPEN = outbox.update().where(outbox.c.id.in_(_UNSENT)).values(published_at=None, claimed_until=None).returning(outbox.c.id)
 
 # The age of the oldest email still to send: neither sent nor dead-lettered, of the rows the relay still publishes.
-_OLDEST_UNSENT = select(extract("epoch", func.now() - func.min(outbox.c.created_at))).where(
+# Two halves, each within one of the outbox's partial indexes (unpublished; published and unsent), so the read
+# never scans the sent rows, which are nearly all of the table.
+_STILL_TO_SEND = (
     outbox.c.kind == EMAIL,
     outbox.c.sent_at.is_(None),
     outbox.c.created_at > func.now() - func.make_interval(0, 0, 0, RESEND_HORIZON_DAYS),
     ~exists().where(dead_letters.c.message_id == cast(outbox.c.id, Text)),
+)
+_OLDEST_UNPUBLISHED = select(func.min(outbox.c.created_at)).where(outbox.c.published_at.is_(None), *_STILL_TO_SEND)
+_OLDEST_PUBLISHED_UNSENT = select(func.min(outbox.c.created_at)).where(outbox.c.published_at.is_not(None), *_STILL_TO_SEND)
+_OLDEST_UNSENT = select(
+    extract("epoch", func.now() - func.least(_OLDEST_UNPUBLISHED.scalar_subquery(), _OLDEST_PUBLISHED_UNSENT.scalar_subquery()))
 )
 OLDEST_REFRESH_SECONDS = 15.0  # how often the relay thread reads it (a metric: no need for every pass)
 
