@@ -204,6 +204,12 @@ def test_a_notification_created_through_the_api_reaches_the_provider_once_across
             assert response.status_code == 201, response.text
             notification = response.json()["id"]
             worker.start()
+
+            def oldest_unsent() -> float:
+                return metrics.registry.get_sample_value("brownout_outbox_oldest_unsent_age_seconds") or 0.0
+
+            # The relay's first pass reads the age while the provider is still failing: the email is unsent.
+            assert wait_until(lambda: oldest_unsent() > 0, timeout=10)
             assert wait_until(lambda: len(provider.deliveries) == 1, timeout=60)
             assert not wait_until(lambda: len(provider.deliveries) > 1, timeout=2.0)
         (sent,) = provider.deliveries
@@ -219,6 +225,7 @@ def test_a_notification_created_through_the_api_reaches_the_provider_once_across
             return metrics.registry.get_sample_value("brownout_emails_total", {"backend": kind, "outcome": outcome}) or 0.0
 
         assert wait_until(lambda: counted("sent") == 1, timeout=5) and counted("failed_transient") == 2
+        assert wait_until(lambda: oldest_unsent() == 0, timeout=30)  # read again (every 15 s): nothing left to send
     finally:
         worker.stop(timeout=10_000)
         broker.close()
