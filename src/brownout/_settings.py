@@ -263,8 +263,7 @@ class Settings(BaseSettings):
     )
     email_timeout_seconds: PositiveSeconds = Field(
         default=10.0,
-        description="How long a call to an HTTPS email provider may wait for its answer (and to send its request; "
-        "the connect gets at most 3 s).",
+        description="Deadline of a whole call to an HTTPS email provider: connect (at most 3 s), request and answer.",
     )
     email_from: str = Field(default="Brownout <noreply@localhost>", min_length=3, description="From header of emails.")
     outbox_relay_interval_seconds: PositiveSeconds = Field(

@@ -1,8 +1,11 @@
 """HTTPS email providers: Resend and Postmark, each a small adapter on one shared httpx client.
 
 Why beside SMTP: some hosts block outbound SMTP (Railway below its Pro plan: port 587 times out), while
-HTTPS always leaves. Each call has a connect deadline (at most ``CONNECT_SECONDS``) and ``timeout`` on every
-later wait (sending the request, its answer), so a provider that accepts and never answers costs one deadline.
+HTTPS always leaves. Each call has a connect deadline (at most ``CONNECT_SECONDS``) and ``timeout`` for the
+whole call, connect included: httpx's own timeouts bound each wait (a read, a write), so a server answering a
+byte at a time, each within the read timeout, would hold a worker thread for as long as it likes. The call
+therefore runs on an event loop of its own under `asyncio.timeout`, which cancels it wherever it is; a
+client per call (a new TLS handshake per email: milliseconds, against an email's seconds of retries).
 
 The key travels only in a request header: never in a URL, a reason, a log line or a metric label, and
 every reason is passed through `mask_secrets` with the key itself replaced too.
@@ -15,6 +18,7 @@ record keeps every answered send single (src/brownout/_worker/email.py).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
@@ -102,32 +106,35 @@ class ProviderBackend:
 
     name: str
 
-    def __init__(self, target: ProviderTarget, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, target: ProviderTarget, *, timeout: float = 10.0) -> None:
         self.target = target
         self.name = target.provider
-        self._client = httpx.Client(
-            base_url=target.base_url,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS)),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._deadline = timeout
+        self._timeouts = httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS))
 
     def send(self, job: EmailJob, sender: str) -> Delivery:
         raise NotImplementedError  # each provider's own request
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing held between calls (a client per call)."""
 
     def _post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response | Delivery:
         """The answer, or a transient Delivery for a connect error, a timeout or a dropped connection."""
         try:
-            return self._client.post(path, json=body, headers={"Accept": "application/json", **headers})
-        except httpx.TimeoutException as exc:
+            return asyncio.run(self._apost(path, body, {"Accept": "application/json", **headers}))
+        except (TimeoutError, httpx.TimeoutException) as exc:
             return Delivery(
                 Outcome.FAILED_TRANSIENT, self._masked(f"{self.name}: no answer within the deadline ({type(exc).__name__})")
             )
         except httpx.TransportError as exc:
             return Delivery(Outcome.FAILED_TRANSIENT, self._masked(f"{self.name}: {type(exc).__name__}: {exc}"))
+
+    async def _apost(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        async with (
+            asyncio.timeout(self._deadline),
+            httpx.AsyncClient(base_url=self.target.base_url, timeout=self._timeouts, follow_redirects=False) as client,
+        ):
+            return await client.post(path, json=body, headers=headers)
 
     def _masked(self, text: str) -> str:
         """*text* without the key, should the other side (or an exception) ever quote it."""
