@@ -31,11 +31,14 @@ class ThrowawayRabbit:
     """A RabbitMQ node of our own (name, ports, data, cookie in a temp folder), started for
     this module and shut down after it; `ctl` runs rabbitmqctl against it only."""
 
-    def __init__(self, folder: Path) -> None:
-        self.node = f"bo-test-{uuid.uuid4().hex[:8]}@localhost"
+    def __init__(self, folder: Path, *, node: str | None = None, home: Path | None = None, erl_args: str = "") -> None:
+        """*home*: where the Erlang cookie is (nodes of one cluster share it); *erl_args*: extra VM flags."""
+        self.node = node or f"bo-test-{uuid.uuid4().hex[:8]}@localhost"
         self.folder = folder
         self.process: subprocess.Popen[bytes] | None = None
-        (folder / "home").mkdir()
+        self.home = home or folder / "home"
+        self.erl_args = erl_args
+        self.home.mkdir(exist_ok=True)
         (folder / "env.conf").write_text("")
         (folder / "enabled_plugins").write_text("[].\n")
         self._choose_ports()
@@ -47,7 +50,7 @@ class ThrowawayRabbit:
         (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
         inherited = {key: value for key, value in os.environ.items() if not key.startswith(("RABBITMQ_", "ERL_"))}
         self.env = inherited | {
-            "HOME": str(folder / "home"),  # the node writes its Erlang cookie here; ctl reads it
+            "HOME": str(self.home),  # the node writes its Erlang cookie here; ctl reads it
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
@@ -58,6 +61,8 @@ class ThrowawayRabbit:
             "RABBITMQ_LOG_BASE": str(folder / "log"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
+        if self.erl_args:
+            self.env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = self.erl_args
 
     def start(self) -> None:
         """Start the node; a port taken between its probe and the node's bind (another test's ephemeral port,
@@ -72,7 +77,17 @@ class ThrowawayRabbit:
                 self._choose_ports()
 
     def _start_once(self) -> None:
-        with open(self.folder / "stdout", "wb") as output:
+        (self.folder / "stdout").write_bytes(b"")  # a PortTaken is read from this attempt's output only
+        self.launch()
+        self.wait_ready()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def launch(self) -> None:
+        """Start the node's VM without waiting for it (`wait_ready` does)."""
+        with open(self.folder / "stdout", "ab") as output:
             self.process = subprocess.Popen(
                 [f"{RABBITMQ_SBIN}/rabbitmq-server"],
                 env=self.env,
@@ -81,7 +96,9 @@ class ThrowawayRabbit:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: ours to end, and only ours
             )
-        if not wait_until(self._accepts_amqp, timeout=120, interval=0.5):
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        if not wait_until(self._accepts_amqp, timeout=timeout, interval=0.5):
             raise RuntimeError(f"throwaway RabbitMQ did not start; see {self.folder}")
 
     def _accepts_amqp(self) -> bool:
@@ -98,21 +115,29 @@ class ThrowawayRabbit:
         except pika.exceptions.AMQPError:
             return False
 
-    def ctl(self, *arguments: str) -> None:
-        subprocess.run(
-            [f"{RABBITMQ_SBIN}/rabbitmqctl", "-n", self.node, *arguments],
+    def ctl(self, *arguments: str, tool: str = "rabbitmqctl") -> str:
+        done = subprocess.run(
+            [f"{RABBITMQ_SBIN}/{tool}", "-n", self.node, *arguments],
             env=self.env,
             check=True,
             capture_output=True,
             timeout=60,
         )
+        return done.stdout.decode()
+
+    def kill(self) -> None:
+        """SIGKILL of the whole process group (the VM and its helpers): the node's loss, not a shutdown."""
+        if self.running:
+            assert self.process is not None
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if not self.running:
             return
+        assert self.process is not None
         try:
             self.ctl("shutdown")
             self.process.wait(20)
         except (subprocess.SubprocessError, OSError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+            self.kill()
