@@ -113,7 +113,16 @@ class ProviderBackend:
         self._timeouts = httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS))
 
     def send(self, job: EmailJob, sender: str) -> Delivery:
-        raise NotImplementedError  # each provider's own request
+        path, body, headers = self.request(job, sender)
+        answer = self._post(path, body, headers)
+        return answer if isinstance(answer, Delivery) else self.classify(answer)
+
+    def request(self, job: EmailJob, sender: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+        """The provider's (path, JSON body, headers) for *job*."""
+        raise NotImplementedError
+
+    def classify(self, response: httpx.Response) -> Delivery:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Nothing held between calls (a client per call)."""
@@ -153,13 +162,10 @@ class ResendBackend(ProviderBackend):
     The body is the same on every attempt (no date, nothing random): Resend answers a replay of the key with
     another body by 409 ``invalid_idempotent_request``."""
 
-    def send(self, job: EmailJob, sender: str) -> Delivery:
+    def request(self, job: EmailJob, sender: str) -> tuple[str, dict[str, Any], dict[str, str]]:
         body = {"from": sender, "to": [job.to], "subject": job.subject, "text": job.body}
         headers = {"Authorization": f"Bearer {self.target.key}", "Idempotency-Key": f"{IDEMPOTENCY_PREFIX}{job.entity_id}"}
-        answer = self._post("/emails", body, headers)
-        if isinstance(answer, Delivery):
-            return answer
-        return self.classify(answer)
+        return "/emails", body, headers
 
     def classify(self, response: httpx.Response) -> Delivery:
         status = response.status_code
@@ -185,7 +191,7 @@ class ResendBackend(ProviderBackend):
 class PostmarkBackend(ProviderBackend):
     """``POST /email`` with ``X-Postmark-Server-Token``; the stable Message-ID as a header of the email."""
 
-    def send(self, job: EmailJob, sender: str) -> Delivery:
+    def request(self, job: EmailJob, sender: str) -> tuple[str, dict[str, Any], dict[str, str]]:
         body = {
             "From": sender,
             "To": job.to,
@@ -194,10 +200,7 @@ class PostmarkBackend(ProviderBackend):
             "MessageStream": self.target.message_stream,
             "Headers": [{"Name": "Message-ID", "Value": job.message_id}],
         }
-        answer = self._post("/email", body, {"X-Postmark-Server-Token": self.target.key})
-        if isinstance(answer, Delivery):
-            return answer
-        return self.classify(answer)
+        return "/email", body, {"X-Postmark-Server-Token": self.target.key}
 
     def classify(self, response: httpx.Response) -> Delivery:
         status = response.status_code
