@@ -46,6 +46,15 @@ def down(proxy: FaultProxy) -> None:
     proxy.reset_existing()
 
 
+def written_while_down(
+    proxy: FaultProxy, cache: ReadCache, key: str, gen_key: str, value: dict[str, object], version: int
+) -> None:
+    """A write-through with Redis away: it fails, and the cache holds the copy."""
+    down(proxy)
+    with pytest.raises(RedisUnavailable):
+        cache.write_through(key, [gen_key], value, version=version)
+
+
 def keys(cache: ReadCache, ident: str) -> tuple[str, str]:
     return cache.link.key("cache", "item", ident), cache.link.key("gen", "item", ident)
 
@@ -60,9 +69,7 @@ def test_a_write_through_redis_missed_is_stored_stale_only_once_it_answers(redis
     clock = Clock(1_000_000.0)
     cache = cache_via(redis_proxy, redis_prefix, clock)
     key, gen_key = keys(cache, "n-1")
-    down(redis_proxy)
-    with pytest.raises(RedisUnavailable):
-        cache.write_through(key, [gen_key], ITEM, version=7)
+    written_while_down(redis_proxy, cache, key, gen_key, ITEM, 7)
     assert len(cache.held) == 1
     back(redis_proxy, cache, clock)
 
@@ -90,9 +97,7 @@ def test_a_newer_copy_already_there_is_kept(redis_proxy: FaultProxy, redis_prefi
     clock = Clock(3_000_000.0)
     cache = cache_via(redis_proxy, redis_prefix, clock)
     key, gen_key = keys(cache, "n-3")
-    down(redis_proxy)
-    with pytest.raises(RedisUnavailable):
-        cache.write_through(key, [gen_key], ITEM | {"subject": "old"}, version=7)
+    written_while_down(redis_proxy, cache, key, gen_key, ITEM | {"subject": "old"}, 7)
     back(redis_proxy, cache, clock)
     # Once Redis is back another process writes the item again (a later version, taken later) before the flush.
     cache.write_through(key, [gen_key], ITEM | {"subject": "new"}, version=8)
@@ -104,9 +109,7 @@ def test_a_newer_copy_already_there_is_kept(redis_proxy: FaultProxy, redis_prefi
     other, other_gen = keys(cache, "n-4")
     cache.write_through(other, [other_gen], ITEM | {"subject": "before"}, version=5)
     clock.now += 1
-    down(redis_proxy)
-    with pytest.raises(RedisUnavailable):
-        cache.write_through(other, [other_gen], ITEM | {"subject": "during"}, version=6)
+    written_while_down(redis_proxy, cache, other, other_gen, ITEM | {"subject": "during"}, 6)
     back(redis_proxy, cache, clock)
     assert cache.held.flush() == 1
     raw = cache.link.client.get(other)
@@ -117,9 +120,7 @@ def test_flush_stops_while_redis_is_away_and_the_thread_stores_later(redis_proxy
     clock = Clock(4_000_000.0)
     cache = cache_via(redis_proxy, redis_prefix, clock)
     key, gen_key = keys(cache, "n-5")
-    down(redis_proxy)
-    with pytest.raises(RedisUnavailable):
-        cache.write_through(key, [gen_key], ITEM, version=9)
+    written_while_down(redis_proxy, cache, key, gen_key, ITEM, 9)
     assert cache.held.flush() == 0 and len(cache.held) == 1  # skipped: Redis is still away
     redis_proxy.pass_through()
     assert wait_until(lambda: len(cache.held) == 0, timeout=10), "the held copy's thread never stored it"
