@@ -7,6 +7,7 @@ Each test owns its queue (``bo-test-<hex>``, with ``.DQ`` and ``.XQ``) and delet
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -148,6 +149,55 @@ def test_a_full_queue_rejects_fast_and_blocks_nobody(make_publisher: Any, queue_
     assert max(elapsed for _, elapsed in results) < 2.0
     assert len(take_all(queue_name)) == 3
     publisher.publish(message(queue_name, "room again"))  # drained: accepted again, same connection
+
+
+def test_a_queue_full_for_seconds_answers_each_publish_once_and_confirms_none_twice(
+    make_publisher: Any, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nacks make the publisher reopen its channel (at most once a second) while publishes keep coming:
+    each is still answered, "queue full" or confirmed, and each confirmed one is in the queue once."""
+    caplog.set_level(logging.DEBUG, logger="brownout._dispatch.publisher")
+    publisher = make_publisher(max_length=3)
+    confirmed: list[str] = []
+    refused: list[str] = []
+    stop_at = time.monotonic() + 3.5
+
+    def keep_publishing(sender: int) -> None:
+        number = 0
+        while time.monotonic() < stop_at:
+            body = f"{sender}-{number}"
+            number += 1
+            try:
+                publisher.publish(message(queue_name, body))
+                confirmed.append(body)
+            except PublishRejected as rejected:
+                refused.append(rejected.reason)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=keep_publishing, args=(sender,)) for sender in range(3)]
+    for thread in threads:
+        thread.start()
+    taken: list[str] = []
+    connection = admin_connection()
+    try:
+        for _ in range(2):  # room for one more, twice, after a reopen
+            time.sleep(1.5)
+            method, _properties, body = connection.channel().basic_get(queue_name, auto_ack=True)
+            assert method is not None
+            taken.append(dramatiq.Message.decode(body).args[0])
+    finally:
+        connection.close()
+    for thread in threads:
+        thread.join(10)
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert set(refused) == {"queue full"}
+    assert any("reopening the channel" in record.getMessage() for record in caplog.records)
+    remaining = [dramatiq.Message.decode(body).args[0] for _, body in take_all(queue_name)]
+    assert len(remaining) == 3
+    assert sorted(confirmed) == sorted(set(confirmed))
+    assert sorted(confirmed) == sorted(remaining + taken)  # three, then one per room made
+    assert publisher.state is PublisherState.READY
 
 
 def test_a_deleted_queue_is_returned_as_unroutable_then_declared_again(make_publisher: Any, queue_name: str) -> None:

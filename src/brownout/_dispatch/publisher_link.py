@@ -33,6 +33,15 @@ publish: the publishes waiting for it go on to the next node on demand, and
 costs milliseconds; a silent one costs ``connect_timeout``, once per round.
 A refused connect is never taken for a missing queue: that is only RabbitMQ
 returning a message (``mandatory``), on a connection that is up.
+
+A nack is answered "queue full" (``x-max-length`` with reject-publish), and the
+channel is then reopened on the same connection, at most once per
+`NACK_REOPEN_SPACING`: a channel opened on a survivor while a quorum queue
+elects a new leader is nacked for as long as it lives (seen with RabbitMQ 3.10),
+while a new one is acked once the election is over. The reopen waits for the
+old channel's confirms (publishes meanwhile wait, as for a connect), so no
+message is sent twice and none is left unanswered; a full queue costs one
+channel a second.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ log = logging.getLogger("brownout._dispatch.publisher")
 RECONNECT_BASE_SECONDS = 0.5
 RECONNECT_CAP_SECONDS = 5.0
 ON_DEMAND_SPACING = 0.2  # at most 5 on-demand connects a second while RabbitMQ refuses
+NACK_REOPEN_SPACING = 1.0  # at most one channel reopen a second after nacks (see the module docstring)
 CLOSE_GRACE_SECONDS = 1.0  # close(): confirms still due and AMQP close-ok, then the socket is cut
 
 
@@ -156,6 +166,7 @@ class PublisherLink:
         self._watchdog: Any = None
         self._probe_timer: Any = None
         self._outage_logged = False
+        self._reopening = False  # CONNECTING on a live connection: a new channel after nacks
 
     # Both sides: what a caller is told --------------------------------------
 
@@ -232,8 +243,8 @@ class PublisherLink:
         self._unconfirmed[self._next_tag] = request
         self._next_tag += 1
 
-    def _on_confirm(self, generation: int, frame: Any) -> None:
-        if generation != self._generation:
+    def _on_confirm(self, generation: int, channel: Any, frame: Any) -> None:
+        if generation != self._generation or channel is not self._channel:
             return
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
@@ -250,10 +261,33 @@ class PublisherLink:
                 resolve(request, self.rejection(RejectReason.UNROUTABLE, f"queue {self._queue_name!r} missing"))
             else:
                 resolve(request)
+        if not acked and settled:
+            self._reopen_after_nack()
+        if self._reopening and not self._unconfirmed and self._channel is channel:
+            self._open_channel()
+
+    def _reopen_after_nack(self) -> None:
+        """Publishes wait (CONNECTING) while the channel's confirms come in; then `_open_channel`."""
+        if self.state is not PublisherState.READY or time.monotonic() - self._attempt_ended < NACK_REOPEN_SPACING:
+            return
+        assert self.ioloop is not None  # noqa: S101 - narrows the type for mypy: runs on the I/O thread, after ioloop is set
+        log.debug("RabbitMQ nacked a publish on %s: reopening the channel", self._node)
+        self._reopening = True
+        self._set_state(PublisherState.CONNECTING)
+        self._attempt_started = time.monotonic()
+        self._watchdog = self.ioloop.call_later(self._connect_timeout, functools.partial(self._on_watchdog, self._generation))
+
+    def _open_channel(self) -> None:
+        old, self._channel = self._channel, None
+        try:
+            old.close()
+            self._connection.channel(on_open_callback=functools.partial(self._on_channel_open, self._generation))
+        except Exception as exc:  # the connection is going: its close callback may follow, or not
+            self._lost(exc, abort=True)
 
     def _on_return(self, generation: int, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         """Basic.Return precedes the ack of the same message; the body (a unique message id) pairs them."""
-        if generation != self._generation:
+        if generation != self._generation or channel is not self._channel:
             return
         for request in self._unconfirmed.values():
             if not request.returned and request.body == body:
@@ -328,7 +362,7 @@ class PublisherLink:
         self._channel = channel
         channel.add_on_close_callback(functools.partial(self._on_channel_closed, generation))
         channel.add_on_return_callback(functools.partial(self._on_return, generation))
-        channel.confirm_delivery(ack_nack_callback=functools.partial(self._on_confirm, generation))
+        channel.confirm_delivery(ack_nack_callback=functools.partial(self._on_confirm, generation, channel))
         # Sent in order on the channel; pika sends each after the previous reply.
         last = len(self._declarations) - 1
         for index, declaration in enumerate(self._declarations):
@@ -346,6 +380,7 @@ class PublisherLink:
         self._on_demand = True
         self._attempt_ended = time.monotonic()
         self._outage_logged = False
+        self._reopening = False
         self._set_state(PublisherState.READY)
         while self._waiting:
             self._publish(self._waiting.popleft())
@@ -354,8 +389,7 @@ class PublisherLink:
         if generation != self._generation or self.state is not PublisherState.CONNECTING:
             return
         self._watchdog = None
-        self._abort()
-        self._attempt_failed(TimeoutError(f"no connection within {self._connect_timeout:.1f}s"))
+        self._give_up(TimeoutError(f"no connection within {self._connect_timeout:.1f}s"), abort=True)
 
     def _on_open_error(self, generation: int, connection: Any, exc: BaseException) -> None:
         if self.state is PublisherState.CLOSED and connection is self._connection:
@@ -369,16 +403,15 @@ class PublisherLink:
         elif generation != self._generation:
             return
         elif self.state is PublisherState.CONNECTING:  # closed by RabbitMQ while declaring
-            self._attempt_failed(exc)
+            self._give_up(exc, abort=False)
         else:
             self._lost(exc, abort=False)
 
-    def _on_channel_closed(self, generation: int, _channel: Any, exc: BaseException) -> None:
-        if generation != self._generation or self.state is PublisherState.CLOSED:
-            return
+    def _on_channel_closed(self, generation: int, channel: Any, exc: BaseException) -> None:
+        if generation != self._generation or self.state is PublisherState.CLOSED or channel is not self._channel:
+            return  # (a channel closed after a nack is no longer ours)
         if self.state is PublisherState.CONNECTING:  # e.g. PRECONDITION_FAILED on a declaration
-            self._abort()
-            self._attempt_failed(exc)
+            self._give_up(exc, abort=True)
         else:
             self._lost(exc, abort=True)
 
@@ -390,6 +423,15 @@ class PublisherLink:
     def _on_unblocked(self, generation: int, _connection: Any, _frame: Any) -> None:
         if generation == self._generation and self.state is PublisherState.BLOCKED:
             self._set_state(PublisherState.READY)
+
+    def _give_up(self, exc: BaseException, *, abort: bool) -> None:
+        """The attempt in progress failed: a connect's, or a channel's reopening on a live connection (lost)."""
+        if self._reopening:
+            self._lost(exc, abort=True)
+            return
+        if abort:
+            self._abort()
+        self._attempt_failed(exc)
 
     def _attempt_failed(self, exc: BaseException) -> None:
         self._generation += 1
@@ -436,6 +478,7 @@ class PublisherLink:
         self._connection = self._channel = None
         self._failures = 0
         self._on_demand = True
+        self._reopening = False
         log.warning("RabbitMQ connection to %s lost (%s); reconnecting", self._node, _describe(exc))
         self._schedule_connect(reconnect_delay(0, rng=self._rng, base=self._reconnect_base, cap=self._reconnect_cap))
         self._set_state(PublisherState.DISCONNECTED)
