@@ -24,7 +24,6 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.networks import validate_email
 from sqlalchemy import bindparam, select, text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.api.applied_elsewhere import tell_readers
@@ -38,7 +37,6 @@ from brownout import (
     Registry,
     SafeLine,
     SafeText,
-    add_email,
     email_row,
     emails_of,
     recordset,
@@ -127,12 +125,6 @@ def row_to_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 _CREATED = ("id", "user_id", "email", "subject", "body", "created_at")
-_INSERT = (
-    insert(notifications)
-    .values({name: bindparam(name) for name in _CREATED})
-    .on_conflict_do_nothing(index_elements=["id"])
-    .returning(*notifications.c)
-)
 _SELECT = select(notifications).where(notifications.c.id == bindparam("id"))
 _SELECT_LOCKED = _SELECT.with_for_update()
 # Creations and their emails in one statement (see _create_many); an email only for a row made now.
@@ -164,14 +156,9 @@ _SET_OWN_READ = (
 
 
 def _create(session: Session, envelope: Envelope, payload: BaseModel) -> Effect:
-    assert isinstance(payload, CreateNotificationV1)  # noqa: S101 - narrows the type for mypy: the registry hands each handler its own payload model
-    values = payload.model_dump(mode="json") | {"id": envelope.entity_id, "created_at": envelope.accepted_at}
-    row = session.execute(_INSERT, values).mappings().one_or_none()
-    if row is None:  # already there: only a replay of this very command can have made it (and its email)
-        row = session.execute(_SELECT, {"id": envelope.entity_id}).mappings().one()
-    else:
-        add_email(session, entity_id=row["id"], to=row["email"], subject=row["subject"], body=row["body"])
-    return Effect(row_to_json(row))
+    """The notification and its email in one statement (`_create_many` of one): on the direct path each
+    statement is a round trip the request waits for."""
+    return _create_many(session, [(envelope, payload)])[0]
 
 
 def _create_many(session: Session, items: Sequence[tuple[Envelope, BaseModel]]) -> list[Effect]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
 from app.dispatch.notifications import CREATE, MARK_READ, MARK_UNREAD, build_registry
 from app.schema import MIGRATIONS, notifications, upgrade_database
@@ -60,6 +60,30 @@ def test_create_applies_once_and_replays_get_the_same_ids(db: Database, dispatch
     assert first.duplicate is False and again.duplicate is True
     assert first.result["subject"] == "Welcome" and first.result["read"] is False
     assert count(db, notifications) == 1 and count(db, applied_commands) == 1
+
+
+def test_a_direct_creation_is_two_statements_in_one_transaction(db: Database, dispatcher: Dispatcher) -> None:
+    """Each statement is a round trip the request waits for: the notification and its email in one, its
+    record in the other (psycopg2 adds BEGIN and COMMIT). A replay adds the look-up of the first result."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement.split(None, 3)[2] if statement.startswith("INSERT") else statement.split(None, 1)[0])
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        first = dispatcher.submit(CREATE, NOTE, idempotency_key="one-trip")
+        made = list(sent)
+        sent.clear()
+        dispatcher.submit(CREATE, NOTE, idempotency_key="one-trip")
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert isinstance(first, Applied) and not first.duplicate
+    assert made == ["WITH", "applied_commands"]
+    assert sent == ["WITH", "SELECT", "applied_commands", "SELECT"]  # the row made before; the first record
+    assert count(db, notifications) == 1
+    with db.session() as s:
+        assert s.execute(text("SELECT count(*) FROM outbox")).scalar_one() == 1
 
 
 def test_same_key_other_body_is_a_recorded_conflict(db: Database, dispatcher: Dispatcher) -> None:
