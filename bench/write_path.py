@@ -14,7 +14,11 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   record, commit), beside PostgreSQL's own single-row INSERT + COMMIT rate
   through psycopg2 (blocking, as it comes), and `direct write ratio` =
   direct / raw (target >= 0.5); also the raw rate with every wait going
-  through the wait callback the engine installs process-wide, for reference;
+  through the wait callback the engine installs process-wide, for reference,
+  and the very statements one direct write sends (captured from the engine)
+  replayed through psycopg2 with fresh ids: PostgreSQL's own cost of the rows
+  a direct write must write, so `direct / its statements raw` is the share of
+  the time that is not Brownout's own;
 - the worker's drain rate for a backlog queued while the breaker was open
   (the production worker, middleware included, in this process, 8 threads),
   beside Dramatiq's own no-op consume rate on the same broker and threads
@@ -55,7 +59,7 @@ from typing import Any
 import dramatiq
 import pika
 import psycopg2
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +170,58 @@ class RawInserts:
         self.conn.close()
 
 
+class SameRowsRaw:
+    """The very statements one direct write sends (captured from the engine, in order), replayed through
+    psycopg2 with fresh ids and no Python of Brownout's around them: BEGIN, each statement, COMMIT.
+
+    The single-row INSERT is the issue's peer; this one says how much of the gap is PostgreSQL's work on
+    the rows a direct write must write (the effect, its email, its record) and how much is ours."""
+
+    _FRESH = {"id", "notification_id", "command_id"}
+
+    def __init__(self, url: str, database: Database, dispatcher: Dispatcher) -> None:
+        captured: list[tuple[str, dict[str, Any]]] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+            captured.append((statement, dict(parameters)))
+
+        event.listen(database.engine, "before_cursor_execute", capture)
+        try:
+            direct_submit(dispatcher)
+        finally:
+            event.remove(database.engine, "before_cursor_execute", capture)
+        self.statements = captured
+        self.conn = psycopg2.connect(url)
+        self.elapsed = 0.0
+        self.count = 0
+
+    def _fresh(self, parameters: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]:
+        fresh = dict(parameters)
+        for name in self._FRESH & parameters.keys():
+            old = parameters[name]
+            new = ids.setdefault(str(old), uuid.uuid4())
+            fresh[name] = new if isinstance(old, uuid.UUID) else str(new)
+        return fresh
+
+    def run(self, count: int, *, timed: bool = True) -> None:
+        start = time.perf_counter()
+        with self.conn.cursor() as cur:
+            for _ in range(count):
+                ids: dict[str, Any] = {}
+                for statement, parameters in self.statements:
+                    cur.execute(statement, self._fresh(parameters, ids))
+                self.conn.commit()
+        if timed:
+            self.elapsed += time.perf_counter() - start
+            self.count += count
+
+    def rate(self) -> float:
+        return self.count / self.elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class BarePublisher:
     """A bare confirmed persistent publish with pika, as the service's publisher sends one: BlockingConnection,
     confirm_delivery, delivery_mode=2, mandatory, default exchange, to a queue declared exactly as the service
@@ -250,12 +306,13 @@ def compare_queued(settings: Settings, database: Database, dispatcher: Dispatche
     }
 
 
-def compare_direct(settings: Settings, dispatcher: Dispatcher, count: int, rounds: int) -> dict[str, float]:
+def compare_direct(settings: Settings, database: Database, dispatcher: Dispatcher, count: int, rounds: int) -> dict[str, float]:
     """Applied writes/s on the direct path beside raw INSERT + COMMIT/s (blocking psycopg2, and under the
-    engine's wait callback), interleaved."""
+    engine's wait callback) and the direct write's own statements replayed raw, interleaved."""
     url = plain_url(settings.database_url)
     raw = RawInserts(url, "bench_raw", blocking=True)
     raw_waits = RawInserts(url, "bench_raw_waits", blocking=False)
+    same_rows = SameRowsRaw(plain_url(settings.database_url), database, dispatcher)
     elapsed = 0.0
 
     def direct(block: int) -> None:
@@ -270,11 +327,13 @@ def compare_direct(settings: Settings, dispatcher: Dispatcher, count: int, round
             direct_submit(dispatcher)
         raw.run(WARM_UP, timed=False)
         raw_waits.run(WARM_UP, timed=False)
-        interleaved([direct, raw.run, raw_waits.run], count, rounds)
-        return {"direct": count / elapsed, "raw": raw.rate(), "raw_waits": raw_waits.rate()}
+        same_rows.run(WARM_UP, timed=False)
+        interleaved([direct, raw.run, raw_waits.run, same_rows.run], count, rounds)
+        return {"direct": count / elapsed, "raw": raw.rate(), "raw_waits": raw_waits.rate(), "same_rows": same_rows.rate()}
     finally:
         raw.close()
         raw_waits.close()
+        same_rows.close()
 
 
 def queue_backlog(settings: Settings, database: Database, backlog: int) -> None:
@@ -446,7 +505,7 @@ def main() -> None:
         database = Database.from_settings(settings)
         dispatcher = Dispatcher.from_settings(settings, database, registry=build_registry())
         queued = compare_queued(settings, database, dispatcher, args.queued, args.rounds)
-        direct = compare_direct(settings, dispatcher, args.direct, args.rounds)
+        direct = compare_direct(settings, database, dispatcher, args.direct, args.rounds)
 
         (submit_p50, submit_p99), (bare_p50, bare_p99) = queued["submit"], queued["bare"]
         print(f"submit, breaker open (queued, confirm included): p50 {submit_p50:.2f} ms, p99 {submit_p99:.2f} ms")
@@ -458,6 +517,8 @@ def main() -> None:
         print(f"PostgreSQL single-row INSERT + COMMIT/s (raw):   {direct['raw']:8.0f}")
         print(f"  the same under the engine's wait callback:     {direct['raw_waits']:8.0f}")
         print(f"direct write ratio: {direct['direct'] / direct['raw']:.2f} (target >= 0.50)")
+        print(f"the direct write's own statements replayed raw/s: {direct['same_rows']:8.0f}")
+        print(f"  direct / its statements raw: {direct['direct'] / direct['same_rows']:.2f} (what is Brownout's own cost)")
         if args.drain:
             dispatcher.close()
             dispatcher = None
