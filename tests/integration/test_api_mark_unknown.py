@@ -20,6 +20,7 @@ from brownout._db import Database
 from brownout._schema import applied_commands
 from brownout._settings import Settings
 from tests.support.api_server import RunningApi, serve_in_thread
+from tests.support.polling import wait_until
 from tests.support.rabbit import ready_count
 from tests.support.tcp_proxy import FaultProxy
 
@@ -36,7 +37,10 @@ def serve(api_settings: Callable[..., Settings]) -> Iterator[Serve]:
 
 @pytest.fixture
 def api(serve: Serve) -> RunningApi:
-    return serve()
+    """Served, its publisher connected: the queue is declared by then, so an empty one can be counted."""
+    running = serve()
+    assert wait_until(lambda: running.brownout.dispatcher.publisher_state == "ready", timeout=10)
+    return running
 
 
 @pytest.fixture
