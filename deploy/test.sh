@@ -3,6 +3,8 @@
 #
 #   bash deploy/test.sh                   # everything (CI): the lock, lint, types, the dependency audit, the whole suite on the
 #                                         # oldest supported Python (3.11), then the newest Python of this machine
+#                                         # (unit and integration tests on BROWNOUT_TEST_WORKERS processes, default 4;
+#                                         # the fault tests in one)
 #   bash deploy/test.sh tests/unit -x     # extra arguments go to pytest, on .venv only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,14 +41,22 @@ fi
 # Known vulnerabilities in the locked packages: a finding fails; without the advisory data (offline), one
 # line says the audit could not run. At most 25 s; on the full run only.
 bash deploy/audit.sh
-echo "test: the whole suite on $(.venv/bin/python --version) (.venv)"
-.venv/bin/python -m pytest
+
+# The unit and integration tests on worker processes (pytest-xdist): each test has its own database, queues and
+# Redis prefix, and most of their time is spent waiting on servers, so more workers than cores pay. worksteal:
+# each worker starts on a block of whole files (a module's fixture is built once) and takes tests from the others
+# when it runs out. The fault tests are timing-bound: they run alone, in one process, after them.
+workers=${BROWNOUT_TEST_WORKERS:-4}
+echo "test: unit and integration tests on $(.venv/bin/python --version) (.venv, $workers workers)"
+.venv/bin/python -m pytest -n "$workers" --dist worksteal tests/unit tests/integration
+echo "test: fault tests on $(.venv/bin/python --version) (.venv, one process)"
+.venv/bin/python -m pytest tests/faults
 
 newest=$(newest_python)
 if [[ -n "$newest" ]]; then
     # The newest Python this machine has: the same lock, the unit and integration tests (the fault tests,
     # timing-bound, run once, above). Its virtualenv is .venv-newest.
-    echo "test: unit and integration tests on $("$newest" --version) (.venv-newest)"
+    echo "test: unit and integration tests on $("$newest" --version) (.venv-newest, $workers workers)"
     UV_PYTHON="$newest" UV_PROJECT_ENVIRONMENT=.venv-newest BROWNOUT_SKIP_SERVICES=1 bash deploy/setup.sh
-    .venv-newest/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
+    .venv-newest/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist worksteal tests/unit tests/integration
 fi
