@@ -12,6 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from brownout import ReadResult
 from brownout._settings import Settings
@@ -39,8 +43,10 @@ class Watched:
         return body
 
 
-def serve(api_settings: Callable[..., Settings], **overrides: Any) -> Iterator[tuple[RunningApi, Watched]]:
-    with serve_in_thread(api_settings(jwt_secret=SECRET, **overrides)) as api:
+def serve(
+    api_settings: Callable[..., Settings], *, wrap: Callable[[FastAPI], Any] | None = None, **overrides: Any
+) -> Iterator[tuple[RunningApi, Watched]]:
+    with serve_in_thread(api_settings(jwt_secret=SECRET, **overrides), wrap=wrap) as api:
         declared = api.brownout.cached_routes.match(f"/notifications/{uuid.uuid4()}")
         assert declared is not None, "the app declares its item read cached"
         watched = Watched(declared[0].route)
@@ -117,6 +123,46 @@ def test_what_the_fast_path_declines_the_route_answers(fast: tuple[RunningApi, W
     assert marked.status_code == 200 and (marked.json()["read"], marked.json()["status"]) == (True, "pending")
     assert watched.answered == 1
     assert hits_counted(api) == hits + 1  # one read, one count: the fast path counts only what it serves
+
+
+class TenantGuard:
+    """A service's own middleware: no `X-Tenant` header, 403."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not any(name == b"x-tenant" for name, _ in scope["headers"]):
+            await PlainTextResponse("no tenant", status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("added", ["before init_app", "after init_app"])
+def test_a_service_s_own_middleware_sees_every_cached_read(api_settings: Callable[..., Settings], added: str) -> None:
+    """Fast reads answer just before routing, inside every middleware of the service's, wherever it was added
+    (before init_app, such a middleware sat inside Brownout's and a cached read went around it)."""
+
+    def guarded(app: FastAPI) -> FastAPI:
+        if added == "after init_app":
+            app.add_middleware(TenantGuard)
+        else:  # innermost of the middleware list: where add_middleware put it before init_app added Brownout's
+            app.user_middleware.append(Middleware(TenantGuard))
+        return app
+
+    for api, watched in serve(api_settings, wrap=guarded):
+        created = api.client.post(
+            "/notifications",
+            json={"user_id": "7", "email": "ada@example.com", "subject": "s", "body": "b"},
+            headers={"X-Tenant": "t"},
+        )
+        assert created.status_code == 201, created.text
+        ident = created.json()["id"]
+        assert api.client.get(f"/notifications/{ident}", headers={"X-Tenant": "t"}).status_code == 200
+        assert watched.answered == 1  # a cached read, answered by the fast path behind the guard
+        refused = api.client.get(f"/notifications/{ident}")
+        assert (refused.status_code, refused.text) == (403, "no tenant")
+        assert watched.answered == 1
 
 
 def hits_counted(api: RunningApi) -> float:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from brownout._admission import AdmissionControl, AdmissionSettings, Criticality
@@ -274,7 +275,6 @@ class Brownout:
         if observability:
             self.observe()
         app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
-        app.add_middleware(FastReads, brownout=self)  # inside the limits, admission and metrics: they apply to it
         app.add_middleware(
             RequestLimits, max_query_bytes=self.settings.max_query_bytes, max_header_bytes=self.settings.max_header_bytes
         )
@@ -305,7 +305,7 @@ class Brownout:
         build = app.build_middleware_stack
 
         def wrapped() -> ASGIApp:
-            stack: ASGIApp = build()
+            stack: ASGIApp = self._with_fast_reads(app, build)
             if self.admission is not None:
                 stack = AdmissionGate(stack, control=self.admission, table=self.criticality_table, metrics=self.metrics)
             if origins:
@@ -321,6 +321,17 @@ class Brownout:
             return stack
 
         app.build_middleware_stack = wrapped  # type: ignore[method-assign]  # Starlette builds it on the first call
+
+    def _with_fast_reads(self, app: FastAPI, build: Callable[[], ASGIApp]) -> ASGIApp:
+        """The built stack with the fast reads innermost, just before routing: a cached read passes every
+        middleware the service added, before `init_app` or after it (`add_middleware` puts each new one
+        outermost, so one added before would otherwise sit inside Brownout's and never see a cached read).
+        Decided when the stack is built (the lifespan or the first request), when the list is final."""
+        app.user_middleware.append(Middleware(FastReads, brownout=self))
+        try:
+            return build()
+        finally:
+            app.user_middleware.pop()
 
     def observe(self) -> None:
         """Logs as the settings say, and Sentry when SENTRY_DSN is set, its events tagged with the breaker's state."""
