@@ -193,6 +193,7 @@ def test_a_queue_full_for_seconds_answers_each_publish_once_and_confirms_none_tw
     assert not any(thread.is_alive() for thread in threads)
     assert set(refused) == {"queue full"}
     assert any("reopening the channel" in record.getMessage() for record in caplog.records)
+    assert sum("publisher connected" in record.getMessage() for record in caplog.records) == 1, "reopens log at DEBUG"
     remaining = [dramatiq.Message.decode(body).args[0] for _, body in take_all(queue_name)]
     assert len(remaining) == 3
     assert sorted(confirmed) == sorted(set(confirmed))

@@ -380,8 +380,8 @@ class PublisherLink:
         self._on_demand = True
         self._attempt_ended = time.monotonic()
         self._outage_logged = False
-        self._reopening = False
         self._set_state(PublisherState.READY)
+        self._reopening = False
         while self._waiting:
             self._publish(self._waiting.popleft())
 
@@ -564,7 +564,9 @@ class PublisherLink:
         if state is self.state:
             return
         previous, self.state = self.state, state
-        if state is PublisherState.READY and previous is PublisherState.CONNECTING:
+        if state is PublisherState.READY and self._reopening:  # once a second while a queue stays full: not for INFO
+            log.debug("RabbitMQ publisher's channel reopened on %s", self._node)
+        elif state is PublisherState.READY and previous is PublisherState.CONNECTING:
             log.info("RabbitMQ publisher connected to %s (queue %r)", self._node, self._queue_name)
         elif state is PublisherState.READY:
             log.info("RabbitMQ unblocked publishing")
