@@ -4,6 +4,7 @@
     .venv/bin/python bench/chaos.py --scenario short      # under two minutes per mode
     .venv/bin/python bench/chaos.py --writes 100 --reads 200 --outage 30 --modes brownout,naive
     .venv/bin/python bench/chaos.py --proxy-cost          # the proxies' CPU per MB relayed
+    .venv/bin/python bench/chaos.py --rabbit-nodes 3      # on a three-node RabbitMQ cluster, its queue leader killed
 
 What one run does, for each mode (`brownout`, then `naive`):
 
@@ -86,9 +87,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, help="seconds of load per mode (default: the scenario's)")
     parser.add_argument("--outage", type=float, help="length of the main database outage, seconds (full: 30)")
-    parser.add_argument("--faults", help="comma-separated subset: ssl_kills,db_outage,rabbit_outage,redis_outage,worker_kill")
+    parser.add_argument(
+        "--faults",
+        help="comma-separated subset: ssl_kills,db_outage,rabbit_outage (rabbit_node_kill with a cluster),"
+        "rabbit_alarm,publisher_kill,redis_outage,worker_kill",
+    )
     parser.add_argument("--modes", default="brownout,naive", help="brownout,naive (default) or one of them")
     parser.add_argument("--web", type=int, default=2, help="web replicas (default 2)")
+    parser.add_argument(
+        "--rabbit-nodes",
+        type=int,
+        default=1,
+        help="3: a throwaway three-node RabbitMQ cluster of the run's own (quorum queues); the node kill replaces the "
+        "RabbitMQ outage (default 1: the machine's RabbitMQ through a proxy)",
+    )
     parser.add_argument("--default-settings", action="store_true", help="keep the default breaker, health and gate settings")
     parser.add_argument("--outage-style", choices=("refuse", "silence"), default="refuse")
     parser.add_argument("--out", type=Path, help="output folder (default bench/out/chaos-<time>)")
@@ -122,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy_cost:
         proxy_cost()
         return 0
+    if args.rabbit_nodes not in (1, 3):
+        raise SystemExit("--rabbit-nodes: 1 or 3")
     if args.proxy_hub:
         hub_child([int(port) for port in args.proxy_hub.split(",")], splice=args.splice)
         return 0
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         commands=commands,
         plot=not args.no_plot,
         load_fraction=args.load_fraction or None,
+        rabbit_nodes=args.rabbit_nodes,
     )
     try:
         result = run_chaos(config)

@@ -9,7 +9,7 @@ import pika
 
 from bench.chaoskit.helpers import now
 from bench.chaoskit.progress import Live
-from bench.chaoskit.urls import admin_connect
+from bench.chaoskit.urls import admin_connect, rabbit_parameters
 
 
 class Backlog:
@@ -56,9 +56,7 @@ class Backlog:
                 if now() - last_depth >= 1.0:
                     last_depth = now()
                     if channel_conn is None or channel is None:
-                        params = pika.URLParameters(self.rabbit_url)
-                        params.socket_timeout = params.stack_timeout = params.blocked_connection_timeout = 5.0
-                        channel_conn = pika.BlockingConnection(params)
+                        channel_conn = pika.BlockingConnection(rabbit_parameters(self.rabbit_url))
                         channel = channel_conn.channel()
                     declared = channel.queue_declare(self.queue, passive=True)
                     self.queue_messages = int(declared.method.message_count)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import pika
 import redis
 
-from bench.chaoskit.urls import admin_connect
+from bench.chaoskit.urls import admin_connect, rabbit_parameters
 
 
 def drop_database(base_db: str, dbname: str) -> None:
@@ -21,9 +21,7 @@ def delete_queues(base_rabbit: str, queues: Iterable[str]) -> None:
     """Each queue with Dramatiq's delay and dead-letter queues beside it."""
     from dramatiq.common import dq_name, xq_name
 
-    params = pika.URLParameters(base_rabbit)
-    params.socket_timeout = params.stack_timeout = 5.0
-    connection = pika.BlockingConnection(params)
+    connection = pika.BlockingConnection(rabbit_parameters(base_rabbit))
     try:
         channel = connection.channel()
         for queue in queues:

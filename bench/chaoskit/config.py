@@ -50,7 +50,8 @@ TARGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    kind: str  # ssl_kills | db_outage | rabbit_outage | rabbit_alarm | publisher_kill | redis_outage | worker_kill
+    # ssl_kills | db_outage | rabbit_outage | rabbit_node_kill | rabbit_alarm | publisher_kill | redis_outage | worker_kill
+    kind: str
     start: float  # seconds after the load starts
     duration: float
     every: float = 0.0  # ssl_kills: seconds between two kills
@@ -65,6 +66,7 @@ class Fault:
             "ssl_kills": f"SSL kills every {self.every:g} s",
             "db_outage": f"database outage {self.duration:g} s",
             "rabbit_outage": f"RabbitMQ outage {self.duration:g} s",
+            "rabbit_node_kill": f"database outage {self.duration:g} s + SIGKILL of the RabbitMQ queue leader's node",
             "rabbit_alarm": f"RabbitMQ memory alarm {self.duration:g} s",
             "publisher_kill": "publisher I/O threads killed",
             "redis_outage": f"Redis down {self.duration:g} s",
@@ -84,10 +86,18 @@ class Scenario:
     tail: float
     kill_every: float
     drain_timeout: float
+    node_kill: tuple[str, float, float] = ("rabbit_node_kill", 0, 0)  # with a cluster, in place of rabbit_outage
 
-    def timeline(self, *, outage: float | None = None, only: set[str] | None = None) -> tuple[list[Fault], float]:
+    def timeline(
+        self, *, outage: float | None = None, only: set[str] | None = None, rabbit_nodes: int = 1
+    ) -> tuple[list[Fault], float]:
+        """With a RabbitMQ cluster (*rabbit_nodes* > 1) the proxy's RabbitMQ outage becomes the node kill."""
         faults, t = [], self.warmup
-        for kind, duration, gap in self.steps:
+        steps = [
+            self.node_kill if kind == "rabbit_outage" and rabbit_nodes > 1 else (kind, duration, gap)
+            for kind, duration, gap in self.steps
+        ]
+        for kind, duration, gap in steps:
             if only is not None and kind not in only:
                 continue
             if kind == "db_outage" and outage is not None:
@@ -117,6 +127,7 @@ SCENARIOS = {
         tail=25,
         kill_every=3,
         drain_timeout=90,
+        node_kill=("rabbit_node_kill", 25, 20),
     ),
     "short": Scenario(
         "short",
@@ -137,6 +148,7 @@ SCENARIOS = {
         tail=14,
         kill_every=2,
         drain_timeout=40,
+        node_kill=("rabbit_node_kill", 16, 8),
     ),
 }
 
@@ -163,4 +175,5 @@ class ChaosConfig:
     client_timeout: float = 5.0
     plot: bool = True
     load_fraction: float | None = None  # measure the capacity first, run at this fraction of it (writes/reads unset)
+    rabbit_nodes: int = 1  # above 1: a throwaway RabbitMQ cluster of the run's own, quorum queues, the node kill
     echo: Callable[[str], None] = print

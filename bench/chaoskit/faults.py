@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -113,6 +114,35 @@ class FaultTimeline(ModeStage):
 
     def _fault_rabbit_outage(self, fault: Fault, record: FaultRecord) -> None:
         self._outage("rabbit", fault.duration, record)
+
+    def _fault_rabbit_node_kill(self, fault: Fault, record: FaultRecord) -> None:
+        """A database outage (every write queued) with the node leading the command queue SIGKILLed 2 s in and
+        started again on its data 2 s before the outage ends (it rejoins the cluster by itself)."""
+        cluster = self.cluster
+        if cluster is None:
+            record.details["kill"] = "no RabbitMQ cluster in this mode"
+            self._outage("db", fault.duration, record, self.config.outage_style)
+            return
+        killer = threading.Thread(target=self._kill_leader, args=(fault, record), name="node-kill", daemon=True)
+        killer.start()
+        self._outage("db", fault.duration, record, self.config.outage_style)
+        killer.join(timeout=150)
+
+    def _kill_leader(self, fault: Fault, record: FaultRecord) -> None:
+        cluster = self.cluster
+        assert cluster is not None  # noqa: S101 - narrows the type: the fault checked it
+        if not self._sleep_until(fault.start + 2.0):
+            return
+        node = cluster.leader(self.queue)
+        node.kill()
+        record.details |= {"node": node.node, "killed_at": now() - self.t0}
+        if not self._sleep_until(max(fault.end - 2.0, now() - self.t0 + 1.0)):
+            return  # the run is stopping: the cluster is stopped with it
+        node.launch()
+        node.wait_ready()
+        record.details["back_at"] = now() - self.t0
+        with contextlib.suppress(Exception):
+            record.details["leader_after"] = cluster.leader(self.queue).node
 
     @staticmethod
     def _queued_applied(conn: Any) -> int:

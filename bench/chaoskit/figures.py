@@ -16,7 +16,7 @@ def outage_timings(result: ModeResult) -> list[dict[str, Any]]:
     timings = []
     webs = sorted({dyno for _, dyno, _, _ in result.transitions if dyno.startswith("web")})
     for index, fault in enumerate(result.faults):
-        if fault.kind not in ("db_outage", "worker_kill") or result.mode != "brownout":
+        if fault.kind not in ("db_outage", "worker_kill", "rabbit_node_kill") or result.mode != "brownout":
             continue
         start, end = fault.start, fault.end
         horizon = result.faults[index + 1].start if index + 1 < len(result.faults) else math.inf

@@ -195,6 +195,11 @@ class ModeRun(FaultTimeline):
             usage=monitor_usage(monitor),
             sessions=[(t - self.t0, n) for t, n in monitor.sessions],
         )
+        for record in self.records:
+            if record.kind == "rabbit_node_kill" and "killed_at" in record.details:
+                killed_at = record.details["killed_at"]
+                acked = [w["td"] for w in data["writes"] if w["status"] == 202 and w["t"] > killed_at]
+                record.details["first_ack_after_kill"] = min(acked) - killed_at if acked else None
         result.timings = outage_timings(result)
         return result
 

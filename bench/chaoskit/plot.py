@@ -30,6 +30,7 @@ def plot(results: dict[str, ModeResult], path: Path) -> Path | None:
         "rabbit_outage": "#457b9d",
         "redis_outage": "#2a9d8f",
         "worker_kill": "#9b5de5",
+        "rabbit_node_kill": "#1d3557",
     }
     for col, mode in enumerate(modes):
         result = results[mode]

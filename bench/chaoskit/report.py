@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from bench.chaoskit.config import FIXED_SETTINGS, RUN_SETTINGS, TARGETS, ChaosConfig
 from bench.chaoskit.figures import window_stats
@@ -163,6 +164,8 @@ def report_markdown(results: dict[str, ModeResult], config: ChaosConfig, started
                     f"worker SIGKILLed at backlog {d.get('backlog_at_kill')} of {d.get('peak_before')}"
                     f" (mid-drain: {d.get('mid_drain')}), restarted"
                 )
+            if t["kind"] == "rabbit_node_kill":
+                extra = node_kill_line(t["details"])
             rows.append(
                 [
                     t["label"],
@@ -201,6 +204,19 @@ def report_markdown(results: dict[str, ModeResult], config: ChaosConfig, started
     ]
     parts += machine_markdown(results)
     return "\n".join(parts) + "\n"
+
+
+def node_kill_line(details: dict[str, Any]) -> str:
+    """The RabbitMQ node kill: which node, when, the first write acknowledged (202) after it, when it was back."""
+    if "killed_at" not in details:
+        return str(details.get("kill", "the node was not killed"))
+    first = details.get("first_ack_after_kill")
+    return (
+        f"queue leader {details['node']} SIGKILLed at {details['killed_at']:.1f} s; first 202 sent after it answered "
+        + ("never" if first is None else f"{first:.1f} s later")
+        + (f"; back at {details['back_at']:.1f} s" if "back_at" in details else "; not started again")
+        + (f", leader then {details['leader_after']}" if "leader_after" in details else "")
+    )
 
 
 def harness_lag(result: ModeResult) -> float:

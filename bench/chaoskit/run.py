@@ -28,7 +28,7 @@ class ChaosResult:
 
 def run_chaos(config: ChaosConfig) -> ChaosResult:
     scenario = SCENARIOS[config.scenario]
-    faults, natural = scenario.timeline(outage=config.outage, only=config.faults)
+    faults, natural = scenario.timeline(outage=config.outage, only=config.faults, rabbit_nodes=config.rabbit_nodes)
     duration = config.duration if config.duration is not None else natural
     kept = [f for f in faults if f.end + (8 if f.kind == "worker_kill" else 2) <= duration]
     for dropped in faults[len(kept) :]:

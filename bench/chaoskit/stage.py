@@ -8,6 +8,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from bench.chaoskit.proxies import Proxy, ProxyHub
 from bench.chaoskit.results import FaultRecord
 from bench.chaoskit.urls import admin_connect, loopback_only, pg_url, port_of, with_port
 from brownout._auth.keys import SCOPES, entry_for, new_key
+from tests.support.rabbit_cluster import RabbitCluster
 from tests.support.throwaway_rabbit import RABBITMQ_SBIN, ThrowawayRabbit
 
 INJECT = ROOT / "bench" / "chaoskit" / "inject"  # sitecustomize.py: the publisher I/O thread's killer
@@ -80,6 +82,7 @@ class ModeStage:
         self._stop = threading.Event()
         self._down: set[str] = set()  # operator commands run "down" and not yet "up"
         self.alarm_node: ThrowawayRabbit | None = None  # a RabbitMQ node of the run's own, for the memory alarm
+        self.cluster: RabbitCluster | None = None  # --rabbit-nodes 3: the run's own cluster (no proxy in front)
         self._main_calls: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
 
     # -- set-up and tear-down ---------------------------------------------------
@@ -91,8 +94,11 @@ class ModeStage:
             cur.execute(f'CREATE DATABASE "{self.dbname}"')
         conn.close()
         stack.callback(self._drop_database)
-        if self.mode == "brownout":
+        if self.mode == "brownout" and self.config.rabbit_nodes > 1:
+            self._start_cluster(stack)
+        elif self.mode == "brownout":
             self._start_alarm_node(stack)
+        if self.mode == "brownout":
             stack.callback(self._delete_queues)
             stack.callback(self._delete_redis_keys)
         lines = procfile()
@@ -105,7 +111,9 @@ class ModeStage:
             raise RuntimeError(f"release line failed:\n{migrate.stdout}\n{migrate.stderr}")
         upstreams = {"db": port_of(self.base_db, 5432)}
         if self.mode == "brownout":
-            upstreams |= {"rabbit": port_of(self.base_rabbit, 5672), "redis": port_of(self.base_redis, 6379)}
+            upstreams |= {"redis": port_of(self.base_redis, 6379)}
+        if self.mode == "brownout" and self.cluster is None:
+            upstreams |= {"rabbit": port_of(self.base_rabbit, 5672)}
         self.hub = ProxyHub(upstreams)
         stack.callback(self.hub.stop)  # every proxy back to pass-through, then stopped
         self.proxies = dict(self.hub.proxies)
@@ -113,7 +121,8 @@ class ModeStage:
         db_url = pg_url(self.base_db, dbname=self.dbname, port=self.proxies["db"].port)
         env["DATABASE_URL"] = db_url
         if self.mode == "brownout":
-            env["RABBITMQ_URL"] = with_port(self.base_rabbit, self.proxies["rabbit"].port)
+            rabbit = self.proxies.get("rabbit")
+            env["RABBITMQ_URL"] = self.base_rabbit if rabbit is None else with_port(self.base_rabbit, rabbit.port)
             env["REDIS_URL"] = with_port(self.base_redis, self.proxies["redis"].port)
         log_dir = self.out_dir / f"logs-{self.mode}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +176,23 @@ class ModeStage:
         self.alarm_node, self.base_rabbit = node, node.url
         self.config.echo(f"[{self.mode}] RabbitMQ: a throwaway node on port {node.port} (the memory alarm is raised there)")
 
+    def _start_cluster(self, stack: contextlib.ExitStack) -> None:
+        """Three RabbitMQ nodes of the run's own, clustered (tests/support/rabbit_cluster.py); the dynos get every
+        node's URL and quorum queues, the node kill SIGKILLs the command queue's leader, the memory alarm is raised
+        on the first node (an alarm blocks publishers on every node of a cluster)."""
+        folder = self.out_dir / f"rabbitmq-cluster-{self.mode}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cluster = RabbitCluster(folder, size=self.config.rabbit_nodes)
+        stack.callback(cluster.stop)
+        started = time.monotonic()
+        cluster.start()
+        self.cluster, self.alarm_node, self.base_rabbit = cluster, cluster.nodes[0], cluster.url
+        ports = ", ".join(str(node.port) for node in cluster.nodes)
+        formed = time.monotonic() - started
+        self.config.echo(
+            f"[{self.mode}] RabbitMQ: a cluster of {len(cluster.nodes)} nodes (ports {ports}), formed in {formed:.1f} s"
+        )
+
     def _env(self) -> dict[str, str]:
         env = clean_env()
         settings = dict(FIXED_SETTINGS)
@@ -182,6 +208,8 @@ class ModeStage:
                 # The load generator, /ready's detail and the fault timeline call as a service would, with a key.
                 "BROWNOUT_API_KEYS": entry_for(CALLER, self.service_key, SCOPES),
             }
+            if self.cluster is not None:
+                settings["BROWNOUT_QUEUE_TYPE"] = "quorum"
         self.settings = settings
         return env | settings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pika
 import psycopg2
 from sqlalchemy.engine import make_url
 
@@ -50,3 +51,14 @@ def admin_connect(url: str, dbname: str) -> Any:
     conn = psycopg2.connect(pg_url(url, dbname=dbname, app_name=HARNESS_APP_NAME), connect_timeout=5)
     conn.autocommit = True
     return conn
+
+
+def rabbit_parameters(url: str, timeout: float = 5.0) -> list[pika.URLParameters]:
+    """One set per node of a ';'-separated list (a run's own cluster), each bounded by *timeout*: the harness's
+    BlockingConnection tries them in order, so a node killed by the timeline is passed over."""
+    parameters = []
+    for node in url.split(";"):
+        node_parameters = pika.URLParameters(node.strip())
+        node_parameters.socket_timeout = node_parameters.stack_timeout = node_parameters.blocked_connection_timeout = timeout
+        parameters.append(node_parameters)
+    return parameters
