@@ -55,7 +55,13 @@ def targets(results: dict[str, ModeResult]) -> list[tuple[str, str, bool | None]
             stats["p99_ms"] <= TARGETS["p99_ms"],
         )
     )
-    others = [window_stats(result, f.start, f.end) | {"label": f.label} for f in result.faults if f.start != main["start"]]
+    # A node kill is judged on its own terms below: while a quorum queue elects a leader, a write may be refused
+    # with 503 and Retry-After (never acknowledged unconfirmed), so the 99 % rule of the other windows is not its.
+    others = [
+        window_stats(result, f.start, f.end) | {"label": f.label}
+        for f in result.faults
+        if f.start != main["start"] and f.kind != "rabbit_node_kill"
+    ]
     if others:
         worst_reads = min(others, key=lambda s: s["answered"])
         worst_writes = min(others, key=lambda s: 1 - s["write_error_rate"])
@@ -66,6 +72,15 @@ def targets(results: dict[str, ModeResult]) -> list[tuple[str, str, bool | None]
                 f"worst writes {fmt_pct(1 - worst_writes['write_error_rate'])} ({worst_writes['label']})",
                 worst_reads["answered"] >= TARGETS["other_windows_answered"]
                 and 1 - worst_writes["write_error_rate"] >= TARGETS["other_windows_answered"],
+            )
+        )
+    for kill in (t for t in result.timings if t["kind"] == "rabbit_node_kill"):
+        first = kill["details"].get("first_ack_after_kill")
+        out.append(
+            (
+                f"RabbitMQ node kill: first write acknowledged within {TARGETS['node_kill_first_ack']:g} s of the kill",
+                "never" if first is None else fmt_s(first),
+                first is not None and first <= TARGETS["node_kill_first_ack"],
             )
         )
     opened = main["open_all"]

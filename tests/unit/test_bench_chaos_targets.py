@@ -74,3 +74,35 @@ def test_a_window_under_99_percent_fails_the_target_and_is_named() -> None:
 def test_every_window_at_99_percent_or_more_meets_it() -> None:
     _, measured, met = other_windows(run(redis_read_failures=5))
     assert met is True, measured
+
+
+NODE_KILL = FaultRecord("rabbit_node_kill", "database outage 16 s + SIGKILL of the RabbitMQ queue leader's node", 80.0, 96.0)
+
+
+def with_node_kill(first_ack: float | None) -> ModeResult:
+    """A run whose node-kill window refused a tenth of its writes (503 while the queue elected a leader)."""
+    result = run(redis_read_failures=5)
+    result.requests += requests(80.0, 90, kind="create", status=202) + requests(81.0, 10, kind="create", status=503)
+    result.requests += requests(80.0, 200, kind="get", status=200)
+    result.faults.append(NODE_KILL)
+    details: dict[str, Any] = {"node": "rabbit-1", "killed_at": 82.0}
+    if first_ack is not None:
+        details["first_ack_after_kill"] = first_ack
+    result.timings.append(result.timings[0] | {"kind": NODE_KILL.kind, "label": NODE_KILL.label, "details": details})
+    return result
+
+
+def node_kill_target(result: ModeResult) -> tuple[str, str, bool | None]:
+    return next(t for t in targets({"brownout": result}) if t[0].startswith("RabbitMQ node kill"))
+
+
+def test_a_node_kill_is_judged_by_its_first_acknowledged_write_not_the_99_percent_rule() -> None:
+    result = with_node_kill(first_ack=1.1)
+    assert other_windows(result)[2] is True  # the 503s of the election do not count against the other windows
+    name, measured, met = node_kill_target(result)
+    assert met is True and measured == "1.10 s" and "5 s" in name
+
+
+def test_a_node_kill_with_no_write_acknowledged_soon_after_fails() -> None:
+    assert node_kill_target(with_node_kill(first_ack=7.5))[2] is False
+    assert node_kill_target(with_node_kill(first_ack=None))[1:] == ("never", False)
