@@ -54,7 +54,7 @@ class FakeProvider:
         self.attempts: list[tuple[float, int | str]] = []  # (time, status or "stall") of every request
         self._script: collections.deque[Answer | _Stall] = collections.deque()
         self._keys: dict[str, tuple[str, str | None]] = {}  # Resend: idempotency key -> (body fingerprint, email id or None)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: `handle` holds it around an answer and its attempt
         self._release = threading.Event()
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -155,12 +155,14 @@ class FakeProvider:
                     if self._keys.get(key) == ("", None):
                         del self._keys[key]
             return None
-        answer = self._api(path, headers, raw)
         if isinstance(planned, _Stall):
+            self._api(path, headers, raw)
             self._attempt("stall")
             self._release.wait(STALL_LIMIT_SECONDS)
             return None
-        self._attempt(answer.status)
+        with self._lock:  # an email and its attempt appear together: a test that sees the one sees the other
+            answer = self._api(path, headers, raw)
+            self._attempt(answer.status)
         return answer
 
     def _attempt(self, status: int | str) -> None:
