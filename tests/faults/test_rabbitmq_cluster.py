@@ -253,8 +253,8 @@ def test_queued_writes_survive_leader_kills_and_wait_out_a_lost_majority(
                 raise AssertionError(f"a writer stopped: {errors[0]!r}")
             return [answer for writer in writers for answer in list(writer.answers)]
 
-        def acked_ids() -> set[str]:
-            return {answer.command_id for answer in answers() if answer.command_id}
+        def acked_ids(since: float = 0.0) -> set[str]:
+            return {answer.command_id for answer in answers() if answer.command_id and answer.started > since}
 
         try:
             assert wait_until(lambda: len(applied_ids(db, acked_ids())) >= 20, timeout=30, interval=0.2), "queued and applied"
@@ -267,10 +267,14 @@ def test_queued_writes_survive_leader_kills_and_wait_out_a_lost_majority(
                 victim.kill()
                 killed_at = time.monotonic()
                 killed.append(victim)
-                time.sleep(12)
+                # Until the worker has applied a write sent after the kill: the publishers and the consumer are
+                # on the surviving majority (a bound, not a pause: the kill's figure is asserted below).
+                assert wait_until(
+                    lambda since=killed_at: applied_ids(db, acked_ids(since)),
+                    timeout=30,
+                    interval=0.2,
+                ), "the worker applies from the surviving majority"
                 figures[f"kill {round_}: first acknowledged write (s)"] = first_ack_after(answers(), killed_at)
-                after_kill = {a.command_id for a in answers() if a.command_id and a.started > killed_at}
-                assert applied_ids(db, after_kill), "the worker applies from the surviving majority"
                 rejoin(cluster, victim)
             assert killed[0] is not killed[1]
 
@@ -280,7 +284,8 @@ def test_queued_writes_survive_leader_kills_and_wait_out_a_lost_majority(
             for node in down:
                 node.kill()
             lost_at = time.monotonic()
-            time.sleep(10)
+            # Until four writes sent after the loss were answered (each waits out the publish deadline).
+            assert wait_until(lambda: sum(a.started > lost_at for a in answers()) >= 4, timeout=30, interval=0.2)
             during = [answer for answer in answers() if answer.started > lost_at]
             assert during and all(answer.status == 503 for answer in during), "no acknowledgement without a majority"
             figures["no majority: writes answered 503"] = len(during)
