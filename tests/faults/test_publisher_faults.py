@@ -7,7 +7,6 @@ Every publish must end within its own deadline (plus scheduling margin on a shar
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ from tests.integration.test_publisher import message
 from tests.support.polling import wait_until
 from tests.support.rabbit import RABBITMQ_URL, take_all
 from tests.support.tcp_proxy import FaultProxy
-from tests.support.throwaway_rabbit import RABBITMQ_SBIN, ThrowawayRabbit
+from tests.support.throwaway_rabbit import ThrowawayRabbit, require_rabbitmq_scripts
 
 
 @pytest.fixture
@@ -180,11 +179,7 @@ def test_close_is_bounded_while_rabbitmq_is_silent(make_publisher: Any, rabbit_p
 
 @pytest.fixture(scope="module")
 def throwaway_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayRabbit]:
-    if not os.path.exists(f"{RABBITMQ_SBIN}/rabbitmq-server"):
-        message = f"no RabbitMQ scripts in {RABBITMQ_SBIN} (BROWNOUT_TEST_RABBITMQ_SBIN)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_rabbitmq_scripts()
     node = ThrowawayRabbit(tmp_path_factory.mktemp("rabbitmq"))
     try:
         node.start()

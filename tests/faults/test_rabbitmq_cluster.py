@@ -31,7 +31,7 @@ from tests.support.api_server import AS_SERVICE, serve_in_thread, settings_env
 from tests.support.polling import wait_until
 from tests.support.rabbit_cluster import RabbitCluster
 from tests.support.rabbit_nodes import InOrder
-from tests.support.throwaway_rabbit import ThrowawayRabbit
+from tests.support.throwaway_rabbit import ThrowawayRabbit, require_rabbitmq_scripts
 
 COMMANDS = "app.dispatch.notifications:build_registry"
 
@@ -41,6 +41,7 @@ FIRST_CONFIRM_BOUND = 10.0  # seconds from a leader's kill to a confirmed publis
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    require_rabbitmq_scripts()
     started = RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"))
     try:
         started.start()
