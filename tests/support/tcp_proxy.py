@@ -43,6 +43,7 @@ import selectors
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 _TICK_SECONDS = 0.05
 _SWITCH_SECONDS = 2.0  # longest a mode switch or reset_existing() waits
@@ -92,7 +93,17 @@ def _abort(sock: socket.socket) -> None:
 class FaultProxy:
     """A TCP proxy to ``upstream_host:upstream_port`` whose failures a test controls."""
 
-    def __init__(self, *, upstream_host: str, upstream_port: int, listen_host: str = "127.0.0.1", listen_port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        upstream_host: str,
+        upstream_port: int,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        on_client_bytes: Callable[[object, bytes], None] | None = None,
+    ) -> None:
+        """*on_client_bytes*(stream, data) sees what each client sends, before it is relayed (a wire observer)."""
+        self._on_client_bytes = on_client_bytes
         self._upstream = (upstream_host, upstream_port)
         self._listen_host = listen_host
         self._port = listen_port
@@ -297,4 +308,6 @@ class FaultProxy:
                         continue
                     if not data:
                         return
+                    if readable is client and self._on_client_bytes is not None:
+                        self._on_client_bytes(connection, data)
                     key.data.sendall(data)
