@@ -10,8 +10,8 @@ Prints, in one run, against the local services (or DATABASE_URL / RABBITMQ_URL):
   command, to a queue declared with the service's arguments and type
   (queue_declarations), the same number of messages, one at a time; and
   `queued submit p99 ratio` = submit p99 / bare p99 (target <= 1.5);
-- applied writes/s on the direct path (breaker closed: claim the key, insert,
-  record, commit), beside PostgreSQL's own single-row INSERT + COMMIT rate
+- applied writes/s on the direct path (breaker closed: BEGIN and the effect in
+  one round trip, the record and COMMIT in another), beside PostgreSQL's own single-row INSERT + COMMIT rate
   through psycopg2 (blocking, as it comes), and `direct write ratio` =
   direct / raw (target >= 0.5); also the raw rate with every wait going
   through the wait callback the engine installs process-wide, for reference,
@@ -70,6 +70,7 @@ from app.dispatch.notifications import CREATE, build_registry  # noqa: E402
 from app.schema import upgrade_database  # noqa: E402
 from bench.chaoskit.processes import procfile  # noqa: E402
 from brownout._db import Database  # noqa: E402
+from brownout._db.pipelined import PipelinedConnection  # noqa: E402
 from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued  # noqa: E402
 from brownout._dispatch.queues import BrownoutRabbitmqBroker, queue_declarations  # noqa: E402
 from brownout._schema import applied_commands  # noqa: E402
@@ -172,7 +173,8 @@ class RawInserts:
 
 class SameRowsRaw:
     """The very statements one direct write sends (captured from the engine, in order), replayed through
-    psycopg2 with fresh ids and no Python of Brownout's around them: BEGIN, each statement, COMMIT.
+    psycopg2 with fresh ids and no Python of Brownout's around them, on the same kind of connection (the
+    BEGIN rides on the first statement, the COMMIT on the last: the same round trips as the direct write).
 
     The single-row INSERT is the issue's peer; this one says how much of the gap is PostgreSQL's work on
     the rows a direct write must write (the effect, its email, its record) and how much is ours."""
@@ -191,7 +193,7 @@ class SameRowsRaw:
         finally:
             event.remove(database.engine, "before_cursor_execute", capture)
         self.statements = captured
-        self.conn = psycopg2.connect(url)
+        self.conn = psycopg2.connect(url, connection_factory=PipelinedConnection)
         self.elapsed = 0.0
         self.count = 0
 
@@ -210,7 +212,7 @@ class SameRowsRaw:
                 ids: dict[str, Any] = {}
                 for statement, parameters in self.statements:
                     cur.execute(statement, self._fresh(parameters, ids))
-                self.conn.commit()
+                self.conn.commit()  # sends nothing when the last statement carried the COMMIT
         if timed:
             self.elapsed += time.perf_counter() - start
             self.count += count

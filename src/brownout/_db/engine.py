@@ -29,7 +29,10 @@ What this module adds, in the `handle_error` event:
     connection (psycopg2 closed it): a slow query is not a dead database;
 - disconnect epochs (incidents.py): the connections one incident kills count
   once on the breaker, not once each, and make one Sentry event when Sentry
-  is on (src/brownout/_observability/incident_events.py).
+  is on (src/brownout/_observability/incident_events.py);
+- pipelined connections (pipelined.py): BEGIN, and behind a pooler the
+  `SET LOCAL statement_timeout`, ride on a transaction's first statement, and
+  `commit_with` sends a last statement and COMMIT in one round trip.
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.pool import QueuePool
 
-from brownout._db import waiting
+from brownout._db import pipelined, waiting
 from brownout._db.deadline import remaining
 from brownout._db.errors import ErrorKind, classify, describe
 from brownout._db.incidents import DisconnectEpochs
@@ -115,9 +118,16 @@ def _connect_args(settings: Settings) -> dict[str, Any]:
         args["connect_timeout"] = max(2, round(settings.db_connect_timeout_seconds))
     if "application_name" not in query:
         args["application_name"] = settings.db_application_name
-    if settings.db_statement_timeout_seconds and settings.database_pooler == "none":
+    begin = "BEGIN"
+    if settings.db_statement_timeout_seconds:
         ms = int(settings.db_statement_timeout_seconds * 1000)
-        args["options"] = f"-c statement_timeout={ms}"
+        if settings.database_pooler == "none":
+            args["options"] = f"-c statement_timeout={ms}"
+        else:
+            # Poolers refuse start-up options; SET LOCAL lasts one transaction, which is all a
+            # transaction-mode pooler guarantees to be ours. It rides on the BEGIN (pipelined.py).
+            begin = f"BEGIN;SET LOCAL statement_timeout = {ms}"
+    args["connection_factory"] = pipelined.connection_class(begin)
     return args
 
 
@@ -150,11 +160,7 @@ def build_engine(settings: Settings) -> Engine:
         event.listen(engine, "checkin", pinger.on_checkin)
         event.listen(engine, "checkout", pinger.on_checkout)
     event.listen(engine, "handle_error", _make_error_handler(behind_pooler=behind_pooler, epochs=epochs))
-    if behind_pooler and settings.db_statement_timeout_seconds:
-        # Poolers refuse start-up options; SET LOCAL lasts one transaction,
-        # which is all a transaction-mode pooler guarantees to be ours.
-        statement = text(f"SET LOCAL statement_timeout = {int(settings.db_statement_timeout_seconds * 1000)}")
-        event.listen(engine, "begin", lambda conn: conn.execute(statement))
+    pipelined.install(engine)
     _dispose_after_fork(engine)
     return engine
 

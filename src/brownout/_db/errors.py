@@ -234,3 +234,11 @@ def describe(exc: BaseException) -> str:
     inner = getattr(exc, "orig", None) or exc
     line = str(inner).strip().partition("\n")[0]
     return mask_secrets(f"{type(inner).__name__}: {line}" if line else type(inner).__name__)
+
+
+def constraint_of(exc: BaseException) -> str | None:
+    """The name of the constraint PostgreSQL says *exc* (or what it wraps) violated, if any."""
+    for link in _chain(exc):
+        if isinstance(link, psycopg2.Error) and link.diag.constraint_name:
+            return str(link.diag.constraint_name)
+    return None

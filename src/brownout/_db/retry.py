@@ -119,6 +119,11 @@ def _count_commit(conn: object) -> None:
     _commits.count = getattr(_commits, "count", 0) + 1
 
 
+def note_commit_sent() -> None:
+    """Count a COMMIT sent inside a statement (pipelined.py) as one sent by `commit()`."""
+    _commits.count = getattr(_commits, "count", 0) + 1
+
+
 def _install_commit_listener() -> None:
     global _commit_listener_installed
     with _commit_listener_lock:

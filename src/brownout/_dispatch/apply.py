@@ -3,12 +3,14 @@
 In one transaction:
 1. apply the command's effect (the service's apply function: last writer wins
    on the acceptance stamp), which locks the entity's row;
-2. record it in `applied_commands` (INSERT ... ON CONFLICT DO NOTHING), drawing
-   `apply_seq` while the row lock is held, so for one entity apply_seq order is
-   the order in which writes took effect;
-3. if the command id was already recorded, roll the effect back: the same
-   payload hash is a duplicate and returns the first result; another hash is a
-   conflict, recorded in `command_conflicts` and never applied.
+2. record it in `applied_commands`, drawing `apply_seq` while the row lock is
+   held, so for one entity apply_seq order is the order in which writes took
+   effect; the record travels with the COMMIT in one round trip
+   (`pipelined.commit_with`), so it is a plain INSERT;
+3. if the command id was already recorded (the INSERT's unique violation), roll
+   the effect back: the same payload hash is a duplicate and returns the first
+   result; another hash is a conflict, recorded in `command_conflicts` and never
+   applied.
 
 A concurrent applier of the same command blocks on the unique key in step 2
 until the first commits (then it finds the id taken and rolls back) or rolls
@@ -33,14 +35,18 @@ from typing import Any, Literal
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from brownout._db.errors import constraint_of
+from brownout._db.pipelined import commit_with
 from brownout._dispatch.bulk import insert_rows, rows_param
 from brownout._dispatch.commands import CommandError, Effect, Registry
 from brownout._dispatch.envelope import Envelope
 from brownout._schema import applied_commands, apply_sequence, command_conflicts
 
 Path = Literal["direct", "queued"]
+_RECORDED_ONCE = "applied_commands_pkey"
 
 
 class KeyConflict(CommandError):
@@ -84,6 +90,12 @@ RECORD = (
     .returning(applied_commands.c.apply_seq)
 )
 """Record a write (params: `record_params`); returns its apply_seq, nothing when the id was recorded before."""
+_RECORD_AND_COMMIT = insert(applied_commands).values(
+    {name: bindparam(name) for name in (*_RECORD_COLUMNS, "path", "outcome", "result")}
+    | {"apply_seq": apply_sequence.next_value()}
+)
+"""RECORD sent with the COMMIT in one round trip (`commit_with`): it returns nothing (the COMMIT's answer is
+the last), so a command id recorded before shows as a unique violation, which rolls the effect back."""
 _RECORD_MANY = insert_rows(
     applied_commands,
     (*_RECORD_COLUMNS, "path", "outcome", "result"),
@@ -104,15 +116,17 @@ def _take_effect(session: Session, envelope: Envelope, effect_of: Callable[[], E
     """Steps 1 to 3 of the module docstring, for the effect *effect_of* makes; commits."""
     try:
         effect = effect_of()
-        seq = session.execute(RECORD, record_params(envelope, effect, path=path)).scalar_one_or_none()
-        if seq is None:
+        try:
+            commit_with(session, _RECORD_AND_COMMIT, record_params(envelope, effect, path=path))
+        except IntegrityError as exc:
+            if constraint_of(exc) != _RECORDED_ONCE:
+                raise
             session.rollback()
             return _already_claimed(session, envelope)
-        session.commit()
     except BaseException:
         session.rollback()
         raise
-    return applied(envelope, effect, seq)
+    return applied(envelope, effect, None)
 
 
 def record_params(envelope: Envelope, effect: Effect, *, path: Path) -> dict[str, Any]:
@@ -128,8 +142,9 @@ def record_many(session: Session, params: Sequence[Mapping[str, Any]]) -> dict[s
     return {command_id: int(seq) for command_id, seq in session.execute(_RECORD_MANY, rows_param(params))}
 
 
-def applied(envelope: Envelope, effect: Effect, apply_seq: int) -> AppliedWrite:
-    """The AppliedWrite of an effect recorded under *apply_seq* (not a duplicate)."""
+def applied(envelope: Envelope, effect: Effect, apply_seq: int | None) -> AppliedWrite:
+    """The AppliedWrite of an effect recorded under *apply_seq* (not a duplicate; None: committed with its
+    record in one round trip, which returns no row)."""
     return AppliedWrite(
         command_id=envelope.command_id,
         entity_id=envelope.entity_id,
