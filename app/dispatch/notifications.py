@@ -133,8 +133,8 @@ _INSERT_MANY = text(
     f"made AS (INSERT INTO notifications ({', '.join(_CREATED)}) SELECT {', '.join(_CREATED)} FROM r "
     "ON CONFLICT (id) DO NOTHING RETURNING *), "
     f"mailed AS ({emails_of('made', 'r', 'outbox_row')}) "
-    "SELECT * FROM made"
-)
+    f"SELECT {', '.join(notifications.c.keys())} FROM made"
+).columns(*notifications.c)  # typed columns: SQLAlchemy reuses the result's metadata instead of rebuilding it per call
 _SELECT_MANY = select(notifications).where(notifications.c.id.in_(bindparam("ids", expanding=True)))
 _SET_READ = (
     notifications.update()
