@@ -105,6 +105,22 @@ def test_behind_a_pooler_the_statement_timeout_rides_on_the_begin(
         assert messages.take() == ["BEGIN;SET LOCAL statement_timeout = 5000;SHOW statement_timeout", "COMMIT"]
 
 
+def test_the_checkout_ping_opens_no_transaction(
+    watched: Callable[..., Database], wire: tuple[FaultProxy, FrontendMessages]
+) -> None:
+    _, messages = wire
+    database = watched(pool_pre_ping_idle_seconds=0)  # every checkout of a used connection pings
+    with database.session() as s:
+        s.execute(text("SELECT 1"))
+    messages.take()
+    with database.session() as s:
+        s.execute(text("SELECT 2"))
+        s.commit()
+    with database.session() as s:
+        s.connection()  # checked out, nothing sent: nothing to roll back
+    assert messages.take() == ["SELECT 1", "BEGIN;SELECT 2", "COMMIT", "SELECT 1"]
+
+
 def test_a_failed_statement_aborts_the_transaction_until_rollback(db: Database) -> None:
     with db.session() as s:
         s.execute(text("INSERT INTO items VALUES (1)"))

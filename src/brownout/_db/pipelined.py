@@ -119,6 +119,10 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         elif self.get_transaction_status() != _IDLE:
             self._send("ROLLBACK")
 
+    def bare_cursor(self) -> Any:
+        """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit)."""
+        return ext.cursor(self)
+
     def _send(self, statement: str) -> None:
         with ext.cursor(self) as cursor:
             cursor.execute(statement)

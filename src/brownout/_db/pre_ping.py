@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 
 from brownout._db.errors import classify, describe
 from brownout._db.incidents import DisconnectEpochs
+from brownout._db.pipelined import PipelinedConnection
 from brownout._db.waiting import DatabaseDeadlineReached
 
 _FRESH_KEY = "brownout.fresh"
@@ -69,7 +70,10 @@ class CheckoutPinger:
         if returned_at is not None and self._clock() - returned_at < self.idle_seconds:
             return
         try:
-            cursor = dbapi_connection.cursor()
+            # On a pipelined connection the ping runs outside any transaction: it opens none that would hold a
+            # pooler's server connection until the caller's COMMIT, or cost a ROLLBACK when nothing follows.
+            pipelined = isinstance(dbapi_connection, PipelinedConnection)
+            cursor = dbapi_connection.bare_cursor() if pipelined else dbapi_connection.cursor()
             try:
                 cursor.execute("SELECT 1")
             finally:
