@@ -44,7 +44,9 @@ from brownout._db.retry import note_commit_sent
 
 _BASE = ext.connection
 _BASE_AUTOCOMMIT = _BASE.__dict__["autocommit"]
+_BASE_STATUS = _BASE.__dict__["status"]
 _IDLE = ext.TRANSACTION_STATUS_IDLE
+_OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 
 
 class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type information
@@ -54,7 +56,9 @@ class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type
 
     def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - DB-API's name
         conn = self.connection
-        if conn.pipelined and not conn.logical_autocommit and conn.get_transaction_status() == _IDLE:
+        if not conn.pipelined:
+            conn.begin_plain()
+        elif not conn.logical_autocommit and conn.get_transaction_status() == _IDLE:
             query = conn.begin_then(query, self)
         super().execute(query, vars)
 
@@ -104,8 +108,27 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
 
     def begin_alone(self) -> None:
         """Open the transaction with a round trip of its own (for calls a prefix cannot ride on)."""
-        if self.pipelined and not self.logical_autocommit and self.get_transaction_status() == _IDLE:
+        if not self.pipelined:
+            self.begin_plain()
+        elif not self.logical_autocommit and self.get_transaction_status() == _IDLE:
             self._send(self.begin_prefix)
+
+    def begin_plain(self) -> None:
+        """Once plain psycopg2, which opens its transactions with a bare BEGIN: when it is about to open one,
+        send what the prefix adds to BEGIN (a pooler's `SET LOCAL statement_timeout`) in it first."""
+        settings = self.begin_prefix.partition(";")[2]
+        if settings and not _BASE_AUTOCOMMIT.__get__(self) and _BASE_STATUS.__get__(self) == ext.STATUS_READY:
+            self._send(settings)  # psycopg2 sends its BEGIN, then this
+
+    def unseen_transaction(self) -> bool:
+        """The server has a transaction open that psycopg2's own status knows nothing of (this class opened it)."""
+        return not self.closed and _BASE_STATUS.__get__(self) == ext.STATUS_READY and self.get_transaction_status() in _OPEN
+
+    @property
+    def status(self) -> int:
+        """psycopg2's status, but STATUS_IN_TRANSACTION while the server has a transaction open: psycopg2.extras'
+        type lookups (register_json, register_composite, hstore ...) roll back after themselves unless it says so."""
+        return ext.STATUS_IN_TRANSACTION if self.unseen_transaction() else int(_BASE_STATUS.__get__(self))
 
     def commit(self) -> None:
         if not self.pipelined:
@@ -148,13 +171,12 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         if self.pipelined:
             self.pipelined = False
             _BASE_AUTOCOMMIT.__set__(self, self.logical_autocommit)
-            self.cursor_factory = ext.cursor
+            # The cursors stay PipelinedCursor: as plain psycopg2's they add the prefix's settings (begin_plain).
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.pipelined:
-            return super().cursor(*args, **kwargs)
         if (args and args[0]) or kwargs.get("name") is not None:  # a server-side cursor: psycopg2 makes its DECLARE
             self.stop_pipelining()
+            self.begin_plain()
             return super().cursor(*args, **kwargs)
         factory = kwargs.get("cursor_factory")
         if factory is not None and not issubclass(factory, PipelinedCursor):
@@ -162,6 +184,8 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         return super().cursor(*args, **kwargs)
 
     def set_isolation_level(self, level: Any) -> None:
+        if self.unseen_transaction():
+            self._send("ROLLBACK")  # psycopg2's own rolls back the transaction in progress, but cannot see this one
         self.stop_pipelining()
         super().set_isolation_level(level)
 

@@ -1,0 +1,171 @@
+"""Review of pipelined connections (src/brownout/_db/pipelined.py): what a lazily opened transaction must
+still mean to SQLAlchemy, psycopg2 and the operator, against the real database.
+
+Several of these take a connection whose transaction the server has open while psycopg2's own status says
+none is (psycopg2 keeps libpq in autocommit and never sent a BEGIN itself): a plain psycopg2 connection
+knows about every transaction it runs in, and psycopg2, SQLAlchemy and psycopg2.extras act on that."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg2
+import psycopg2.extras
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from brownout._db import Database
+from tests.conftest import admin_cursor
+
+
+@pytest.fixture
+def one_connection(make_database: Callable[..., Database], pg_database: str) -> Callable[..., Database]:
+    """A one-connection Database (each test sees the same connection again), with an `items` table."""
+
+    def factory(**overrides: object) -> Database:
+        fields: dict[str, object] = {"pool_size": 1, "pool_max_overflow": 0, "pool_pre_ping_idle_seconds": 0}
+        database = make_database(**(fields | overrides))
+        with database.engine.connect() as conn:
+            conn.execute(text("CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY)"))
+            conn.commit()
+        return database
+
+    return factory
+
+
+def idle_in_transaction(dbname: str) -> int:
+    with admin_cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+            (dbname,),
+        )
+        return int(cur.fetchone()[0])
+
+
+def committed_ids(dbname: str) -> list[int]:
+    with admin_cursor(dbname) as cur:
+        cur.execute("SELECT id FROM items ORDER BY id")
+        return [row[0] for row in cur.fetchall()]
+
+
+# -- a pre-ping at checkout, then transaction settings (fixed by 7d43480: the ping runs outside a transaction)
+
+
+def test_an_isolation_level_asked_after_a_pre_ping_is_the_one_the_transaction_gets(
+    one_connection: Callable[..., Database],
+) -> None:
+    database = one_connection()
+    with database.engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+        level = conn.execute(text("SELECT current_setting('transaction_isolation')")).scalar_one()
+        conn.rollback()
+    assert level == "serializable"
+
+
+def test_autocommit_after_a_pre_ping_runs_outside_any_transaction(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    database = one_connection()
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("INSERT INTO items VALUES (1)")
+        assert committed_ids(pg_database) == [1], "an AUTOCOMMIT statement is committed when it returns"
+        conn.exec_driver_sql("VACUUM items")  # refused inside a transaction block
+    assert idle_in_transaction(pg_database) == 0, "the pool holds no open transaction"
+
+
+def test_a_read_only_transaction_asked_after_a_pre_ping_refuses_writes(one_connection: Callable[..., Database]) -> None:
+    database = one_connection()
+    with database.engine.connect().execution_options(postgresql_readonly=True) as conn:
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            conn.exec_driver_sql("INSERT INTO items VALUES (3)")
+        conn.rollback()
+
+
+# -- the same after SQLAlchemy's own Connection.get_isolation_level() (Alembic's autocommit_block calls it)
+
+
+def test_autocommit_after_get_isolation_level_runs_outside_any_transaction(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    """Alembic's `autocommit_block()` does exactly this: `get_isolation_level()`, then AUTOCOMMIT (for
+    CREATE INDEX CONCURRENTLY and the like). psycopg2's set_isolation_level rolls back the transaction in
+    progress; it cannot see the one `BEGIN;show transaction isolation level` opened."""
+    database = one_connection(pool_pre_ping=False)
+    with database.engine.connect() as conn:
+        assert conn.get_isolation_level() == "READ COMMITTED"
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        autocommit.exec_driver_sql("INSERT INTO items VALUES (1)")
+        assert committed_ids(pg_database) == [1], "an AUTOCOMMIT statement is committed when it returns"
+        autocommit.exec_driver_sql("CREATE INDEX CONCURRENTLY items_id ON items (id)")
+    assert idle_in_transaction(pg_database) == 0, "the pool holds no open transaction"
+
+
+def test_autocommit_after_get_isolation_level_leaves_no_transaction_open_in_the_pool(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    database = one_connection(pool_pre_ping=False)
+    with database.engine.connect() as conn:
+        conn.get_isolation_level()
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("INSERT INTO items VALUES (2)")
+    assert idle_in_transaction(pg_database) == 0, "the pool holds no open transaction"
+    assert committed_ids(pg_database) == [2], "the AUTOCOMMIT write is committed once the connection is back"
+
+
+def test_serializable_after_get_isolation_level_is_serializable(one_connection: Callable[..., Database]) -> None:
+    database = one_connection(pool_pre_ping=False)
+    with database.engine.connect() as conn:
+        conn.get_isolation_level()
+        serializable = conn.execution_options(isolation_level="SERIALIZABLE")
+        level = serializable.execute(text("SELECT current_setting('transaction_isolation')")).scalar_one()
+        serializable.rollback()
+    assert level == "serializable"
+
+
+# -- behind a transaction-mode pooler
+
+
+def test_behind_a_pooler_every_transaction_keeps_its_statement_timeout(make_database: Callable[..., Database]) -> None:
+    """After a connection served an AUTOCOMMIT block (it stops pipelining), its later transactions still get
+    the pooler's `SET LOCAL statement_timeout`, as every transaction did before pipelining."""
+    database = make_database(
+        database_pooler="transaction", db_statement_timeout_seconds=5, pool_size=1, pool_max_overflow=0, pool_pre_ping=False
+    )
+    with database.session() as s:
+        assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
+        s.rollback()
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("SELECT 1")
+    with database.session() as s:
+        assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
+        s.rollback()
+
+
+def test_behind_a_pooler_a_streamed_read_keeps_the_statement_timeout_after(make_database: Callable[..., Database]) -> None:
+    database = make_database(
+        database_pooler="transaction", db_statement_timeout_seconds=5, pool_size=1, pool_max_overflow=0, pool_pre_ping=False
+    )
+    with database.session() as s:
+        assert [r[0] for r in s.execute(text("SELECT 1"), execution_options={"stream_results": True})] == [1]
+        s.rollback()
+    with database.session() as s:
+        assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
+        s.rollback()
+
+
+def test_a_psycopg2_extras_type_lookup_inside_a_transaction_keeps_the_transaction(
+    make_database: Callable[..., Database], pg_database: str
+) -> None:
+    """psycopg2.extras' type registrations (register_json, register_composite, register_range, hstore) read
+    pg_type and roll back afterwards unless `conn.status` says a transaction was already open. On a pipelined
+    connection psycopg2's own status never says so: the caller's transaction was rolled back with it."""
+    database = make_database(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("CREATE TABLE items (id int PRIMARY KEY)"))
+        s.commit()
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (4)"))
+        dbapi = s.connection().connection.dbapi_connection
+        psycopg2.extras.register_json(dbapi, name="json")
+        s.execute(text("INSERT INTO items VALUES (5)"))
+        s.commit()
+    assert committed_ids(pg_database) == [4, 5]
