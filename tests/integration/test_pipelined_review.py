@@ -169,3 +169,43 @@ def test_a_psycopg2_extras_type_lookup_inside_a_transaction_keeps_the_transactio
         s.execute(text("INSERT INTO items VALUES (5)"))
         s.commit()
     assert committed_ids(pg_database) == [4, 5]
+
+
+# -- a connection that stops pipelining inside a transaction psycopg2 never saw
+
+
+def test_a_streamed_read_refused_before_it_was_sent_leaves_the_rollback_working(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    """A server-side cursor turns the connection into plain psycopg2 inside the transaction the INSERT
+    opened; psycopg2 learns of that transaction only when it sends its own BEGIN, with the DECLARE. A
+    DECLARE refused before it is sent (a parameter psycopg2 cannot adapt) leaves psycopg2 believing no
+    transaction is open: its rollback() sent nothing, the INSERT stayed open in the pool, and the next
+    session's COMMIT committed it."""
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (1)"))
+        with pytest.raises(DBAPIError, match="can't adapt"):
+            s.execute(text("SELECT :x"), {"x": object()}, execution_options={"stream_results": True})
+        s.rollback()
+    left_open = idle_in_transaction(pg_database)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (2)"))
+        s.commit()
+    assert (left_open, committed_ids(pg_database)) == (0, [2]), "no open transaction in the pool; 1 never committed"
+
+
+def test_a_kill_while_idle_in_transaction_fails_the_commit(one_connection: Callable[..., Database], pg_database: str) -> None:
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (1)"))
+        pid = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with admin_cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(DBAPIError):
+            s.commit()
+    assert committed_ids(pg_database) == []
+    with database.session() as s:  # the pool gave a working connection back
+        s.execute(text("INSERT INTO items VALUES (2)"))
+        s.commit()
+    assert committed_ids(pg_database) == [2]

@@ -132,15 +132,33 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
 
     def commit(self) -> None:
         if not self.pipelined:
-            super().commit()
+            if self.unseen_transaction():
+                self.end_unseen("COMMIT")
+            else:
+                super().commit()
         elif self.get_transaction_status() != _IDLE:  # unknown (a lost link) sends too, and fails as it should
             self._send("COMMIT")
 
     def rollback(self) -> None:
         if not self.pipelined:
-            super().rollback()
+            if self.unseen_transaction():
+                self.end_unseen("ROLLBACK")
+            else:
+                super().rollback()
         elif self.get_transaction_status() != _IDLE:
             self._send("ROLLBACK")
+
+    def end_unseen(self, statement: str) -> None:
+        """End a transaction psycopg2 does not know of (it stopped pipelining inside it, before sending any
+        BEGIN of its own): its commit() and rollback() would send nothing. Sent as in autocommit, where
+        psycopg2 sends no BEGIN before it."""
+        autocommit = _BASE_AUTOCOMMIT.__get__(self)
+        _BASE_AUTOCOMMIT.__set__(self, True)
+        try:
+            self._send(statement)
+        finally:
+            if not self.closed:
+                _BASE_AUTOCOMMIT.__set__(self, autocommit)
 
     def bare_cursor(self) -> Any:
         """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit)."""
@@ -185,7 +203,7 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
 
     def set_isolation_level(self, level: Any) -> None:
         if self.unseen_transaction():
-            self._send("ROLLBACK")  # psycopg2's own rolls back the transaction in progress, but cannot see this one
+            self.end_unseen("ROLLBACK")  # psycopg2's own rolls back the transaction in progress, but cannot see this one
         self.stop_pipelining()
         super().set_isolation_level(level)
 
