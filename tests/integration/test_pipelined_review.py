@@ -209,3 +209,23 @@ def test_a_kill_while_idle_in_transaction_fails_the_commit(one_connection: Calla
         s.execute(text("INSERT INTO items VALUES (2)"))
         s.commit()
     assert committed_ids(pg_database) == [2]
+
+
+def test_behind_a_pooler_a_pinged_plain_connection_keeps_the_statement_timeout(
+    make_database: Callable[..., Database],
+) -> None:
+    """The pre-ping's bare cursor (7d43480) on a connection that is plain psycopg2 again: its SELECT 1 made
+    psycopg2 send a bare BEGIN, and the transaction that followed had no `SET LOCAL statement_timeout`."""
+    database = make_database(
+        database_pooler="transaction",
+        db_statement_timeout_seconds=5,
+        pool_size=1,
+        pool_max_overflow=0,
+        pool_pre_ping_idle_seconds=0,
+    )
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("SELECT 1")  # the connection is plain psycopg2 from now on
+    for _ in range(2):
+        with database.session() as s:  # pinged at checkout
+            assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
+            s.rollback()

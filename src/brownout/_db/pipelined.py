@@ -162,7 +162,7 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
 
     def bare_cursor(self) -> Any:
         """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit)."""
-        return ext.cursor(self)
+        return _BareCursor(self)
 
     def _send(self, statement: str) -> None:
         with ext.cursor(self) as cursor:
@@ -247,6 +247,23 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         if value:
             self.stop_pipelining()
         _BASE.__dict__["deferrable"].__set__(self, value)
+
+
+class _BareCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type information
+    """`bare_cursor`'s: also once plain psycopg2, which would otherwise send a bare BEGIN first (a transaction
+    left open for the caller without the prefix's settings, such as a pooler's statement_timeout)."""
+
+    def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - DB-API's name
+        conn = self.connection
+        if conn.pipelined or _BASE_AUTOCOMMIT.__get__(conn) or _BASE_STATUS.__get__(conn) != ext.STATUS_READY:
+            super().execute(query, vars)
+            return
+        _BASE_AUTOCOMMIT.__set__(conn, True)
+        try:
+            super().execute(query, vars)
+        finally:
+            if not conn.closed:
+                _BASE_AUTOCOMMIT.__set__(conn, False)
 
 
 _CURSOR_CLASSES: dict[type, type] = {ext.cursor: PipelinedCursor}
