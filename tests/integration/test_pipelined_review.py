@@ -7,16 +7,22 @@ knows about every transaction it runs in, and psycopg2, SQLAlchemy and psycopg2.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg2
 import psycopg2.extras
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
+from app.dispatch.notifications import CREATE, build_registry
+from app.schema import upgrade_database
 from brownout._db import Database
-from tests.conftest import admin_cursor
+from brownout._dispatch.dispatcher import Applied, Dispatcher
+from tests.conftest import admin_cursor, database_url
+from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
 
 
 @pytest.fixture
@@ -229,3 +235,129 @@ def test_behind_a_pooler_a_pinged_plain_connection_keeps_the_statement_timeout(
         with database.session() as s:  # pinged at checkout
             assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
             s.rollback()
+
+
+# -- direct writes: the record rides with the COMMIT
+
+NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Hi", "body": "Hello"}
+
+
+def row_counts(database: Database) -> tuple[int, int, int]:
+    with database.session() as s:
+        counts = s.execute(
+            text(
+                "SELECT (SELECT count(*) FROM notifications), (SELECT count(*) FROM outbox),"
+                " (SELECT count(*) FROM applied_commands)"
+            )
+        ).one()
+        s.rollback()
+    return (int(counts[0]), int(counts[1]), int(counts[2]))
+
+
+def make_dispatcher(database: Database) -> Dispatcher:
+    return Dispatcher(database=database, publisher=None, registry=build_registry(), queue_name="unused", request_deadline=5.0)
+
+
+def test_a_backend_killed_between_the_effect_and_the_record_applies_the_write_once(
+    make_database: Callable[..., Database], pg_database: str
+) -> None:
+    """The record's round trip carries the COMMIT, so its failure counts as a COMMIT sent: the direct path
+    (idempotent) must retry it, and the retry must apply it once, not report a duplicate of nothing."""
+    upgrade_database(database_url(pg_database))
+    database = make_database(pool_pre_ping=False)
+    dispatcher = make_dispatcher(database)
+    kills: list[int] = []
+
+    records: list[str] = []
+
+    def kill_before_the_record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO applied_commands"):
+            records.append(statement)
+        if records and not kills:
+            kills.append(cursor.connection.info.backend_pid)
+            with admin_cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (kills[0],))
+
+    event.listen(database.engine, "before_cursor_execute", kill_before_the_record)
+    try:
+        outcome = dispatcher.submit(CREATE, NOTE, idempotency_key="killed-between")
+    finally:
+        event.remove(database.engine, "before_cursor_execute", kill_before_the_record)
+    assert kills and len(records) == 2, "the record's first round trip failed, and was retried"
+    assert isinstance(outcome, Applied) and not outcome.duplicate
+    assert row_counts(database) == (1, 1, 1)
+
+
+@pytest.fixture
+def bouncer() -> Iterator[PgBouncer]:
+    started = start_pgbouncer_or_skip()
+    yield started
+    started.stop()
+
+
+def test_through_pgbouncer_direct_writes_and_duplicates(
+    make_database: Callable[..., Database], pg_database: str, bouncer: PgBouncer
+) -> None:
+    upgrade_database(database_url(pg_database))
+    url = bouncer.dsn(pg_database, "brownout", "brownout", sslmode="require")
+    database = make_database(database_url=url, database_pooler="transaction", db_statement_timeout_seconds=5)
+    dispatcher = make_dispatcher(database)
+    first = dispatcher.submit(CREATE, NOTE, idempotency_key="via-bouncer")
+    again = dispatcher.submit(CREATE, NOTE, idempotency_key="via-bouncer")
+    assert isinstance(first, Applied) and not first.duplicate
+    assert isinstance(again, Applied) and again.duplicate and again.result == first.result
+    assert row_counts(database) == (1, 1, 1)
+
+
+def test_through_pgbouncer_the_statement_timeout_cuts_the_first_statement(
+    make_database: Callable[..., Database], pg_database: str, bouncer: PgBouncer
+) -> None:
+    """`BEGIN;SET LOCAL statement_timeout = 500;SELECT pg_sleep(3)` is one message: the SET LOCAL must
+    already bound the statement that follows it in that message."""
+    url = bouncer.dsn(pg_database, "brownout", "brownout", sslmode="require")
+    database = make_database(database_url=url, database_pooler="transaction", db_statement_timeout_seconds=0.5)
+    started = time.monotonic()
+    with database.session() as s:
+        with pytest.raises(DBAPIError, match="statement timeout"):
+            s.execute(text("SELECT pg_sleep(3)"))
+        s.rollback()
+    assert time.monotonic() - started < 2.5
+
+
+# -- DB-API results and batched statements on the first statement of a transaction
+
+
+def test_the_first_statement_reports_its_own_rowcount_and_rows(one_connection: Callable[..., Database]) -> None:
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (1), (2), (3)"))
+        s.commit()
+    with database.session() as s:
+        assert s.execute(text("UPDATE items SET id = id WHERE id < 3")).rowcount == 2
+        s.rollback()
+        assert s.execute(text("DELETE FROM items WHERE id = 3 RETURNING id")).scalars().all() == [3]
+        s.rollback()
+
+
+def test_executemany_and_extras_helpers_as_a_transactions_first_statement_roll_back(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (1), (2)"))
+        s.commit()
+    with database.session() as s:  # cursor.executemany (not an INSERT: no insertmanyvalues)
+        result = s.execute(text("DELETE FROM items WHERE id = :id"), [{"id": 1}, {"id": 2}])
+        assert result.rowcount == 2
+        s.rollback()
+    assert committed_ids(pg_database) == [1, 2]
+    raw = database.engine.raw_connection()
+    try:
+        with raw.cursor() as cur:
+            psycopg2.extras.execute_values(cur, "INSERT INTO items VALUES %s", [(3,), (4,)])
+            psycopg2.extras.execute_batch(cur, "INSERT INTO items VALUES (%s)", [(5,), (6,)])
+        raw.rollback()
+    finally:
+        raw.close()
+    assert committed_ids(pg_database) == [1, 2]
+    assert idle_in_transaction(pg_database) == 0
