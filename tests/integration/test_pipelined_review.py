@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
 from brownout._db import Database
+from brownout._db.pipelined import commit_with
 from brownout._dispatch.dispatcher import Applied, Dispatcher
 from tests.conftest import admin_cursor, database_url
 from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
@@ -361,3 +362,18 @@ def test_executemany_and_extras_helpers_as_a_transactions_first_statement_roll_b
         raw.close()
     assert committed_ids(pg_database) == [1, 2]
     assert idle_in_transaction(pg_database) == 0
+
+
+def test_commit_with_inside_a_savepoint_commits_everything_once_and_raises_nothing(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    """Session.commit() inside begin_nested() releases the SAVEPOINT and commits the outermost transaction.
+    A COMMIT folded into the statement ended the transaction first, so the RELEASE SAVEPOINT that followed
+    failed ("savepoint does not exist") after the write had committed: an error reported for a write that
+    is in the database."""
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (1)"))
+        s.begin_nested()
+        commit_with(s, text("INSERT INTO items VALUES (2)"), {})
+    assert committed_ids(pg_database) == [1, 2]

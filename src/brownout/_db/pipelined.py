@@ -294,6 +294,8 @@ def _commit_in_statement(
 ) -> tuple[str, Any]:
     if context is None or executemany or not context.execution_options.get(_COMMIT_AFTER):
         return statement, parameters
+    if conn.in_nested_transaction():  # Session.commit() must RELEASE the SAVEPOINT before the COMMIT
+        return statement, parameters
     dbapi = cursor.connection
     if not isinstance(dbapi, PipelinedConnection) or not dbapi.pipelined or dbapi.logical_autocommit:
         return statement, parameters
