@@ -16,6 +16,7 @@ import psycopg2.extras
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
@@ -377,3 +378,41 @@ def test_commit_with_inside_a_savepoint_commits_everything_once_and_raises_nothi
         s.begin_nested()
         commit_with(s, text("INSERT INTO items VALUES (2)"), {})
     assert committed_ids(pg_database) == [1, 2]
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Item(_Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_commit_with_commits_the_sessions_pending_objects_in_the_same_transaction(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    """An apply function that adds ORM objects (session.add) and leaves them to the commit's flush: a Core
+    statement does not autoflush, so the COMMIT folded into the record went before the flush, and the
+    objects were flushed and committed in a transaction of their own afterwards. Here that flush fails
+    (a duplicate key): the record must not be committed without them."""
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.execute(text("INSERT INTO items VALUES (1)"))
+        s.commit()
+    with database.session() as s:
+        s.add(_Item(id=1))  # the effect: its flush fails
+        with pytest.raises(DBAPIError):
+            commit_with(s, text("INSERT INTO items VALUES (2)"), {})  # the record
+        s.rollback()
+    assert committed_ids(pg_database) == [1], "the record committed without its effect"
+
+
+def test_commit_with_and_pending_objects_commit_together_in_one_transaction(
+    one_connection: Callable[..., Database], pg_database: str
+) -> None:
+    database = one_connection(pool_pre_ping=False)
+    with database.session() as s:
+        s.add(_Item(id=3))
+        commit_with(s, text("INSERT INTO items SELECT 4 FROM items WHERE id = 3"), {})  # sees the effect
+    assert committed_ids(pg_database) == [3, 4]
