@@ -25,6 +25,7 @@ from brownout._db.pipelined import commit_with
 from brownout._dispatch.dispatcher import Applied, Dispatcher
 from tests.conftest import admin_cursor, database_url
 from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
+from tests.support.polling import wait_until
 
 
 @pytest.fixture
@@ -416,3 +417,42 @@ def test_commit_with_and_pending_objects_commit_together_in_one_transaction(
         s.add(_Item(id=3))
         commit_with(s, text("INSERT INTO items SELECT 4 FROM items WHERE id = 3"), {})  # sees the effect
     assert committed_ids(pg_database) == [3, 4]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect: the COMMIT rides on the record's round trip, so a deadline cut there can commit after "
+    "the dispatcher refused the write (no queue configured); not fixable inside pipelined.py",
+)
+def test_a_direct_write_cut_by_its_deadline_while_its_record_waits_is_not_refused_and_then_committed(
+    make_database: Callable[..., Database], pg_database: str
+) -> None:
+    """The record now travels with the COMMIT: a deadline that cuts its round trip while the INSERT waits
+    (here on a lock on applied_commands) leaves a backend that, once the lock goes, inserts and COMMITs with
+    no client. Without a queue the dispatcher answers Rejected (503: try again); the write is then in the
+    database, and a key-less retry is a second write. Before, the COMMIT was a round trip of its own, sent
+    only after the record had answered, and a cut there could not commit."""
+    upgrade_database(database_url(pg_database))
+    database = make_database(pool_pre_ping=False)
+    dispatcher = Dispatcher(
+        database=database, publisher=None, registry=build_registry(), queue_name="unused", request_deadline=0.5
+    )
+    assert isinstance(dispatcher.submit(CREATE, NOTE), Applied)  # warm: connected, statements cached
+    locker = psycopg2.connect(database_url(pg_database))
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE applied_commands IN SHARE MODE")
+        outcome = dispatcher.submit(CREATE, NOTE)  # no key: a retry is a new write
+        time.sleep(0.3)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert wait_until(lambda: idle_or_gone(pg_database), timeout=5)
+    counts = row_counts(database)
+    assert (type(outcome).__name__, counts) in {("Rejected", (1, 1, 1)), ("Applied", (2, 2, 2))}, (outcome, counts)
+
+
+def idle_or_gone(dbname: str) -> bool:
+    with admin_cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (dbname,))
+        return int(cur.fetchone()[0]) == 0
