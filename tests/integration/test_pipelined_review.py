@@ -15,6 +15,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -23,9 +24,11 @@ from app.schema import upgrade_database
 from brownout._db import Database
 from brownout._db.pipelined import commit_with
 from brownout._dispatch.dispatcher import Applied, Dispatcher
-from tests.conftest import admin_cursor, database_url
+from tests.conftest import PG_URL, admin_cursor, database_url
+from tests.support.pg_wire import FrontendMessages
 from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
 from tests.support.polling import wait_until
+from tests.support.tcp_proxy import FaultProxy
 
 
 @pytest.fixture
@@ -456,3 +459,25 @@ def idle_or_gone(dbname: str) -> bool:
     with admin_cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (dbname,))
         return int(cur.fetchone()[0]) == 0
+
+
+def test_a_pinged_plain_connection_costs_no_session_settings_round_trip(
+    make_database: Callable[..., Database], pg_database: str
+) -> None:
+    """917080d's first fix pinged a plain connection in autocommit; switching psycopg2's autocommit back
+    off sent `SET default_transaction_isolation TO DEFAULT` (an isolation level is set after SQLAlchemy's
+    reset), a round trip on every pinged checkout."""
+    messages = FrontendMessages()
+    port = make_url(PG_URL).port or 5432
+    with FaultProxy(upstream_host="127.0.0.1", upstream_port=port, on_client_bytes=messages) as proxy:
+        url = database_url(pg_database, port=proxy.port, sslmode="disable")
+        database = make_database(database_url=url, pool_size=1, pool_max_overflow=0, pool_pre_ping_idle_seconds=0)
+        with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("SELECT 1")  # plain psycopg2 from now on
+        messages.take()
+        with database.session() as s:  # pinged at checkout
+            s.execute(text("SELECT 2"))
+            s.rollback()
+        queries = messages.take()
+    assert not [q for q in queries if q.startswith("SET ")], queries
+    assert len(queries) <= 4, queries  # BEGIN, the ping, the statement, ROLLBACK: as before pipelining

@@ -161,8 +161,14 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
                 _BASE_AUTOCOMMIT.__set__(self, autocommit)
 
     def bare_cursor(self) -> Any:
-        """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit)."""
-        return _BareCursor(self)
+        """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit).
+        Once plain psycopg2, an ordinary cursor."""
+        if self.pipelined:
+            return ext.cursor(self)
+        # Plain psycopg2 again: its statements open a transaction (it would send a bare BEGIN); this one's
+        # adds the prefix's settings (begin_plain). Switching autocommit for it would cost a round trip here
+        # once the session has an isolation level (psycopg2 resets default_transaction_isolation).
+        return self.cursor()
 
     def _send(self, statement: str) -> None:
         with ext.cursor(self) as cursor:
@@ -247,23 +253,6 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         if value:
             self.stop_pipelining()
         _BASE.__dict__["deferrable"].__set__(self, value)
-
-
-class _BareCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type information
-    """`bare_cursor`'s: also once plain psycopg2, which would otherwise send a bare BEGIN first (a transaction
-    left open for the caller without the prefix's settings, such as a pooler's statement_timeout)."""
-
-    def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - DB-API's name
-        conn = self.connection
-        if conn.pipelined or _BASE_AUTOCOMMIT.__get__(conn) or _BASE_STATUS.__get__(conn) != ext.STATUS_READY:
-            super().execute(query, vars)
-            return
-        _BASE_AUTOCOMMIT.__set__(conn, True)
-        try:
-            super().execute(query, vars)
-        finally:
-            if not conn.closed:
-                _BASE_AUTOCOMMIT.__set__(conn, False)
 
 
 _CURSOR_CLASSES: dict[type, type] = {ext.cursor: PipelinedCursor}
