@@ -23,6 +23,7 @@ from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
 from brownout._db import Database
 from brownout._db.pipelined import commit_with
+from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.dispatcher import Applied, Dispatcher
 from tests.conftest import PG_URL, admin_cursor, database_url
 from tests.support.pg_wire import FrontendMessages
@@ -481,3 +482,31 @@ def test_a_pinged_plain_connection_costs_no_session_settings_round_trip(
         queries = messages.take()
     assert not [q for q in queries if q.startswith("SET ")], queries
     assert len(queries) <= 4, queries  # BEGIN, the ping, the statement, ROLLBACK: as before pipelining
+
+
+def test_no_connection_waits_idle_in_transaction_in_the_pool_after_each_kind_of_use(
+    make_database: Callable[..., Database], pg_database: str
+) -> None:
+    upgrade_database(database_url(pg_database))
+    database = make_database(pool_size=2, pool_max_overflow=0, pool_pre_ping_idle_seconds=0)
+    dispatcher = make_dispatcher(database)
+    assert isinstance(dispatcher.submit(CREATE, NOTE, idempotency_key="k"), Applied)
+    assert idle_in_transaction(pg_database) == 0, "after a direct write"
+    assert isinstance(dispatcher.submit(CREATE, NOTE, idempotency_key="k"), Applied)
+    assert idle_in_transaction(pg_database) == 0, "after a duplicate"
+    with pytest.raises(KeyConflict):
+        dispatcher.submit(CREATE, NOTE | {"subject": "other"}, idempotency_key="k")
+    assert idle_in_transaction(pg_database) == 0, "after a conflict"
+    with database.session() as s:
+        s.execute(text("SELECT 1"))
+    assert idle_in_transaction(pg_database) == 0, "after a session closed without commit or rollback"
+    with database.session() as s, pytest.raises(DBAPIError):
+        s.execute(text("SELECT * FROM no_such_table"))
+    assert idle_in_transaction(pg_database) == 0, "after a failed statement"
+    with database.session() as s:
+        list(s.execute(text("SELECT 1"), execution_options={"stream_results": True}))
+    assert idle_in_transaction(pg_database) == 0, "after a streamed read"
+    with database.engine.connect() as conn:
+        conn.get_isolation_level()
+    assert idle_in_transaction(pg_database) == 0, "after get_isolation_level"
+    assert row_counts(database) == (1, 1, 1)
