@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import psycopg2
 import psycopg2.extras
 import pytest
 from sqlalchemy import Engine, text
@@ -190,12 +191,23 @@ def test_a_server_side_cursor_reads_inside_the_transaction(db: Database) -> None
         assert [row.id for row in streamed] == [7, 8]
         s.rollback()
     assert item_ids(db.engine) == []
-    with db.session() as s:  # the connection, plain psycopg2 from then on, still keeps transactions
+    with db.session() as s:  # the connection still keeps transactions after it
         s.execute(text("INSERT INTO items VALUES (9)"))
         s.rollback()
         s.execute(text("INSERT INTO items VALUES (10)"))
         s.commit()
     assert item_ids(db.engine) == [10]
+
+
+def test_large_objects_and_two_phase_commit_are_refused_clearly(db: Database) -> None:
+    raw = db.engine.raw_connection()
+    try:
+        with pytest.raises(psycopg2.NotSupportedError, match="large objects"):
+            raw.lobject()
+        with pytest.raises(psycopg2.NotSupportedError, match="two-phase"):
+            raw.tpc_begin(raw.xid(1, "g", "b"))
+    finally:
+        raw.close()
 
 
 def test_autocommit_runs_statements_outside_any_transaction(db: Database) -> None:

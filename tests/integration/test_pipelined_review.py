@@ -1,9 +1,9 @@
-"""Review of pipelined connections (src/brownout/_db/pipelined.py): what a lazily opened transaction must
-still mean to SQLAlchemy, psycopg2 and the operator, against the real database.
+"""Pipelined connections (src/brownout/_db/pipelined.py): what a lazily opened transaction must still mean
+to SQLAlchemy, psycopg2, psycopg2.extras, a pooler and the operator, against the real database.
 
-Several of these take a connection whose transaction the server has open while psycopg2's own status says
-none is (psycopg2 keeps libpq in autocommit and never sent a BEGIN itself): a plain psycopg2 connection
-knows about every transaction it runs in, and psycopg2, SQLAlchemy and psycopg2.extras act on that."""
+The server has transactions open that psycopg2 itself never began (libpq stays in autocommit): everything
+that asks psycopg2 whether a transaction is open (its status, set_isolation_level, the extras' type lookups,
+SQLAlchemy's AUTOCOMMIT and streamed reads) must still get the answer a plain connection would give."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def committed_ids(dbname: str) -> list[int]:
         return [row[0] for row in cur.fetchall()]
 
 
-# -- a pre-ping at checkout, then transaction settings (fixed by 7d43480: the ping runs outside a transaction)
+# -- a pre-ping at checkout, then transaction settings (the ping runs outside any transaction)
 
 
 def test_an_isolation_level_asked_after_a_pre_ping_is_the_one_the_transaction_gets(
@@ -138,8 +138,8 @@ def test_serializable_after_get_isolation_level_is_serializable(one_connection: 
 
 
 def test_behind_a_pooler_every_transaction_keeps_its_statement_timeout(make_database: Callable[..., Database]) -> None:
-    """After a connection served an AUTOCOMMIT block (it stops pipelining), its later transactions still get
-    the pooler's `SET LOCAL statement_timeout`, as every transaction did before pipelining."""
+    """After a connection served an AUTOCOMMIT block, its later transactions still get the pooler's
+    `SET LOCAL statement_timeout`."""
     database = make_database(
         database_pooler="transaction", db_statement_timeout_seconds=5, pool_size=1, pool_max_overflow=0, pool_pre_ping=False
     )
@@ -184,17 +184,15 @@ def test_a_psycopg2_extras_type_lookup_inside_a_transaction_keeps_the_transactio
     assert committed_ids(pg_database) == [4, 5]
 
 
-# -- a connection that stops pipelining inside a transaction psycopg2 never saw
+# -- server-side cursors inside a transaction psycopg2 never saw
 
 
 def test_a_streamed_read_refused_before_it_was_sent_leaves_the_rollback_working(
     one_connection: Callable[..., Database], pg_database: str
 ) -> None:
-    """A server-side cursor turns the connection into plain psycopg2 inside the transaction the INSERT
-    opened; psycopg2 learns of that transaction only when it sends its own BEGIN, with the DECLARE. A
-    DECLARE refused before it is sent (a parameter psycopg2 cannot adapt) leaves psycopg2 believing no
-    transaction is open: its rollback() sent nothing, the INSERT stayed open in the pool, and the next
-    session's COMMIT committed it."""
+    """A DECLARE refused before it is sent (a parameter psycopg2 cannot adapt) inside the transaction the
+    INSERT opened: rollback() must still end that transaction, or it stays open in the pool and the next
+    session's COMMIT commits the rolled-back INSERT."""
     database = one_connection(pool_pre_ping=False)
     with database.session() as s:
         s.execute(text("INSERT INTO items VALUES (1)"))
@@ -224,11 +222,11 @@ def test_a_kill_while_idle_in_transaction_fails_the_commit(one_connection: Calla
     assert committed_ids(pg_database) == [2]
 
 
-def test_behind_a_pooler_a_pinged_plain_connection_keeps_the_statement_timeout(
+def test_behind_a_pooler_a_pinged_connection_keeps_the_statement_timeout_after_autocommit(
     make_database: Callable[..., Database],
 ) -> None:
-    """The pre-ping's bare cursor (7d43480) on a connection that is plain psycopg2 again: its SELECT 1 made
-    psycopg2 send a bare BEGIN, and the transaction that followed had no `SET LOCAL statement_timeout`."""
+    """A pinged checkout after an AUTOCOMMIT block: the transaction that follows the ping still opens with
+    `SET LOCAL statement_timeout`."""
     database = make_database(
         database_pooler="transaction",
         db_statement_timeout_seconds=5,
@@ -237,7 +235,7 @@ def test_behind_a_pooler_a_pinged_plain_connection_keeps_the_statement_timeout(
         pool_pre_ping_idle_seconds=0,
     )
     with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("SELECT 1")  # the connection is plain psycopg2 from now on
+        conn.exec_driver_sql("SELECT 1")
     for _ in range(2):
         with database.session() as s:  # pinged at checkout
             assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
@@ -462,26 +460,25 @@ def idle_or_gone(dbname: str) -> bool:
         return int(cur.fetchone()[0]) == 0
 
 
-def test_a_pinged_plain_connection_costs_no_session_settings_round_trip(
+def test_after_autocommit_a_pinged_checkout_costs_no_session_settings_round_trip(
     make_database: Callable[..., Database], pg_database: str
 ) -> None:
-    """917080d's first fix pinged a plain connection in autocommit; switching psycopg2's autocommit back
-    off sent `SET default_transaction_isolation TO DEFAULT` (an isolation level is set after SQLAlchemy's
-    reset), a round trip on every pinged checkout."""
+    """psycopg2 sends `SET default_transaction_...` when its session settings change in autocommit: after
+    SQLAlchemy set and reset an isolation level, no pinged checkout may pay that round trip."""
     messages = FrontendMessages()
     port = make_url(PG_URL).port or 5432
     with FaultProxy(upstream_host="127.0.0.1", upstream_port=port, on_client_bytes=messages) as proxy:
         url = database_url(pg_database, port=proxy.port, sslmode="disable")
         database = make_database(database_url=url, pool_size=1, pool_max_overflow=0, pool_pre_ping_idle_seconds=0)
         with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql("SELECT 1")  # plain psycopg2 from now on
+            conn.exec_driver_sql("SELECT 1")
         messages.take()
         with database.session() as s:  # pinged at checkout
             s.execute(text("SELECT 2"))
             s.rollback()
         queries = messages.take()
-    assert not [q for q in queries if q.startswith("SET ")], queries
-    assert len(queries) <= 4, queries  # BEGIN, the ping, the statement, ROLLBACK: as before pipelining
+    # SQLAlchemy gave the connection back its default isolation level by name: the BEGIN carries it
+    assert queries == ["SELECT 1", "BEGIN ISOLATION LEVEL READ COMMITTED;SELECT 2", "ROLLBACK"], queries
 
 
 def test_no_connection_waits_idle_in_transaction_in_the_pool_after_each_kind_of_use(

@@ -118,7 +118,7 @@ def _connect_args(settings: Settings) -> dict[str, Any]:
         args["connect_timeout"] = max(2, round(settings.db_connect_timeout_seconds))
     if "application_name" not in query:
         args["application_name"] = settings.db_application_name
-    begin = "BEGIN"
+    begin_settings = ""
     if settings.db_statement_timeout_seconds:
         ms = int(settings.db_statement_timeout_seconds * 1000)
         if settings.database_pooler == "none":
@@ -126,8 +126,8 @@ def _connect_args(settings: Settings) -> dict[str, Any]:
         else:
             # Poolers refuse start-up options; SET LOCAL lasts one transaction, which is all a
             # transaction-mode pooler guarantees to be ours. It rides on the BEGIN (pipelined.py).
-            begin = f"BEGIN;SET LOCAL statement_timeout = {ms}"
-    args["connection_factory"] = pipelined.connection_class(begin)
+            begin_settings = f"SET LOCAL statement_timeout = {ms}"
+    args["connection_factory"] = pipelined.connection_class(begin_settings)
     return args
 
 

@@ -12,21 +12,22 @@ several `;`-separated statements in one message and answers with the last
 one's result, stopping at the first error. So this connection keeps libpq in
 autocommit and opens the transaction itself:
 
-- a statement sent while the server is idle goes as `BEGIN; <prefix>;
-  <statement>` (one round trip; the prefix is the pooler's `SET LOCAL`);
+- a statement sent while the server is idle goes as `BEGIN [modes];
+  [settings;] <statement>` (one round trip; the settings are the pooler's
+  `SET LOCAL statement_timeout`);
 - `commit()` and `rollback()` send COMMIT or ROLLBACK only when the server says
   a transaction is open (`PQtransactionStatus`, no round trip to ask), so a
   transaction whose last statement carried its own COMMIT (`commit_with`)
   commits in that statement's round trip.
 
-Everything else DB-API promises is kept: outside logical autocommit no
-statement ever runs outside a transaction, an error leaves the transaction
-aborted until `rollback()`, and the server's own transaction status decides
-what commit and rollback send. What the lazy BEGIN cannot serve (a named
-cursor, a cursor class of the caller's, isolation level, read-only or
-deferrable settings, large objects, two-phase commit) turns the connection
-back into a plain psycopg2 connection for the rest of its life, at the cost of
-its round trips, never of correctness.
+Everything else DB-API promises is kept: outside autocommit no statement
+ever runs outside a transaction, an error leaves the transaction aborted until
+`rollback()`, and the server's own transaction status decides what commit and
+rollback send. Transaction modes (isolation level, read-only, deferrable) are
+kept here and sent with the BEGIN, as psycopg2 would; a server-side cursor
+opens its transaction with a round trip of its own and is declared WITH HOLD
+(psycopg2 refuses any other kind while libpq is in autocommit); large objects
+and two-phase commit are refused with NotSupportedError.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ from sqlalchemy.orm import Session
 
 from brownout._db.retry import note_commit_sent
 
-_BASE = ext.connection
-_BASE_AUTOCOMMIT = _BASE.__dict__["autocommit"]
-_BASE_STATUS = _BASE.__dict__["status"]
+_BASE_AUTOCOMMIT = ext.connection.__dict__["autocommit"]
 _IDLE = ext.TRANSACTION_STATUS_IDLE
 _OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
+_LEVELS = {
+    ext.ISOLATION_LEVEL_READ_UNCOMMITTED: "READ UNCOMMITTED",
+    ext.ISOLATION_LEVEL_READ_COMMITTED: "READ COMMITTED",
+    ext.ISOLATION_LEVEL_REPEATABLE_READ: "REPEATABLE READ",
+    ext.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
+}
 
 
 class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type information
@@ -56,8 +61,8 @@ class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type
 
     def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - DB-API's name
         conn = self.connection
-        if not conn.pipelined:
-            conn.begin_plain()
+        if self.name is not None:  # psycopg2 wraps the query in its DECLARE: nothing can ride in front of it
+            conn.begin_alone()
         elif not conn.logical_autocommit and conn.get_transaction_status() == _IDLE:
             query = conn.begin_then(query, self)
         super().execute(query, vars)
@@ -86,173 +91,157 @@ class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type
 class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has no type information
     """See the module docstring; pass as psycopg2's `connection_factory`."""
 
-    begin_prefix = "BEGIN"
-    """What opens a transaction: `BEGIN`, or `BEGIN; SET LOCAL ...` (set once per connection class)."""
+    begin_settings = ""
+    """Statements every transaction opens with, after its BEGIN (a pooler's `SET LOCAL statement_timeout`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.pipelined = True
         self.logical_autocommit = False
+        self._level: str | None = None  # None: the server's default
+        self._readonly = False
+        self._deferrable = False
+        self._begin = self._compose_begin()
         _BASE_AUTOCOMMIT.__set__(self, True)
         self.cursor_factory = PipelinedCursor
 
     # -- the transaction, as DB-API sees it ---------------------------------
+
+    def _compose_begin(self) -> str:
+        modes = [f"ISOLATION LEVEL {self._level}"] if self._level else []
+        modes += ["READ ONLY"] if self._readonly else []
+        modes += ["DEFERRABLE"] if self._deferrable else []
+        begin = " ".join(["BEGIN", ", ".join(modes)]) if modes else "BEGIN"
+        return f"{begin};{self.begin_settings}" if self.begin_settings else begin
 
     def begin_then(self, query: Any, cursor: ext.cursor) -> Any:
         """*query* preceded by the BEGIN (same type: str or bytes)."""
         if isinstance(query, sql.Composable):
             query = query.as_string(cursor)
         if isinstance(query, bytes):
-            return self.begin_prefix.encode() + b";" + query
-        return f"{self.begin_prefix};{query}"
+            return self._begin.encode() + b";" + query
+        return f"{self._begin};{query}"
 
     def begin_alone(self) -> None:
         """Open the transaction with a round trip of its own (for calls a prefix cannot ride on)."""
-        if not self.pipelined:
-            self.begin_plain()
-        elif not self.logical_autocommit and self.get_transaction_status() == _IDLE:
-            self._send(self.begin_prefix)
+        if not self.logical_autocommit and self.get_transaction_status() == _IDLE:
+            self._send(self._begin)
 
-    def begin_plain(self) -> None:
-        """Once plain psycopg2, which opens its transactions with a bare BEGIN: when it is about to open one,
-        send what the prefix adds to BEGIN (a pooler's `SET LOCAL statement_timeout`) in it first."""
-        settings = self.begin_prefix.partition(";")[2]
-        if settings and not _BASE_AUTOCOMMIT.__get__(self) and _BASE_STATUS.__get__(self) == ext.STATUS_READY:
-            self._send(settings)  # psycopg2 sends its BEGIN, then this
-
-    def unseen_transaction(self) -> bool:
-        """The server has a transaction open that psycopg2's own status knows nothing of (this class opened it)."""
-        return not self.closed and _BASE_STATUS.__get__(self) == ext.STATUS_READY and self.get_transaction_status() in _OPEN
+    def in_transaction(self) -> bool:
+        return self.get_transaction_status() in _OPEN
 
     @property
     def status(self) -> int:
-        """psycopg2's status, but STATUS_IN_TRANSACTION while the server has a transaction open: psycopg2.extras'
-        type lookups (register_json, register_composite, hstore ...) roll back after themselves unless it says so."""
-        return ext.STATUS_IN_TRANSACTION if self.unseen_transaction() else int(_BASE_STATUS.__get__(self))
+        """STATUS_IN_TRANSACTION while the server has a transaction open (psycopg2 itself never opened one):
+        psycopg2.extras' type lookups (register_json, register_composite, hstore ...) roll back after
+        themselves unless it says so."""
+        return int(ext.STATUS_IN_TRANSACTION if self.in_transaction() else ext.STATUS_READY)
 
     def commit(self) -> None:
-        if not self.pipelined:
-            if self.unseen_transaction():
-                self.end_unseen("COMMIT")
-            else:
-                super().commit()
-        elif self.get_transaction_status() != _IDLE:  # unknown (a lost link) sends too, and fails as it should
+        if self.get_transaction_status() != _IDLE:  # unknown (a lost link) sends too, and fails as it should
             self._send("COMMIT")
 
     def rollback(self) -> None:
-        if not self.pipelined:
-            if self.unseen_transaction():
-                self.end_unseen("ROLLBACK")
-            else:
-                super().rollback()
-        elif self.get_transaction_status() != _IDLE:
+        if self.get_transaction_status() != _IDLE:
             self._send("ROLLBACK")
 
-    def end_unseen(self, statement: str) -> None:
-        """End a transaction psycopg2 does not know of (it stopped pipelining inside it, before sending any
-        BEGIN of its own): its commit() and rollback() would send nothing. Sent as in autocommit, where
-        psycopg2 sends no BEGIN before it."""
-        autocommit = _BASE_AUTOCOMMIT.__get__(self)
-        _BASE_AUTOCOMMIT.__set__(self, True)
-        try:
-            self._send(statement)
-        finally:
-            if not self.closed:
-                _BASE_AUTOCOMMIT.__set__(self, autocommit)
-
     def bare_cursor(self) -> Any:
-        """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit).
-        Once plain psycopg2, an ordinary cursor."""
-        if self.pipelined:
-            return ext.cursor(self)
-        # Plain psycopg2 again: its statements open a transaction (it would send a bare BEGIN); this one's
-        # adds the prefix's settings (begin_plain). Switching autocommit for it would cost a round trip here
-        # once the session has an isolation level (psycopg2 resets default_transaction_isolation).
-        return self.cursor()
+        """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit)."""
+        return ext.cursor(self)
 
     def _send(self, statement: str) -> None:
         with ext.cursor(self) as cursor:
             cursor.execute(statement)
 
-    @property
-    def autocommit(self) -> bool:
-        return self.logical_autocommit if self.pipelined else bool(_BASE_AUTOCOMMIT.__get__(self))
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
-        if not self.pipelined:
-            _BASE_AUTOCOMMIT.__set__(self, value)
-            return
-        if bool(value) != self.logical_autocommit and self.get_transaction_status() != _IDLE:
-            raise psycopg2.ProgrammingError("set_session cannot be used inside a transaction")
-        self.logical_autocommit = bool(value)
-
-    # -- what the lazy BEGIN cannot serve: plain psycopg2 from then on ------
-
-    def stop_pipelining(self) -> None:
-        """Become a plain psycopg2 connection. A transaction already open stays open: psycopg2, which
-        believes none is, sends a BEGIN that the server answers with a warning, and goes on in it."""
-        if self.pipelined:
-            self.pipelined = False
-            _BASE_AUTOCOMMIT.__set__(self, self.logical_autocommit)
-            # The cursors stay PipelinedCursor: as plain psycopg2's they add the prefix's settings (begin_plain).
-
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if (args and args[0]) or kwargs.get("name") is not None:  # a server-side cursor: psycopg2 makes its DECLARE
-            self.stop_pipelining()
-            self.begin_plain()
-            return super().cursor(*args, **kwargs)
+        if (args and args[0]) or kwargs.get("name") is not None:
+            # A server-side cursor: psycopg2 refuses one WITHOUT HOLD while libpq is in autocommit. Declared WITH
+            # HOLD inside the transaction (begin_alone) it reads the same rows; it outlives a COMMIT until closed.
+            kwargs["withhold"] = True
         factory = kwargs.get("cursor_factory")
         if factory is not None and not issubclass(factory, PipelinedCursor):
             kwargs["cursor_factory"] = _pipelined_cursor_class(factory)
         return super().cursor(*args, **kwargs)
 
+    # -- transaction modes: logical, carried by the BEGIN -------------------
+
+    def _refuse_inside_a_transaction(self) -> None:
+        if self.in_transaction():
+            raise psycopg2.ProgrammingError("set_session cannot be used inside a transaction")
+
+    @property
+    def autocommit(self) -> bool:
+        return self.logical_autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        if bool(value) != self.logical_autocommit:
+            self._refuse_inside_a_transaction()
+        self.logical_autocommit = bool(value)
+
     def set_isolation_level(self, level: Any) -> None:
-        if self.unseen_transaction():
-            self.end_unseen("ROLLBACK")  # psycopg2's own rolls back the transaction in progress, but cannot see this one
-        self.stop_pipelining()
-        super().set_isolation_level(level)
+        """As psycopg2's: a transaction in progress is rolled back; 0 (ISOLATION_LEVEL_AUTOCOMMIT) is autocommit."""
+        if level not in (None, ext.ISOLATION_LEVEL_AUTOCOMMIT, *_LEVELS):
+            raise ValueError(f"isolation level {level!r} unknown")
+        self.rollback()
+        self.logical_autocommit = level == ext.ISOLATION_LEVEL_AUTOCOMMIT
+        self._level = _LEVELS.get(level)
+        self._begin = self._compose_begin()
 
-    def set_session(self, *args: Any, **kwargs: Any) -> None:
-        self.stop_pipelining()
-        super().set_session(*args, **kwargs)
-
-    def lobject(self, *args: Any, **kwargs: Any) -> Any:
-        self.stop_pipelining()
-        return super().lobject(*args, **kwargs)
-
-    def tpc_begin(self, xid: Any) -> None:
-        self.stop_pipelining()
-        super().tpc_begin(xid)
+    def set_session(
+        self, isolation_level: Any = None, readonly: Any = None, deferrable: Any = None, autocommit: Any = None
+    ) -> None:
+        self._refuse_inside_a_transaction()
+        if isolation_level is not None:
+            self.isolation_level = isolation_level
+        if readonly is not None:
+            self.readonly = readonly
+        if deferrable is not None:
+            self.deferrable = deferrable
+        if autocommit is not None:
+            self.autocommit = autocommit
 
     @property
     def isolation_level(self) -> Any:
-        return _BASE.__dict__["isolation_level"].__get__(self)
+        return next((number for number, name in _LEVELS.items() if name == self._level), None)
 
     @isolation_level.setter
     def isolation_level(self, value: Any) -> None:
-        self.stop_pipelining()
-        _BASE.__dict__["isolation_level"].__set__(self, value)
+        self._refuse_inside_a_transaction()
+        if isinstance(value, str):
+            named = value.upper().replace("_", " ")
+            value = None if named == "DEFAULT" else next((n for n, name in _LEVELS.items() if name == named), value)
+        if value not in (None, *_LEVELS):
+            raise ValueError(f"isolation level {value!r} unknown")
+        self._level = _LEVELS.get(value)
+        self._begin = self._compose_begin()
 
     @property
-    def readonly(self) -> Any:
-        return _BASE.__dict__["readonly"].__get__(self)
+    def readonly(self) -> bool | None:
+        return True if self._readonly else None
 
     @readonly.setter
     def readonly(self, value: Any) -> None:
-        if value:
-            self.stop_pipelining()
-        _BASE.__dict__["readonly"].__set__(self, value)
+        self._refuse_inside_a_transaction()
+        self._readonly = bool(value) and value != "default"
+        self._begin = self._compose_begin()
 
     @property
-    def deferrable(self) -> Any:
-        return _BASE.__dict__["deferrable"].__get__(self)
+    def deferrable(self) -> bool | None:
+        return True if self._deferrable else None
 
     @deferrable.setter
     def deferrable(self, value: Any) -> None:
-        if value:
-            self.stop_pipelining()
-        _BASE.__dict__["deferrable"].__set__(self, value)
+        self._refuse_inside_a_transaction()
+        self._deferrable = bool(value) and value != "default"
+        self._begin = self._compose_begin()
+
+    # -- what needs libpq out of autocommit ----------------------------------
+
+    def lobject(self, *args: Any, **kwargs: Any) -> Any:
+        raise psycopg2.NotSupportedError("large objects need a plain psycopg2 connection, not Brownout's engine")
+
+    def tpc_begin(self, xid: Any) -> None:
+        raise psycopg2.NotSupportedError("two-phase commit needs a plain psycopg2 connection, not Brownout's engine")
 
 
 _CURSOR_CLASSES: dict[type, type] = {ext.cursor: PipelinedCursor}
@@ -286,7 +275,7 @@ def _commit_in_statement(
     if conn.in_nested_transaction():  # Session.commit() must RELEASE the SAVEPOINT before the COMMIT
         return statement, parameters
     dbapi = cursor.connection
-    if not isinstance(dbapi, PipelinedConnection) or not dbapi.pipelined or dbapi.logical_autocommit:
+    if not isinstance(dbapi, PipelinedConnection) or dbapi.logical_autocommit:
         return statement, parameters
     note_commit_sent()  # a lost link now leaves the outcome unknown (retry.py)
     return statement + "\n;COMMIT", parameters  # a new line: a trailing -- comment cannot swallow it
@@ -297,8 +286,8 @@ def install(engine: Engine) -> None:
     event.listen(engine, "before_cursor_execute", _commit_in_statement, retval=True)
 
 
-def connection_class(begin_prefix: str) -> type[PipelinedConnection]:
-    """A PipelinedConnection class whose transactions open with *begin_prefix*."""
-    if begin_prefix == PipelinedConnection.begin_prefix:
+def connection_class(begin_settings: str = "") -> type[PipelinedConnection]:
+    """A PipelinedConnection class whose transactions open with `BEGIN;` and *begin_settings*."""
+    if not begin_settings:
         return PipelinedConnection
-    return type("PipelinedConnection", (PipelinedConnection,), {"begin_prefix": begin_prefix})
+    return type("PipelinedConnection", (PipelinedConnection,), {"begin_settings": begin_settings})
