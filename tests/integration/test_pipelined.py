@@ -16,11 +16,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
-from brownout._db import CommitOutcomeUnknown, Database, execute_with_retry
-from brownout._db.pipelined import commit_with
+from brownout._db import CommitOutcomeUnknown, Database, DeadlineExceeded, execute_with_retry
+from brownout._db.pipelined import CLIENT_CHECK, commit_with
 from brownout._dispatch.dispatcher import Applied, Dispatcher
-from tests.conftest import PG_URL, database_url
+from tests.conftest import PG_URL, admin_cursor, database_url
 from tests.support.pg_wire import FrontendMessages
+from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
 
 NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Hi", "body": "Hello"}
@@ -74,7 +75,7 @@ def test_a_direct_write_costs_two_round_trips(
     assert isinstance(outcome, Applied) and not outcome.duplicate
     queries = messages.take()
     assert len(queries) == 2, queries
-    assert queries[0].startswith("BEGIN;WITH r AS"), "the effect carries the BEGIN"
+    assert queries[0].startswith(f"BEGIN;{CLIENT_CHECK};WITH r AS"), "the effect carries the BEGIN"
     assert queries[1].startswith("INSERT INTO applied_commands") and queries[1].endswith("\n;COMMIT"), (
         "the record carries the COMMIT"
     )
@@ -103,7 +104,7 @@ def test_behind_a_pooler_the_statement_timeout_rides_on_the_begin(
         with database.session() as s:
             assert s.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
             s.commit()
-        assert messages.take() == ["BEGIN;SET LOCAL statement_timeout = 5000;SHOW statement_timeout", "COMMIT"]
+        assert messages.take() == [f"BEGIN;SET LOCAL statement_timeout = 5000;{CLIENT_CHECK};SHOW statement_timeout", "COMMIT"]
 
 
 def test_the_checkout_ping_opens_no_transaction(
@@ -119,7 +120,7 @@ def test_the_checkout_ping_opens_no_transaction(
         s.commit()
     with database.session() as s:
         s.connection()  # checked out, nothing sent: nothing to roll back
-    assert messages.take() == ["SELECT 1", "BEGIN;SELECT 2", "COMMIT", "SELECT 1"]
+    assert messages.take() == ["SELECT 1", f"BEGIN;{CLIENT_CHECK};SELECT 2", "COMMIT", "SELECT 1"]
 
 
 def test_a_failed_statement_aborts_the_transaction_until_rollback(db: Database) -> None:
@@ -219,3 +220,19 @@ def test_autocommit_runs_statements_outside_any_transaction(db: Database) -> Non
         s.execute(text("INSERT INTO items VALUES (12)"))
         s.rollback()
     assert item_ids(db.engine) == [11]
+
+
+def test_a_query_cut_by_its_deadline_stops_on_the_server(make_database: Callable[..., Database], pg_database: str) -> None:
+    database = make_database(retry_max_retries=0)
+    with database.session() as s, pytest.raises(DeadlineExceeded):
+        execute_with_retry(s, lambda: s.execute(text("SELECT pg_sleep(30)")), deadline=0.3)
+    with admin_cursor() as cur:  # the connection is closed; without the client check the backend would sleep on
+
+        def sleepers() -> int:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query LIKE %s",
+                (pg_database, "%pg_sleep(30)%"),
+            )
+            return int(cur.fetchone()[0])
+
+        assert wait_until(lambda: sleepers() == 0, timeout=3), "the backend stopped within a few checks"

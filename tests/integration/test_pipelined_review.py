@@ -22,7 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
 from brownout._db import Database
-from brownout._db.pipelined import commit_with
+from brownout._db.pipelined import CLIENT_CHECK, commit_with
 from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.dispatcher import Applied, Dispatcher
 from tests.conftest import PG_URL, admin_cursor, database_url
@@ -421,19 +421,14 @@ def test_commit_with_and_pending_objects_commit_together_in_one_transaction(
     assert committed_ids(pg_database) == [3, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect: the COMMIT rides on the record's round trip, so a deadline cut there can commit after "
-    "the dispatcher refused the write (no queue configured); not fixable inside pipelined.py",
-)
 def test_a_direct_write_cut_by_its_deadline_while_its_record_waits_is_not_refused_and_then_committed(
     make_database: Callable[..., Database], pg_database: str
 ) -> None:
-    """The record now travels with the COMMIT: a deadline that cuts its round trip while the INSERT waits
-    (here on a lock on applied_commands) leaves a backend that, once the lock goes, inserts and COMMITs with
-    no client. Without a queue the dispatcher answers Rejected (503: try again); the write is then in the
-    database, and a key-less retry is a second write. Before, the COMMIT was a round trip of its own, sent
-    only after the record had answered, and a cut there could not commit."""
+    """The record travels with the COMMIT: a deadline that cuts its round trip while the INSERT waits (here
+    on a lock on applied_commands) closes the connection, and without `client_connection_check_interval`
+    the backend, once the lock goes, inserted and COMMITted with no client: the dispatcher had answered
+    Rejected (503: try again; no queue configured) and a key-less retry made a second write. With the check
+    the backend notices its client gone within 100 ms and rolls back."""
     upgrade_database(database_url(pg_database))
     database = make_database(pool_pre_ping=False)
     dispatcher = Dispatcher(
@@ -445,7 +440,7 @@ def test_a_direct_write_cut_by_its_deadline_while_its_record_waits_is_not_refuse
         with locker.cursor() as cur:
             cur.execute("LOCK TABLE applied_commands IN SHARE MODE")
         outcome = dispatcher.submit(CREATE, NOTE)  # no key: a retry is a new write
-        time.sleep(0.3)
+        time.sleep(1.0)  # ten checks' worth: the backend must have seen its client gone before the lock goes
     finally:
         locker.rollback()
         locker.close()
@@ -478,7 +473,7 @@ def test_after_autocommit_a_pinged_checkout_costs_no_session_settings_round_trip
             s.rollback()
         queries = messages.take()
     # SQLAlchemy gave the connection back its default isolation level by name: the BEGIN carries it
-    assert queries == ["SELECT 1", "BEGIN ISOLATION LEVEL READ COMMITTED;SELECT 2", "ROLLBACK"], queries
+    assert queries == ["SELECT 1", f"BEGIN ISOLATION LEVEL READ COMMITTED;{CLIENT_CHECK};SELECT 2", "ROLLBACK"], queries
 
 
 def test_no_connection_waits_idle_in_transaction_in_the_pool_after_each_kind_of_use(

@@ -54,6 +54,15 @@ _LEVELS = {
 }
 
 
+CLIENT_CHECK = "SET LOCAL client_connection_check_interval = 100"
+"""Sent with every BEGIN (PostgreSQL 14 and later). When a deadline closes the connection mid-query
+(waiting.py: no PQcancel), PostgreSQL otherwise goes on with the statement until it next writes to the
+socket, and with the rest of its message: a record sent with its COMMIT could commit after the request
+was answered "not applied", and a slow query cut by the deadline loads a struggling database for nobody.
+With the check the backend polls its socket every 100 ms while it works and stops, rolling back, once the
+client is gone."""
+
+
 class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type information
     """A cursor whose first statement of a transaction carries the BEGIN."""
 
@@ -111,7 +120,8 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         modes += ["READ ONLY"] if self._readonly else []
         modes += ["DEFERRABLE"] if self._deferrable else []
         begin = " ".join(["BEGIN", ", ".join(modes)]) if modes else "BEGIN"
-        return f"{begin};{self.begin_settings}" if self.begin_settings else begin
+        checked = self.server_version >= 140000  # noqa: PLR2004 - PostgreSQL 14, where the setting appeared
+        return ";".join(part for part in (begin, self.begin_settings, CLIENT_CHECK if checked else "") if part)
 
     def begin_then(self, query: Any, cursor: ext.cursor) -> Any:
         """*query* preceded by the BEGIN (same type: str or bytes)."""

@@ -23,8 +23,11 @@ When the bound is reached the callback raises `DatabaseDeadlineReached`;
 psycopg2 then closes the connection (its `closed` becomes 2), so nothing can
 reuse a connection with a query still in flight. The query is not cancelled
 with `PQcancel`: against a silent peer the cancel itself would block with no
-timeout. A server that is merely slow notices the closed socket when it next
-writes, and `statement_timeout` (when configured) stops it sooner.
+timeout. A server that is merely slow would notice the closed socket only when
+it next writes; every transaction therefore opens with
+`client_connection_check_interval` (pipelined.py, PostgreSQL 14 and later), so
+the backend stops and rolls back within 100 ms, and `statement_timeout` (when
+configured) bounds it anyway.
 
 The callback is process-wide (a psycopg2 limitation): `install()` sets it and
 the bounds for every engine in the process.
