@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 from brownout._db.retry import note_commit_sent
 
 _BASE_AUTOCOMMIT = ext.connection.__dict__["autocommit"]
+_BASE_STATUS = ext.connection.__dict__["status"]  # STATUS_SETUP while connecting: waiting.py reads it
 _IDLE = ext.TRANSACTION_STATUS_IDLE
 _OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 _LEVELS = {
@@ -144,7 +145,7 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         """STATUS_IN_TRANSACTION while the server has a transaction open (psycopg2 itself never opened one):
         psycopg2.extras' type lookups (register_json, register_composite, hstore ...) roll back after
         themselves unless it says so."""
-        return int(ext.STATUS_IN_TRANSACTION if self.in_transaction() else ext.STATUS_READY)
+        return int(ext.STATUS_IN_TRANSACTION if self.in_transaction() else _BASE_STATUS.__get__(self))
 
     def commit(self) -> None:
         if self.get_transaction_status() != _IDLE:  # unknown (a lost link) sends too, and fails as it should
