@@ -58,12 +58,18 @@ PARTIAL = 40  # applied writes that show the worker is under way
 THROTTLE_SECONDS = 0.05  # per COMMIT, while the first worker runs: 4 threads, at most ~80 writes/s
 STUCK_SECONDS = 20.0  # a COMMIT that outlasts the shutdown timeout (a database gone slow)
 
-# A sleep in every apply's COMMIT, set through a one-row table (no DDL, hence no lock, to change it).
+# A sleep in every apply's COMMIT, set through a one-row table (no DDL, hence no lock, to change it). It
+# stands for a COMMIT's own work (the WAL flush), which goes on when the client is gone: so it turns off the
+# client check every transaction opens with (pipelined.py), which would otherwise end the sleep.
 THROTTLE = """
 CREATE TABLE brownout_test_throttle (seconds float8 NOT NULL);
 INSERT INTO brownout_test_throttle VALUES (0);
 CREATE FUNCTION brownout_test_throttle() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_sleep((SELECT seconds FROM brownout_test_throttle)); RETURN NEW; END $$;
+BEGIN
+  PERFORM set_config('client_connection_check_interval', '0', true);
+  PERFORM pg_sleep((SELECT seconds FROM brownout_test_throttle));
+  RETURN NEW;
+END $$;
 CREATE CONSTRAINT TRIGGER brownout_test_throttle AFTER INSERT ON applied_commands
 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION brownout_test_throttle();
 """
