@@ -193,7 +193,8 @@ def test_the_queue_depth_probe_reads_with_a_node_gone(
 
 def test_the_queue_depth_probe_tells_a_missing_queue_from_nodes_that_are_gone(resetting: FaultProxy, queue_name: str) -> None:
     dead = node_url(resetting.port)
-    missing = QueueDepth(url=[dead, RABBITMQ_URL], queue_name=queue_name, timeout=2.0, rng=InOrder()).read()
+    # 5 s a node, not 2: this tells answers apart, and under four test workers 4 s in all once ran out
+    missing = QueueDepth(url=[dead, RABBITMQ_URL], queue_name=queue_name, timeout=5.0, rng=InOrder()).read()
     assert missing["ok"] is False and f"queue {queue_name!r}" in missing["error"] and "NOT_FOUND" in missing["error"]
     unreachable = QueueDepth(url=[dead, refusing_node_url()], queue_name=queue_name, timeout=2.0, rng=InOrder()).read()
     assert unreachable["ok"] is False and "connecting to" in unreachable["error"] and "NOT_FOUND" not in unreachable["error"]
