@@ -26,12 +26,15 @@ ever runs outside a transaction, an error leaves the transaction aborted until
 rollback send. Transaction modes (isolation level, read-only, deferrable) are
 kept here and sent with the BEGIN, as psycopg2 would; a server-side cursor
 opens its transaction with a round trip of its own and is declared WITH HOLD
-(psycopg2 refuses any other kind while libpq is in autocommit); large objects
+(psycopg2 refuses any other kind while libpq is in autocommit), and closed
+before its transaction's COMMIT or ROLLBACK unless the caller asked WITH HOLD
+(psycopg2's own would end with the transaction); large objects
 and two-phase commit are refused with NotSupportedError.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import psycopg2
@@ -86,20 +89,60 @@ class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type
         return super().callproc(procname, parameters)
 
     def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> None:
-        self.connection.begin_alone()
+        self._begin_copy()
         super().copy_expert(sql, file, size)
 
     def copy_from(self, *args: Any, **kwargs: Any) -> None:
-        self.connection.begin_alone()
+        self._begin_copy()
         super().copy_from(*args, **kwargs)
 
     def copy_to(self, *args: Any, **kwargs: Any) -> None:
-        self.connection.begin_alone()
+        self._begin_copy()
         super().copy_to(*args, **kwargs)
+
+    def _begin_copy(self) -> None:
+        # psycopg2 refuses COPY under a wait callback (waiting.py, always on in the engine) before it sends
+        # anything: a BEGIN sent first would leave a transaction open that the caller never began.
+        if ext.get_wait_callback() is None:
+            self.connection.begin_alone()
+
+
+class _NamedCursor(PipelinedCursor):
+    """A server-side cursor: once closed with its transaction (close_named_cursors) it says so as psycopg2's own
+    would, with a ProgrammingError, not with "cursor already closed", an InterfaceError SQLAlchemy takes for a
+    lost connection (and invalidates it, and the pool with it)."""
+
+    ended_with_transaction = False
+
+    def _refuse_if_ended(self) -> None:
+        if self.ended_with_transaction:
+            raise psycopg2.ProgrammingError("named cursor isn't valid anymore")
+
+    def fetchone(self) -> Any:
+        self._refuse_if_ended()
+        return super().fetchone()
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_if_ended()
+        return super().fetchmany(*args, **kwargs)
+
+    def fetchall(self) -> Any:
+        self._refuse_if_ended()
+        return super().fetchall()
+
+    def scroll(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_if_ended()
+        return super().scroll(*args, **kwargs)
+
+    def __next__(self) -> Any:
+        self._refuse_if_ended()
+        return super().__next__()
 
 
 class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has no type information
     """See the module docstring; pass as psycopg2's `connection_factory`."""
+
+    cursor_factory: type | None  # psycopg2's: the class conn.cursor() makes when given none
 
     begin_settings = ""
     """Statements every transaction opens with, after its BEGIN (a pooler's `SET LOCAL statement_timeout`)."""
@@ -111,6 +154,7 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         self._readonly = False
         self._deferrable = False
         self._begin = self._compose_begin()
+        self._named_cursors: weakref.WeakSet[ext.cursor] = weakref.WeakSet()
         _BASE_AUTOCOMMIT.__set__(self, True)
         self.cursor_factory = PipelinedCursor
 
@@ -149,11 +193,36 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
 
     def commit(self) -> None:
         if self.get_transaction_status() != _IDLE:  # unknown (a lost link) sends too, and fails as it should
+            self.close_named_cursors()
             self._send("COMMIT")
 
     def rollback(self) -> None:
         if self.get_transaction_status() != _IDLE:
+            self.close_named_cursors()
             self._send("ROLLBACK")
+
+    def close_named_cursors(self, but: Any = None) -> None:
+        """Close the server-side cursors still open (except *but*) before their transaction ends, as psycopg2's
+        own (WITHOUT HOLD) end with it; those the caller asked WITH HOLD are left alone.
+
+        Left open, a cursor declared WITH HOLD here would, at a COMMIT, have the rest of its rows materialised
+        on the server and stay there, on a connection back in the pool, until closed; at a ROLLBACK the server
+        drops it, but psycopg2 would still send `CLOSE <name>` when the cursor is closed later, inside whatever
+        transaction the connection is in by then: "cursor does not exist" aborts it, and its COMMIT, answered
+        ROLLBACK without an error, loses its writes. Closed now, psycopg2 sends the CLOSE inside this
+        transaction (nothing while it is aborted) and never again. Costs a round trip per cursor left open."""
+        if not self._named_cursors:  # the usual case: nothing streamed, or read to its end
+            return
+        for cursor in list(self._named_cursors):
+            if cursor is but:
+                continue
+            self._named_cursors.discard(cursor)
+            if not cursor.closed:
+                cursor.ended_with_transaction = True
+                try:
+                    cursor.close()
+                except psycopg2.Error:  # the rollback that follows ends the transaction this aborted
+                    pass
 
     def bare_cursor(self) -> Any:
         """A cursor whose statements carry no BEGIN: outside a transaction they run on their own (autocommit)."""
@@ -164,14 +233,29 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
             cursor.execute(statement)
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if (args and args[0]) or kwargs.get("name") is not None:
+        if not args and not kwargs and self.cursor_factory is PipelinedCursor:  # SQLAlchemy's, per statement
+            return super().cursor()
+        for key, value in zip(("name", "cursor_factory", "scrollable", "withhold"), args, strict=False):
+            kwargs.setdefault(key, value)
+        named = kwargs.get("name") is not None
+        asked_to_hold = bool(kwargs.get("withhold"))
+        # The connection's own cursor_factory too (psycopg2 falls back on it): a cursor without ours would send
+        # its statements without the BEGIN, each committing on its own.
+        factory = kwargs.get("cursor_factory") or self.cursor_factory or ext.cursor
+        if not issubclass(factory, PipelinedCursor):
+            factory = _pipelined_cursor_class(factory)
+        if named:
             # A server-side cursor: psycopg2 refuses one WITHOUT HOLD while libpq is in autocommit. Declared WITH
-            # HOLD inside the transaction (begin_alone) it reads the same rows; it outlives a COMMIT until closed.
+            # HOLD inside the transaction (begin_alone) it reads the same rows; unless the caller asked WITH HOLD,
+            # commit() and rollback() close it first, so it ends with its transaction as psycopg2's own would.
             kwargs["withhold"] = True
-        factory = kwargs.get("cursor_factory")
-        if factory is not None and not issubclass(factory, PipelinedCursor):
-            kwargs["cursor_factory"] = _pipelined_cursor_class(factory)
-        return super().cursor(*args, **kwargs)
+            if not asked_to_hold:
+                factory = _pipelined_cursor_class(factory, named=True)
+        kwargs["cursor_factory"] = factory
+        made = super().cursor(**kwargs)
+        if named and not asked_to_hold:
+            self._named_cursors.add(made)
+        return made
 
     # -- transaction modes: logical, carried by the BEGIN -------------------
 
@@ -251,18 +335,33 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
     def lobject(self, *args: Any, **kwargs: Any) -> Any:
         raise psycopg2.NotSupportedError("large objects need a plain psycopg2 connection, not Brownout's engine")
 
+    def reset(self) -> None:
+        """As psycopg2's: the transaction in progress rolled back (psycopg2's own sees none, and its DISCARD ALL
+        failed inside it), the session and its modes back to the defaults; libpq stays in autocommit (psycopg2's
+        reset turns it off, and psycopg2 then sent a BEGIN of its own in front of ours)."""
+        self.close_named_cursors()  # DISCARD ALL drops those held past a COMMIT too
+        self.rollback()
+        super().reset()
+        _BASE_AUTOCOMMIT.__set__(self, True)
+        self.logical_autocommit = False
+        self._level = None
+        self._readonly = self._deferrable = False
+        self._begin = self._compose_begin()
+
     def tpc_begin(self, xid: Any) -> None:
         raise psycopg2.NotSupportedError("two-phase commit needs a plain psycopg2 connection, not Brownout's engine")
 
 
-_CURSOR_CLASSES: dict[type, type] = {ext.cursor: PipelinedCursor}
+_CURSOR_CLASSES: dict[tuple[type, bool], type] = {(ext.cursor, False): PipelinedCursor, (PipelinedCursor, True): _NamedCursor}
 
 
-def _pipelined_cursor_class(factory: type) -> type:
-    """*factory* (a cursor class of the caller's or of psycopg2.extras) with the BEGIN riding on its execute."""
-    made = _CURSOR_CLASSES.get(factory)
+def _pipelined_cursor_class(factory: type, *, named: bool = False) -> type:
+    """*factory* (a cursor class of the caller's or of psycopg2.extras) with the BEGIN riding on its execute
+    (and, *named*, with _NamedCursor's checks)."""
+    made = _CURSOR_CLASSES.get((factory, named))
     if made is None:
-        made = _CURSOR_CLASSES.setdefault(factory, type(f"Pipelined{factory.__name__}", (PipelinedCursor, factory), {}))
+        base = _NamedCursor if named else PipelinedCursor
+        made = _CURSOR_CLASSES.setdefault((factory, named), type(f"Pipelined{factory.__name__}", (base, factory), {}))
     return made
 
 
@@ -288,6 +387,7 @@ def _commit_in_statement(
     dbapi = cursor.connection
     if not isinstance(dbapi, PipelinedConnection) or dbapi.logical_autocommit:
         return statement, parameters
+    dbapi.close_named_cursors(but=cursor)  # a streamed read left open ends with its transaction
     note_commit_sent()  # a lost link now leaves the outcome unknown (retry.py)
     return statement + "\n;COMMIT", parameters  # a new line: a trailing -- comment cannot swallow it
 
