@@ -315,6 +315,27 @@ def test_a_cursor_the_caller_asked_with_hold_outlives_the_commit(one_connection:
         raw.close()
 
 
+def test_a_streamed_read_under_autocommit_is_refused_as_psycopg2_refuses_it(one_connection: Callable[..., Database]) -> None:
+    """Outside a transaction a cursor declared WITH HOLD is materialised whole before its first row (no
+    streaming at all), and, left open, stayed on the pooled connection for the next checkout. psycopg2's own
+    named cursors refuse autocommit ("can't use a named cursor outside of transactions")."""
+    database = one_connection()
+    with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with pytest.raises(DBAPIError, match="outside of transactions"):
+            conn.execute(text("SELECT g FROM generate_series(1, 1000) AS g"), execution_options={"stream_results": True})
+    assert server_cursors(database) == 0
+    raw = database.engine.raw_connection()
+    try:
+        dbapi = raw.dbapi_connection
+        dbapi.autocommit = True
+        with dbapi.cursor("held", withhold=True) as cur:  # asked WITH HOLD: allowed, as by psycopg2
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == [(1,)]
+        dbapi.autocommit = False
+    finally:
+        raw.close()
+
+
 def test_a_streamed_read_left_open_and_rolled_back_leaves_no_cursor(one_connection: Callable[..., Database]) -> None:
     database = one_connection()
     with database.session() as s:

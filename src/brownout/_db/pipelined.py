@@ -108,11 +108,17 @@ class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type
 
 
 class _NamedCursor(PipelinedCursor):
-    """A server-side cursor: once closed with its transaction (close_named_cursors) it says so as psycopg2's own
-    would, with a ProgrammingError, not with "cursor already closed", an InterfaceError SQLAlchemy takes for a
-    lost connection (and invalidates it, and the pool with it)."""
+    """A server-side cursor the caller did not ask WITH HOLD: refused in autocommit, as psycopg2's own is, and
+    once closed with its transaction (close_named_cursors) it says so as psycopg2's own would, with a
+    ProgrammingError, not with "cursor already closed", an InterfaceError SQLAlchemy takes for a lost
+    connection (and invalidates it, and the pool with it)."""
 
     ended_with_transaction = False
+
+    def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - DB-API's name
+        if self.connection.logical_autocommit:  # declared WITH HOLD outside a transaction: materialised whole
+            raise psycopg2.ProgrammingError("can't use a named cursor outside of transactions")
+        super().execute(query, vars)
 
     def _refuse_if_ended(self) -> None:
         if self.ended_with_transaction:
