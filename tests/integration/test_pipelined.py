@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import upgrade_database
-from brownout._db import CommitOutcomeUnknown, Database, DeadlineExceeded, execute_with_retry
+from brownout._db import CommitOutcomeUnknown, Database, DeadlineExceeded, execute_with_retry, pipelined
 from brownout._db.pipelined import CLIENT_CHECK, commit_with
 from brownout._dispatch.dispatcher import Applied, Dispatcher
 from tests.conftest import PG_URL, admin_cursor, database_url
@@ -236,3 +236,32 @@ def test_a_query_cut_by_its_deadline_stops_on_the_server(make_database: Callable
             return int(cur.fetchone()[0])
 
         assert wait_until(lambda: sleepers() == 0, timeout=3), "the backend stopped within a few checks"
+
+
+def test_the_client_check_is_asked_once_per_server(
+    watched: Callable[..., Database], wire: tuple[FaultProxy, FrontendMessages]
+) -> None:
+    _, messages = wire
+    for database in (watched(), watched()):
+        with database.session() as s:
+            s.execute(text("SELECT 1"))
+            s.commit()
+    queries = messages.take()
+    probes = [q for q in queries if "set_config('client_connection_check_interval'" in q]
+    assert len(probes) == 1, queries
+    assert queries.count(f"BEGIN;{CLIENT_CHECK};SELECT 1") == 2
+
+
+def test_a_server_that_refuses_the_client_check_is_not_sent_it(
+    watched: Callable[..., Database], wire: tuple[FaultProxy, FrontendMessages], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL on a platform that cannot poll for a closed peer (Windows; 14 off Linux) refuses the setting,
+    and would then refuse every transaction that sets it. This server takes it: its verdict is set instead."""
+    proxy, messages = wire
+    monkeypatch.setitem(pipelined._CLIENT_CHECK_TAKEN, ("127.0.0.1", proxy.port), False)  # noqa: SLF001
+    database = watched()
+    with database.session() as s:
+        s.execute(text("SELECT 1"))
+        s.commit()
+    queries = messages.take()
+    assert "BEGIN;SELECT 1" in queries and not [q for q in queries if "client_connection_check_interval" in q], queries

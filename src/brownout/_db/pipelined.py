@@ -59,12 +59,18 @@ _LEVELS = {
 
 
 CLIENT_CHECK = "SET LOCAL client_connection_check_interval = 100"
-"""Sent with every BEGIN (PostgreSQL 14 and later). When a deadline closes the connection mid-query
-(waiting.py: no PQcancel), PostgreSQL otherwise goes on with the statement until it next writes to the
-socket, and with the rest of its message: a record sent with its COMMIT could commit after the request
-was answered "not applied", and a slow query cut by the deadline loads a struggling database for nobody.
-With the check the backend polls its socket every 100 ms while it works and stops, rolling back, once the
-client is gone."""
+"""Sent with every BEGIN where the server takes it (`_server_checks_clients`). When a deadline closes the
+connection mid-query (waiting.py: no PQcancel), PostgreSQL otherwise goes on with the statement until it
+next writes to the socket, and with the rest of its message: a record sent with its COMMIT could commit
+after the request was answered "not applied", and a slow query cut by the deadline loads a struggling
+database for nobody. With the check the backend polls its socket every 100 ms while it works and stops,
+rolling back, once the client is gone."""
+
+
+_CLIENT_CHECK_TAKEN: dict[tuple[str, int], bool] = {}
+"""Per server (host, port) this process connected to: whether it takes CLIENT_CHECK."""
+_INVALID_PARAMETER_VALUE = "22023"  # the platform cannot poll for a closed peer
+_UNDEFINED_OBJECT = "42704"  # a server that calls itself 14 but does not know the setting (a fork, a proxy)
 
 
 class PipelinedCursor(ext.cursor):  # type: ignore[misc]  # psycopg2 has no type information
@@ -159,10 +165,30 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         self._level: str | None = None  # None: the server's default
         self._readonly = False
         self._deferrable = False
-        self._begin = self._compose_begin()
         self._named_cursors: weakref.WeakSet[ext.cursor] = weakref.WeakSet()
         _BASE_AUTOCOMMIT.__set__(self, True)
         self.cursor_factory = PipelinedCursor
+        self._client_check = self._server_checks_clients()
+        self._begin = self._compose_begin()
+
+    def _server_checks_clients(self) -> bool:
+        """Whether this server takes CLIENT_CHECK: PostgreSQL 14 and later, on a platform whose kernel reports a
+        closed peer (14 on Linux only; 15 also macOS and the BSDs; never Windows), where any other refuses every
+        transaction that sets it. Asked once per server and process (a round trip on the first connection)."""
+        if self.server_version < 140000:  # noqa: PLR2004 - PostgreSQL 14, where the setting appeared
+            return False
+        server = (self.info.host, self.info.port)
+        known = _CLIENT_CHECK_TAKEN.get(server)
+        if known is None:
+            try:
+                self._send("SELECT set_config('client_connection_check_interval', '100', true)")
+                known = True
+            except psycopg2.Error as exc:
+                if exc.pgcode not in (_INVALID_PARAMETER_VALUE, _UNDEFINED_OBJECT):
+                    raise
+                known = False
+            _CLIENT_CHECK_TAKEN[server] = known
+        return known
 
     # -- the transaction, as DB-API sees it ---------------------------------
 
@@ -171,8 +197,7 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         modes += ["READ ONLY"] if self._readonly else []
         modes += ["DEFERRABLE"] if self._deferrable else []
         begin = " ".join(["BEGIN", ", ".join(modes)]) if modes else "BEGIN"
-        checked = self.server_version >= 140000  # noqa: PLR2004 - PostgreSQL 14, where the setting appeared
-        return ";".join(part for part in (begin, self.begin_settings, CLIENT_CHECK if checked else "") if part)
+        return ";".join(part for part in (begin, self.begin_settings, CLIENT_CHECK if self._client_check else "") if part)
 
     def begin_then(self, query: Any, cursor: ext.cursor) -> Any:
         """*query* preceded by the BEGIN (same type: str or bytes)."""
