@@ -21,6 +21,7 @@ from brownout._db import Database, waiting
 from brownout._dispatch.publisher import Publisher
 from brownout._settings import Settings
 from tests.support.credentials import SERVICE_KEY_ENTRY
+from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
 from tests.support.rabbit import RABBITMQ_URL, delete_queue_set
 from tests.support.sentry_capture import sentry_events  # noqa: F401 - a fixture for every test
 from tests.support.worker_rig import WorkerRig
@@ -210,3 +211,12 @@ def api_settings(
         return make_settings(**fields)
 
     return factory
+
+
+@pytest.fixture
+def bouncer() -> Iterator[PgBouncer]:
+    """A PgBouncer of this test's own in front of the local PostgreSQL (skipped where none is installed, failed
+    under CI)."""
+    started = start_pgbouncer_or_skip()
+    yield started
+    started.stop()

@@ -62,13 +62,6 @@ KILLED_UNDER_A_TRANSACTION = (
 POOLER_OUTAGE_TEXTS = ("server login has been failing", "query_wait_timeout", "pgbouncer cannot connect to server")
 
 
-@pytest.fixture
-def bouncer() -> Iterator[PgBouncer]:
-    started = start_pgbouncer_or_skip()
-    yield started
-    started.stop()
-
-
 class Recorder(BreakerListener):
     """Every failure kind the breaker counted, and every transition."""
 

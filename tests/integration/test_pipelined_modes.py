@@ -9,7 +9,7 @@ whatever SQLAlchemy sets for one checkout it must be able to take back, and noth
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from brownout._db import Database
 from brownout._db.pipelined import _BASE_AUTOCOMMIT, PipelinedConnection, commit_with
 from tests.conftest import admin_cursor
-from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
+from tests.support.pgbouncer import PgBouncer
 
 
 @pytest.fixture
@@ -440,13 +440,6 @@ def test_notices_do_not_pile_up(one_connection: Callable[..., Database]) -> None
 
 
 # -- through a real PgBouncer (transaction mode)
-
-
-@pytest.fixture
-def bouncer() -> Iterator[PgBouncer]:
-    started = start_pgbouncer_or_skip()
-    yield started
-    started.stop()
 
 
 def test_through_pgbouncer_every_transaction_gets_its_modes_and_the_client_check(

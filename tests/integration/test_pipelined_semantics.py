@@ -8,7 +8,7 @@ SQLAlchemy's AUTOCOMMIT and streamed reads) must still get the answer a plain co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -27,7 +27,7 @@ from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.dispatcher import Applied, Dispatcher
 from tests.conftest import PG_URL, admin_cursor, database_url
 from tests.support.pg_wire import FrontendMessages
-from tests.support.pgbouncer import PgBouncer, start_pgbouncer_or_skip
+from tests.support.pgbouncer import PgBouncer
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
 
@@ -291,13 +291,6 @@ def test_a_backend_killed_between_the_effect_and_the_record_applies_the_write_on
     assert kills and len(records) == 2, "the record's first round trip failed, and was retried"
     assert isinstance(outcome, Applied) and not outcome.duplicate
     assert row_counts(database) == (1, 1, 1)
-
-
-@pytest.fixture
-def bouncer() -> Iterator[PgBouncer]:
-    started = start_pgbouncer_or_skip()
-    yield started
-    started.stop()
 
 
 def test_through_pgbouncer_direct_writes_and_duplicates(
