@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 import pytest
 from sqlalchemy import Engine, text
@@ -132,6 +133,25 @@ def test_a_failed_statement_aborts_the_transaction_until_rollback(db: Database) 
         s.execute(text("INSERT INTO items VALUES (2)"))
         s.commit()
     assert item_ids(db.engine) == [2]
+
+
+def test_a_commit_after_a_swallowed_failure_raises_and_commits_nothing(db: Database) -> None:
+    """PostgreSQL answers the COMMIT of an aborted transaction with ROLLBACK and no error; psycopg2 reports
+    success, so a write after a failure someone swallowed was lost in silence."""
+    raw = db.engine.raw_connection()
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute("INSERT INTO items VALUES (13)")
+            with pytest.raises(psycopg2.Error):
+                cursor.execute("SELECT * FROM no_such_table")
+        with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+            raw.commit()
+        with raw.cursor() as cursor:  # the connection goes on, in a new transaction
+            cursor.execute("INSERT INTO items VALUES (14)")
+        raw.commit()
+    finally:
+        raw.close()
+    assert item_ids(db.engine) == [14]
 
 
 def test_rollback_undoes_what_the_transaction_wrote(db: Database) -> None:

@@ -38,6 +38,7 @@ import weakref
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions as ext
 from psycopg2 import sql
 from sqlalchemy import event
@@ -223,7 +224,15 @@ class PipelinedConnection(ext.connection):  # type: ignore[misc]  # psycopg2 has
         return int(ext.STATUS_IN_TRANSACTION if self.in_transaction() else _BASE_STATUS.__get__(self))
 
     def commit(self) -> None:
-        if self.get_transaction_status() != _IDLE:  # unknown (a lost link) sends too, and fails as it should
+        status = self.get_transaction_status()
+        if status == ext.TRANSACTION_STATUS_INERROR:
+            # PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK and no error, and psycopg2 reports
+            # success: a write whose failure someone swallowed would be lost in silence. Say so instead.
+            self.rollback()
+            raise psycopg2.errors.InFailedSqlTransaction(
+                "COMMIT of a transaction a failed statement aborted: rolled back, nothing committed"
+            )
+        if status != _IDLE:  # unknown (a lost link) sends too, and fails as it should
             self.close_named_cursors()
             self._send("COMMIT")
 
