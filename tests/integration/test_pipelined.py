@@ -24,6 +24,7 @@ from tests.conftest import PG_URL, admin_cursor, database_url
 from tests.support.pg_wire import FrontendMessages
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
+from tests.support.written_rows import row_counts
 
 NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Hi", "body": "Hello"}
 
@@ -83,14 +84,7 @@ def test_a_direct_write_costs_two_round_trips(
     assert "RETURNING" not in queries[1], "the COMMIT's answer is the one that comes back"
     again = dispatcher.submit(CREATE, NOTE, idempotency_key="measured")
     assert isinstance(again, Applied) and again.duplicate and again.result == outcome.result
-    with database.session() as s:
-        counts = s.execute(
-            text(
-                "SELECT (SELECT count(*) FROM notifications), (SELECT count(*) FROM outbox),"
-                " (SELECT count(*) FROM applied_commands)"
-            )
-        ).one()
-    assert tuple(counts) == (2, 2, 2), "the duplicate left nothing behind"
+    assert row_counts(database) == (2, 2, 2), "the duplicate left nothing behind"
 
 
 def test_behind_a_pooler_the_statement_timeout_rides_on_the_begin(

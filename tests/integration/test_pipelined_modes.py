@@ -22,6 +22,7 @@ from brownout._db import Database
 from brownout._db.pipelined import _BASE_AUTOCOMMIT, PipelinedConnection, commit_with
 from tests.conftest import admin_cursor
 from tests.support.pgbouncer import PgBouncer
+from tests.support.written_rows import committed_ids
 
 
 @pytest.fixture
@@ -53,12 +54,6 @@ def transaction_modes(database: Database) -> tuple[str, str, str]:
 
 
 DEFAULT_MODES = ("read committed", "off", "off")
-
-
-def committed_ids(dbname: str) -> list[int]:
-    with admin_cursor(dbname) as cur:
-        cur.execute("SELECT id FROM items ORDER BY id")
-        return [row[0] for row in cur.fetchall()]
 
 
 def server_cursors(database: Database) -> int:

@@ -30,6 +30,7 @@ from tests.support.pg_wire import FrontendMessages
 from tests.support.pgbouncer import PgBouncer
 from tests.support.polling import wait_until
 from tests.support.tcp_proxy import FaultProxy
+from tests.support.written_rows import committed_ids, row_counts
 
 
 @pytest.fixture
@@ -54,12 +55,6 @@ def idle_in_transaction(dbname: str) -> int:
             (dbname,),
         )
         return int(cur.fetchone()[0])
-
-
-def committed_ids(dbname: str) -> list[int]:
-    with admin_cursor(dbname) as cur:
-        cur.execute("SELECT id FROM items ORDER BY id")
-        return [row[0] for row in cur.fetchall()]
 
 
 # -- a pre-ping at checkout, then transaction settings (the ping runs outside any transaction)
@@ -245,18 +240,6 @@ def test_behind_a_pooler_a_pinged_connection_keeps_the_statement_timeout_after_a
 # -- direct writes: the record rides with the COMMIT
 
 NOTE = {"user_id": 7, "email": "ada@example.com", "subject": "Hi", "body": "Hello"}
-
-
-def row_counts(database: Database) -> tuple[int, int, int]:
-    with database.session() as s:
-        counts = s.execute(
-            text(
-                "SELECT (SELECT count(*) FROM notifications), (SELECT count(*) FROM outbox),"
-                " (SELECT count(*) FROM applied_commands)"
-            )
-        ).one()
-        s.rollback()
-    return (int(counts[0]), int(counts[1]), int(counts[2]))
 
 
 def make_dispatcher(database: Database) -> Dispatcher:
