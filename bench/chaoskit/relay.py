@@ -169,6 +169,10 @@ class RelayHub:
             for link in list(proxy.links):
                 self._silence(link)
         if proxy.mode is Mode.REFUSE and proxy.listener is not None:
+            # A client's connect returns once the kernel queues it; closing the listener would
+            # reset that backlog, so connections already made are taken first and go on.
+            while self._accept(proxy):
+                pass
             self.selector.unregister(proxy.listener)
             proxy.listener.close()
             proxy.listener = None
@@ -238,14 +242,15 @@ class RelayHub:
                 if link.since is not None and now - link.since > _IO_SECONDS:
                     self._close(link)
 
-    def _accept(self, proxy: _Proxy) -> None:
+    def _accept(self, proxy: _Proxy) -> bool:
+        """Take up to 64 queued connections; whether more may be waiting."""
         for _ in range(64):
             if proxy.listener is None:
-                return
+                return False
             try:
                 client, _ = proxy.listener.accept()
             except OSError:  # BlockingIOError: none left
-                return
+                return False
             proxy.accepted += 1
             if proxy.mode is Mode.RESET:
                 _abort(client)
@@ -261,6 +266,7 @@ class RelayHub:
             if not link.silenced:
                 self._connect(link)
             self._update(link)
+        return True
 
     def _connect(self, link: _Link) -> None:
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -3,6 +3,8 @@ calibration judges a step as documented. Loopback sockets only: no service neede
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sys
 import threading
@@ -96,6 +98,24 @@ def test_refuse_closes_the_listener_only_and_pass_through_binds_the_same_port(pr
         proxy.pass_through()
         with _client(proxy) as sock:
             assert _echoes(sock)
+
+
+def test_refuse_keeps_connections_the_kernel_completed_before_the_relay_took_them(proxy: Proxy) -> None:
+    """A connect returns once the kernel has queued it, before the relay's accept: refusing then
+    must not reset it (closing a listener resets its backlog)."""
+    os.kill(proxy.hub.pid, signal.SIGSTOP)  # the relay takes none of them until it has the command
+    try:
+        burst = [_client(proxy) for _ in range(200)]  # more than the relay accepts per wake-up
+        refusing = threading.Thread(target=proxy.refuse)
+        refusing.start()
+    finally:
+        os.kill(proxy.hub.pid, signal.SIGCONT)
+    refusing.join(timeout=10)
+    try:
+        assert [_echoes(sock) for sock in burst] == [True] * len(burst)
+    finally:
+        for sock in burst:
+            sock.close()
 
 
 def test_reset_answers_new_connections_with_rst(proxy: Proxy) -> None:
