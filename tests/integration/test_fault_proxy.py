@@ -261,3 +261,41 @@ def test_small_writes_are_forwarded_at_once() -> None:
     server.close()
     print(f"\n{rounds} write-write-read rounds through the proxy: {elapsed * 1000:.0f} ms")
     assert elapsed < rounds * 0.005, f"{elapsed:.3f} s: the proxy delays small writes (Nagle + delayed ACK)"
+
+
+def test_refuse_keeps_connections_the_kernel_completed_before_the_proxy_took_them() -> None:
+    """A connect returns once the kernel has queued it, before the acceptor takes it: refusing
+    right then must not reset it (closing a listener resets its backlog), or a test that connects
+    and refuses at once sees a reset it did not ask for."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(64):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    with FaultProxy(upstream_host="127.0.0.1", upstream_port=server.getsockname()[1]) as relay:
+        burst = [socket.create_connection(relay.address, timeout=5) for _ in range(60)]
+        relay.refuse()
+        echoed = []
+        for sock in burst:
+            try:
+                sock.sendall(b"ping")
+                echoed.append(sock.recv(4) == b"ping")
+            except OSError:
+                echoed.append(False)
+            sock.close()
+        assert echoed == [True] * len(burst)
+    server.close()

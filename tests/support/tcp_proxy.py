@@ -223,6 +223,11 @@ class FaultProxy:
             while not self._stopping.is_set():
                 with self._cond:
                     if self._mode is Mode.REFUSE and self._listener is not None:
+                        # A client's connect returns once the kernel queues it; closing the
+                        # listener would reset that backlog, so those connections go on.
+                        self._listener.setblocking(False)
+                        while self._accept_one(self._listener):
+                            pass
                         if registered is not None:
                             selector.unregister(registered)
                         self._listener.close()
@@ -247,25 +252,28 @@ class FaultProxy:
                 self._listener = None
             self._cond.notify_all()
 
-    def _accept_one(self, listener: socket.socket) -> None:
+    def _accept_one(self, listener: socket.socket) -> bool:
+        """Take one queued connection; whether there was one."""
         try:
             client, _ = listener.accept()
-        except OSError:
-            return
+        except OSError:  # none queued (non-blocking), or the listener is closing
+            return False
+        client.setblocking(True)  # accept() hands a non-blocking listener's flag on
         try:
             _no_delay(client)
         except OSError:  # the client is gone already
             client.close()
-            return
+            return True
         with self._cond:
             self._accepted += 1
             if self._mode is Mode.RESET:
                 _abort(client)
-                return
+                return True
             connection = _Connection(client, silenced=self._mode is Mode.SILENCE)
             connection.thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
             self._connections.add(connection)
         connection.thread.start()
+        return True
 
     def _serve(self, connection: _Connection) -> None:
         try:
