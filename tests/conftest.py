@@ -31,6 +31,7 @@ PG_URL = os.environ.get(
     "BROWNOUT_TEST_PG_URL",
     "postgresql://brownout:brownout@127.0.0.1:5432/postgres?sslmode=require",
 )
+TEST_REDIS_TIMEOUT_SECONDS = 1.0
 
 
 def admin_connect(dbname: str = "postgres") -> Any:
@@ -94,6 +95,9 @@ def make_settings(pg_database: str, app_name: str) -> Callable[..., Settings]:
             "database_url": database_url(pg_database),
             "db_application_name": app_name,
             "api_keys": SERVICE_KEY_ENTRY,  # the suite runs with credentials, as production does
+            # Production's 50 ms is a deadline for one Redis on a quiet network; under four test workers a
+            # healthy reply can miss it and send a test around Redis. Tests about Redis deadlines set their own.
+            "redis_timeout_seconds": TEST_REDIS_TIMEOUT_SECONDS,
         }
         fields.update(overrides)
         return Settings(**fields)

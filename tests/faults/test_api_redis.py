@@ -47,10 +47,14 @@ def redis_proxy() -> Iterator[FaultProxy]:
 
 @pytest.fixture
 def settings_via(api_settings: Callable[..., Settings], redis_proxy: FaultProxy) -> Callable[..., Settings]:
-    """API settings whose Redis is reached through the proxy."""
+    """API settings whose Redis is reached through the proxy, with production's Redis deadline."""
 
     def factory(**overrides: Any) -> Settings:
-        return api_settings(redis_url=f"redis://127.0.0.1:{redis_proxy.port}/0", **overrides)
+        fields: dict[str, Any] = {
+            "redis_url": f"redis://127.0.0.1:{redis_proxy.port}/0",
+            "redis_timeout_seconds": Settings.model_fields["redis_timeout_seconds"].default,
+        }
+        return api_settings(**fields | overrides)
 
     return factory
 

@@ -35,9 +35,6 @@ def pair(
             "redis_key_prefix": redis_prefix,
             "breaker_failure_threshold": 3,
             "breaker_probe_interval_seconds": 0.2,
-            # The fleet's state machine, not Redis's deadline (tests/integration/test_redis_link.py): at the default
-            # 50 ms, one command late on a busy machine (parallel test workers) sends a breaker to its local fallback.
-            "redis_timeout_seconds": 1.0,
         } | overrides
         settings = make_settings(**fields)
         breakers = []
