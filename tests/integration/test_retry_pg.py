@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from brownout._db import BreakerState, Database, execute_with_retry
+from brownout._db import BreakerState, Database, execute_with_retry, pipelined
 from brownout._db.retry import Resilience, RetryPolicy
-from tests.conftest import terminate_backends
+from tests.conftest import admin_connect, terminate_backends
 
 
 @pytest.fixture
@@ -70,3 +70,49 @@ def test_ssl_kill_is_retried_on_a_fresh_connection(db: Database, pg_database: st
     assert after != before
     assert len(delays) == 1 and 0 <= delays[0] <= 0.5
     assert db.breaker.state is BreakerState.CLOSED
+
+
+def _rival_books_night_after_reading_day(pg_database: str) -> None:
+    """A SERIALIZABLE transaction of another client that reads what ours writes and writes what ours read,
+    committed first: PostgreSQL then fails ours at its COMMIT (write skew)."""
+    rival = admin_connect(pg_database)
+    try:
+        rival.autocommit = False
+        rival.set_session(isolation_level="SERIALIZABLE")
+        with rival.cursor() as cur:
+            cur.execute("SELECT count(*) FROM items WHERE name = 'day'")
+            cur.execute("INSERT INTO items VALUES (100, 'night')")
+        rival.commit()
+    finally:
+        rival.close()
+
+
+@pytest.mark.parametrize("commit", ["commit", "commit_with"])
+def test_a_serialization_failure_at_commit_is_retried_because_it_rolled_back(db: Database, pg_database: str, commit: str) -> None:
+    """The server's 40001 answers the COMMIT: nothing was applied, so even a call not marked idempotent is
+    retried, where a lost connection during COMMIT would leave it unknown."""
+    delays: list[float] = []
+    res = Resilience(breaker=db.breaker, policy=RetryPolicy(), sleep=delays.append)
+    calls = 0
+    with db.session() as s:
+
+        def book_day() -> int:
+            nonlocal calls
+            calls += 1
+            s.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+            nights = s.execute(text("SELECT count(*) FROM items WHERE name = 'night'")).scalar_one()
+            if commit == "commit":
+                s.execute(text("INSERT INTO items VALUES (:id, 'day')"), {"id": calls})
+                if calls == 1:
+                    _rival_books_night_after_reading_day(pg_database)
+                s.commit()
+            else:
+                if calls == 1:
+                    _rival_books_night_after_reading_day(pg_database)
+                pipelined.commit_with(s, text("INSERT INTO items VALUES (:id, 'day')"), {"id": calls})
+            return int(nights)
+
+        assert execute_with_retry(s, book_day, resilience=res) == 1  # the second attempt saw the rival's night
+    assert calls == 2 and len(delays) == 1
+    with db.session() as s:
+        assert s.execute(text("SELECT id, name FROM items ORDER BY id")).all() == [(2, "day"), (100, "night")]

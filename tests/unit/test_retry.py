@@ -401,6 +401,28 @@ def test_permanent_error_after_commit_is_raised_as_is(h: Harness) -> None:
     assert info.value is error
 
 
+@pytest.mark.parametrize(("pgcode", "message"), [("40001", "could not serialize access"), ("40P01", "deadlock detected")])
+def test_the_server_saying_it_rolled_back_after_commit_is_retried(h: Harness, pgcode: str, message: str) -> None:
+    fn = commit_then(Script(pg_error(pgcode, message)))
+    assert h.run(fn) == "done"
+    assert fn.calls == 2 and len(h.delays) == 1
+
+
+@pytest.mark.parametrize(
+    ("pgcode", "message"),
+    [
+        ("57014", "canceling statement due to statement timeout"),  # a cancel can land after the commit record
+        ("57P01", "terminating connection due to administrator command"),
+        (None, "brownout deadline reached"),  # our own deadline closed the link
+    ],
+)
+def test_a_cancel_or_a_cut_after_commit_stays_unknown(h: Harness, pgcode: str | None, message: str) -> None:
+    fn = commit_then(Script(pg_error(pgcode, message)))
+    with pytest.raises(CommitOutcomeUnknown):
+        h.run(fn)
+    assert fn.calls == 1
+
+
 def test_commit_listener_is_installed_on_first_use(h: Harness) -> None:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine

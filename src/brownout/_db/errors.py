@@ -236,6 +236,17 @@ def describe(exc: BaseException) -> str:
     return mask_secrets(f"{type(inner).__name__}: {line}" if line else type(inner).__name__)
 
 
+# The server's own word that it rolled the transaction back: raised inside the work (a lock wait, a
+# serialization check, the COMMIT's pre-commit check), never after a commit record was written. A
+# cancel or a termination can land after one, and a closed link says nothing, so those stay unknown.
+_ROLLED_BACK_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """True when PostgreSQL answered *exc* (or what it wraps) saying the transaction did not commit."""
+    return any(isinstance(link, psycopg2.Error) and link.pgcode in _ROLLED_BACK_SQLSTATES for link in _chain(exc))
+
+
 def constraint_of(exc: BaseException) -> str | None:
     """The name of the constraint PostgreSQL says *exc* (or what it wraps) violated, if any."""
     for link in _chain(exc):

@@ -46,6 +46,7 @@ from brownout._db.errors import (
     classify,
     describe,
     is_slow_connect,
+    rolled_back,
 )
 from brownout._db.retry_budget import RetryBudget
 
@@ -208,7 +209,7 @@ def execute_with_retry(
             if not kind.is_transient:
                 raise
             _rollback_quietly(db)
-            if commit_sent and not idempotent:
+            if commit_sent and not idempotent and not rolled_back(exc):
                 raise CommitOutcomeUnknown(
                     f"connection lost during COMMIT ({kind.value}); the write may or may not have been applied"
                 ) from exc
