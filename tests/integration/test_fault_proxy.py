@@ -16,6 +16,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from tests.support.echo_server import echo_server
 from tests.support.tcp_proxy import FaultProxy
 
 SERVER = ("127.0.0.1", 5432)
@@ -267,26 +268,7 @@ def test_refuse_keeps_connections_the_kernel_completed_before_the_proxy_took_the
     """A connect returns once the kernel has queued it, before the acceptor takes it: refusing
     right then must not reset it (closing a listener resets its backlog), or a test that connects
     and refuses at once sees a reset it did not ask for."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(64):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    with FaultProxy(upstream_host="127.0.0.1", upstream_port=server.getsockname()[1]) as relay:
+    with echo_server() as port, FaultProxy(upstream_host="127.0.0.1", upstream_port=port) as relay:
         burst = [socket.create_connection(relay.address, timeout=5) for _ in range(60)]
         relay.refuse()
         echoed = []
@@ -298,4 +280,3 @@ def test_refuse_keeps_connections_the_kernel_completed_before_the_proxy_took_the
                 echoed.append(False)
             sock.close()
         assert echoed == [True] * len(burst)
-    server.close()

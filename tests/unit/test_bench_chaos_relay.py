@@ -20,31 +20,13 @@ if str(ROOT) not in sys.path:
 from bench.chaoskit.calibrate import Calibration  # noqa: E402
 from bench.chaoskit.load import step_verdict  # noqa: E402
 from bench.chaoskit.proxies import Proxy, ProxyHub  # noqa: E402
+from tests.support.echo_server import echo_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def echo_port() -> Iterator[int]:
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
+    with echo_server() as port:
+        yield port
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["copy", "splice"])
