@@ -2,6 +2,10 @@
 
 DatabaseUnavailable    503 + Retry-After (a read the database cannot answer now, with nothing cached;
                        "overloaded" when admission control let it in on condition of using the cache alone)
+CircuitOpenError       503 + Retry-After (a database call of the service's own the breaker refused)
+DeadlineExceeded       503 + Retry-After: 1 (its deadline spent)
+CommitOutcomeUnknown   503 + Retry-After: 1 (the link died during COMMIT: retry with the same idempotency key)
+a transient database error that escaped the retries (a lost link, a deadlock, a full pool): 503 + Retry-After: 1
 Shed                   503 + Retry-After (a non-critical route while the breaker is not CLOSED)
 ReadOnlyMode           503 + Retry-After, {"detail": "read-only mode", "reason", "since", "retry_after"}
                        (a write while the service is read-only: nothing kept, the same key is a new write later)
@@ -23,12 +27,15 @@ import logging
 import math
 from typing import Any
 
+import psycopg2
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brownout._cache.stale_reads import SHED_REASON, DatabaseUnavailable
+from brownout._db.errors import CircuitOpenError, CommitOutcomeUnknown, DeadlineExceeded, classify, describe
 from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.commands import DependencyMissing, NotPermitted, UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
@@ -72,6 +79,19 @@ def install(app: FastAPI) -> None:
             body = {"detail": f"database unavailable and nothing cached: {exc.reason}"}
         return JSONResponse(body, status_code=503, headers=retry_after_header(exc.retry_after))
 
+    @app.exception_handler(CircuitOpenError)
+    async def breaker_open(request: Request, exc: CircuitOpenError) -> JSONResponse:
+        return _database_unavailable("circuit breaker open", exc.retry_after)
+
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return _database_unavailable("deadline exceeded", 1)
+
+    @app.exception_handler(CommitOutcomeUnknown)
+    async def outcome_unknown(request: Request, exc: CommitOutcomeUnknown) -> JSONResponse:
+        detail = "outcome unknown: the write may have been applied; retry with the same Idempotency-Key"
+        return JSONResponse({"detail": detail}, status_code=503, headers=retry_after_header(1))
+
     @app.exception_handler(Shed)
     async def shed(request: Request, exc: Shed) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after_header(exc.retry_after))
@@ -110,3 +130,17 @@ def install(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not classify(exc).is_transient:  # bad SQL, a constraint: a bug of the caller's
+            return await internal(request, exc)
+        # The service's own call, past its retries or without them, on a sick database: a retry may succeed.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, describe(exc))
+        return _database_unavailable("retry later", 1)
+
+    for driver_error in (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, psycopg2.Error):
+        app.add_exception_handler(driver_error, database_error)
+
+
+def _database_unavailable(reason: str, retry_after: float) -> JSONResponse:
+    return JSONResponse({"detail": f"database unavailable: {reason}"}, status_code=503, headers=retry_after_header(retry_after))
