@@ -12,11 +12,16 @@ from sqlalchemy import func, select
 
 from app.dispatch.notifications import CREATE, build_registry
 from app.schema import notifications, upgrade_database
+from brownout._cache.redis_link import build_redis_link
 from brownout._db import Database
+from brownout._dispatch.apply import KeyConflict
 from brownout._dispatch.dispatcher import Applied, Dispatcher, Queued, Rejected
 from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.key_claims import KeyClaims
 from brownout._dispatch.publisher import Publisher
 from brownout._schema import applied_commands, command_conflicts
+from brownout._settings import Settings
+from brownout.fastapi import Brownout
 from tests.conftest import database_url
 from tests.support.rabbit import apply_backlog, take_all
 from tests.support.tcp_proxy import FaultProxy
@@ -105,3 +110,42 @@ def test_full_queue_is_rejected_and_blocks_nothing(
     outcome = dispatcher.submit(CREATE, NOTE)
     assert isinstance(outcome, Rejected) and outcome.reason == "queue full"
     assert time.monotonic() - start < 2.0
+
+
+def test_with_redis_a_key_reused_with_another_body_is_refused_while_the_database_is_down(
+    db: Database, api_settings: Callable[..., Settings], make_publisher: Callable[..., Publisher], queue_name: str
+) -> None:
+    """Without the claim the second body was queued too (202) and dead-lettered by the worker later."""
+    link = build_redis_link(api_settings())
+    assert link is not None
+    dispatcher = Dispatcher(
+        database=db,
+        publisher=make_publisher(),
+        registry=build_registry(),
+        queue_name=queue_name,
+        request_deadline=0.3,
+        key_claims=KeyClaims(link, seconds=60),
+    )
+    try:
+        db.breaker.force_open()
+        first = dispatcher.submit(CREATE, NOTE, idempotency_key="claimed")
+        again = dispatcher.submit(CREATE, NOTE, idempotency_key="claimed")
+        with pytest.raises(KeyConflict):
+            dispatcher.submit(CREATE, NOTE | {"subject": "Changed"}, idempotency_key="claimed")
+        assert isinstance(first, Queued) and isinstance(again, Queued) and first.command_id == again.command_id
+        assert len(take_all(queue_name)) == 2  # the same write twice (the worker applies it once); no third
+    finally:
+        db.breaker.reset()
+        link.close()
+
+
+def test_brownouts_dispatcher_claims_keys_in_redis(api_settings: Callable[..., Settings], queue_name: str) -> None:
+    brownout = Brownout(api_settings(), registry=build_registry()).start()
+    try:
+        upgrade_database(brownout.settings.database_url)
+        brownout.database.breaker.force_open()
+        assert isinstance(brownout.dispatcher.submit(CREATE, NOTE, idempotency_key="k1"), Queued)
+        with pytest.raises(KeyConflict):
+            brownout.dispatcher.submit(CREATE, NOTE | {"body": "Other"}, idempotency_key="k1")
+    finally:
+        brownout.close()

@@ -33,11 +33,13 @@ import dramatiq
 from pydantic import ValidationError
 from sqlalchemy import text
 
+from brownout._cache.redis_link import RedisLink
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
 from brownout._dispatch.apply import AppliedWrite, apply_envelope
 from brownout._dispatch.commands import CommandError, DependencyMissing, DependencyPending, Registry
 from brownout._dispatch.envelope import Envelope, caller_scope, command_id_for, entity_id_for, payload_hash
 from brownout._dispatch.hlc import HybridClock, datetime_of
+from brownout._dispatch.key_claims import KeyClaims
 from brownout._fleet.read_only import WriteMode
 from brownout._settings import Settings
 
@@ -101,9 +103,13 @@ class Dispatcher:
         publish_timeout: float = 2.0,
         clock: HybridClock | None = None,
         mode: WriteMode | None = None,
+        key_claims: KeyClaims | None = None,
     ) -> None:
-        """*mode*: the process's write mode, asked once per write in `accept` (None: always read-write)."""
+        """*mode*: the process's write mode, asked once per write in `accept` (None: always read-write).
+        *key_claims*: where `submit` binds a client key to its body (None: only the database and the worker
+        catch a key reused with another body, the worker after a 202)."""
         self.mode = mode
+        self.key_claims = key_claims
         self._database = database
         self._publisher = publisher
         self._registry = registry
@@ -122,10 +128,12 @@ class Dispatcher:
         registry: Registry,
         clock: HybridClock | None = None,
         mode: WriteMode | None = None,
+        link: RedisLink | None = None,
     ) -> Dispatcher:
         """The process's dispatcher for *registry*'s commands, with its own started publisher (closed by
         `close()`), its clock seeded from the database (`seed_clock`); *mode* defaults to BROWNOUT_READ_ONLY's
-        alone (`Brownout` passes one that follows the fleet's too)."""
+        alone (`Brownout` passes one that follows the fleet's too); with a Redis *link*, client keys are
+        bound to their bodies for BROWNOUT_CACHE_STALE_SECONDS (`KeyClaims`)."""
         from brownout._dispatch.publisher import Publisher
 
         publisher = None
@@ -148,6 +156,7 @@ class Dispatcher:
             publish_timeout=settings.publish_timeout_seconds,
             clock=clock,
             mode=mode or WriteMode.from_settings(settings),
+            key_claims=None if link is None else KeyClaims(link, seconds=settings.cache_stale_seconds),
         )
         dispatcher._owned_publisher = publisher
         dispatcher.seed_clock(deadline=max(settings.request_db_deadline_seconds, settings.health_timeout_seconds))
@@ -246,10 +255,14 @@ class Dispatcher:
     ) -> Outcome:
         """Apply now, queue, or reject; raise InvalidCommand, KeyConflict or NotPermitted for a bad request,
         ReadOnlyMode while the service is read-only."""
-        return self.submit_envelope(self.accept(name, payload, idempotency_key=idempotency_key, caller=caller))
+        envelope = self.accept(name, payload, idempotency_key=idempotency_key, caller=caller)
+        if self.key_claims is not None:
+            self.key_claims.claim(envelope)
+        return self.submit_envelope(envelope)
 
     def submit_envelope(self, envelope: Envelope, *, expected: Callable[[Envelope], bool] | None = None) -> Outcome:
-        """`submit` for an envelope from `accept` (the API looks at it in between).
+        """`submit` for an envelope from `accept` (the API looks at it in between, and claims its key with
+        `key_claims` itself when it wants that check).
 
         *expected* is asked when the direct path finds the write needs an entity not created yet
         (DependencyPending): may its creation still come (one is queued, or this very write was queued

@@ -157,7 +157,7 @@ class Brownout:
         metrics.queue_max_length.set(settings.queue_max_length)
         self._write_mode = mode = WriteMode.from_settings(settings, automatic=self._no_write_can_be_made_durable)
         mode.add_listener(lambda state: metrics.observe_mode(state.metric_state))
-        self._dispatcher = dispatcher = Dispatcher.from_settings(settings, database, registry=self.registry, mode=mode)
+        self._dispatcher = dispatcher = Dispatcher.from_settings(settings, database, registry=self.registry, mode=mode, link=link)
         dispatcher.on_publisher_restart(metrics.publisher_restarts.inc)
         if link is not None:
             self.cache = ReadCache(
