@@ -6,9 +6,11 @@ than its own (last writer wins, decided by PostgreSQL in the same statement).
 Marking read a notification whose creation is not applied yet raises
 DependencyPending: the write waits instead of failing. An end user's mark
 (the envelope's caller `user:<id>`) takes effect only on their own
-notification; another's raises NotPermitted, on the direct path (404) as in
-the worker (recorded dropped), since a mark queued while the database was
-down could not be checked when it was accepted.
+notification; to that user another's is one that does not exist, on the
+direct path (404) as in the worker (it waits for a creation that never comes,
+then is recorded dropped), since a mark queued while the database was down
+could not be checked when it was accepted, and its command's status must not
+tell the caller sooner that the notification exists.
 
 Creating a notification also adds its email to the outbox in the same
 transaction (src/brownout/_dispatch/outbox.py): committed together or not at all.
@@ -33,7 +35,6 @@ from brownout import (
     DependencyPending,
     Effect,
     Envelope,
-    NotPermitted,
     Registry,
     SafeLine,
     SafeText,
@@ -195,10 +196,8 @@ def _set_read(value: bool) -> Any:
         # UPDATE's snapshot, or it is not the caller's. Under READ COMMITTED the creation
         # may have committed since, so look again with the row locked before deciding.
         current = session.execute(_SELECT_LOCKED, {"id": payload.notification_id}).mappings().one_or_none()
-        if current is None:
+        if current is None or (owner is not None and current["user_id"] != owner):
             raise DependencyPending(f"notification {payload.notification_id} is not created yet")
-        if owner is not None and current["user_id"] != owner:
-            raise NotPermitted(envelope.entity_key, "not the caller's notification")
         if current["read_stamp"] < envelope.accepted_stamp:  # created after the UPDATE's snapshot
             return Effect(row_to_json(session.execute(statement, params).mappings().one()))
         return Effect(row_to_json(current), superseded=True)

@@ -20,6 +20,7 @@ from brownout._db import Database
 from brownout._dispatch.dead_letters import store
 from brownout._dispatch.dispatcher import Dispatcher
 from brownout._dispatch.envelope import Envelope
+from brownout._dispatch.waiting import WaitLimits
 from brownout._schema import applied_commands, dead_letters
 from brownout._settings import Settings
 from brownout._worker.actors import ApplyRuntime, declare_apply_actor
@@ -51,13 +52,17 @@ def db(make_database: Callable[..., Database]) -> Database:
 @pytest.fixture
 def run_worker(
     make_database: Callable[..., Database], queue_name: str, make_worker_rig: Callable[..., WorkerRig]
-) -> Callable[[], None]:
+) -> Callable[..., None]:
     """The real apply actor on this test's queue, with its own Database (as in its own dyno)."""
 
-    def start() -> None:
+    def start(limits: WaitLimits | None = None) -> None:
         rig = make_worker_rig(max_length=MAX_LENGTH)
         runtime = ApplyRuntime(
-            database=make_database(), registry=build_registry(), defer_base_seconds=0.05, defer_cap_seconds=0.2
+            database=make_database(),
+            registry=build_registry(),
+            limits=limits or WaitLimits(),
+            defer_base_seconds=0.05,
+            defer_cap_seconds=0.2,
         )
         declare_apply_actor(rig.broker, runtime, queue_name=queue_name)
         rig.start({queue_name}, threads=1)
@@ -117,33 +122,45 @@ def test_a_user_marks_their_own_notification_and_not_anothers(api: RunningApi, d
     assert reader.status_code == 403, "a service needs the write scope"
 
 
-def test_a_queued_mark_on_anothers_notification_is_refused_by_the_worker(
-    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[[], None]
+def test_a_queued_mark_on_anothers_notification_is_told_apart_from_a_missing_one_by_nothing(
+    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[..., None]
 ) -> None:
-    theirs, mine = create_for(api, "bob"), create_for(api, "ada")
+    """Its command's status is what a mark of a notification that does not exist shows, at every moment: queued
+    while it waits for a creation, then dropped with the same reason (it was dropped at once, "not the caller's
+    notification", which told the caller the id exists)."""
+    theirs, mine, unknown = create_for(api, "bob"), create_for(api, "ada"), str(uuid.uuid4())
     api.brownout.database.breaker.force_open()
-    queued = api.client.post(f"/notifications/{theirs}/read", headers=as_user("ada"))
-    assert queued.status_code == 202, queued.text  # the database cannot tell whose it is now
-    command_id = queued.json()["command_id"]
-    # Her own mark, queued beside it (one batch for the worker): refusing one write costs the other nothing.
+    commands = {}
+    for target in (theirs, unknown):
+        queued = api.client.post(f"/notifications/{target}/read", headers=as_user("ada"))
+        assert queued.status_code == 202, queued.text  # the database cannot tell whose it is now
+        commands[target] = queued.json()["command_id"]
+    # Her own mark, queued beside them (one batch for the worker): refusing one write costs the other nothing.
     assert api.client.post(f"/notifications/{mine}/read", headers=as_user("ada")).status_code == 202
     # Bob's reads do not show ada's queued mark as if it were his.
     shown = api.client.get(f"/notifications/{theirs}", headers=as_user("bob"))
     assert shown.status_code == 200 and shown.json()["read"] is False, shown.text
     api.brownout.database.breaker.reset()
 
-    run_worker()
-    assert wait_until(lambda: count(db, applied_commands) == 4 and ready_count(queue_name) == 0, timeout=20)
-    assert read_of(db, theirs) is False and read_of(db, mine) is True
-    assert count(db, dead_letters) == 0, "an ordinary refusal is no dead letter"
-    status = api.client.get(f"/commands/{command_id}")
-    assert status.status_code == 200, status.text
-    assert status.json()["status"] == "dropped" and status.json()["result"] == {"dropped": "not the caller's notification"}
+    def status(target: str) -> dict[str, Any]:
+        answer = api.client.get(f"/commands/{commands[target]}", headers=as_user("ada"))
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    run_worker(WaitLimits(dependency_seconds=2.0))
+    assert wait_until(lambda: read_of(db, mine) is True, timeout=20)
+    assert status(theirs)["status"] == status(unknown)["status"] == "queued"  # both wait for a creation
+    assert wait_until(lambda: status(theirs)["status"] == status(unknown)["status"] == "dropped", timeout=20)
+    reasons = {target: status(target)["result"]["dropped"].replace(target, "ID") for target in (theirs, unknown)}
+    assert reasons[theirs] == reasons[unknown]
+    assert ready_count(queue_name) == 0 and count(db, dead_letters) == 0, "an ordinary refusal is no dead letter"
+    assert read_of(db, theirs) is False
     assert api.client.get(f"/notifications/{theirs}", headers=as_user("bob")).json()["read"] is False
 
 
 def test_a_command_is_seen_by_its_issuer_and_a_reader_only(
-    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[[], None]
+    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[..., None]
 ) -> None:
     mine = create_for(api, "ada")
     api.brownout.database.breaker.force_open()
@@ -200,7 +217,7 @@ def test_the_same_key_from_two_callers_makes_two_commands(api: RunningApi, db: D
 
 
 def test_a_retry_of_a_creation_the_previous_release_accepted_is_the_same_write(
-    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[[], None]
+    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[..., None]
 ) -> None:
     """The upgrade window: the previous release claimed the key (and queued the write) without a caller in
     its ids; the same service retrying with the same key after the upgrade gets the same command."""
@@ -222,7 +239,7 @@ def test_a_retry_of_a_creation_the_previous_release_accepted_is_the_same_write(
 
 
 def test_a_message_queued_by_the_previous_release_applies_once(
-    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[[], None]
+    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[..., None]
 ) -> None:
     dispatcher: Dispatcher = api.services.writes._dispatcher
     envelope = dispatcher.accept(CREATE, NOTE | {"user_id": "ada"}, idempotency_key="old")
