@@ -138,8 +138,11 @@ class HealthMonitor:
         probe_interval: float | None = None,
         degraded: Callable[[], bool] | None = None,
         claim_probe: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sessions = session_factory
+        self._clock = clock
+        self._checking = threading.Lock()  # one check at a time for `recent`
         self.interval = interval
         # While degraded() (the breaker is not CLOSED), check every probe_interval instead:
         # with probe-gated recovery these checks are what ends an outage.
@@ -153,6 +156,7 @@ class HealthMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_result: dict[str, Any] | None = None
+        self.last_at: float | None = None  # on *clock*, when last_result was taken
         self.checks = 0
 
     def start(self) -> HealthMonitor:
@@ -171,13 +175,29 @@ class HealthMonitor:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def recent(self, max_age: float) -> dict[str, Any] | None:
+        """A result at most *max_age* seconds old: a check now when the last is older, unless one is under way
+        (then the last, which that check replaces): readiness asked often never queues checks behind each other."""
+        last_at = self.last_at
+        if last_at is not None and self._clock() - last_at <= max_age:
+            return self.last_result
+        if not self._checking.acquire(blocking=False):
+            return self.last_result
+        try:
+            return self.check_now()
+        except Exception:  # check_db_health never raises for the database; a hook or the pool might
+            log.exception("health check on demand crashed")
+            return self.last_result
+        finally:
+            self._checking.release()
+
     def check_now(self) -> dict[str, Any]:
         with self._sessions() as db:
             result = check_db_health(db, timeout=self.timeout)
             if not result["healthy"]:
                 log.warning("health check failed (%s): %s; invalidating the pool", result["error_kind"], result["error"])
                 invalidate_pool(engine_of(db))
-        self.last_result = result
+        self.last_result, self.last_at = result, self._clock()
         self.checks += 1
         if self._on_result is not None:
             try:

@@ -29,6 +29,11 @@ from brownout.fastapi._deps import BrownoutDep
 
 router = APIRouter(tags=["health"])
 
+# How old a database check `/ready` may answer from. The monitor checks every BROWNOUT_HEALTH_INTERVAL_SECONDS
+# (30 s): an outage of the database and RabbitMQ together would otherwise read "ready" that long. A check on
+# demand costs one `SELECT 1` within the health timeout, at most once per this interval, never two at once.
+READY_MAX_AGE_SECONDS = 5.0
+
 
 @router.get("/health")
 async def health() -> dict[str, str]:
@@ -41,7 +46,7 @@ async def health() -> dict[str, str]:
 )
 def ready(request: Request, brownout: BrownoutDep, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
     breaker = brownout.database.breaker
-    last = brownout.monitor.last_result
+    last = brownout.monitor.recent(READY_MAX_AGE_SECONDS)
     database: dict[str, Any] = {"checked": last is not None}
     if last is not None:
         database |= {key: last[key] for key in ("healthy", "latency_ms", "error", "error_kind")}
