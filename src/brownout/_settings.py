@@ -378,6 +378,12 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         default=8192, ge=1024, description="Longest request header (name and value) accepted; a longer one gets 431."
     )
+    max_head_bytes: int = Field(
+        default=65_536,
+        ge=4096,
+        description="Longest request head (request line and all headers) accepted; past it the web answers 431 and "
+        "closes the connection, before the head is parsed further.",
+    )
 
     queue_type: Literal["classic", "quorum"] = Field(
         default="classic",

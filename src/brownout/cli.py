@@ -31,6 +31,7 @@ from brownout import __version__
 THREADS = 8  # Dramatiq threads per worker process
 WORKER_SHUTDOWN_TIMEOUT_MS = 10_000  # SIGTERM: in-flight applies get this long, the rest goes back to RabbitMQ
 WEB_GRACEFUL_SHUTDOWN_SECONDS = 10
+WEB_HTTP_PROTOCOL = "brownout.fastapi._head_limit:HeadLimitedHttpToolsProtocol"
 
 
 def import_string(value: str) -> str:
@@ -158,6 +159,8 @@ def _web(args: argparse.Namespace, settings: Any) -> int:
         sys.executable, "-m", "uvicorn", args.app, *(["--factory"] if args.factory else []),
         "--host", args.host, "--port", str(port), "--workers", str(processes),
         "--proxy-headers", "--timeout-graceful-shutdown", str(WEB_GRACEFUL_SHUTDOWN_SECONDS), "--no-server-header",
+        # httptools with a bound on the whole request head (431 past it), which uvicorn gives only h11
+        "--http", WEB_HTTP_PROTOCOL, "--h11-max-incomplete-event-size", str(settings.max_head_bytes),
         *([] if settings.access_log else ["--no-access-log"]),
     ]  # fmt: skip
     os.execv(sys.executable, argv)  # noqa: S606 - becomes our own interpreter with a fixed argv, no shell

@@ -1,8 +1,11 @@
 """Refuse an over-long query string (414) or header (431) before any work is done for the request.
 
-uvicorn bounds a request's head as a whole (h11: 64 KB), well past what any route here needs; a
-query string or a header this large only makes every layer after it (routing, validation, logs,
-Sentry's scrubbing) pay for it. The bounds are per query string and per header, from the settings.
+The head as a whole is bounded before it reaches the app, by the web's HTTP protocol
+(BROWNOUT_MAX_HEAD_BYTES, 64 KiB by default: `_head_limit.py`; uvicorn's httptools parser has no
+bound of its own), well past what any route here needs; a query string or a header that large
+only makes every layer after it (routing, validation, logs, Sentry's scrubbing) pay for it. The
+bounds here are per query string and per header, from the settings. An app served otherwise
+(uvicorn started by hand, another server) has only its server's bound on the head.
 """
 
 from __future__ import annotations
