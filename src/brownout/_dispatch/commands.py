@@ -45,17 +45,29 @@ class DependencyMissing(CommandError):
         super().__init__(f"{kind} {ident} not found")
 
 
-class NotPermitted(CommandError):
-    """Raised by apply when the write's caller may not write this entity (an end user's mark of another
-    user's notification). Answered as DependencyMissing is (HTTP 404, the same words), so an entity's
-    existence is not revealed; nothing is recorded on the direct path, and the worker records a queued
-    one ``dropped`` with *reason*."""
+class Refused(CommandError):
+    """Raised by apply when the write cannot take effect for a reason of its own data, one the payload's model
+    could not see (a reference to nothing, a rule of the domain). HTTP 422 with *reason* on the direct path,
+    nothing recorded; the worker records a queued one ``dropped`` with *reason* (its command's status), never a
+    dead letter. Raise it instead of letting a constraint fail: that is a 500 now and a dead letter later."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class NotPermitted(Refused):
+    """Raised by apply when the write's caller may not write this entity. Answered as DependencyMissing is
+    (HTTP 404, the same words), so an entity's existence is not revealed; nothing is recorded on the direct
+    path, and the worker records a queued one ``dropped`` with *reason* (which a caller reading its command's
+    status sees at once: where that would reveal the entity, raise DependencyPending instead, as for one that
+    does not exist)."""
 
     def __init__(self, entity_key: str, reason: str | None = None) -> None:
         self.entity_key = entity_key
         kind, _, ident = entity_key.partition(":")
-        self.reason = reason or f"not the caller's {kind}"
-        super().__init__(f"{kind} {ident} not found")
+        super().__init__(reason or f"not the caller's {kind}")
+        self.args = (f"{kind} {ident} not found",)
 
 
 @dataclass(frozen=True)

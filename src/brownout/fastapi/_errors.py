@@ -14,6 +14,7 @@ KeyConflict            422 (an Idempotency-Key reused with another body; recorde
 UnknownCommand         422
 DependencyMissing      404 (a write of an entity that neither exists nor is being created; not queued)
 NotPermitted           404 (a write of an entity not the caller's: the same answer, its existence not revealed)
+Refused                422 {"detail": reason} (an apply found the write's data breaks a rule; nothing recorded)
 BodyTooLarge           413
 RequestValidationError 422 with field and reason
 anything else          500 {"detail": "internal error"} (logged with its trace, server side)
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from brownout._cache.stale_reads import SHED_REASON, DatabaseUnavailable
 from brownout._db.errors import CircuitOpenError, CommitOutcomeUnknown, DeadlineExceeded, classify, describe
 from brownout._dispatch.apply import KeyConflict
-from brownout._dispatch.commands import DependencyMissing, NotPermitted, UnknownCommand
+from brownout._dispatch.commands import DependencyMissing, NotPermitted, Refused, UnknownCommand
 from brownout._dispatch.dispatcher import InvalidCommand
 from brownout._fleet.read_only import ReadOnlyMode, iso
 from brownout.fastapi._body_limit import BodyTooLarge
@@ -101,6 +102,10 @@ def install(app: FastAPI) -> None:
         headers = retry_after_header(exc.retry_after)
         body = {"detail": str(exc), "reason": exc.reason, "since": iso(exc.since), "retry_after": int(headers["Retry-After"])}
         return JSONResponse(body, status_code=503, headers=headers)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        return JSONResponse({"detail": exc.reason}, status_code=422)
 
     @app.exception_handler(InvalidCommand)
     async def invalid(request: Request, exc: InvalidCommand) -> JSONResponse:
