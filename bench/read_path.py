@@ -15,7 +15,7 @@ Prints, in one run (about 90 s with the defaults), for `GET /notifications/{id}`
   default (on), Prometheus in multiprocess mode as `brownout web` sets it up. The peer (bench/readkit/peer.py):
   plain Starlette, one route doing one `redis.asyncio` GET of the same notification JSON, answered as is; it gets
   the same header. Both run under the web dyno's uvicorn flags (src/brownout/cli.py: --proxy-headers,
-  --timeout-graceful-shutdown, --no-server-header; httptools and uvloop, which its `auto` picks here, named),
+  --timeout-graceful-shutdown, --no-server-header, its head-bounded httptools protocol; uvloop named),
   one worker process, access log off, one at a time beside the other idle. Two cases: (a) a fresh cache hit
   (BROWNOUT_CACHE_FRESH_SECONDS=3600), every Brownout answer `Cache-Status: Brownout; hit`; (b) a stale read,
   a Brownout server whose DATABASE_URL points at a closed port, its breaker open (read from /ready), every
@@ -76,7 +76,7 @@ from sqlalchemy.engine import make_url
 from brownout._db import BreakerState
 from brownout._dispatch.queues import queue_declarations
 from brownout._settings import Settings, load_settings
-from brownout.cli import WEB_GRACEFUL_SHUTDOWN_SECONDS
+from brownout.cli import WEB_GRACEFUL_SHUTDOWN_SECONDS, WEB_HTTP_PROTOCOL
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/read_path.py`: the reference service (app/) and tests.support importable
@@ -189,11 +189,12 @@ def stale_in_process(services: Services, ids: list[str], count: int) -> list[flo
 
 
 def uvicorn_argv(app: str, port: int) -> list[str]:
-    """The web dyno's uvicorn command (src/brownout/cli.py's `_web`), one process, its access log off; the HTTP
-    parser and event loop named (httptools and uvloop: what its `auto` picks where they are installed)."""
+    """The web dyno's uvicorn command (src/brownout/cli.py's `_web`), one process, its access log off: its HTTP
+    protocol (httptools with the bound on a request head) and the event loop named (uvloop: what `auto` picks)."""
     argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     argv += ["--proxy-headers", "--timeout-graceful-shutdown", str(WEB_GRACEFUL_SHUTDOWN_SECONDS), "--no-server-header"]
-    return argv + ["--http", "httptools", "--loop", "uvloop", "--no-access-log"]
+    head = str(Settings.model_fields["max_head_bytes"].default)
+    return argv + ["--http", WEB_HTTP_PROTOCOL, "--h11-max-incomplete-event-size", head, "--loop", "uvloop", "--no-access-log"]
 
 
 def answers(url: str, headers: dict[str, str] | None = None) -> bool:
