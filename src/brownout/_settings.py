@@ -8,8 +8,11 @@ keep their conventional names (`DATABASE_URL`).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
 import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote
 
@@ -20,6 +23,8 @@ from brownout._auth.keys import MIN_KEY_LENGTH as MIN_TOKEN_LENGTH
 from brownout._auth.keys import parse_keys
 from brownout._dispatch.rabbitmq_nodes import NODE_SEPARATOR, split_node_urls
 from brownout._redaction import mask_secrets
+
+log = logging.getLogger(__name__)
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -36,6 +41,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
         extra="ignore",
         frozen=True,
+        env_ignore_empty=True,  # `NAME=` on a platform's variable page means unset, not an empty value to refuse
     )
 
     database_url: str = Field(
@@ -615,7 +621,10 @@ def settings_from_values(**values: Any) -> Settings:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read and validate the environment; raise ConfigurationError with one line per problem."""
+    """Read and validate the environment; raise ConfigurationError with one line per problem. A variable that
+    looks like a misspelt setting is logged (a warning): it changes nothing, which is the surprise."""
+    for name, meant in misspelt_settings(os.environ):
+        log.warning("%s is not a setting and changes nothing: did you mean %s?", name, meant)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -625,3 +634,30 @@ def load_settings(**overrides: Any) -> Settings:
             name = _env_name(loc) if loc else "configuration"
             lines.append(f"  {name}: {err['msg']}")
         raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def setting_names() -> set[str]:
+    """Every environment variable a setting is read from."""
+    names = set()
+    for field_name, field in Settings.model_fields.items():
+        names.add(f"BROWNOUT_{field_name.upper()}")
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice).upper() for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+    return names
+
+
+def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it is close to) for each BROWNOUT_ variable that is no setting but nearly one.
+    Only near misses: deploy scripts keep variables of their own under the same prefix."""
+    known = setting_names()
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("BROWNOUT_") and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.9)  # a letter or two off
+            if close:
+                found.append((name, close[0]))
+    return found

@@ -186,3 +186,23 @@ def test_readme_documents_every_setting() -> None:
         if f"`{variable}`" not in table and not (variable.startswith("BROWNOUT_WORKER_") and stem in table):
             missing.append(variable)
     assert missing == []
+
+
+def test_an_empty_variable_is_unset_not_an_empty_value(env: pytest.MonkeyPatch) -> None:
+    """Container platforms' variable pages leave `NAME=`: it was refused ("at least 32 characters")."""
+    env.setenv("BROWNOUT_ADMIN_TOKEN", "")
+    env.setenv("BROWNOUT_POOL_SIZE", "")
+    settings = load_settings()
+    assert settings.admin_token is None
+    assert settings.pool_size == Settings.model_fields["pool_size"].default
+
+
+def test_a_misspelt_setting_is_named_with_the_one_meant(env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    env.setenv("BROWNOUT_QUEUE_NAM", "orders")  # left alone it silently shares the default queue
+    env.setenv("BROWNOUT_SKIP_SERVICES", "1")  # a deploy script's own variable: no setting near it
+    with caplog.at_level("WARNING", logger="brownout._settings"):
+        settings = load_settings()
+    assert settings.queue_name == "brownout-commands"
+    assert [record.getMessage() for record in caplog.records] == [
+        "BROWNOUT_QUEUE_NAM is not a setting and changes nothing: did you mean BROWNOUT_QUEUE_NAME?"
+    ]
