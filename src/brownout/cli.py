@@ -219,9 +219,16 @@ def _lower_priority(nice: int) -> None:
 
 
 def _migrate(args: argparse.Namespace, settings: Any) -> int:
-    from brownout import migrations
+    from sqlalchemy.exc import DBAPIError
 
-    migrations.upgrade(settings.migration_database_url or settings.database_url)
+    from brownout import migrations
+    from brownout._db.errors import describe
+
+    try:
+        migrations.upgrade(settings.migration_database_url or settings.database_url)
+    except DBAPIError as exc:  # the database said no (a wrong name, a password, a refused link): one line
+        print(f"brownout: migration failed: {describe(exc)}", file=sys.stderr)
+        return 1
     print("brownout: Brownout's tables are at head")
     return 0
 

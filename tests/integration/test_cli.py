@@ -144,3 +144,14 @@ def test_the_worker_refuses_an_unusable_email_url_before_starting(pg_database: s
     env = {"DATABASE_URL": database_url(pg_database), "RABBITMQ_URL": "amqp://127.0.0.1", **email}
     result = brownout("worker", "app.dispatch.notifications:build_registry", env=env)
     assert result.returncode == 2 and says in result.stderr and "re_Cli7secretKey0123" not in result.stderr, result.stderr
+
+
+def test_migrate_against_a_database_that_does_not_exist_says_so_in_one_line() -> None:
+    env = {"DATABASE_URL": database_url("no_such_database_here")}
+    failed = brownout("migrate", env=env)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr, failed.stderr  # it was a 130-line traceback
+    assert failed.stderr.strip().splitlines() == [
+        'brownout: migration failed: OperationalError: connection to server at "127.0.0.1", port 5432 failed: '
+        'FATAL:  database "no_such_database_here" does not exist'
+    ]
