@@ -27,6 +27,7 @@ from brownout._redaction import mask_secrets
 log = logging.getLogger(__name__)
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+Pooler = Literal["none", "transaction"]
 
 
 class ConfigurationError(Exception):
@@ -59,10 +60,11 @@ class Settings(BaseSettings):
         description="URL for `brownout migrate` when DATABASE_URL is a transaction-mode pooler "
         "(migrations need a session: Supabase's session pooler on :5432 or a direct connection).",
     )
-    database_pooler: Literal["none", "transaction"] = Field(
-        default="none",
+    database_pooler: Pooler = Field(
+        default_factory=lambda fields: _pooler_of(fields.get("database_url")),
         description="'transaction' when DATABASE_URL points at a transaction-mode pooler "
-        "(Supabase :6543, PgBouncer): no start-up options, per-transaction timeouts.",
+        "(Supabase :6543, PgBouncer): no start-up options, per-transaction timeouts. Default: 'transaction' for "
+        "Supabase's pooler on port 6543 (a host under pooler.supabase.com), else 'none'.",
     )
 
     rabbitmq_url: str | None = Field(
@@ -661,3 +663,24 @@ def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
             if close:
                 found.append((name, close[0]))
     return found
+
+
+SUPABASE_POOLER_DOMAIN = ".pooler.supabase.com"
+SUPABASE_TRANSACTION_PORT = 6543
+
+
+def _pooler_of(database_url: str | None) -> Pooler:
+    """Supabase's pooler takes transactions on 6543 (sessions on 5432): its URL says which, so nobody has to.
+    Any other pooler says nothing in its URL: BROWNOUT_DATABASE_POOLER names it."""
+    if database_url is None:
+        return "none"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(database_url)
+    except ArgumentError:
+        return "none"
+    host = (url.host or "").lower().rstrip(".")
+    on_supabase = host.endswith(SUPABASE_POOLER_DOMAIN)
+    return "transaction" if on_supabase and url.port == SUPABASE_TRANSACTION_PORT else "none"

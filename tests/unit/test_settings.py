@@ -206,3 +206,25 @@ def test_a_misspelt_setting_is_named_with_the_one_meant(env: pytest.MonkeyPatch,
     assert [record.getMessage() for record in caplog.records] == [
         "BROWNOUT_QUEUE_NAM is not a setting and changes nothing: did you mean BROWNOUT_QUEUE_NAME?"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "pooler"),
+    [
+        ("postgresql://postgres.ref:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres", "transaction"),
+        ("postgresql://postgres.ref:pw@AWS-0-EU-WEST-1.POOLER.SUPABASE.COM.:6543/postgres", "transaction"),
+        ("postgresql://postgres.ref:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres", "none"),  # session mode
+        ("postgresql://postgres:pw@db.ref.supabase.co:5432/postgres", "none"),  # the direct connection
+        ("postgresql://app:pw@pgbouncer.internal:6543/app", "none"),  # another pooler: its URL says nothing
+    ],
+)
+def test_supabases_transaction_pooler_is_known_by_its_url(env: pytest.MonkeyPatch, url: str, pooler: str) -> None:
+    """Left at 'none' there, every connection sent start-up options the pooler refuses."""
+    env.setenv("DATABASE_URL", url)
+    assert load_settings().database_pooler == pooler
+
+
+def test_a_pooler_named_wins_over_the_one_the_url_suggests(env: pytest.MonkeyPatch) -> None:
+    env.setenv("DATABASE_URL", "postgresql://postgres.ref:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres")
+    env.setenv("BROWNOUT_DATABASE_POOLER", "none")
+    assert load_settings().database_pooler == "none"
