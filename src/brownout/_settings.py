@@ -42,7 +42,6 @@ class Settings(BaseSettings):
         case_sensitive=False,
         extra="ignore",
         frozen=True,
-        env_ignore_empty=True,  # `NAME=` on a platform's variable page means unset, not an empty value to refuse
     )
 
     database_url: str = Field(
@@ -451,6 +450,27 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_migration_url(cls, value: str | None) -> str | None:
         return None if value is None else normalise_database_url(value)
+
+    @field_validator(
+        "migration_database_url",
+        "smtp_url",
+        "email_url",
+        "redis_url",
+        "admin_token",
+        "api_keys",
+        "jwt_secret",
+        "jwt_jwks_url",
+        "jwt_issuer",
+        "sentry_dsn",
+        "pooler_connection_limit",
+        "db_statement_timeout_seconds",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`NAME=` on a platform's variable page means unset for a setting whose default is unset (a limit with a
+        default, where empty means "no limit", is read as it says)."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("rabbitmq_url")
     @classmethod

@@ -191,10 +191,11 @@ def test_readme_documents_every_setting() -> None:
 def test_an_empty_variable_is_unset_not_an_empty_value(env: pytest.MonkeyPatch) -> None:
     """Container platforms' variable pages leave `NAME=`: it was refused ("at least 32 characters")."""
     env.setenv("BROWNOUT_ADMIN_TOKEN", "")
-    env.setenv("BROWNOUT_POOL_SIZE", "")
+    env.setenv("SENTRY_DSN", " ")
+    env.setenv("BROWNOUT_RATE_LIMIT_WRITES", "")  # a limit whose default is set: empty still means no limit
     settings = load_settings()
-    assert settings.admin_token is None
-    assert settings.pool_size == Settings.model_fields["pool_size"].default
+    assert settings.admin_token is None and settings.sentry_dsn is None
+    assert settings.rate_limit_writes is None
 
 
 def test_a_misspelt_setting_is_named_with_the_one_meant(env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
