@@ -62,9 +62,22 @@ def mask_secrets(value: str) -> str:
 
 
 # An email address's local part (who it is), kept apart from URL userinfo (`scheme://user@host` is a
-# login name there): the character before it may be neither part of it nor a slash.
+# login name there: no match starts right after `//`). email-validator takes internationalised addresses
+# (`zoë.temp@straße.de`), so letters and digits are Unicode ones (`\w`), and the same address is matched
+# where text carries it escaped: a bytes repr (`zo\xc3\xab`, an SMTP reply), a JSON string (`zo\u00eb`),
+# a URL path (`zo%C3%AB.temp%40stra%C3%9Fe.de`: uvicorn's access log quotes `@` as `%40`). Of the other
+# characters an address may hold, `'` (O'Brien) counts inside the local part but never first (a Python
+# repr quotes the address: `'ada@x.io'`), and `/ = ? & | { }` and backquote end it: log text uses them
+# around values (a path, `to=ada@x.io`, a query string), and masking them away would hide the line's shape.
+# Every quantifier is bounded and nothing is scanned past the local part's 64 units and the domain's
+# 9 labels from where a match starts: linear in the text's length.
+_ESCAPED = r"\\x[0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}|%[0-9a-fA-F]{2}"
+_LOCAL_CHARS = r"\w.!#$*^~+\-"
+_PERCENT = r"%(?![0-9a-fA-F]{2})"  # a `%` of the address itself: one reading of `%40`, never two (no backtracking blow-up)
 _EMAIL_LOCAL = re.compile(
-    r"(?<![A-Za-z0-9._%+/-])[A-Za-z0-9._%+-]{1,64}(?=@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b)"
+    rf"(?<![{_LOCAL_CHARS}%])(?<![{_LOCAL_CHARS}%]')(?<!//)(?!(?<=\\)[xu])(?:[{_LOCAL_CHARS}]|{_ESCAPED}|{_PERCENT})(?:[{_LOCAL_CHARS}']|{_ESCAPED}|{_PERCENT}){{0,63}}"
+    rf"(?=(?:@|%40)(?:[^\W_]|-|{_ESCAPED}){{1,63}}(?:\.(?:[^\W_]|-|{_ESCAPED}){{1,63}}){{0,8}}"
+    rf"\.(?:xn--[a-zA-Z0-9-]{{1,59}}|(?:[^\W\d_]|{_ESCAPED}){{2,24}})(?!\w))"
 )
 
 
@@ -84,7 +97,7 @@ def mask_personal(value: str) -> str:
         return value
     if "DETAIL:" in value:
         value = _ROW_VALUES.sub(lambda m: f"{m['head']} {MASK}", value)
-    if "@" in value:
+    if "@" in value or "%40" in value:
         value = _EMAIL_LOCAL.sub(MASK, value)
     return value
 

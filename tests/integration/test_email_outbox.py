@@ -84,7 +84,8 @@ class SmtpServer:
 
     def up(self) -> None:
         self._release()
-        self._controller = Controller(self.recorder, hostname="127.0.0.1", port=self.port)
+        # SMTPUTF8 as real servers offer it: an internationalised address (email-validator takes them) is sendable.
+        self._controller = Controller(self.recorder, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True)
         self._controller.start()
 
     def down(self) -> None:
@@ -394,6 +395,27 @@ def test_a_failing_email_job_sends_sentry_neither_address_nor_subject_nor_body_n
         assert "***@navy.example.com" in sent  # the server named the address: masked
     else:
         assert sink.fake.key not in sent
+
+
+@pytest.mark.parametrize("sink", ["smtp"], indirect=True)
+def test_an_smtp_refusal_of_an_internationalised_address_sends_sentry_no_trace_of_it(
+    sentry_events: SentEvents, db: Database, sink: SmtpServer, processed: Processed, run_worker: Callable[..., None]
+) -> None:
+    """The server names the address it refuses in its reply (bytes: `zo\\xc3\\xab` in the exception's text)."""
+    sink.recorder = BusyMailbox()
+    sink.up()
+    note = NOTE | {"email": "zoë.temp@straße.de", "subject": "Your biopsy results", "body": "Dear Zoë, ..."}
+    created = direct(db).submit(CREATE, note, idempotency_key="sentry-idn")
+    assert isinstance(created, Applied)
+    run_worker()
+    assert wait_until(lambda: processed.failed.get(SEND_EMAIL_ACTOR, 0) >= 2, timeout=20), "attempts refused, retried"
+    assert wait_until(lambda: len(sentry_events) >= 2, timeout=10), "the failed attempts reached Sentry"
+    sent = sentry_events.text()  # JSON: `zoë` is `zo\\u00eb` there
+    assert "SMTPRecipientsRefused" in sent and "mailbox busy" in sent
+    for trace in ("zoë", "zo\\u00eb", "Zo\\u00eb", "zo\\\\xc3", "zo%C3", "temp@", "biopsy", "Dear"):
+        at = sent.find(trace)
+        assert at < 0, sent[max(0, at - 400) : at + 100]
+    assert "***@stra\\u00dfe.de" in sent and "***@stra\\\\xc3\\\\x9fe.de" in sent  # the domain is kept, as for ASCII addresses
 
 
 def test_rows_left_unpublished_by_a_dead_process_are_relayed_and_sent_once(

@@ -88,3 +88,20 @@ def test_arguments_keep_their_types(restored_logging: None) -> None:
     logging.getLogger("brownout.test").warning("%(count)d for %(url)s", {"count": 4, "url": URL})
     text = stream.getvalue()
     assert "3 rows, 0.2 s" in text and "4 for postgresql://app:***@db" in text and SECRET not in text
+
+
+def test_an_address_in_a_path_is_masked_in_the_access_log_as_uvicorn_quotes_it(restored_logging: None, capsys: Any) -> None:
+    from uvicorn.protocols.utils import get_path_with_query_string
+
+    configure_logging(Settings(database_url="postgresql://u@localhost/db"), stream=io.StringIO())
+    logging.config.dictConfig(LOGGING_CONFIG)
+    for path in ("/users/ada@example.com/notifications", "/users/zoë.temp@straße.de/notifications"):
+        scope: Any = {"path": path, "query_string": b"cc=grace@navy.example.com"}
+        logging.getLogger("uvicorn.access").info(  # uvicorn's h11 and httptools protocols, word for word
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", get_path_with_query_string(scope), "1.1", 200
+        )
+    captured = capsys.readouterr()
+    text = captured.err + captured.out
+    assert '"GET /users/***%40example.com/notifications?cc=***@navy.example.com HTTP/1.1" 200' in text, text
+    assert '"GET /users/***%40stra%C3%9Fe.de/notifications?cc=***@navy.example.com HTTP/1.1" 200' in text, text
+    assert "ada" not in text and "zo" not in text and "grace" not in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from brownout._redaction import MASK, mask_personal, mask_secrets, redact
@@ -128,3 +130,59 @@ def test_personal_data(text: str, masked: str) -> None:
 
 def test_redact_masks_both() -> None:
     assert redact("redis://:pw@cache.internal for ada@example.com") == "redis://:***@cache.internal for ***@example.com"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        # Addresses email-validator takes (internationalised): the whole local part masked, the domain kept.
+        ("refused zoë.temp@straße.de", "refused ***@straße.de"),
+        ("to élodie@example.com", "to ***@example.com"),
+        ("to o'brien@example.com", "to ***@example.com"),
+        ("用户@例子.广告 and ü@exämple.de", "***@例子.广告 and ***@exämple.de"),
+        ("ada@xn--strae-oqa.xn--p1ai", "***@xn--strae-oqa.xn--p1ai"),
+        ("{'to': 'ada@example.com'}", "{'to': '***@example.com'}"),  # a repr's quote is no part of it
+        # The same address escaped: an SMTP reply's bytes repr, a JSON string, a URL path (uvicorn's access log).
+        (
+            "{'zoë.temp@straße.de': (450, b'4.2.0 <zo\\xc3\\xab.temp@stra\\xc3\\x9fe.de> busy')}",
+            "{'***@straße.de': (450, b'4.2.0 <***@stra\\xc3\\x9fe.de> busy')}",
+        ),
+        ('{"to": "zo\\u00eb.temp@stra\\u00dfe.de"}', '{"to": "***@stra\\u00dfe.de"}'),
+        (
+            '"GET /users/ada%40example.com/notifications HTTP/1.1" 200',
+            '"GET /users/***%40example.com/notifications HTTP/1.1" 200',
+        ),
+        ("GET /users/zo%C3%AB.temp%40stra%C3%9Fe.de/n", "GET /users/***%40stra%C3%9Fe.de/n"),
+        ("GET /users/ada@example.com/notifications", "GET /users/***@example.com/notifications"),
+        ("/search?email=ada@example.com&limit=5", "/search?email=***@example.com&limit=5"),
+        ("amqp://app@mq.example.com:5672/%2F", "amqp://app@mq.example.com:5672/%2F"),  # still a login name
+    ],
+)
+def test_addresses_as_email_validator_takes_them_and_escaped(text: str, masked: str) -> None:
+    assert mask_personal(text) == masked
+    assert mask_personal(masked) == masked
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "a@",
+        "a" * 70 + "@",
+        "%40",
+        "%C3%AB" * 20 + "%40",
+        "\\u00eb" * 70 + "@",
+        "o'" * 40 + "@",
+        "x@" + ("a" * 63 + ".") * 12,
+        "ë" * 60 + "@" + "ß" * 60 + ".",
+    ],
+)
+def test_address_masking_stays_linear_on_hostile_input(junk: str) -> None:
+    text = (junk * (65_536 // len(junk) + 1))[:65_536]
+    doubled = (junk * (131_072 // len(junk) + 1))[:131_072]
+    started = time.perf_counter()
+    mask_personal(text)
+    once = time.perf_counter() - started
+    started = time.perf_counter()
+    mask_personal(doubled)
+    twice = time.perf_counter() - started
+    assert once < 0.25 and twice < 0.5, (once, twice)  # about 5 ms at 64 KiB; a backtracking blow-up takes seconds
