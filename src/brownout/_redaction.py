@@ -91,15 +91,39 @@ def redact(value: str) -> str:
 
 
 def mask_personal(value: str) -> str:
-    """Return *value* with the local part of every email address (the domain kept) and the row values
-    PostgreSQL quotes in an error's DETAIL replaced by ***."""
+    """Return *value* with the local part of every email address (the domain kept), the row values
+    PostgreSQL quotes in an error's DETAIL and a Dramatiq message's arguments replaced by ***."""
     if not isinstance(value, str):
         return value
+    if _MESSAGE_REPR in value:
+        value = _mask_message_arguments(value)
     if "DETAIL:" in value:
         value = _ROW_VALUES.sub(lambda m: f"{m['head']} {MASK}", value)
     if "@" in value or "%40" in value:
         value = _EMAIL_LOCAL.sub(MASK, value)
     return value
+
+
+# A Dramatiq message formatted into text (`Message(queue_name=..., actor_name=..., args=(...), kwargs={...},
+# options={...}, message_id=...)`: its repr, in a list's, an exception's or a batch's text): its arguments are a
+# write's or an email's payload. Masked from `args=` to `, options=` (to the end if that never comes), by
+# str.find: one pass, whatever the payload holds.
+_MESSAGE_REPR = "Message("
+_ARGUMENTS, _OPTIONS = "args=", ", options="
+
+
+def _mask_message_arguments(value: str) -> str:
+    parts: list[str] = []
+    done = 0
+    while (at := value.find(_ARGUMENTS, done)) >= 0:
+        start = at + len(_ARGUMENTS)
+        end = value.find(_OPTIONS, start)
+        if end < 0:
+            end = len(value)
+        parts += (value[done:start], MASK)
+        done = end
+    parts.append(value[done:])
+    return "".join(parts)
 
 
 def _mask_userinfo(match: re.Match[str]) -> str:

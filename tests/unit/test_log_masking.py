@@ -105,3 +105,14 @@ def test_an_address_in_a_path_is_masked_in_the_access_log_as_uvicorn_quotes_it(r
     assert '"GET /users/***%40example.com/notifications?cc=***@navy.example.com HTTP/1.1" 200' in text, text
     assert '"GET /users/***%40stra%C3%9Fe.de/notifications?cc=***@navy.example.com HTTP/1.1" 200' in text, text
     assert "ada" not in text and "zo" not in text and "grace" not in text
+
+
+def test_a_bytes_argument_is_masked_as_it_prints(restored_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging(Settings(database_url="postgresql://u@localhost/db"), stream=stream)
+    reply = "4.2.1 <zoë.temp@straße.de> mailbox busy".encode()  # an SMTP server's reply, as smtplib keeps it
+    logging.getLogger("brownout.test").warning("refused: %s, again %r, %d", reply, reply, 451)
+    logging.getLogger("brownout.test").warning("no address: %r", b"4.2.0 busy")
+    text = stream.getvalue()
+    assert "refused: b'4.2.1 <***@stra\\xc3\\x9fe.de> mailbox busy', again b'4.2.1 <***@stra" in text, text
+    assert ", 451" in text and "no address: b'4.2.0 busy'" in text and "zo" not in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import dramatiq
 import pytest
 
 from brownout._redaction import MASK, mask_personal, mask_secrets, redact
@@ -163,6 +164,20 @@ def test_addresses_as_email_validator_takes_them_and_escaped(text: str, masked: 
     assert mask_personal(masked) == masked
 
 
+def test_a_dramatiq_message_formatted_into_text_keeps_no_argument() -> None:
+    payload = {"customer_id": 3, "email": "cy@x.io", "name": "Cynthia Oddname"}
+    write = dramatiq.Message(
+        queue_name="q", actor_name="apply_command", args=({"payload": payload},), kwargs={"k": "Cy"}, options={}
+    )
+    for text in (f"apply_command_batch([{write!r}, {write!r}])", f"cannot ack <MessageProxy {write!r}>", repr(write)[:70]):
+        masked = redact(text)
+        assert "Cynthia" not in masked and "customer_id" not in masked and "'k'" not in masked, masked
+        assert "args=***" in masked
+    assert redact(repr(write)).endswith(
+        f"args=***, options={{}}, message_id='{write.message_id}', message_timestamp={write.message_timestamp})"
+    )
+
+
 @pytest.mark.parametrize(
     "junk",
     [
@@ -173,6 +188,7 @@ def test_addresses_as_email_validator_takes_them_and_escaped(text: str, masked: 
         "\\u00eb" * 70 + "@",
         "o'" * 40 + "@",
         "x@" + ("a" * 63 + ".") * 12,
+        "Message(args=",
         "ë" * 60 + "@" + "ß" * 60 + ".",
     ],
 )

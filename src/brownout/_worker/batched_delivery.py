@@ -96,8 +96,13 @@ class DeliveryBatch(MessageProxy):
         if self.consumer is not None:
             self.consumer.withdraw(self)
 
+    log_safe_repr = True
+    """Its repr and str name the batch, never its deliveries' arguments (src/brownout/_observability/log_masking.py)."""
+
     def __repr__(self) -> str:
         return f"<DeliveryBatch {self._tag} of {len(self.delivery_tags)} on {self._message.queue_name}>"
+
+    __str__ = __repr__  # MessageProxy's str is its message's: `apply_command_batch([Message(... args=(payload,) ...)])`
 
 
 class BatchedDelivery(Consumer):
