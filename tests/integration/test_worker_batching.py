@@ -382,3 +382,18 @@ def test_a_failed_batch_is_held_then_comes_back_one_delivery_per_batch(
     consumer.connection.process_data_events(time_limit=0.2)
     consumer.close()
     assert take_all(queue_name) == [] and take_all(xq_name(queue_name)) == []
+
+
+def test_an_invalid_payload_is_dead_lettered_naming_its_fields_not_their_values(
+    db: Database, dispatcher: Dispatcher, broker: BrownoutRabbitmqBroker, runtime: ApplyRuntime, queue_name: str
+) -> None:
+    """pydantic's own text quotes the input it refuses (here a subject and a body) into the reason, which goes to the
+    log and the dead_letters table."""
+    envelope = dispatcher.accept(CREATE, NOTE)
+    secret = {"user_id": 5, "subject": "Private subject", "body": "Private body"}  # no email: the whole input quoted
+    broken = envelope.model_copy(update={"payload": secret})
+    declare_apply_actor(broker, runtime, queue_name=queue_name).fn([broken.to_message(queue_name)])
+    with db.session() as s:
+        reason = s.execute(select(dead_letters.c.reason)).scalar_one()
+    assert reason.startswith(f"invalid {CREATE} v1 payload: ValidationError"), reason
+    assert "email" in reason and "Private" not in reason, reason

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from enum import StrEnum
 
 import psycopg2
+import pydantic
 import sqlalchemy.exc
 
 from brownout._db.waiting import DatabaseDeadlineReached
@@ -229,9 +230,15 @@ def classify(exc: Exception) -> ErrorKind:
 def describe(exc: BaseException) -> str:
     """One line for logs and health output: the driver's message, password masked.
 
-    SQLAlchemy's own text adds the SQL and its parameters, which stay out.
+    SQLAlchemy's own text adds the SQL and its parameters, which stay out; so does the input pydantic quotes
+    for each field it refuses (a queued write's payload, an email's subject and body).
     """
     inner = getattr(exc, "orig", None) or exc
+    if isinstance(inner, pydantic.ValidationError):
+        problems = inner.errors(include_url=False, include_context=False, include_input=False)
+        fields = "; ".join(f"{'.'.join(map(str, problem['loc'])) or 'value'}: {problem['msg']}" for problem in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        return mask_secrets(f"ValidationError ({inner.title}): {fields}{more}")
     line = str(inner).strip().partition("\n")[0]
     return mask_secrets(f"{type(inner).__name__}: {line}" if line else type(inner).__name__)
 

@@ -211,7 +211,7 @@ def _prepare(runtime: ApplyRuntime, message: dramatiq.Message[Any]) -> _Slot:
         (data,) = message.args
         envelope = slot.envelope = Envelope.model_validate(data)
     except (ValidationError, ValueError, TypeError) as invalid:
-        slot.dead_reason = f"invalid envelope: {invalid}"
+        slot.dead_reason = f"invalid envelope: {describe(invalid)}"
         return slot
     try:
         command = runtime.registry.get(envelope.name)
@@ -220,7 +220,7 @@ def _prepare(runtime: ApplyRuntime, message: dramatiq.Message[Any]) -> _Slot:
         slot.defer_reason = unknown
         return slot
     except ValidationError as invalid:
-        slot.dead_reason = f"invalid {envelope.name} v{envelope.version} payload: {invalid}"
+        slot.dead_reason = f"invalid {envelope.name} v{envelope.version} payload: {describe(invalid)}"
         return slot
     except Exception as exc:  # a payload model's own bug: this write's failure, not its batch's
         slot.dead_reason = f"error while reading it: {describe(exc)}"

@@ -57,7 +57,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from brownout._db import Database, execute_with_retry
+from brownout._db import Database, describe, execute_with_retry
 from brownout._dispatch.outbox import SEND_EMAIL_ACTOR, EmailJob
 from brownout._schema import email_sends, outbox
 from brownout._settings import Settings
@@ -189,7 +189,7 @@ def _send(runtime: EmailRuntime, data: dict[str, Any]) -> Exception | None:
     try:
         job = EmailJob.model_validate(data)
     except ValidationError as invalid:
-        _dead_letter(runtime, f"invalid send_email job: {invalid}")
+        _dead_letter(runtime, f"invalid send_email job: {describe(invalid)}")
         return None
     with runtime.database.session() as session:
         claim = execute_with_retry(session, lambda: _claim(session, job), deadline=runtime.db_deadline)
