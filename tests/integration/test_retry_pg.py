@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from brownout._db import BreakerState, Database, execute_with_retry, pipelined
+from brownout._db import BreakerState, CommitOutcomeUnknown, Database, execute_with_retry, pipelined
 from brownout._db.retry import Resilience, RetryPolicy
 from tests.conftest import admin_connect, terminate_backends
 
@@ -116,3 +116,52 @@ def test_a_serialization_failure_at_commit_is_retried_because_it_rolled_back(db:
     assert calls == 2 and len(delays) == 1
     with db.session() as s:
         assert s.execute(text("SELECT id, name FROM items ORDER BY id")).all() == [(2, "day"), (100, "night")]
+
+
+RAISE_40001 = "DO $$BEGIN RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; END$$"
+RAISE_40P01 = "DO $$BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END$$"
+
+
+def test_a_serialization_failure_after_an_earlier_commit_of_the_same_call_stays_unknown(db: Database) -> None:
+    """Running the call again would apply its first, committed, transaction twice."""
+    res = Resilience(breaker=db.breaker, policy=RetryPolicy(), sleep=lambda seconds: None)
+    calls = 0
+    with db.session() as s:
+
+        def two_transactions() -> None:
+            nonlocal calls
+            calls += 1
+            s.execute(text("INSERT INTO items VALUES (:id, 'charge')"), {"id": calls})
+            s.commit()  # the first transaction is in
+            if calls == 1:
+                s.execute(text(RAISE_40001))  # the second one fails
+            s.commit()
+
+        with pytest.raises(CommitOutcomeUnknown):
+            execute_with_retry(s, two_transactions, resilience=res)
+    assert calls == 1
+    with db.session() as s:
+        assert s.execute(text("SELECT count(*) FROM items")).scalar_one() == 1
+
+
+def test_a_lost_commit_after_a_deadlock_handled_in_a_savepoint_stays_unknown(db: Database, pg_database: str) -> None:
+    """The lost link's error carries the handled deadlock as its context: only its own code may say 'rolled back'."""
+    res = Resilience(breaker=db.breaker, policy=RetryPolicy(), sleep=lambda seconds: None)
+    with db.session() as s:
+
+        def work() -> None:
+            s.execute(text("INSERT INTO items VALUES (1, 'charge')"))
+            try:
+                with s.begin_nested():
+                    s.execute(text(RAISE_40P01))
+            except DBAPIError:
+                pid = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                admin = admin_connect(pg_database)
+                try:
+                    admin.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+                finally:
+                    admin.close()
+                s.commit()
+
+        with pytest.raises(CommitOutcomeUnknown):
+            execute_with_retry(s, work, resilience=res)

@@ -403,9 +403,19 @@ def test_permanent_error_after_commit_is_raised_as_is(h: Harness) -> None:
 
 @pytest.mark.parametrize(("pgcode", "message"), [("40001", "could not serialize access"), ("40P01", "deadlock detected")])
 def test_the_server_saying_it_rolled_back_after_commit_is_retried(h: Harness, pgcode: str, message: str) -> None:
-    fn = commit_then(Script(pg_error(pgcode, message)))
+    at_commit = sqlalchemy.exc.OperationalError(None, None, pg_error(pgcode, message))  # a COMMIT's: no statement
+    fn = commit_then(Script(at_commit))
     assert h.run(fn) == "done"
     assert fn.calls == 2 and len(h.delays) == 1
+
+
+def test_a_statements_serialization_failure_after_a_commit_stays_unknown(h: Harness) -> None:
+    """The COMMIT counted belongs to an earlier transaction of the call, which did commit."""
+    in_statement = sqlalchemy.exc.OperationalError("INSERT INTO t VALUES (1)", {}, pg_error("40001", "could not serialize"))
+    fn = commit_then(Script(in_statement))
+    with pytest.raises(CommitOutcomeUnknown):
+        h.run(fn)
+    assert fn.calls == 1
 
 
 @pytest.mark.parametrize(

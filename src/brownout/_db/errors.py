@@ -249,9 +249,17 @@ def describe(exc: BaseException) -> str:
 _ROLLED_BACK_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 
 
-def rolled_back(exc: BaseException) -> bool:
-    """True when PostgreSQL answered *exc* (or what it wraps) saying the transaction did not commit."""
-    return any(isinstance(link, psycopg2.Error) and link.pgcode in _ROLLED_BACK_SQLSTATES for link in _chain(exc))
+def commit_rolled_back(exc: BaseException) -> bool:
+    """True when *exc* is PostgreSQL's answer to a COMMIT, alone or sent after a last statement (`commit_with`),
+    saying it rolled the transaction back. Only the error's own code counts, never one it was raised while
+    handling (a deadlock caught in a savepoint, then a COMMIT whose link died), and only an error raised by the
+    COMMIT itself (SQLAlchemy gives a COMMIT's failure no statement): a statement's failure after an earlier
+    transaction of the same call committed says nothing of that one."""
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError) or not isinstance(exc.orig, psycopg2.Error):
+        return False
+    statement = exc.statement
+    on_commit = statement is None or statement.rstrip().upper().endswith(";COMMIT")
+    return on_commit and exc.orig.pgcode in _ROLLED_BACK_SQLSTATES
 
 
 def constraint_of(exc: BaseException) -> str | None:

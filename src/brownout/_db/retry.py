@@ -44,9 +44,9 @@ from brownout._db.errors import (
     DeadlineExceeded,
     ErrorKind,
     classify,
+    commit_rolled_back,
     describe,
     is_slow_connect,
-    rolled_back,
 )
 from brownout._db.retry_budget import RetryBudget
 
@@ -194,7 +194,7 @@ def execute_with_retry(
                 with deadline_scope(deadline_at):
                     result = fn()
         except Exception as exc:
-            commit_sent = _commits_sent() != commits_before
+            commits_sent = _commits_sent() - commits_before
             kind = classify(exc)
             _tell(res.observers, "on_attempt", time.perf_counter() - started, kind)
             casualty = bool((kind.is_disconnect or is_slow_connect(exc)) and incidents.take_casualty())
@@ -209,7 +209,9 @@ def execute_with_retry(
             if not kind.is_transient:
                 raise
             _rollback_quietly(db)
-            if commit_sent and not idempotent and not rolled_back(exc):
+            # One COMMIT sent, and the error is the server's answer to it saying it rolled back: nothing applied.
+            # Two or more: an earlier one committed, and running fn again would apply it twice.
+            if commits_sent and not idempotent and not (commits_sent == 1 and commit_rolled_back(exc)):
                 raise CommitOutcomeUnknown(
                     f"connection lost during COMMIT ({kind.value}); the write may or may not have been applied"
                 ) from exc
