@@ -12,9 +12,10 @@ closes the connection (its write side at once; what the client still sends is dr
 To count one head at a time, on a keep-alive connection and across pipelined requests, the bytes are handed to the
 parser in pieces that end where a head or a body may end: a head after its first `\\r\\n\\r\\n` (llhttp takes no
 bare LF, and a head ends with an empty line), a Content-Length body after its length. Cutting never changes what
-the parser sees, only when. Where a chunked body ends is the parser's to find: when a head follows one in the same
-read, all of that read the body's chunks did not account for counts towards the head (the chunk framing too, so it
-may be refused slightly early; pipelining after a chunked upload is rare).
+the parser sees, only when; and after a head asking for an upgrade uvicorn does not perform, the rest of the read
+is dropped, as plain uvicorn drops it (fed on, it would be parsed as a request of its own). Where a chunked body
+ends is the parser's to find: a head that follows one in the same read is counted from the next read, so it may
+pass at most one read longer than the limit, never be refused early.
 
 The limit travels in uvicorn's `h11_max_incomplete_event_size`, so one option bounds the head whichever parser runs:
 `brownout web` passes `--http brownout.fastapi._head_limit:HeadLimitedHttpToolsProtocol
@@ -43,8 +44,8 @@ class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the head being read, so far
         self._head_started = False  # past the empty lines a client may send before a request line
         self._tail = b""  # the head's last 3 bytes so far: its end may come split across reads
-        self._piece_body = 0  # body bytes the parser gave in the piece being fed
         self._refusing = False
+        self._declined_upgrade = False  # a head asked for an upgrade uvicorn does not perform
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:  # the 431 is written or waits for the responses before it: the rest is dropped
@@ -61,12 +62,17 @@ class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._body_left -= len(piece)
             else:
                 piece, data = data, b""
-            self._piece_body = 0
             super().data_received(piece)
             if self.transport.is_closing() or self.transport.get_protocol() is not self:  # a 400, or an upgrade
                 return
-            if in_body and self._body_left is None:  # the message ended in this piece, maybe before its end
-                self._head_bytes = len(piece) - self._piece_body
+            if self._declined_upgrade:
+                # httptools stops at such a head and plain uvicorn drops the rest of the read; fed on as a body
+                # it would be parsed as a request of its own, one a proxy in front took for this one's body.
+                return
+            if in_body and self._body_left is None:
+                # A chunked body ended in this piece and a head may have begun after it; where is the parser's
+                # to know: that head is counted from the next read (at most one read more than the limit).
+                self._head_bytes = 0
 
     def _head_piece(self, data: bytes) -> tuple[bytes, bytes]:
         """The next piece of *data* for the parser, counted: up to where the head may end, at most up to the limit."""
@@ -87,6 +93,7 @@ class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
         return piece, rest
 
     def on_headers_complete(self) -> None:
+        self._declined_upgrade = bool(self.parser.should_upgrade()) and not self._should_upgrade()
         super().on_headers_complete()
         self._body_left = self._body_length()
         self._head_bytes, self._head_started, self._tail = 0, False, b""
@@ -99,10 +106,6 @@ class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
             if name == b"content-length":
                 length = int(value)  # the parser took it: digits, and only one
         return length
-
-    def on_body(self, body: bytes) -> None:
-        self._piece_body += len(body)
-        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
