@@ -6,11 +6,11 @@ than its own (last writer wins, decided by PostgreSQL in the same statement).
 Marking read a notification whose creation is not applied yet raises
 DependencyPending: the write waits instead of failing. An end user's mark
 (the envelope's caller `user:<id>`) takes effect only on their own
-notification; to that user another's is one that does not exist, on the
-direct path (404) as in the worker (it waits for a creation that never comes,
-then is recorded dropped), since a mark queued while the database was down
-could not be checked when it was accepted, and its command's status must not
-tell the caller sooner that the notification exists.
+notification; another's raises NotPermitted, which is answered as a
+notification that does not exist: 404 on the direct path, and in the worker
+(a mark queued while the database could not tell) a wait for a creation that
+never comes, then dropped in the same words, so its command's status tells
+the caller nothing either.
 
 Creating a notification also adds its email to the outbox in the same
 transaction (src/brownout/_dispatch/outbox.py): committed together or not at all.
@@ -35,6 +35,7 @@ from brownout import (
     DependencyPending,
     Effect,
     Envelope,
+    NotPermitted,
     Registry,
     SafeLine,
     SafeText,
@@ -196,8 +197,10 @@ def _set_read(value: bool) -> Any:
         # UPDATE's snapshot, or it is not the caller's. Under READ COMMITTED the creation
         # may have committed since, so look again with the row locked before deciding.
         current = session.execute(_SELECT_LOCKED, {"id": payload.notification_id}).mappings().one_or_none()
-        if current is None or (owner is not None and current["user_id"] != owner):
-            raise DependencyPending(f"notification {payload.notification_id} is not created yet")
+        if current is None:
+            raise DependencyPending(f"notification {payload.notification_id} not found")
+        if owner is not None and current["user_id"] != owner:  # told apart from the above by nobody
+            raise NotPermitted(envelope.entity_key)
         if current["read_stamp"] < envelope.accepted_stamp:  # created after the UPDATE's snapshot
             return Effect(row_to_json(session.execute(statement, params).mappings().one()))
         return Effect(row_to_json(current), superseded=True)

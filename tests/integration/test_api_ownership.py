@@ -257,3 +257,22 @@ def test_a_message_queued_by_the_previous_release_applies_once(
 
 def dataclass_replace_args(message: dramatiq.Message[Any], data: dict[str, Any]) -> dramatiq.Message[Any]:
     return message.copy(args=(data,))
+
+
+def test_anothers_notification_queued_then_applied_answers_a_mark_as_a_missing_one(
+    api: RunningApi, db: Database, queue_name: str, run_worker: Callable[..., None]
+) -> None:
+    """Its pending entry stays in Redis after the worker applies it: a mark that waited for a creation asked Redis
+    and was queued (202) where a missing id was a 404."""
+    api.brownout.database.breaker.force_open()
+    created = api.client.post("/notifications", json=NOTE | {"user_id": "bob"})
+    assert created.status_code == 202, created.text
+    theirs = created.json()["id"]
+    api.brownout.database.breaker.reset()
+    run_worker()
+    assert wait_until(lambda: count(db, applied_commands) == 1 and ready_count(queue_name) == 0, timeout=20)
+    unknown = str(uuid.uuid4())
+    missing = api.client.post(f"/notifications/{unknown}/read", headers=as_user("ada"))
+    other = api.client.post(f"/notifications/{theirs}/read", headers=as_user("ada"))
+    assert other.status_code == missing.status_code == 404, other.text
+    assert other.json() == {"detail": missing.json()["detail"].replace(unknown, theirs)}

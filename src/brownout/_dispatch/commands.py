@@ -57,11 +57,10 @@ class Refused(CommandError):
 
 
 class NotPermitted(Refused):
-    """Raised by apply when the write's caller may not write this entity. Answered as DependencyMissing is
-    (HTTP 404, the same words), so an entity's existence is not revealed; nothing is recorded on the direct
-    path, and the worker records a queued one ``dropped`` with *reason* (which a caller reading its command's
-    status sees at once: where that would reveal the entity, raise DependencyPending instead, as for one that
-    does not exist)."""
+    """Raised by apply when the write's caller may not write this entity. Answered as an entity that does not
+    exist: DependencyMissing's 404 in the same words on the direct path (nothing recorded), and in the worker a
+    wait as DependencyPending's in the words "<kind> <id> not found", then dropped: raise DependencyPending with
+    those words for a missing entity, and a caller cannot tell the two apart, at once or later."""
 
     def __init__(self, entity_key: str, reason: str | None = None) -> None:
         self.entity_key = entity_key

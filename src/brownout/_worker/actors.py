@@ -22,9 +22,11 @@ returns, after the COMMIT holding its writes. Each write's own outcome:
   (`DeliveryBatch.one_by_one`); a write that fails that way alone is the one
   to blame, and is dead-lettered with the error. Nothing goes to ``Q.XQ``
   but a body that cannot be decoded at all.
-- Refused, NotPermitted among them (the write's own data breaks a rule its apply checks, or its caller may
-  not write that entity, queued while the database could not tell): recorded ``dropped`` with the reason,
-  like a wait that ended, and acknowledged. An ordinary refusal of the caller's, not an operator's alert.
+- Refused (the write's own data breaks a rule its apply checks): recorded ``dropped`` with the reason, like
+  a wait that ended, and acknowledged. An ordinary refusal of the caller's, not an operator's alert.
+  NotPermitted (its caller may not write that entity, queued while the database could not tell) waits as
+  DependencyPending does, in the words of an entity not found, then is dropped: its command's status says
+  what it says of an entity that does not exist.
 - UnknownCommand (a version newer than this release, queued by a newer web
   process during a deploy) and DependencyPending (an update of an entity
   whose creation is not applied yet): deferred. The message is enqueued again
@@ -70,7 +72,7 @@ from brownout._db import Database, describe, execute_with_retry
 from brownout._dispatch import dead_letters, waiting
 from brownout._dispatch.apply import AppliedWrite, KeyConflict, Path, record_dropped
 from brownout._dispatch.apply_batch import Outcome, Pending, apply_batch
-from brownout._dispatch.commands import DependencyPending, Refused, Registry, UnknownCommand
+from brownout._dispatch.commands import DependencyPending, NotPermitted, Refused, Registry, UnknownCommand
 from brownout._dispatch.envelope import Envelope
 from brownout._dispatch.queues import BrownoutRabbitmqBroker
 from brownout._dispatch.waiting import WaitLimits
@@ -240,6 +242,8 @@ def _apply_slots(runtime: ApplyRuntime, slots: list[_Slot]) -> None:
             committed.append((outcome.result, not outcome.duplicate))
         elif isinstance(outcome, DependencyPending):
             slot.defer_reason = outcome
+        elif isinstance(outcome, NotPermitted):  # waits as a write whose entity never comes: nothing learnt from it
+            slot.defer_reason = DependencyPending(str(outcome))
         elif isinstance(outcome, Refused):
             slot.drop_reason = outcome.reason
         elif isinstance(outcome, KeyConflict):
