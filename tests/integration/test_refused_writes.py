@@ -106,3 +106,14 @@ def test_queued_a_refusal_is_recorded_dropped_with_its_reason_not_dead_lettered(
         row = s.execute(select(applied_commands.c.outcome, applied_commands.c.result)).one()
     assert (row.outcome, row.result) == ("dropped", {"dropped": "customer 99 does not exist"})
     assert count(brownout, dead_letters) == 0
+
+
+def test_a_refused_write_gives_its_key_back_for_the_corrected_one(shop: tuple[TestClient, Brownout]) -> None:
+    """The key was claimed in Redis for the refused body, and the corrected body under it was a 422 conflict."""
+    client, brownout = shop
+    refused = client.post("/orders", json={"order_id": 4, "customer_id": 99}, headers={"Idempotency-Key": "d"})
+    assert refused.status_code == 422, refused.text
+    corrected = client.post("/orders", json={"order_id": 4, "customer_id": 1}, headers={"Idempotency-Key": "d"})
+    assert corrected.status_code == 200 and corrected.json() == {"queued": False}, corrected.text
+    again = client.post("/orders", json={"order_id": 5, "customer_id": 1}, headers={"Idempotency-Key": "d"})
+    assert again.status_code == 422 and "another body" in again.text  # a key that recorded a write stays its

@@ -36,7 +36,7 @@ from sqlalchemy import text
 from brownout._cache.redis_link import RedisLink
 from brownout._db import CircuitOpenError, Database, DeadlineExceeded, classify, describe, execute_with_retry
 from brownout._dispatch.apply import AppliedWrite, apply_envelope
-from brownout._dispatch.commands import CommandError, DependencyMissing, DependencyPending, Registry
+from brownout._dispatch.commands import CommandError, DependencyMissing, DependencyPending, Refused, Registry
 from brownout._dispatch.envelope import Envelope, caller_scope, command_id_for, entity_id_for, payload_hash
 from brownout._dispatch.hlc import HybridClock, datetime_of
 from brownout._dispatch.key_claims import KeyClaims
@@ -256,9 +256,14 @@ class Dispatcher:
         """Apply now, queue, or reject; raise InvalidCommand, KeyConflict or NotPermitted for a bad request,
         ReadOnlyMode while the service is read-only."""
         envelope = self.accept(name, payload, idempotency_key=idempotency_key, caller=caller)
-        if self.key_claims is not None:
-            self.key_claims.claim(envelope)
-        return self.submit_envelope(envelope)
+        claims = self.key_claims
+        claimed = claims is not None and claims.claim(envelope)
+        try:
+            return self.submit_envelope(envelope)
+        except (Refused, DependencyMissing):  # nothing recorded: the key is free for a corrected write
+            if claimed and claims is not None:
+                claims.release(envelope)
+            raise
 
     def submit_envelope(self, envelope: Envelope, *, expected: Callable[[Envelope], bool] | None = None) -> Outcome:
         """`submit` for an envelope from `accept` (the API looks at it in between, and claims its key with
