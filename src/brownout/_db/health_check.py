@@ -183,6 +183,9 @@ class HealthMonitor:
             return self.last_result
         if not self._checking.acquire(blocking=False):
             return self.last_result
+        if not self._my_turn():  # while degraded, the fleet's one probe per interval: not this process's turn
+            self._checking.release()
+            return self.last_result
         try:
             return self.check_now()
         except Exception:  # check_db_health never raises for the database; a hook or the pool might
@@ -210,7 +213,8 @@ class HealthMonitor:
         while not self._stop.is_set():
             try:
                 if self._my_turn():
-                    self.check_now()
+                    with self._checking:  # never beside a check on demand (`recent`)
+                        self.check_now()
             except Exception:  # never let the monitor die silently
                 log.exception("health check crashed")
             self._wait_for_next_check()
