@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         "(migrations need a session: Supabase's session pooler on :5432 or a direct connection).",
     )
     database_pooler: Pooler = Field(
-        default_factory=lambda fields: _pooler_of(fields.get("database_url")),
+        default="none",
         description="'transaction' when DATABASE_URL points at a transaction-mode pooler "
         "(Supabase :6543, PgBouncer): no start-up options, per-transaction timeouts. Default: 'transaction' for "
         "Supabase's pooler on port 6543 (a host under pooler.supabase.com), else 'none'.",
@@ -507,6 +507,12 @@ class Settings(BaseSettings):
     def _valid_api_keys(cls, value: str | None) -> str | None:
         parse_keys(value)
         return value
+
+    @model_validator(mode="after")
+    def _pooler_from_the_url(self) -> Settings:
+        if "database_pooler" not in self.model_fields_set:  # named, it wins; else the URL may say
+            object.__setattr__(self, "database_pooler", _pooler_of(self.database_url))  # frozen: set once, here
+        return self
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -229,3 +229,9 @@ def test_a_pooler_named_wins_over_the_one_the_url_suggests(env: pytest.MonkeyPat
     env.setenv("DATABASE_URL", "postgresql://postgres.ref:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres")
     env.setenv("BROWNOUT_DATABASE_POOLER", "none")
     assert load_settings().database_pooler == "none"
+
+
+def test_an_unusable_database_url_is_one_problem_not_two(env: pytest.MonkeyPatch) -> None:
+    """The pooler read from the URL added a line of its own ("the default factory uses validated data")."""
+    env.setenv("DATABASE_URL", "notaurl")
+    assert refusal().count("\n") == 1
