@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from brownout._db import Database, waiting
@@ -213,6 +214,21 @@ def api_settings(
         }
         fields.update(overrides)
         return make_settings(**fields)
+
+    return factory
+
+
+@pytest.fixture
+def single_connection(make_database: Callable[..., Database]) -> Callable[..., Database]:
+    """A Database whose pool holds one connection (each checkout is the same one again), with an `items` table."""
+
+    def factory(**overrides: object) -> Database:
+        fields: dict[str, object] = {"pool_size": 1, "pool_max_overflow": 0}
+        database = make_database(**(fields | overrides))
+        with database.engine.connect() as conn:
+            conn.execute(text("CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY)"))
+            conn.commit()
+        return database
 
     return factory
 

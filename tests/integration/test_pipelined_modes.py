@@ -8,8 +8,10 @@ whatever SQLAlchemy sets for one checkout it must be able to take back, and noth
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -17,6 +19,7 @@ import psycopg2.extras
 import pytest
 from sqlalchemy import column, event, insert, table, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
 
 from brownout._db import Database
 from brownout._db.pipelined import _BASE_AUTOCOMMIT, PipelinedConnection, commit_with
@@ -26,18 +29,9 @@ from tests.support.written_rows import committed_ids
 
 
 @pytest.fixture
-def one_connection(make_database: Callable[..., Database]) -> Callable[..., Database]:
-    """A one-connection Database (each checkout is the same connection again), with an `items` table."""
-
-    def factory(**overrides: object) -> Database:
-        fields: dict[str, object] = {"pool_size": 1, "pool_max_overflow": 0, "pool_pre_ping": False}
-        database = make_database(**(fields | overrides))
-        with database.engine.connect() as conn:
-            conn.execute(text("CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY)"))
-            conn.commit()
-        return database
-
-    return factory
+def one_connection(single_connection: Callable[..., Database]) -> Callable[..., Database]:
+    """Each checkout is the same connection again, and no ping runs on it."""
+    return functools.partial(single_connection, pool_pre_ping=False)
 
 
 def transaction_modes(database: Database) -> tuple[str, str, str]:
@@ -54,6 +48,13 @@ def transaction_modes(database: Database) -> tuple[str, str, str]:
 
 
 DEFAULT_MODES = ("read committed", "off", "off")
+
+
+def stream_started(s: Session, rows: int = 1000) -> Any:
+    """A streamed read of *rows* numbers with its first row taken: a server-side cursor open on the session."""
+    streamed = s.execute(text(f"SELECT g FROM generate_series(1, {rows}) AS g"), execution_options={"stream_results": True})
+    assert next(iter(streamed))[0] == 1
+    return streamed
 
 
 def server_cursors(database: Database) -> int:
@@ -275,8 +276,7 @@ def test_a_streamed_read_left_open_across_a_commit_does_not_outlive_its_session(
     the connection itself is closed). A plain psycopg2 named cursor ends with its transaction."""
     database = one_connection()
     with database.session() as s:
-        streamed = s.execute(text("SELECT g FROM generate_series(1, 200000) AS g"), execution_options={"stream_results": True})
-        assert next(iter(streamed))[0] == 1
+        streamed = stream_started(s, rows=200000)
         s.commit()
     assert server_cursors(database) == 0
     del streamed
@@ -287,8 +287,7 @@ def test_a_streamed_read_left_open_before_commit_with_does_not_outlive_its_trans
 ) -> None:
     database = one_connection()
     with database.session() as s:
-        streamed = s.execute(text("SELECT g FROM generate_series(1, 1000) AS g"), execution_options={"stream_results": True})
-        assert next(iter(streamed))[0] == 1
+        streamed = stream_started(s)
         commit_with(s, text("INSERT INTO items VALUES (1)"), {})
     assert server_cursors(database) == 0
     assert committed_ids(pg_database) == [1]
@@ -334,8 +333,7 @@ def test_a_streamed_read_under_autocommit_is_refused_as_psycopg2_refuses_it(one_
 def test_a_streamed_read_left_open_and_rolled_back_leaves_no_cursor(one_connection: Callable[..., Database]) -> None:
     database = one_connection()
     with database.session() as s:
-        streamed = s.execute(text("SELECT g FROM generate_series(1, 1000) AS g"), execution_options={"stream_results": True})
-        assert next(iter(streamed))[0] == 1
+        streamed = stream_started(s)
     assert server_cursors(database) == 0
     del streamed
 
@@ -343,8 +341,7 @@ def test_a_streamed_read_left_open_and_rolled_back_leaves_no_cursor(one_connecti
 def test_a_streamed_read_cut_by_an_error_leaves_no_cursor(one_connection: Callable[..., Database]) -> None:
     database = one_connection()
     with database.session() as s:
-        streamed = s.execute(text("SELECT g FROM generate_series(1, 1000) AS g"), execution_options={"stream_results": True})
-        assert next(iter(streamed))[0] == 1
+        streamed = stream_started(s)
         with pytest.raises(DBAPIError):
             s.execute(text("SELECT 1/0"))
         s.rollback()
@@ -362,8 +359,7 @@ def test_a_streamed_read_closed_after_its_rollback_does_not_lose_the_next_write(
     the late close fails on the client ("named cursor isn't valid anymore") and the write commits."""
     database = one_connection()
     with database.session() as s:
-        streamed = s.execute(text("SELECT g FROM generate_series(1, 1000) AS g"), execution_options={"stream_results": True})
-        assert next(iter(streamed))[0] == 1
+        streamed = stream_started(s)
         s.rollback()
         s.execute(text("INSERT INTO items VALUES (1)"))
         streamed.close()
@@ -376,8 +372,7 @@ def test_a_streamed_read_after_a_failed_statement_closes_quietly(
 ) -> None:
     database = one_connection()
     with database.session() as s:
-        streamed = s.execute(text("SELECT g FROM generate_series(1, 1000) AS g"), execution_options={"stream_results": True})
-        assert next(iter(streamed))[0] == 1
+        streamed = stream_started(s)
         with pytest.raises(DBAPIError):
             s.execute(text("SELECT 1/0"))
         s.rollback()

@@ -7,6 +7,7 @@ SQLAlchemy's AUTOCOMMIT and streamed reads) must still get the answer a plain co
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,18 +35,9 @@ from tests.support.written_rows import committed_ids, row_counts
 
 
 @pytest.fixture
-def one_connection(make_database: Callable[..., Database], pg_database: str) -> Callable[..., Database]:
-    """A one-connection Database (each test sees the same connection again), with an `items` table."""
-
-    def factory(**overrides: object) -> Database:
-        fields: dict[str, object] = {"pool_size": 1, "pool_max_overflow": 0, "pool_pre_ping_idle_seconds": 0}
-        database = make_database(**(fields | overrides))
-        with database.engine.connect() as conn:
-            conn.execute(text("CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY)"))
-            conn.commit()
-        return database
-
-    return factory
+def one_connection(single_connection: Callable[..., Database]) -> Callable[..., Database]:
+    """Each checkout is the same connection again, pinged at every checkout."""
+    return functools.partial(single_connection, pool_pre_ping_idle_seconds=0)
 
 
 def idle_in_transaction(dbname: str) -> int:
