@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,23 +12,31 @@ import pytest
 from brownout._db import health_check
 
 
-@pytest.fixture
-def running(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """A check that takes 0.2 s and says healthy; how many ran at once, at most."""
-    state = {"now": 0, "peak": 0}
-    lock = threading.Lock()
+class GatedCheck:
+    """A check that says healthy once let through: how many ran at once, at most."""
 
-    def check(db: Any, *, timeout: float) -> dict[str, Any]:
-        with lock:
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.2)
-        with lock:
-            state["now"] -= 1
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, db: Any, *, timeout: float) -> dict[str, Any]:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        self.entered.set()
+        self.release.wait(10)
+        with self._lock:
+            self.now -= 1
         return {"healthy": True, "latency_ms": 1.0, "error": None, "error_kind": None}
 
-    monkeypatch.setattr(health_check, "check_db_health", check)
-    return state
+
+@pytest.fixture
+def check(monkeypatch: pytest.MonkeyPatch) -> GatedCheck:
+    gated = GatedCheck()
+    monkeypatch.setattr(health_check, "check_db_health", gated)
+    return gated
 
 
 @contextlib.contextmanager
@@ -37,7 +44,8 @@ def sessions() -> Iterator[object]:
     yield object()
 
 
-def test_while_degraded_a_check_on_demand_waits_for_this_processs_probe_turn(running: dict[str, int]) -> None:
+def test_while_degraded_a_check_on_demand_waits_for_this_processs_probe_turn(check: GatedCheck) -> None:
+    check.release.set()
     told: list[dict[str, Any]] = []
     monitor = health_check.HealthMonitor(
         sessions, interval=60, probe_interval=5, degraded=lambda: True, claim_probe=lambda: False, on_result=told.append
@@ -46,16 +54,13 @@ def test_while_degraded_a_check_on_demand_waits_for_this_processs_probe_turn(run
     assert monitor.checks == 0 and told == []
 
 
-def test_a_check_on_demand_never_runs_beside_the_monitors_own(running: dict[str, int]) -> None:
-    monitor = health_check.HealthMonitor(sessions, interval=0.05).start()
+def test_a_check_on_demand_never_runs_beside_the_monitors_own(check: GatedCheck) -> None:
+    monitor = health_check.HealthMonitor(sessions, interval=60).start()
     try:
-        time.sleep(0.05)
-        askers = [threading.Thread(target=monitor.recent, args=(0.0,)) for _ in range(3)]
-        for asker in askers:
-            asker.start()
-        for asker in askers:
-            asker.join()
-        time.sleep(0.3)
+        assert check.entered.wait(10)  # the monitor's first check is under way, held
+        answers = [monitor.recent(0.0) for _ in range(3)]  # asked meanwhile: answered from the last, none run
+        check.release.set()
     finally:
         monitor.stop()
-    assert running["peak"] == 1
+    assert answers == [None, None, None]
+    assert check.peak == 1 and monitor.checks == 1
